@@ -1,0 +1,6 @@
+//! the user's command
+
+fn main() {
+    eprintln!("remoteler: not built yet");
+    std::process::exit(2);
+}

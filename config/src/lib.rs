@@ -1,0 +1,1 @@
+//! typed configuration for the proxy and the agent

@@ -1,0 +1,1 @@
+//! the tunnel wire protocol: codec and stream multiplexer, sans-IO

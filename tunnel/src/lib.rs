@@ -1,0 +1,1 @@
+//! TLS transport on monoio, the mux driver and identities
