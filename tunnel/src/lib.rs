@@ -1,1 +1,8 @@
-//! TLS transport on monoio, the mux driver and identities
+//! The I/O glue every Remoteler binary shares: TLS on monoio (`tls`), the certificates and
+//! pins that identify clusters, nodes and users (`identity`), and the driver that runs a
+//! `frame` session over a TLS connection.
+//!
+//! It does not decide who may do what: authorization lives in the proxy.
+
+pub mod identity;
+pub mod tls;

@@ -1,0 +1,1 @@
+//! TLS over monoio, owned here: cancel-safe, panic-free on network input, small when idle.
