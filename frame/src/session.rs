@@ -1,0 +1,1531 @@
+//! The stream multiplexer: one [`Session`] per tunnel, a state machine driven with bytes and
+//! time passed in.
+//!
+//! # Calling order
+//!
+//! A driver owns one transport (a TLS connection) and one `Session`, and loops:
+//!
+//! 1. Bytes read from the transport go to [`Session::handle_input`]. An `Err` means the
+//!    peer broke the protocol: flush what [`Session::poll_transmit`] still yields (a GOAWAY
+//!    naming the error), then close the transport.
+//! 2. Drain [`Session::poll_event`] and act on each event: accept or reject incoming OPENs,
+//!    [`Session::recv`] from streams that became readable until it returns
+//!    [`Received::Nothing`], [`Session::send`] to streams that became writable.
+//! 3. Write every [`Transmit`] from [`Session::poll_transmit`] to the transport, in order.
+//! 4. Wait for input or for [`Session::poll_timeout`]; when that instant passes, call
+//!    [`Session::handle_timeout`], then go to 2.
+//!
+//! When the transport fails, call [`Session::transport_lost`]. The streams stay; after a new
+//! transport is up within the grace period, call [`Session::reattach`] and go on from 3:
+//! the two sides exchange HELLO (flag RESUMING) and RESUME, and each resends exactly the
+//! bytes the other lacks.
+//!
+//! # Flow control and acknowledgement
+//!
+//! Each stream has credit in each direction: the receiver grants `initial_window` bytes and
+//! sends WINDOW as the application consumes. A WINDOW increment both extends the credit and
+//! acknowledges that many bytes, so the sender keeps every sent byte until it is
+//! acknowledged (at most one window per stream: [`Session::send`] accepts no more than the
+//! credit) and can resend it after a reconnect. A stalled reader stalls only its stream.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use slab::Slab;
+
+use crate::codec::{
+    self, Announce, Frame, HEADER_LEN, Hello, Kind, Limits, MAX_DATA_PAYLOAD, MAX_REASON_LEN,
+    MAX_STREAM_ID, Open, PROTOCOL_VERSION, Resume, ResumeStream, Role,
+};
+use crate::error::{EndReason, Error, ErrorCode, ProtocolError, StreamError};
+
+/// Credit granted to each new stream: 1 MiB keeps a 20 ms round trip at 50 MB/s per stream.
+pub const DEFAULT_WINDOW: u32 = 0x10_0000;
+/// Largest DATA payload accepted: 16 KiB, one TLS record.
+pub const DEFAULT_MAX_FRAME: u32 = 0x4000;
+/// Streams a peer may hold open on one tunnel at once.
+pub const DEFAULT_MAX_STREAMS: u32 = 1024;
+/// Incoming OPENs the application has not answered yet.
+pub const DEFAULT_MAX_PENDING_OPENS: u32 = 64;
+/// Time between PINGs.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Intervals without any frame from the peer before the transport is declared dead.
+pub const DEFAULT_KEEPALIVE_COUNT: u32 = 3;
+/// How long streams wait for a lost transport to come back.
+pub const DEFAULT_RESUME_GRACE: Duration = Duration::from_secs(30);
+
+/// Settings of one session. Everything the peer can make us hold is capped here.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// What this side is, as told to the peer.
+    pub role: Role,
+    /// Whether this side dialled the transport: dialers open odd stream ids, acceptors even.
+    pub dialer: bool,
+    /// Credit we grant each stream (bytes the peer may send before we consume).
+    pub initial_window: u32,
+    /// Largest DATA payload we accept.
+    pub max_frame: u32,
+    /// Streams the peer may hold open with us at once; more OPENs are refused.
+    pub max_streams: u32,
+    /// Incoming OPENs not yet accepted or rejected; more are refused.
+    pub max_pending_opens: u32,
+    /// Largest ANNOUNCE we accept (and send).
+    pub max_announce: u32,
+    /// Time between PINGs.
+    pub keepalive_interval: Duration,
+    /// Intervals without a frame from the peer before the transport is dead.
+    pub keepalive_count: u32,
+    /// How long streams survive a lost transport; zero ends the session at once.
+    pub resume_grace: Duration,
+}
+
+impl SessionConfig {
+    /// Defaults for a side with the given role and dialling direction.
+    pub fn new(role: Role, dialer: bool) -> Self {
+        SessionConfig {
+            role,
+            dialer,
+            initial_window: DEFAULT_WINDOW,
+            max_frame: DEFAULT_MAX_FRAME,
+            max_streams: DEFAULT_MAX_STREAMS,
+            max_pending_opens: DEFAULT_MAX_PENDING_OPENS,
+            max_announce: codec::Limits::default().max_announce as u32,
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+            keepalive_count: DEFAULT_KEEPALIVE_COUNT,
+            resume_grace: DEFAULT_RESUME_GRACE,
+        }
+    }
+}
+
+/// What happened, for the driver to act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The peer's HELLO arrived on a fresh session.
+    Connected {
+        /// What the peer is.
+        role: Role,
+    },
+    /// A reattached transport carries the session again.
+    Resumed {
+        /// Streams that survived.
+        streams: usize,
+    },
+    /// The transport was declared dead by the keepalive; the driver should drop it and, if
+    /// it dials, reconnect and call [`Session::reattach`].
+    TransportDead,
+    /// The peer asks to open a stream; answer with [`Session::accept`] or [`Session::reject`].
+    IncomingOpen {
+        /// The new stream.
+        stream: u32,
+        /// What the peer wants the stream connected to.
+        request: Open,
+    },
+    /// Our OPEN was accepted; the stream carries data now.
+    Opened {
+        /// The stream.
+        stream: u32,
+    },
+    /// Our OPEN was refused.
+    OpenFailed {
+        /// The stream (now gone).
+        stream: u32,
+        /// Why, as a code.
+        code: ErrorCode,
+        /// Why, in words from the peer.
+        reason: String,
+    },
+    /// Data or the peer's FIN arrived on a stream whose receive queue was empty; call
+    /// [`Session::recv`] until it returns [`Received::Nothing`].
+    Readable {
+        /// The stream.
+        stream: u32,
+    },
+    /// Credit came back on a stream that had used it up.
+    Writable {
+        /// The stream.
+        stream: u32,
+    },
+    /// The stream was aborted by the peer, or by the session ending.
+    Reset {
+        /// The stream (now gone).
+        stream: u32,
+        /// Why, as a code.
+        code: ErrorCode,
+        /// Why, in words.
+        reason: String,
+    },
+    /// Both directions finished and every byte was acknowledged; the stream is gone.
+    Closed {
+        /// The stream.
+        stream: u32,
+    },
+    /// The peer's inventory; it replaces the previous one.
+    Announce(Announce),
+    /// The peer drains: open no new streams here.
+    GoAway {
+        /// Code from the peer.
+        code: ErrorCode,
+        /// Reason from the peer.
+        reason: String,
+    },
+    /// The session is over; every stream has been reset. The driver closes the transport
+    /// after flushing [`Session::poll_transmit`].
+    Ended(Error),
+}
+
+/// What [`Session::recv`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Received {
+    /// Stream bytes, in order, as a view of the buffer they arrived in.
+    Data(Bytes),
+    /// The peer finished sending and every byte has been read.
+    Finished,
+    /// Nothing to read now; a `Readable` event says when there is.
+    Nothing,
+}
+
+/// One frame to write to the transport: a header and a payload, the payload never copied.
+#[derive(Clone, Debug)]
+pub struct Transmit {
+    header: [u8; HEADER_LEN],
+    payload: Bytes,
+}
+
+impl Transmit {
+    fn data(stream: u32, payload: Bytes) -> Self {
+        let mut header = [0u8; HEADER_LEN];
+        codec::encode_header(Kind::Data, 0, stream, payload.len(), &mut &mut header[..]);
+        Transmit { header, payload }
+    }
+
+    fn control(frame: &Frame) -> Self {
+        let mut encoded = BytesMut::with_capacity(HEADER_LEN + frame.payload_len());
+        frame.encode(&mut encoded);
+        let mut header = [0u8; HEADER_LEN];
+        header.copy_from_slice(&encoded[..HEADER_LEN]);
+        encoded.advance(HEADER_LEN);
+        Transmit {
+            header,
+            payload: encoded.freeze(),
+        }
+    }
+
+    /// The frame header.
+    pub fn header(&self) -> &[u8] {
+        &self.header
+    }
+
+    /// The payload.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// Encoded length of the frame.
+    pub fn len(&self) -> usize {
+        HEADER_LEN + self.payload.len()
+    }
+
+    /// Whether the frame is empty (it never is: there is always a header).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Appends the whole frame to `dst` (a copy; for buffers and tests).
+    pub fn write_to(&self, dst: &mut impl bytes::BufMut) {
+        dst.put_slice(&self.header);
+        dst.put_slice(&self.payload);
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Our HELLO is queued; waiting for the peer's.
+    Handshake {
+        resuming: bool,
+    },
+    /// Both HELLOs said RESUMING; waiting for the peer's RESUME before any stream frame.
+    AwaitResume,
+    Open,
+    Detached {
+        since: Instant,
+    },
+    Ended,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StreamPhase {
+    /// We sent OPEN; waiting for OPEN_OK.
+    OpeningLocal,
+    /// The peer sent OPEN; the application has not answered.
+    OpeningRemote,
+    Open,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LocalFin {
+    NotYet,
+    /// `finish` was called; FIN goes out after the last byte.
+    Pending,
+    Sent,
+}
+
+#[derive(Debug)]
+struct Stream {
+    id: u32,
+    phase: StreamPhase,
+    /// Kept while our OPEN is unanswered, to resend it if the transport drops.
+    request: Option<Open>,
+    /// Sent, not yet acknowledged: bytes `acked..next`.
+    unacked: VecDeque<Bytes>,
+    /// Accepted from the application, not yet sent: bytes `next..written`.
+    unsent: VecDeque<Bytes>,
+    acked: u64,
+    next: u64,
+    written: u64,
+    /// Credit: we may have written up to this offset.
+    limit: u64,
+    fin: LocalFin,
+    blocked: bool,
+    queued: bool,
+    inbox: VecDeque<Bytes>,
+    received: u64,
+    consumed: u64,
+    /// Credit the peer knows about (absolute offset).
+    granted: u64,
+    /// Consumed bytes not yet reported in a WINDOW.
+    unreported: u64,
+    fin_received: bool,
+}
+
+impl Stream {
+    fn new(id: u32, phase: StreamPhase, window: u32, request: Option<Open>) -> Self {
+        Stream {
+            id,
+            phase,
+            request,
+            unacked: VecDeque::new(),
+            unsent: VecDeque::new(),
+            acked: 0,
+            next: 0,
+            written: 0,
+            limit: 0,
+            fin: LocalFin::NotYet,
+            blocked: false,
+            queued: false,
+            inbox: VecDeque::new(),
+            received: 0,
+            consumed: 0,
+            granted: u64::from(window),
+            unreported: 0,
+            fin_received: false,
+        }
+    }
+
+    fn has_output(&self) -> bool {
+        self.phase == StreamPhase::Open
+            && (!self.unsent.is_empty() || self.fin == LocalFin::Pending)
+    }
+
+    fn is_complete(&self) -> bool {
+        self.phase == StreamPhase::Open
+            && self.fin == LocalFin::Sent
+            && self.acked == self.written
+            && self.fin_received
+            && self.consumed == self.received
+    }
+
+    /// Drops `n` acknowledged bytes from the front of the retransmit queue.
+    fn release(&mut self, mut n: u64) {
+        while n > 0 {
+            let Some(front) = self.unacked.front_mut() else {
+                break;
+            };
+            let len = front.len() as u64;
+            if len <= n {
+                n -= len;
+                self.unacked.pop_front();
+            } else {
+                front.advance(n as usize);
+                n = 0;
+            }
+        }
+    }
+
+    fn check_invariants(&self) {
+        debug_assert!(self.acked <= self.next && self.next <= self.written);
+        debug_assert_eq!(
+            self.unacked.iter().map(|b| b.len() as u64).sum::<u64>(),
+            self.next - self.acked
+        );
+        debug_assert_eq!(
+            self.unsent.iter().map(|b| b.len() as u64).sum::<u64>(),
+            self.written - self.next
+        );
+        debug_assert!(self.consumed <= self.received);
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Peer {
+    session_id: [u8; 16],
+    role: Role,
+    initial_window: u32,
+    max_frame: u32,
+    max_streams: u32,
+}
+
+/// The multiplexer of one tunnel. See the module documentation for the calling order.
+#[derive(Debug)]
+pub struct Session {
+    config: SessionConfig,
+    limits: Limits,
+    local_id: [u8; 16],
+    peer: Option<Peer>,
+    phase: Phase,
+    streams: Slab<Stream>,
+    ids: HashMap<u32, usize>,
+    next_local_id: u32,
+    highest_peer_id: u32,
+    pending_opens: u32,
+    control: VecDeque<Transmit>,
+    /// Stream control frames made while waiting for the peer's RESUME.
+    deferred: Vec<Transmit>,
+    /// Streams with bytes or a FIN to send, served round robin one frame at a time.
+    sendable: VecDeque<(usize, u32)>,
+    events: VecDeque<Event>,
+    last_announce: Option<Transmit>,
+    goaway_sent: Option<(ErrorCode, String)>,
+    goaway_received: bool,
+    next_keepalive: Instant,
+    heard_since_tick: bool,
+    missed: u32,
+    ping_counter: u64,
+    ping_sent: Option<(u64, Instant)>,
+    rtt: Option<Duration>,
+    ended: Option<Error>,
+}
+
+impl Session {
+    /// A new session whose HELLO is queued at once. `local_id` names the session across
+    /// reconnects and should be random (the driver has the random source, not this crate).
+    pub fn new(config: SessionConfig, local_id: [u8; 16], now: Instant) -> Self {
+        let limits = Limits {
+            max_data: (config.max_frame as usize).min(MAX_DATA_PAYLOAD),
+            max_announce: config.max_announce as usize,
+        };
+        let mut session = Session {
+            next_local_id: if config.dialer { 1 } else { 2 },
+            next_keepalive: now + config.keepalive_interval,
+            config,
+            limits,
+            local_id,
+            peer: None,
+            phase: Phase::Handshake { resuming: false },
+            streams: Slab::new(),
+            ids: HashMap::new(),
+            highest_peer_id: 0,
+            pending_opens: 0,
+            control: VecDeque::new(),
+            deferred: Vec::new(),
+            sendable: VecDeque::new(),
+            events: VecDeque::new(),
+            last_announce: None,
+            goaway_sent: None,
+            goaway_received: false,
+            heard_since_tick: false,
+            missed: 0,
+            ping_counter: 0,
+            ping_sent: None,
+            rtt: None,
+            ended: None,
+        };
+        session.queue_hello(false);
+        session
+    }
+
+    /// This side's session id.
+    pub fn local_id(&self) -> [u8; 16] {
+        self.local_id
+    }
+
+    /// The peer's session id, once its HELLO arrived.
+    pub fn peer_id(&self) -> Option<[u8; 16]> {
+        self.peer.map(|p| p.session_id)
+    }
+
+    /// The peer's role, once its HELLO arrived.
+    pub fn peer_role(&self) -> Option<Role> {
+        self.peer.map(|p| p.role)
+    }
+
+    /// The last measured round trip (PING to PONG).
+    pub fn rtt(&self) -> Option<Duration> {
+        self.rtt
+    }
+
+    /// Streams currently held.
+    pub fn stream_count(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// Whether the session is over.
+    pub fn is_ended(&self) -> bool {
+        self.phase == Phase::Ended
+    }
+
+    /// Whether the transport is gone and the session waits for [`Session::reattach`].
+    pub fn is_detached(&self) -> bool {
+        matches!(self.phase, Phase::Detached { .. })
+    }
+
+    /// Whether the peer sent GOAWAY.
+    pub fn peer_going_away(&self) -> bool {
+        self.goaway_received
+    }
+
+    /// Bytes sent (accepted from the application) and received on a stream.
+    pub fn stream_bytes(&self, stream: u32) -> Option<(u64, u64)> {
+        let s = &self.streams[*self.ids.get(&stream)?];
+        Some((s.written, s.received))
+    }
+
+    /// Bytes the application may still [`send`](Session::send) on a stream before it must
+    /// wait for a `Writable` event.
+    pub fn send_capacity(&self, stream: u32) -> usize {
+        self.ids
+            .get(&stream)
+            .map(|&k| {
+                let s = &self.streams[k];
+                if s.phase == StreamPhase::Open && s.fin == LocalFin::NotYet {
+                    s.limit.saturating_sub(s.written) as usize
+                } else {
+                    0
+                }
+            })
+            .unwrap_or(0)
+    }
+
+    // ---- inputs -------------------------------------------------------------------------
+
+    /// Decodes and handles every complete frame at the front of `buf`, leaving an incomplete
+    /// tail in place. An error ends the session (a GOAWAY naming it is queued).
+    pub fn handle_input(&mut self, buf: &mut BytesMut, now: Instant) -> Result<(), Error> {
+        if let Some(err) = &self.ended {
+            return Err(err.clone());
+        }
+        if self.is_detached() {
+            return Ok(());
+        }
+        loop {
+            let frame = match codec::decode(buf, &self.limits) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Ok(()),
+                Err(err) => return Err(self.fail(err.into())),
+            };
+            self.heard_since_tick = true;
+            if let Err(err) = self.handle_frame(frame, now) {
+                return Err(self.fail(err));
+            }
+            if self.phase == Phase::Ended {
+                return Ok(());
+            }
+        }
+    }
+
+    fn handle_frame(&mut self, frame: Frame, now: Instant) -> Result<(), Error> {
+        if let Phase::Handshake { resuming } = self.phase {
+            return match frame {
+                Frame::Hello(hello) => self.handle_hello(hello, resuming),
+                Frame::GoAway { code, reason } => {
+                    self.handle_goaway(code, reason);
+                    Ok(())
+                }
+                other => Err(ProtocolError::ExpectedHello(other.kind()).into()),
+            };
+        }
+        if self.phase == Phase::AwaitResume {
+            return match frame {
+                Frame::Resume(resume) => self.handle_resume(resume),
+                Frame::Ping { opaque } => {
+                    self.push_control(&Frame::Pong { opaque });
+                    Ok(())
+                }
+                Frame::Pong { opaque } => {
+                    self.handle_pong(opaque, now);
+                    Ok(())
+                }
+                Frame::GoAway { code, reason } => {
+                    self.handle_goaway(code, reason);
+                    Ok(())
+                }
+                Frame::Announce(announce) => {
+                    self.events.push_back(Event::Announce(announce));
+                    Ok(())
+                }
+                other => Err(ProtocolError::WrongState {
+                    kind: other.kind(),
+                    stream: other.stream(),
+                    state: "waiting for RESUME",
+                }
+                .into()),
+            };
+        }
+        match frame {
+            Frame::Hello(_) => Err(ProtocolError::DuplicateHello.into()),
+            Frame::Resume(_) => {
+                Err(ProtocolError::UnexpectedResume("no reconnect is under way").into())
+            }
+            Frame::Announce(announce) => {
+                self.events.push_back(Event::Announce(announce));
+                Ok(())
+            }
+            Frame::Ping { opaque } => {
+                self.push_control(&Frame::Pong { opaque });
+                Ok(())
+            }
+            Frame::Pong { opaque } => {
+                self.handle_pong(opaque, now);
+                Ok(())
+            }
+            Frame::GoAway { code, reason } => {
+                self.handle_goaway(code, reason);
+                Ok(())
+            }
+            Frame::Open { stream, open } => self.handle_open(stream, open),
+            Frame::OpenOk { stream } => self.handle_open_ok(stream),
+            Frame::OpenFail {
+                stream,
+                code,
+                reason,
+            } => {
+                if let Some(key) = self.live(Kind::OpenFail, stream)? {
+                    if self.streams[key].phase != StreamPhase::OpeningLocal {
+                        return Err(self.wrong_state(Kind::OpenFail, key));
+                    }
+                    self.remove(key);
+                    self.events.push_back(Event::OpenFailed {
+                        stream,
+                        code,
+                        reason,
+                    });
+                }
+                Ok(())
+            }
+            Frame::Data { stream, payload } => self.handle_data(stream, payload),
+            Frame::Window { stream, increment } => self.handle_window(stream, increment),
+            Frame::Fin { stream } => {
+                if let Some(key) = self.live(Kind::Fin, stream)? {
+                    let s = &mut self.streams[key];
+                    if s.phase != StreamPhase::Open || s.fin_received {
+                        return Err(self.wrong_state(Kind::Fin, key));
+                    }
+                    s.fin_received = true;
+                    if s.inbox.is_empty() {
+                        self.events.push_back(Event::Readable { stream });
+                    }
+                }
+                Ok(())
+            }
+            Frame::Reset {
+                stream,
+                code,
+                reason,
+            } => {
+                if let Some(key) = self.live(Kind::Reset, stream)? {
+                    if self.streams[key].phase == StreamPhase::OpeningRemote {
+                        self.pending_opens -= 1;
+                    }
+                    self.remove(key);
+                    self.events.push_back(Event::Reset {
+                        stream,
+                        code,
+                        reason,
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn handle_hello(&mut self, hello: Hello, we_resume: bool) -> Result<(), Error> {
+        let version = hello.version_max.min(PROTOCOL_VERSION);
+        if version < hello.version_min.max(PROTOCOL_VERSION) {
+            return Err(ProtocolError::VersionMismatch {
+                ours_min: PROTOCOL_VERSION,
+                ours_max: PROTOCOL_VERSION,
+                theirs_min: hello.version_min,
+                theirs_max: hello.version_max,
+            }
+            .into());
+        }
+        if hello.initial_window == 0 || hello.max_frame == 0 || hello.max_streams == 0 {
+            return Err(ProtocolError::WrongState {
+                kind: Kind::Hello,
+                stream: 0,
+                state: "announcing a zero window, frame size or stream limit",
+            }
+            .into());
+        }
+        let same_peer = self.peer.map(|p| p.session_id) == Some(hello.session_id);
+        self.peer = Some(Peer {
+            session_id: hello.session_id,
+            role: hello.role,
+            initial_window: hello.initial_window,
+            max_frame: hello.max_frame.min(MAX_DATA_PAYLOAD as u32),
+            max_streams: hello.max_streams,
+        });
+        if we_resume && hello.resuming && same_peer {
+            self.phase = Phase::AwaitResume;
+            let resume = self.resume_frame();
+            self.push_control(&Frame::Resume(resume));
+            for s in self.streams.iter_mut().map(|(_, s)| s) {
+                // RESUME tells the peer our credit; nothing is owed any more.
+                s.granted = s.consumed + u64::from(self.config.initial_window);
+                s.unreported = 0;
+            }
+            return Ok(());
+        }
+        if we_resume {
+            // The peer restarted (or never knew us): our streams cannot continue.
+            self.reset_all(
+                ErrorCode::RESUME_FAILED,
+                "peer restarted; the stream could not be resumed",
+            );
+        }
+        self.phase = Phase::Open;
+        self.events.push_back(Event::Connected { role: hello.role });
+        Ok(())
+    }
+
+    fn resume_frame(&self) -> Resume {
+        let window = u64::from(self.config.initial_window);
+        let peer_opened = |id: u32| (id % 2 == 1) != self.config.dialer;
+        Resume {
+            last_peer_stream: self.highest_peer_id,
+            streams: self
+                .streams
+                .iter()
+                .map(|(_, s)| ResumeStream {
+                    stream: s.id,
+                    received: s.received,
+                    credit_limit: s.consumed + window,
+                    fin_received: s.fin_received,
+                    accepted: peer_opened(s.id) && s.phase == StreamPhase::Open,
+                })
+                .collect(),
+        }
+    }
+
+    fn handle_resume(&mut self, resume: Resume) -> Result<(), Error> {
+        let listed: HashMap<u32, ResumeStream> =
+            resume.streams.iter().map(|e| (e.stream, *e)).collect();
+        let keys: Vec<usize> = self.streams.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            let id = self.streams[key].id;
+            let ours = self.is_local_id(id);
+            match listed.get(&id) {
+                Some(entry) => {
+                    let s = &mut self.streams[key];
+                    if entry.received < s.acked || entry.received > s.next {
+                        return Err(ProtocolError::AckBeyondSent {
+                            stream: id,
+                            acked: entry.received,
+                            sent: s.next,
+                        }
+                        .into());
+                    }
+                    // Bytes the peer holds count as delivered; the rest is sent again.
+                    let delivered = entry.received - s.acked;
+                    s.release(delivered);
+                    s.acked = entry.received;
+                    while let Some(chunk) = s.unacked.pop_back() {
+                        s.unsent.push_front(chunk);
+                    }
+                    s.next = s.acked;
+                    s.limit = entry.credit_limit.max(s.acked);
+                    if s.fin == LocalFin::Sent && !entry.fin_received {
+                        s.fin = LocalFin::Pending;
+                    }
+                    if ours && s.phase == StreamPhase::OpeningLocal && entry.accepted {
+                        s.phase = StreamPhase::Open;
+                        s.request = None;
+                        self.events.push_back(Event::Opened { stream: id });
+                    }
+                    s.check_invariants();
+                    self.schedule(key);
+                    self.maybe_complete(key);
+                }
+                None if ours && id > resume.last_peer_stream => {
+                    // Our OPEN never arrived: send it again.
+                    if let Some(request) = self.streams[key].request.clone() {
+                        self.push_control(&Frame::Open {
+                            stream: id,
+                            open: request,
+                        });
+                    }
+                }
+                None => {
+                    let s = &self.streams[key];
+                    let done = s.phase == StreamPhase::Open
+                        && s.fin == LocalFin::Sent
+                        && s.fin_received
+                        && s.consumed == s.received;
+                    let phase = s.phase;
+                    if phase == StreamPhase::OpeningRemote {
+                        self.pending_opens -= 1;
+                    }
+                    self.remove(key);
+                    let reason =
+                        "the peer no longer had the stream after the reconnect".to_string();
+                    self.events.push_back(match (done, phase) {
+                        (true, _) => Event::Closed { stream: id },
+                        (false, StreamPhase::OpeningLocal) => Event::OpenFailed {
+                            stream: id,
+                            code: ErrorCode::RESUME_FAILED,
+                            reason,
+                        },
+                        (false, _) => Event::Reset {
+                            stream: id,
+                            code: ErrorCode::RESUME_FAILED,
+                            reason,
+                        },
+                    });
+                }
+            }
+        }
+        self.phase = Phase::Open;
+        self.control.extend(self.deferred.drain(..));
+        self.events.push_back(Event::Resumed {
+            streams: self.streams.len(),
+        });
+        Ok(())
+    }
+
+    fn handle_open(&mut self, stream: u32, open: Open) -> Result<(), Error> {
+        if self.is_local_id(stream) {
+            return Err(ProtocolError::BadStreamId {
+                stream,
+                problem: "the id has the parity of the streams we open",
+            }
+            .into());
+        }
+        if stream <= self.highest_peer_id {
+            return Err(ProtocolError::BadStreamId {
+                stream,
+                problem: "stream ids must increase; this one was used before",
+            }
+            .into());
+        }
+        self.highest_peer_id = stream;
+        let refuse = if self.goaway_sent.is_some() {
+            Some((
+                ErrorCode::GOING_AWAY,
+                "tunnel is draining; open the stream elsewhere".to_string(),
+            ))
+        } else if self.streams.len() >= self.config.max_streams as usize {
+            Some((
+                ErrorCode::LIMIT_EXCEEDED,
+                format!(
+                    "at most {} streams per tunnel (limits.max_streams_per_tunnel)",
+                    self.config.max_streams
+                ),
+            ))
+        } else if self.pending_opens >= self.config.max_pending_opens {
+            Some((
+                ErrorCode::LIMIT_EXCEEDED,
+                format!(
+                    "at most {} unanswered opens (limits.max_pending_opens)",
+                    self.config.max_pending_opens
+                ),
+            ))
+        } else {
+            None
+        };
+        if let Some((code, reason)) = refuse {
+            self.push_stream_control(&Frame::OpenFail {
+                stream,
+                code,
+                reason,
+            });
+            return Ok(());
+        }
+        let key = self.streams.insert(Stream::new(
+            stream,
+            StreamPhase::OpeningRemote,
+            self.config.initial_window,
+            None,
+        ));
+        self.ids.insert(stream, key);
+        self.pending_opens += 1;
+        self.events.push_back(Event::IncomingOpen {
+            stream,
+            request: open,
+        });
+        Ok(())
+    }
+
+    fn handle_open_ok(&mut self, stream: u32) -> Result<(), Error> {
+        let Some(key) = self.live(Kind::OpenOk, stream)? else {
+            return Ok(());
+        };
+        if self.streams[key].phase != StreamPhase::OpeningLocal {
+            return Err(self.wrong_state(Kind::OpenOk, key));
+        }
+        let window = self.peer_window();
+        let s = &mut self.streams[key];
+        s.phase = StreamPhase::Open;
+        s.request = None;
+        s.limit = window;
+        self.schedule(key);
+        self.events.push_back(Event::Opened { stream });
+        Ok(())
+    }
+
+    fn handle_data(&mut self, stream: u32, payload: Bytes) -> Result<(), Error> {
+        let Some(key) = self.live(Kind::Data, stream)? else {
+            return Ok(());
+        };
+        let s = &mut self.streams[key];
+        if s.phase != StreamPhase::Open || s.fin_received {
+            return Err(self.wrong_state(Kind::Data, key));
+        }
+        let end = s.received + payload.len() as u64;
+        if end > s.granted {
+            return Err(ProtocolError::FlowControl {
+                stream,
+                offset: end,
+                limit: s.granted,
+            }
+            .into());
+        }
+        if payload.is_empty() {
+            return Ok(());
+        }
+        s.received = end;
+        let was_empty = s.inbox.is_empty();
+        s.inbox.push_back(payload);
+        if was_empty {
+            self.events.push_back(Event::Readable { stream });
+        }
+        Ok(())
+    }
+
+    fn handle_window(&mut self, stream: u32, increment: u32) -> Result<(), Error> {
+        let Some(key) = self.live(Kind::Window, stream)? else {
+            return Ok(());
+        };
+        let s = &mut self.streams[key];
+        let acked = s.acked + u64::from(increment);
+        if acked > s.next {
+            return Err(ProtocolError::AckBeyondSent {
+                stream,
+                acked,
+                sent: s.next,
+            }
+            .into());
+        }
+        s.release(u64::from(increment));
+        s.acked = acked;
+        s.limit += u64::from(increment);
+        if s.blocked && s.fin == LocalFin::NotYet {
+            s.blocked = false;
+            self.events.push_back(Event::Writable { stream });
+        }
+        s.check_invariants();
+        self.maybe_complete(key);
+        Ok(())
+    }
+
+    fn handle_pong(&mut self, opaque: u64, now: Instant) {
+        if let Some((sent_opaque, at)) = self.ping_sent {
+            if sent_opaque == opaque {
+                self.rtt = Some(now.saturating_duration_since(at));
+                self.ping_sent = None;
+            }
+        }
+    }
+
+    fn handle_goaway(&mut self, code: ErrorCode, reason: String) {
+        self.goaway_received = true;
+        if code == ErrorCode::NO_ERROR || code == ErrorCode::GOING_AWAY {
+            self.events.push_back(Event::GoAway { code, reason });
+        } else {
+            // An error GOAWAY is the peer's last word before it closes.
+            self.end(EndReason::ClosedByPeer { code, reason }.into(), false);
+        }
+    }
+
+    /// Advances timers: keepalive PINGs, death of a silent transport, expiry of a detached
+    /// session. Call when [`Session::poll_timeout`] has passed; early calls are harmless.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.phase {
+            Phase::Ended => {}
+            Phase::Detached { since } => {
+                if now >= since + self.config.resume_grace {
+                    let grace = self.config.resume_grace;
+                    self.end(EndReason::ResumeExpired { grace }.into(), false);
+                }
+            }
+            _ => {
+                if now < self.next_keepalive {
+                    return;
+                }
+                if self.heard_since_tick {
+                    self.missed = 0;
+                } else {
+                    self.missed += 1;
+                }
+                self.heard_since_tick = false;
+                if self.missed >= self.config.keepalive_count {
+                    self.events.push_back(Event::TransportDead);
+                    let (interval, count) =
+                        (self.config.keepalive_interval, self.config.keepalive_count);
+                    if self.config.resume_grace.is_zero() {
+                        self.end(EndReason::KeepaliveTimeout { interval, count }.into(), true);
+                    } else {
+                        self.detach(now);
+                    }
+                    return;
+                }
+                self.ping_counter += 1;
+                self.ping_sent = Some((self.ping_counter, now));
+                self.push_control(&Frame::Ping {
+                    opaque: self.ping_counter,
+                });
+                self.flush_credit();
+                while self.next_keepalive <= now {
+                    self.next_keepalive += self.config.keepalive_interval;
+                }
+            }
+        }
+    }
+
+    /// The next instant [`Session::handle_timeout`] should run, if any.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Ended => None,
+            Phase::Detached { since } => Some(since + self.config.resume_grace),
+            _ => Some(self.next_keepalive),
+        }
+    }
+
+    /// The transport failed. Streams wait up to the grace period for [`Session::reattach`];
+    /// with a zero grace, or while draining, the session ends.
+    pub fn transport_lost(&mut self, now: Instant) {
+        if matches!(self.phase, Phase::Ended | Phase::Detached { .. }) {
+            return;
+        }
+        if self.config.resume_grace.is_zero() || self.goaway_sent.is_some() {
+            self.end(
+                EndReason::ClosedLocally {
+                    code: ErrorCode::NO_ERROR,
+                    reason: "transport closed".into(),
+                }
+                .into(),
+                false,
+            );
+        } else {
+            self.detach(now);
+        }
+    }
+
+    fn detach(&mut self, now: Instant) {
+        self.phase = Phase::Detached { since: now };
+        // Everything queued is regenerated from stream state by RESUME.
+        self.control.clear();
+        self.deferred.clear();
+        self.ping_sent = None;
+    }
+
+    /// A new transport is up for a detached session: queues HELLO (flag RESUMING); RESUME
+    /// follows once the peer's HELLO shows it still holds this session.
+    pub fn reattach(&mut self, now: Instant) -> Result<(), Error> {
+        match self.phase {
+            Phase::Detached { .. } => {}
+            Phase::Ended => {
+                return Err(self
+                    .ended
+                    .clone()
+                    .unwrap_or(Error::Ended(EndReason::ClosedLocally {
+                        code: ErrorCode::NO_ERROR,
+                        reason: "ended".into(),
+                    })));
+            }
+            _ => {
+                return Err(Error::Stream {
+                    stream: 0,
+                    reason: StreamError::Invalid(
+                        "reattach on a session that is not detached".into(),
+                    ),
+                });
+            }
+        }
+        self.phase = Phase::Handshake { resuming: true };
+        self.next_keepalive = now + self.config.keepalive_interval;
+        self.missed = 0;
+        self.heard_since_tick = false;
+        self.queue_hello(true);
+        if let Some(announce) = self.last_announce.clone() {
+            self.control.push_back(announce);
+        }
+        if let Some((code, reason)) = self.goaway_sent.clone() {
+            self.push_control(&Frame::GoAway { code, reason });
+        }
+        Ok(())
+    }
+
+    // ---- application calls --------------------------------------------------------------
+
+    /// Opens a stream; the answer comes as `Opened` or `OpenFailed`.
+    pub fn open(&mut self, request: Open) -> Result<u32, Error> {
+        if self.phase == Phase::Ended {
+            return Err(self.stream_err(0, StreamError::SessionEnded));
+        }
+        if self.goaway_sent.is_some() || self.goaway_received {
+            return Err(self.stream_err(0, StreamError::GoingAway));
+        }
+        if let Some(peer) = self.peer {
+            if self.streams.len() >= peer.max_streams as usize {
+                return Err(self.stream_err(0, StreamError::TooManyStreams(peer.max_streams)));
+            }
+        }
+        codec::validate_open(&request).map_err(|e| self.stream_err(0, StreamError::Invalid(e)))?;
+        let id = self.next_local_id;
+        if id > MAX_STREAM_ID {
+            return Err(self.stream_err(
+                0,
+                StreamError::Invalid("stream ids exhausted; reconnect the tunnel".into()),
+            ));
+        }
+        self.next_local_id += 2;
+        // While a reconnect is under way the OPEN is sent once the peer's RESUME shows it
+        // has not seen this id.
+        if self.may_send_stream_frames() {
+            self.push_control(&Frame::Open {
+                stream: id,
+                open: request.clone(),
+            });
+        }
+        let key = self.streams.insert(Stream::new(
+            id,
+            StreamPhase::OpeningLocal,
+            self.config.initial_window,
+            Some(request),
+        ));
+        self.ids.insert(id, key);
+        Ok(id)
+    }
+
+    /// Accepts a stream announced by `IncomingOpen`.
+    pub fn accept(&mut self, stream: u32) -> Result<(), Error> {
+        let key = self.key(stream)?;
+        if self.streams[key].phase != StreamPhase::OpeningRemote {
+            return Err(self.stream_err(
+                stream,
+                StreamError::Invalid("stream is not waiting to be accepted".into()),
+            ));
+        }
+        let window = self.peer_window();
+        let s = &mut self.streams[key];
+        s.phase = StreamPhase::Open;
+        s.limit = window;
+        self.pending_opens -= 1;
+        self.push_stream_control(&Frame::OpenOk { stream });
+        Ok(())
+    }
+
+    /// Refuses a stream announced by `IncomingOpen`; the reason reaches the peer's logs.
+    pub fn reject(&mut self, stream: u32, code: ErrorCode, reason: &str) -> Result<(), Error> {
+        let key = self.key(stream)?;
+        if self.streams[key].phase != StreamPhase::OpeningRemote {
+            return Err(self.stream_err(
+                stream,
+                StreamError::Invalid("stream is not waiting to be accepted".into()),
+            ));
+        }
+        self.pending_opens -= 1;
+        self.remove(key);
+        let reason = clip_reason(reason);
+        self.push_stream_control(&Frame::OpenFail {
+            stream,
+            code,
+            reason,
+        });
+        Ok(())
+    }
+
+    /// Queues bytes on a stream, up to its credit; returns how many were taken (zero-copy:
+    /// the `Bytes` is kept, sliced, not copied). When it returns less than offered the
+    /// stream is blocked until a `Writable` event.
+    pub fn send(&mut self, stream: u32, data: Bytes) -> Result<usize, Error> {
+        let key = self.key(stream)?;
+        let s = &mut self.streams[key];
+        if s.phase != StreamPhase::Open {
+            return Err(self.stream_err(stream, StreamError::NotOpen));
+        }
+        if s.fin != LocalFin::NotYet {
+            return Err(self.stream_err(stream, StreamError::Finished));
+        }
+        let capacity = s.limit.saturating_sub(s.written) as usize;
+        let n = capacity.min(data.len());
+        if n < data.len() {
+            s.blocked = true;
+        }
+        if n > 0 {
+            s.unsent.push_back(data.slice(..n));
+            s.written += n as u64;
+            self.schedule(key);
+        }
+        Ok(n)
+    }
+
+    /// Half-closes the stream: FIN goes out after every byte already queued.
+    pub fn finish(&mut self, stream: u32) -> Result<(), Error> {
+        let key = self.key(stream)?;
+        let s = &mut self.streams[key];
+        if s.phase != StreamPhase::Open {
+            return Err(self.stream_err(stream, StreamError::NotOpen));
+        }
+        if s.fin != LocalFin::NotYet {
+            return Ok(());
+        }
+        s.fin = LocalFin::Pending;
+        self.schedule(key);
+        Ok(())
+    }
+
+    /// Aborts a stream: queued bytes are dropped and the peer gets RESET.
+    pub fn reset(&mut self, stream: u32, code: ErrorCode, reason: &str) -> Result<(), Error> {
+        let key = self.key(stream)?;
+        if self.streams[key].phase == StreamPhase::OpeningRemote {
+            self.pending_opens -= 1;
+        }
+        self.remove(key);
+        let reason = clip_reason(reason);
+        self.push_stream_control(&Frame::Reset {
+            stream,
+            code,
+            reason,
+        });
+        Ok(())
+    }
+
+    /// Takes the next bytes received on a stream. Consuming returns credit to the peer.
+    pub fn recv(&mut self, stream: u32) -> Result<Received, Error> {
+        let key = self.key(stream)?;
+        let threshold = u64::from(self.config.initial_window / 4).max(1);
+        let s = &mut self.streams[key];
+        let Some(chunk) = s.inbox.pop_front() else {
+            if s.fin_received && s.phase == StreamPhase::Open {
+                self.maybe_complete(key);
+                return Ok(Received::Finished);
+            }
+            return Ok(Received::Nothing);
+        };
+        s.consumed += chunk.len() as u64;
+        s.unreported += chunk.len() as u64;
+        // Batch WINDOWs, but never leave the last bytes of a finished stream unacknowledged.
+        let drained = s.fin_received && s.consumed == s.received;
+        if s.unreported >= threshold || drained {
+            self.report_credit(key);
+        }
+        Ok(Received::Data(chunk))
+    }
+
+    /// Sends the peer our inventory (it replaces the last one, and is sent again after a
+    /// reconnect).
+    pub fn announce(&mut self, announce: &Announce) -> Result<(), Error> {
+        codec::validate_announce(announce, self.limits.max_announce)
+            .map_err(|e| self.stream_err(0, StreamError::Invalid(e)))?;
+        let transmit = Transmit::control(&Frame::Announce(announce.clone()));
+        if matches!(
+            self.phase,
+            Phase::Handshake { .. } | Phase::AwaitResume | Phase::Open
+        ) {
+            self.control.push_back(transmit.clone());
+        }
+        self.last_announce = Some(transmit);
+        Ok(())
+    }
+
+    /// Starts draining: the peer opens no new streams here, existing ones go on.
+    pub fn goaway(&mut self, reason: &str) {
+        let reason = clip_reason(reason);
+        self.goaway_sent = Some((ErrorCode::GOING_AWAY, reason.clone()));
+        if self.phase != Phase::Ended {
+            self.push_control(&Frame::GoAway {
+                code: ErrorCode::GOING_AWAY,
+                reason,
+            });
+        }
+    }
+
+    /// Ends the session now: every stream is reset and the peer gets GOAWAY with `code`.
+    pub fn close(&mut self, code: ErrorCode, reason: &str) {
+        let reason = clip_reason(reason);
+        self.end(EndReason::ClosedLocally { code, reason }.into(), true);
+    }
+
+    // ---- outputs ------------------------------------------------------------------------
+
+    /// The next frame to write: control frames first, then one DATA (or FIN) frame per
+    /// stream in turn, so a bulk stream cannot starve an interactive one.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        if let Some(t) = self.control.pop_front() {
+            return Some(t);
+        }
+        if !self.may_send_stream_frames() {
+            return None;
+        }
+        let max_frame = self
+            .peer
+            .map(|p| p.max_frame as usize)
+            .unwrap_or(DEFAULT_MAX_FRAME as usize);
+        while let Some((key, id)) = self.sendable.pop_front() {
+            let Some(s) = self.streams.get_mut(key).filter(|s| s.id == id) else {
+                continue;
+            };
+            s.queued = false;
+            if !s.has_output() {
+                continue;
+            }
+            let transmit = if let Some(front) = s.unsent.front_mut() {
+                let room = s.limit.saturating_sub(s.next) as usize;
+                let n = front.len().min(max_frame).min(room);
+                if n == 0 {
+                    continue;
+                }
+                let chunk = if n == front.len() {
+                    s.unsent.pop_front().unwrap_or_default()
+                } else {
+                    front.split_to(n)
+                };
+                s.next += n as u64;
+                s.unacked.push_back(chunk.clone());
+                Transmit::data(id, chunk)
+            } else {
+                s.fin = LocalFin::Sent;
+                Transmit::control(&Frame::Fin { stream: id })
+            };
+            s.check_invariants();
+            self.schedule(key);
+            self.maybe_complete(key);
+            return Some(transmit);
+        }
+        None
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Whether [`Session::poll_transmit`] has something now.
+    pub fn has_transmit(&self) -> bool {
+        !self.control.is_empty() || (self.may_send_stream_frames() && !self.sendable.is_empty())
+    }
+
+    // ---- internals ----------------------------------------------------------------------
+
+    fn queue_hello(&mut self, resuming: bool) {
+        let hello = Hello {
+            version_min: PROTOCOL_VERSION,
+            version_max: PROTOCOL_VERSION,
+            role: self.config.role,
+            capabilities: 0,
+            initial_window: self.config.initial_window,
+            max_frame: self.limits.max_data as u32,
+            max_streams: self.config.max_streams,
+            session_id: self.local_id,
+            resuming,
+        };
+        self.push_control(&Frame::Hello(hello));
+    }
+
+    fn may_send_stream_frames(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Open | Phase::Handshake { resuming: false }
+        )
+    }
+
+    fn push_control(&mut self, frame: &Frame) {
+        self.control.push_back(Transmit::control(frame));
+    }
+
+    /// Stream control frames (OPEN_OK, OPEN_FAIL, WINDOW, RESET) made before our RESUME is
+    /// built are dropped: RESUME carries their effect (acceptance, credit, which streams
+    /// exist). Those made after it, while we wait for the peer's RESUME, wait with the DATA.
+    /// Returns whether the frame's effect will reach the peer.
+    fn push_stream_control(&mut self, frame: &Frame) -> bool {
+        match self.phase {
+            Phase::Open | Phase::Handshake { resuming: false } => self.push_control(frame),
+            Phase::AwaitResume => self.deferred.push(Transmit::control(frame)),
+            Phase::Detached { .. } | Phase::Handshake { resuming: true } | Phase::Ended => {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn peer_window(&self) -> u64 {
+        u64::from(self.peer.map(|p| p.initial_window).unwrap_or(0))
+    }
+
+    fn is_local_id(&self, id: u32) -> bool {
+        (id % 2 == 1) == self.config.dialer
+    }
+
+    /// The slab key of a live stream; `None` for a stream that existed and is gone (late
+    /// frames for it are dropped); an error for one that never existed.
+    fn live(&self, kind: Kind, stream: u32) -> Result<Option<usize>, Error> {
+        if let Some(&key) = self.ids.get(&stream) {
+            return Ok(Some(key));
+        }
+        let seen = if self.is_local_id(stream) {
+            stream < self.next_local_id
+        } else {
+            stream <= self.highest_peer_id
+        };
+        if seen {
+            Ok(None)
+        } else {
+            Err(ProtocolError::UnknownStream { kind, stream }.into())
+        }
+    }
+
+    fn key(&self, stream: u32) -> Result<usize, Error> {
+        self.ids.get(&stream).copied().ok_or(Error::Stream {
+            stream,
+            reason: StreamError::Unknown,
+        })
+    }
+
+    fn stream_err(&self, stream: u32, reason: StreamError) -> Error {
+        Error::Stream { stream, reason }
+    }
+
+    fn wrong_state(&self, kind: Kind, key: usize) -> Error {
+        let s = &self.streams[key];
+        let state = match (s.phase, s.fin_received) {
+            (StreamPhase::OpeningLocal, _) => "waiting for OPEN_OK",
+            (StreamPhase::OpeningRemote, _) => "not yet accepted",
+            (StreamPhase::Open, true) => "finished by the peer",
+            (StreamPhase::Open, false) => "open",
+        };
+        ProtocolError::WrongState {
+            kind,
+            stream: s.id,
+            state,
+        }
+        .into()
+    }
+
+    fn schedule(&mut self, key: usize) {
+        let s = &mut self.streams[key];
+        if !s.queued && s.has_output() {
+            s.queued = true;
+            self.sendable.push_back((key, s.id));
+        }
+    }
+
+    fn report_credit(&mut self, key: usize) {
+        if matches!(
+            self.phase,
+            Phase::Detached { .. } | Phase::Handshake { resuming: true }
+        ) {
+            return; // the RESUME we are about to build carries the credit
+        }
+        let s = &mut self.streams[key];
+        let mut owed = s.unreported;
+        s.unreported = 0;
+        s.granted += owed;
+        let id = s.id;
+        while owed > 0 {
+            let increment = owed.min(u64::from(u32::MAX)) as u32;
+            owed -= u64::from(increment);
+            self.push_stream_control(&Frame::Window {
+                stream: id,
+                increment,
+            });
+        }
+    }
+
+    /// Reports consumed bytes on every stream; on each keepalive tick so that a sender is
+    /// never left holding acknowledged bytes for long.
+    fn flush_credit(&mut self) {
+        let owed: Vec<usize> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.unreported > 0)
+            .map(|(k, _)| k)
+            .collect();
+        for key in owed {
+            self.report_credit(key);
+        }
+    }
+
+    fn maybe_complete(&mut self, key: usize) {
+        if self.streams.get(key).is_some_and(Stream::is_complete) {
+            let id = self.streams[key].id;
+            self.remove(key);
+            self.events.push_back(Event::Closed { stream: id });
+        }
+    }
+
+    fn remove(&mut self, key: usize) {
+        let s = self.streams.remove(key);
+        self.ids.remove(&s.id);
+    }
+
+    fn reset_all(&mut self, code: ErrorCode, reason: &str) {
+        let ids: Vec<u32> = self.streams.iter().map(|(_, s)| s.id).collect();
+        self.streams.clear();
+        self.ids.clear();
+        self.sendable.clear();
+        self.pending_opens = 0;
+        for stream in ids {
+            self.events.push_back(Event::Reset {
+                stream,
+                code,
+                reason: reason.to_string(),
+            });
+        }
+    }
+
+    fn fail(&mut self, err: Error) -> Error {
+        self.end(err.clone(), true);
+        err
+    }
+
+    fn end(&mut self, err: Error, tell_peer: bool) {
+        if self.phase == Phase::Ended {
+            return;
+        }
+        let code = err.code();
+        let reason = clip_reason(&err.to_string());
+        self.control.clear();
+        if tell_peer && !self.is_detached() {
+            self.push_control(&Frame::GoAway {
+                code,
+                reason: reason.clone(),
+            });
+        }
+        self.phase = Phase::Ended;
+        self.reset_all(code, &reason);
+        self.ended = Some(err.clone());
+        self.events.push_back(Event::Ended(err));
+    }
+}
+
+fn clip_reason(reason: &str) -> String {
+    let mut end = reason.len().min(MAX_REASON_LEN);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end]
+        .chars()
+        .map(|c| if c.is_control() && c != '\t' { ' ' } else { c })
+        .collect()
+}
