@@ -114,6 +114,8 @@ impl Error {
             Error::Protocol(_) => ErrorCode::PROTOCOL,
             Error::Ended(EndReason::KeepaliveTimeout { .. }) => ErrorCode::KEEPALIVE_TIMEOUT,
             Error::Ended(EndReason::ResumeExpired { .. }) => ErrorCode::RESUME_FAILED,
+            Error::Ended(EndReason::ClosedLocally { code, .. })
+            | Error::Ended(EndReason::ClosedByPeer { code, .. }) => *code,
             Error::Ended(_) => ErrorCode::NO_ERROR,
             Error::Stream { .. } => ErrorCode::INTERNAL,
         }

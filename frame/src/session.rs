@@ -1169,8 +1169,8 @@ impl Session {
         }
         let capacity = s.limit.saturating_sub(s.written) as usize;
         let n = capacity.min(data.len());
-        if n < data.len() {
-            s.blocked = true;
+        if n == capacity {
+            s.blocked = true; // credit used up: say so when it comes back
         }
         if n > 0 {
             s.unsent.push_back(data.slice(..n));
