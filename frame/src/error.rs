@@ -116,7 +116,6 @@ impl Error {
             Error::Ended(EndReason::ResumeExpired { .. }) => ErrorCode::RESUME_FAILED,
             Error::Ended(EndReason::ClosedLocally { code, .. })
             | Error::Ended(EndReason::ClosedByPeer { code, .. }) => *code,
-            Error::Ended(_) => ErrorCode::NO_ERROR,
             Error::Stream { .. } => ErrorCode::INTERNAL,
         }
     }
