@@ -474,6 +474,11 @@ impl Session {
         self.phase == Phase::Ended
     }
 
+    /// Why the session ended, once it has.
+    pub fn end_reason(&self) -> Option<Error> {
+        self.ended.clone()
+    }
+
     /// Whether the transport is gone and the session waits for [`Session::reattach`].
     pub fn is_detached(&self) -> bool {
         matches!(self.phase, Phase::Detached { .. })

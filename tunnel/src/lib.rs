@@ -4,5 +4,7 @@
 //!
 //! It does not decide who may do what: authorization lives in the proxy.
 
+pub mod control;
 pub mod identity;
+pub mod mux;
 pub mod tls;

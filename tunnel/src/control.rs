@@ -1,0 +1,273 @@
+//! What a TLS connection to the proxy is for, chosen by ALPN, and the small JSON requests
+//! that run before (or instead of) the frame protocol.
+//!
+//! | ALPN                  | client certificate | then                                         |
+//! |-----------------------|--------------------|----------------------------------------------|
+//! | `remoteler-join/1`    | none               | one [`JoinRequest`] → [`JoinResponse`]       |
+//! | `remoteler-login/1`   | none               | one [`LoginRequest`] → [`LoginResponse`]     |
+//! | `remoteler-tunnel/1`  | node (or cluster)  | the frame protocol; the agent is the dialer  |
+//! | `remoteler-session/1` | user               | the frame protocol; one OPEN per connection  |
+//! | `remoteler-register/1`| node               | [`RegisterRequest`] heartbeats → [`Ack`]     |
+//! | `remoteler-api/1`     | user               | one [`ApiRequest`] → [`ApiResponse`]         |
+//!
+//! A JSON message is one line of at most [`MAX_REQUEST_BYTES`], answered by one line holding
+//! either `{"ok": ...}` or `{"error": {"code": ..., "message": ...}}`. The proxy reads at
+//! most one request line before authentication and under the handshake deadline, so an
+//! unauthenticated peer can make it hold at most that many bytes.
+
+use bytes::BytesMut;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::tls::{TlsError, TlsReader, TlsWriter};
+
+/// ALPN of a join (token → node certificate).
+pub const ALPN_JOIN: &[u8] = b"remoteler-join/1";
+/// ALPN of a login (password → user certificate).
+pub const ALPN_LOGIN: &[u8] = b"remoteler-login/1";
+/// ALPN of an agent's (or leaf cluster's) reverse tunnel.
+pub const ALPN_TUNNEL: &[u8] = b"remoteler-tunnel/1";
+/// ALPN of a user's session leg (one stream to a node).
+pub const ALPN_SESSION: &[u8] = b"remoteler-session/1";
+/// ALPN of a directly dialled node's registration heartbeats (auth listener).
+pub const ALPN_REGISTER: &[u8] = b"remoteler-register/1";
+/// ALPN of a user's queries (list nodes, clusters).
+pub const ALPN_API: &[u8] = b"remoteler-api/1";
+
+/// Longest JSON line accepted: a join or login request is a few hundred bytes; 64 KiB
+/// leaves room for a large node list in a response while capping what a peer can send.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// Join: an agent trades a join token for a node certificate on its own key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// The join token (secret; never logged).
+    pub token: String,
+    /// The node name to be certified.
+    pub node: String,
+    /// The agent's public key, SubjectPublicKeyInfo DER, hex.
+    pub public_key: String,
+}
+
+impl JoinRequest {
+    /// For logs: everything but the token.
+    pub fn redacted(&self) -> String {
+        format!("join request for node {:?} (token MASKED)", self.node)
+    }
+}
+
+/// The node certificate chain and the cluster CA.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct JoinResponse {
+    /// Cluster name.
+    pub cluster: String,
+    /// The node certificate chain (leaf, CA), PEM.
+    pub certificate_pem: String,
+    /// The cluster CA certificate, PEM.
+    pub ca_pem: String,
+}
+
+/// Login: a user trades a password for a short-lived user certificate on its own key.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    /// User name.
+    pub user: String,
+    /// Password (secret; never logged).
+    pub password: String,
+    /// The client's public key, SubjectPublicKeyInfo DER, hex.
+    pub public_key: String,
+    /// Requested lifetime in seconds; the proxy caps it.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+impl std::fmt::Debug for LoginRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginRequest")
+            .field("user", &self.user)
+            .field("password", &"MASKED")
+            .field("ttl_secs", &self.ttl_secs)
+            .finish()
+    }
+}
+
+/// The user certificate chain and the cluster CA.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LoginResponse {
+    /// Cluster name.
+    pub cluster: String,
+    /// The user certificate chain (leaf, CA), PEM.
+    pub certificate_pem: String,
+    /// The cluster CA certificate, PEM.
+    pub ca_pem: String,
+    /// Expiry, seconds since the Unix epoch.
+    pub expires_unix: u64,
+    /// The user's roles.
+    pub roles: Vec<String>,
+}
+
+/// A heartbeat of a node the proxy dials directly (agent given the auth address).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    /// The address (host:port) the proxy should dial for the node's sshd.
+    pub ssh_address: String,
+    /// Labels.
+    #[serde(default)]
+    pub labels: Vec<(String, String)>,
+    /// Seconds until the proxy should consider the node offline without another heartbeat.
+    pub ttl_secs: u64,
+}
+
+/// An empty success.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Ack {}
+
+/// A user's query.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum ApiRequest {
+    /// Nodes of this cluster (or of a trusted leaf cluster).
+    ListNodes {
+        /// Leaf cluster name; `None` for this cluster.
+        #[serde(default)]
+        cluster: Option<String>,
+    },
+    /// Who the proxy thinks the caller is.
+    WhoAmI,
+}
+
+/// One node as a user sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeView {
+    /// Node name.
+    pub name: String,
+    /// `tunnel` or `direct`.
+    pub via: String,
+    /// Whether it can be reached now.
+    pub online: bool,
+    /// Labels.
+    pub labels: Vec<(String, String)>,
+}
+
+/// Answer to an [`ApiRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum ApiResponse {
+    /// The nodes.
+    Nodes(Vec<NodeView>),
+    /// The caller.
+    WhoAmI {
+        /// User name.
+        user: String,
+        /// Cluster.
+        cluster: String,
+        /// Roles.
+        roles: Vec<String>,
+    },
+}
+
+/// A refusal, sent instead of a response.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorBody {
+    /// Stable machine-readable code, e.g. `token_expired`, `bad_password`, `not_allowed`.
+    pub code: String,
+    /// What is wrong and what to do, for the user.
+    pub message: String,
+}
+
+/// The envelope of every response line.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum Reply<T> {
+    /// Success.
+    Ok(T),
+    /// Refusal.
+    Error(ErrorBody),
+}
+
+/// Why a control exchange failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    /// The TLS connection failed.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The peer closed before a whole line arrived.
+    #[error("connection closed before a complete request line")]
+    Closed,
+    /// The line exceeded [`MAX_REQUEST_BYTES`].
+    #[error("request line longer than {MAX_REQUEST_BYTES} bytes")]
+    TooLong,
+    /// The line was not the JSON expected.
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    /// The peer answered with an error.
+    #[error("{}", .0.message)]
+    Refused(ErrorBody),
+}
+
+/// Reads one JSON line of at most [`MAX_REQUEST_BYTES`]. Bytes after the newline stay in
+/// `buf` for whatever protocol follows.
+pub async fn read_line<T: DeserializeOwned>(
+    reader: &mut TlsReader,
+    buf: &mut BytesMut,
+) -> Result<T, ControlError> {
+    loop {
+        if let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+            let line = buf.split_to(pos + 1);
+            return serde_json::from_slice(&line[..pos])
+                .map_err(|e| ControlError::Malformed(e.to_string()));
+        }
+        if buf.len() > MAX_REQUEST_BYTES {
+            return Err(ControlError::TooLong);
+        }
+        if reader.read(buf).await? == 0 {
+            return Err(ControlError::Closed);
+        }
+    }
+}
+
+/// Writes one JSON line and flushes it.
+pub async fn write_line<T: Serialize>(
+    writer: &mut TlsWriter,
+    value: &T,
+) -> Result<(), ControlError> {
+    let mut line = serde_json::to_vec(value).map_err(|e| ControlError::Malformed(e.to_string()))?;
+    line.push(b'\n');
+    writer.write_all(&[&line]).await?;
+    Ok(())
+}
+
+/// Reads a reply line and turns a refusal into [`ControlError::Refused`].
+pub async fn read_reply<T: DeserializeOwned>(
+    reader: &mut TlsReader,
+    buf: &mut BytesMut,
+) -> Result<T, ControlError> {
+    match read_line::<Reply<T>>(reader, buf).await? {
+        Reply::Ok(value) => Ok(value),
+        Reply::Error(body) => Err(ControlError::Refused(body)),
+    }
+}
+
+/// Hex encoding of bytes (public keys in requests).
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Hex decoding; `None` on odd length or a non-hex digit.
+pub fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}

@@ -1,0 +1,667 @@
+//! The mux driver: runs a [`frame::Session`] over a [`TlsConnection`] and hands streams to
+//! the application as async handles.
+//!
+//! One [`Tunnel`] is a cheap `Rc` handle to a session and the wakers of the tasks using it.
+//! [`drive`] is the tunnel's only I/O task: it reads from TLS into the session, writes what
+//! the session emits, runs its timers, and wakes stream tasks when their stream becomes
+//! readable or writable. Stream tasks ([`MuxStream::read`], [`MuxStream::write`]) only touch
+//! the session in memory. Everything runs on one thread (one core); the shared state is
+//! borrowed only between `.await`s, never across one.
+//!
+//! When the transport fails, [`drive`] returns and the session stays: call [`drive`] again
+//! with a new connection after [`Tunnel::reattach`] and the streams carry on (RESUME).
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use frame::{Announce, Error as FrameError, ErrorCode, Event, Open, Received, Role, Session};
+
+use crate::tls::{TlsConnection, TlsError};
+
+/// Ciphertext waiting for the socket beyond which the driver stops pulling frames from the
+/// session: the session keeps them (bounded by flow control) instead of the TLS buffer.
+const WRITE_HIGH_WATER: usize = 256 * 1024;
+
+/// Why a stream operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamError {
+    /// The peer refused the OPEN.
+    #[error("open refused by peer: {code}: {reason}")]
+    Refused {
+        /// Code from the peer.
+        code: ErrorCode,
+        /// Reason from the peer.
+        reason: String,
+    },
+    /// The stream was aborted (by the peer, or because the tunnel ended).
+    #[error("stream reset: {code}: {reason}")]
+    Reset {
+        /// Code.
+        code: ErrorCode,
+        /// Reason.
+        reason: String,
+    },
+    /// The tunnel session ended.
+    #[error("{0}")]
+    Ended(FrameError),
+    /// The session refused the call (e.g. draining, too many streams).
+    #[error("{0}")]
+    Session(FrameError),
+}
+
+#[derive(Default)]
+struct StreamWaiters {
+    reader: Option<Waker>,
+    writer: Option<Waker>,
+    opened: Option<Result<(), StreamError>>,
+    ended: Option<StreamError>,
+    closed: bool,
+}
+
+struct Shared {
+    session: Session,
+    driver: Option<Waker>,
+    driver_notified: bool,
+    incoming: VecDeque<(u32, Open)>,
+    incoming_waker: Option<Waker>,
+    streams: HashMap<u32, StreamWaiters>,
+    announce: Option<Announce>,
+    announce_version: u64,
+    announce_waker: Vec<Waker>,
+    connected: bool,
+    connected_waker: Option<Waker>,
+    transport_dead: bool,
+}
+
+impl Shared {
+    fn wake_driver(&mut self) {
+        self.driver_notified = true;
+        if let Some(w) = self.driver.take() {
+            w.wake();
+        }
+    }
+
+    /// Turns session events into wakeups; called by the driver after every input.
+    fn dispatch(&mut self) {
+        while let Some(event) = self.session.poll_event() {
+            match event {
+                Event::Connected { .. } | Event::Resumed { .. } => {
+                    self.connected = true;
+                    if let Some(w) = self.connected_waker.take() {
+                        w.wake();
+                    }
+                }
+                Event::TransportDead => self.transport_dead = true,
+                Event::IncomingOpen { stream, request } => {
+                    self.streams.insert(stream, StreamWaiters::default());
+                    self.incoming.push_back((stream, request));
+                    if let Some(w) = self.incoming_waker.take() {
+                        w.wake();
+                    }
+                }
+                Event::Opened { stream } => self.settle(stream, |w| w.opened = Some(Ok(()))),
+                Event::OpenFailed {
+                    stream,
+                    code,
+                    reason,
+                } => self.settle(stream, |w| {
+                    w.opened = Some(Err(StreamError::Refused { code, reason }));
+                }),
+                Event::Readable { stream } => self.settle(stream, |_| {}),
+                Event::Writable { stream } => self.settle(stream, |_| {}),
+                Event::Reset {
+                    stream,
+                    code,
+                    reason,
+                } => self.settle(stream, |w| {
+                    let err = StreamError::Reset { code, reason };
+                    if w.opened.is_none() {
+                        w.opened = Some(Err(err.clone()));
+                    }
+                    w.ended = Some(err);
+                }),
+                Event::Closed { stream } => self.settle(stream, |w| w.closed = true),
+                Event::Announce(announce) => {
+                    self.announce = Some(announce);
+                    self.announce_version += 1;
+                    for w in self.announce_waker.drain(..) {
+                        w.wake();
+                    }
+                }
+                Event::GoAway { .. } => {}
+                Event::Ended(err) => {
+                    for w in self.streams.values_mut() {
+                        w.ended.get_or_insert(StreamError::Ended(err.clone()));
+                        if w.opened.is_none() {
+                            w.opened = Some(Err(StreamError::Ended(err.clone())));
+                        }
+                    }
+                    self.wake_all();
+                }
+            }
+        }
+    }
+
+    fn settle(&mut self, stream: u32, update: impl FnOnce(&mut StreamWaiters)) {
+        if let Some(w) = self.streams.get_mut(&stream) {
+            update(w);
+            if let Some(r) = w.reader.take() {
+                r.wake();
+            }
+            if let Some(r) = w.writer.take() {
+                r.wake();
+            }
+        }
+    }
+
+    fn wake_all(&mut self) {
+        for w in self.streams.values_mut() {
+            if let Some(r) = w.reader.take() {
+                r.wake();
+            }
+            if let Some(r) = w.writer.take() {
+                r.wake();
+            }
+        }
+        for w in self
+            .incoming_waker
+            .take()
+            .into_iter()
+            .chain(self.connected_waker.take())
+        {
+            w.wake();
+        }
+        for w in self.announce_waker.drain(..) {
+            w.wake();
+        }
+    }
+
+    fn ended_error(&self) -> Option<StreamError> {
+        self.session.end_reason().map(StreamError::Ended)
+    }
+}
+
+/// A handle to one tunnel's session; clones share it.
+#[derive(Clone)]
+pub struct Tunnel {
+    shared: Rc<RefCell<Shared>>,
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.shared.borrow();
+        f.debug_struct("Tunnel")
+            .field("streams", &s.session.stream_count())
+            .field("ended", &s.session.is_ended())
+            .finish()
+    }
+}
+
+impl Tunnel {
+    /// Wraps a session; run [`drive`] to connect it to a transport.
+    pub fn new(session: Session) -> Self {
+        Tunnel {
+            shared: Rc::new(RefCell::new(Shared {
+                session,
+                driver: None,
+                driver_notified: false,
+                incoming: VecDeque::new(),
+                incoming_waker: None,
+                streams: HashMap::new(),
+                announce: None,
+                announce_version: 0,
+                announce_waker: Vec::new(),
+                connected: false,
+                connected_waker: None,
+                transport_dead: false,
+            })),
+        }
+    }
+
+    /// Runs `f` with the session (for queries such as `rtt`, `stream_count`, `peer_id`).
+    pub fn with_session<T>(&self, f: impl FnOnce(&Session) -> T) -> T {
+        f(&self.shared.borrow().session)
+    }
+
+    /// Waits until the peer's HELLO (or RESUME) has arrived; false if the session ended.
+    pub async fn connected(&self) -> bool {
+        poll_fn(|cx| {
+            let mut s = self.shared.borrow_mut();
+            if s.connected {
+                Poll::Ready(true)
+            } else if s.session.is_ended() {
+                Poll::Ready(false)
+            } else {
+                s.connected_waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// The peer's role, once connected.
+    pub fn peer_role(&self) -> Option<Role> {
+        self.shared.borrow().session.peer_role()
+    }
+
+    /// Opens a stream and waits for the peer's answer.
+    pub async fn open(&self, request: Open) -> Result<MuxStream, StreamError> {
+        let id = {
+            let mut s = self.shared.borrow_mut();
+            let id = s.session.open(request).map_err(StreamError::Session)?;
+            s.streams.insert(id, StreamWaiters::default());
+            s.wake_driver();
+            id
+        };
+        let stream = MuxStream {
+            tunnel: self.clone(),
+            id,
+            done: false,
+        };
+        poll_fn(|cx| {
+            let mut s = self.shared.borrow_mut();
+            let Some(w) = s.streams.get_mut(&id) else {
+                return Poll::Ready(Err(StreamError::Reset {
+                    code: ErrorCode::INTERNAL,
+                    reason: "stream vanished".into(),
+                }));
+            };
+            match w.opened.take() {
+                Some(result) => Poll::Ready(result),
+                None => {
+                    w.writer = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        })
+        .await?;
+        Ok(stream)
+    }
+
+    /// The next stream the peer asks to open; `None` once the session has ended.
+    pub async fn incoming(&self) -> Option<Incoming> {
+        poll_fn(|cx| {
+            let mut s = self.shared.borrow_mut();
+            if let Some((id, request)) = s.incoming.pop_front() {
+                return Poll::Ready(Some(Incoming {
+                    tunnel: self.clone(),
+                    id,
+                    request,
+                }));
+            }
+            if s.session.is_ended() {
+                return Poll::Ready(None);
+            }
+            s.incoming_waker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Sends our inventory (and again after every reconnect).
+    pub fn announce(&self, announce: &Announce) -> Result<(), FrameError> {
+        let mut s = self.shared.borrow_mut();
+        s.session.announce(announce)?;
+        s.wake_driver();
+        Ok(())
+    }
+
+    /// The peer's latest inventory and its version (bumped on each ANNOUNCE).
+    pub fn peer_announce(&self) -> (u64, Option<Announce>) {
+        let s = self.shared.borrow();
+        (s.announce_version, s.announce.clone())
+    }
+
+    /// Waits until the peer's inventory version differs from `seen`, or the session ends.
+    pub async fn announce_changed(&self, seen: u64) -> u64 {
+        poll_fn(|cx| {
+            let mut s = self.shared.borrow_mut();
+            if s.announce_version != seen || s.session.is_ended() {
+                Poll::Ready(s.announce_version)
+            } else {
+                s.announce_waker.push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// Starts draining (GOAWAY): the peer opens no new streams.
+    pub fn goaway(&self, reason: &str) {
+        let mut s = self.shared.borrow_mut();
+        s.session.goaway(reason);
+        s.wake_driver();
+    }
+
+    /// Ends the session: streams are reset, the peer gets GOAWAY with `code`.
+    pub fn close(&self, code: ErrorCode, reason: &str) {
+        let mut s = self.shared.borrow_mut();
+        s.session.close(code, reason);
+        s.dispatch();
+        s.wake_driver();
+    }
+
+    /// Whether the session is over.
+    pub fn is_ended(&self) -> bool {
+        self.shared.borrow().session.is_ended()
+    }
+
+    /// Marks the transport as gone (the driver does this itself when it returns).
+    pub fn transport_lost(&self) {
+        let mut s = self.shared.borrow_mut();
+        s.session.transport_lost(Instant::now());
+        s.dispatch();
+    }
+
+    /// Prepares a detached session for a new transport; then call [`drive`] with it.
+    pub fn reattach(&self) -> Result<(), FrameError> {
+        let mut s = self.shared.borrow_mut();
+        s.connected = false;
+        s.transport_dead = false;
+        s.session.reattach(Instant::now())
+    }
+
+    /// Advances timers of a detached session (grace expiry) without a transport.
+    pub fn tick(&self) {
+        let mut s = self.shared.borrow_mut();
+        s.session.handle_timeout(Instant::now());
+        s.dispatch();
+    }
+}
+
+/// A stream the peer asked to open.
+#[derive(Debug)]
+pub struct Incoming {
+    tunnel: Tunnel,
+    id: u32,
+    /// What the peer asked for.
+    pub request: Open,
+}
+
+impl Incoming {
+    /// The stream id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Accepts the stream.
+    pub fn accept(self) -> Result<MuxStream, StreamError> {
+        let mut s = self.tunnel.shared.borrow_mut();
+        s.session.accept(self.id).map_err(StreamError::Session)?;
+        s.wake_driver();
+        drop(s);
+        Ok(MuxStream {
+            tunnel: self.tunnel,
+            id: self.id,
+            done: false,
+        })
+    }
+
+    /// Refuses the stream; `reason` reaches the peer.
+    pub fn reject(self, code: ErrorCode, reason: &str) {
+        let mut s = self.tunnel.shared.borrow_mut();
+        let _ = s.session.reject(self.id, code, reason);
+        s.streams.remove(&self.id);
+        s.wake_driver();
+    }
+}
+
+/// One open stream. Dropping it without [`finish`](MuxStream::finish) resets the stream.
+#[derive(Debug)]
+pub struct MuxStream {
+    tunnel: Tunnel,
+    id: u32,
+    done: bool,
+}
+
+impl MuxStream {
+    /// The stream id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The tunnel this stream belongs to.
+    pub fn tunnel(&self) -> &Tunnel {
+        &self.tunnel
+    }
+
+    /// Bytes sent and received so far.
+    pub fn bytes(&self) -> (u64, u64) {
+        self.tunnel
+            .shared
+            .borrow()
+            .session
+            .stream_bytes(self.id)
+            .unwrap_or((0, 0))
+    }
+
+    /// The next bytes from the peer; `Ok(None)` after the peer's FIN. Cancel-safe.
+    pub async fn read(&self) -> Result<Option<Bytes>, StreamError> {
+        poll_fn(|cx| {
+            let mut s = self.tunnel.shared.borrow_mut();
+            let received = s.session.recv(self.id);
+            match received {
+                Ok(Received::Data(bytes)) => {
+                    if s.session.has_transmit() {
+                        s.wake_driver(); // a WINDOW is due
+                    }
+                    Poll::Ready(Ok(Some(bytes)))
+                }
+                Ok(Received::Finished) => Poll::Ready(Ok(None)),
+                Ok(Received::Nothing) => {
+                    if let Some(w) = s.streams.get_mut(&self.id) {
+                        w.reader = Some(cx.waker().clone());
+                    }
+                    Poll::Pending
+                }
+                Err(_) => Poll::Ready(Err(self.gone(&mut s))),
+            }
+        })
+        .await
+    }
+
+    /// Sends all of `data`, waiting for credit as needed. Cancel-safe in the sense that what
+    /// was already queued stays queued.
+    pub async fn write(&self, mut data: Bytes) -> Result<(), StreamError> {
+        poll_fn(|cx| {
+            let mut s = self.tunnel.shared.borrow_mut();
+            while !data.is_empty() {
+                match s.session.send(self.id, data.clone()) {
+                    Ok(0) => {
+                        if let Some(w) = s.streams.get_mut(&self.id) {
+                            w.writer = Some(cx.waker().clone());
+                        }
+                        return Poll::Pending;
+                    }
+                    Ok(n) => {
+                        data.advance(n);
+                        s.wake_driver();
+                    }
+                    Err(_) => return Poll::Ready(Err(self.gone(&mut s))),
+                }
+            }
+            Poll::Ready(Ok(()))
+        })
+        .await
+    }
+
+    /// Half-closes our direction: FIN after every queued byte.
+    pub fn finish(&mut self) {
+        let mut s = self.tunnel.shared.borrow_mut();
+        if s.session.finish(self.id).is_ok() {
+            s.wake_driver();
+        }
+        self.done = true;
+    }
+
+    /// Waits until the stream is fully closed (both FINs, all bytes acknowledged) or reset.
+    pub async fn closed(&self) -> Result<(), StreamError> {
+        poll_fn(|cx| {
+            let mut s = self.tunnel.shared.borrow_mut();
+            match s.streams.get_mut(&self.id) {
+                Some(w) if w.closed => Poll::Ready(Ok(())),
+                Some(w) => match &w.ended {
+                    Some(e) => Poll::Ready(Err(e.clone())),
+                    None => {
+                        w.reader = Some(cx.waker().clone());
+                        Poll::Pending
+                    }
+                },
+                None => Poll::Ready(Ok(())),
+            }
+        })
+        .await
+    }
+
+    /// Aborts the stream with a code and a reason for the peer's logs.
+    pub fn reset(&mut self, code: ErrorCode, reason: &str) {
+        let mut s = self.tunnel.shared.borrow_mut();
+        let _ = s.session.reset(self.id, code, reason);
+        s.streams.remove(&self.id);
+        s.wake_driver();
+        self.done = true;
+    }
+
+    fn gone(&self, s: &mut Shared) -> StreamError {
+        let stored = s.streams.get(&self.id).and_then(|w| w.ended.clone());
+        stored
+            .or_else(|| s.ended_error())
+            .unwrap_or(StreamError::Reset {
+                code: ErrorCode::CANCELLED,
+                reason: "stream closed".into(),
+            })
+    }
+}
+
+impl Drop for MuxStream {
+    fn drop(&mut self) {
+        let Ok(mut s) = self.tunnel.shared.try_borrow_mut() else {
+            return;
+        };
+        let closed = s.streams.get(&self.id).is_some_and(|w| w.closed);
+        if !self.done && !closed && s.session.stream_bytes(self.id).is_some() {
+            let _ = s
+                .session
+                .reset(self.id, ErrorCode::CANCELLED, "stream handle dropped");
+            s.wake_driver();
+        }
+        if closed || s.session.stream_bytes(self.id).is_none() {
+            s.streams.remove(&self.id);
+        }
+    }
+}
+
+/// Why [`drive`] returned.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum DriveOutcome {
+    /// The session ended (closed by either side, protocol error, grace expired).
+    Ended(FrameError),
+    /// The transport failed or went silent; the session is detached and may be resumed.
+    TransportLost(Option<TlsError>),
+}
+
+/// Runs the session over `conn` until the transport fails or the session ends. `input`
+/// holds bytes already read from the connection (e.g. a HELLO the acceptor peeked at).
+pub async fn drive(tunnel: &Tunnel, conn: TlsConnection, mut input: BytesMut) -> DriveOutcome {
+    let (mut reader, mut writer) = conn.split();
+    let shared = &tunnel.shared;
+    let outcome = loop {
+        // Feed what we have, act on events, queue what the session wants to send.
+        let ended = {
+            let mut s = shared.borrow_mut();
+            if !input.is_empty() {
+                let _ = s.session.handle_input(&mut input, Instant::now());
+                if input.is_empty() {
+                    input = BytesMut::new(); // an idle tunnel holds no read buffer
+                }
+            }
+            s.dispatch();
+            let mut failed = None;
+            while writer.pending() < WRITE_HIGH_WATER {
+                let Some(t) = s.session.poll_transmit() else {
+                    break;
+                };
+                if let Err(e) = writer.queue(&[t.header(), t.payload()]) {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            if let Some(e) = failed {
+                break DriveOutcome::TransportLost(Some(e));
+            }
+            if s.transport_dead {
+                break DriveOutcome::TransportLost(None);
+            }
+            s.driver_notified = false;
+            s.session.is_ended()
+        };
+        if ended {
+            let _ = monoio::time::timeout(std::time::Duration::from_secs(5), writer.close()).await;
+            let err = ended_reason(tunnel);
+            return DriveOutcome::Ended(err);
+        }
+        let deadline = shared.borrow().session.poll_timeout();
+        let sleep = async {
+            match deadline {
+                Some(at) => monoio::time::sleep_until(monoio::time::Instant::from_std(at)).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let notified = poll_fn(|cx| {
+            let mut s = shared.borrow_mut();
+            if s.driver_notified {
+                Poll::Ready(())
+            } else {
+                s.driver = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        });
+        let flushing = writer.pending() > 0;
+        let flush = async {
+            if flushing {
+                writer.flush().await
+            } else {
+                std::future::pending().await
+            }
+        };
+        monoio::select! {
+            read = reader.read(&mut input) => match read {
+                Ok(0) => break DriveOutcome::TransportLost(None),
+                Ok(_) => {}
+                Err(e) => break DriveOutcome::TransportLost(Some(e)),
+            },
+            flushed = flush => if let Err(e) = flushed {
+                break DriveOutcome::TransportLost(Some(e));
+            },
+            _ = notified => {}
+            _ = sleep => {
+                let mut s = shared.borrow_mut();
+                s.session.handle_timeout(Instant::now());
+            }
+        }
+    };
+    tunnel.transport_lost();
+    if tunnel.is_ended() {
+        return DriveOutcome::Ended(ended_reason(tunnel));
+    }
+    outcome
+}
+
+fn ended_reason(tunnel: &Tunnel) -> FrameError {
+    let s = tunnel.shared.borrow();
+    // The session records why it ended; fall back to a generic reason if it was closed
+    // without one.
+    s.session
+        .end_reason()
+        .unwrap_or(FrameError::Ended(frame::EndReason::ClosedLocally {
+            code: ErrorCode::NO_ERROR,
+            reason: "tunnel ended".into(),
+        }))
+}
