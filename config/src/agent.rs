@@ -9,7 +9,7 @@ use serde::Deserialize;
 use crate::common::{FlowConfig, KeepaliveConfig, LogConfig, RawFlow, RawKeepalive, RawLog};
 use crate::defaults::*;
 use crate::document::Document;
-use crate::error::{ConfigError, FieldError, ForKey, InvalidValue, WithinKey};
+use crate::error::{ConfigError, FieldError, ForKey, InvalidValue, WithinKey, lowercase_first};
 use crate::proxy::path_key;
 use crate::value::{
     CaPin, HostPort, Labels, NodeName, RawDuration, Secret, ServiceName, duration_in,
@@ -151,9 +151,10 @@ impl JoinToken {
                 };
                 let text = std::fs::read_to_string(path).map_err(|e| {
                     problem(format!(
-                        "cannot read the join token: {e}; create it with the token printed by \
+                        "cannot read the join token: {}; create it with the token printed by \
                          `remoteler-proxy tokens add`, or remove `join.token_file` if the agent \
-                         has already joined"
+                         has already joined",
+                        lowercase_first(&e.to_string())
                     ))
                 })?;
                 let token = text.trim();
@@ -319,7 +320,10 @@ fn backoff_range(value: Duration) -> InvalidValue {
 
 fn max_below_min(min: Duration, max: Duration) -> InvalidValue {
     InvalidValue::new(
-        format!("a duration at least backoff.min ({})", format_duration(min)),
+        format!(
+            "a duration no shorter than `backoff.min` ({})",
+            format_duration(min)
+        ),
         quoted(&format_duration(max)),
     )
 }
@@ -529,7 +533,10 @@ mod tests {
     fn token_errors_never_show_the_token() {
         let err = check_token("hunter2 xyzzy").unwrap_err();
         assert!(!err.to_string().contains("xyzzy"), "{err}");
-        assert!(err.to_string().contains("13 characters (not shown)"), "{err}");
+        assert!(
+            err.to_string().contains("13 characters (not shown)"),
+            "{err}"
+        );
         assert!(check_token(&"x".repeat(MAX_TOKEN_LEN + 1)).is_err());
         assert!(check_token("").is_err());
         assert!(check_token("abc123-_.~").is_ok());

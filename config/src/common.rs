@@ -115,7 +115,7 @@ impl FlowConfig {
 fn window_below_frame(window: u32, max_frame: u32) -> InvalidValue {
     InvalidValue::new(
         format!(
-            "a window at least as large as flow.max_frame ({})",
+            "a window no smaller than `flow.max_frame` ({})",
             format_size(max_frame.into())
         ),
         format_size(window.into()),
@@ -284,7 +284,7 @@ mod tests {
         let err = FlowConfig::new(16 << 10, 32 << 10).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "expected a window at least as large as flow.max_frame (32KiB), found 16KiB"
+            "expected a window no smaller than `flow.max_frame` (32KiB), found 16KiB"
         );
         assert!(FlowConfig::new(128 << 20, 16 << 10).is_err());
         assert!(FlowConfig::new(1 << 20, 512).is_err());

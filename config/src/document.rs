@@ -12,7 +12,7 @@ use serde::Deserialize;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use crate::error::{ConfigError, FieldError, KeyPath, Location, Segment};
+use crate::error::{ConfigError, FieldError, KeyPath, Location, Segment, lowercase_first};
 
 /// A parsed file: the text, the spanned tree and the path for messages.
 pub(crate) struct Document<'a> {
@@ -212,14 +212,6 @@ fn friendly_found(found: &str) -> String {
         "sequence" => "an array".to_owned(),
         "map" => "a table".to_owned(),
         other => other.to_owned(),
-    }
-}
-
-fn lowercase_first(message: &str) -> String {
-    let mut chars = message.chars();
-    match chars.next() {
-        Some(first) => first.to_lowercase().chain(chars).collect(),
-        None => String::new(),
     }
 }
 

@@ -17,7 +17,11 @@ use std::path::{Path, PathBuf};
 #[non_exhaustive]
 pub enum ConfigError {
     /// The file could not be read: it is missing, unreadable or not UTF-8.
-    #[error("{}: cannot read the configuration file: {source}; {hint}", path.display())]
+    #[error(
+        "{}: cannot read the configuration file: {}; {hint}",
+        path.display(),
+        lowercase_first(&source.to_string())
+    )]
     Read {
         /// The file that was asked for.
         path: PathBuf,
@@ -83,6 +87,15 @@ pub enum ConfigError {
         /// What went wrong, never including the token itself.
         problem: String,
     },
+}
+
+/// OS messages start with a capital ("No such file or directory"); ours do not.
+pub(crate) fn lowercase_first(message: &str) -> String {
+    let mut chars = message.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    }
 }
 
 impl ConfigError {

@@ -442,7 +442,8 @@ impl ListenConfig {
                         key,
                         InvalidValue::new(
                             format!(
-                                "an address whose port is not already used by listen.{earlier_key} ({earlier})"
+                                "an address whose port is not already used by `listen.{earlier_key}` \
+                                 ({earlier})"
                             ),
                             quoted(&address.to_string()),
                         ),
