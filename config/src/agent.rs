@@ -127,10 +127,12 @@ pub enum JoinToken {
 }
 
 impl PartialEq for JoinToken {
-    /// Compares where the token comes from, not secrets: two inline tokens are equal.
+    /// For comparing configurations (tests, reloads). Not constant-time: a proxy checking a
+    /// presented token must not use this.
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
-            (Self::None, Self::None) | (Self::Inline(_), Self::Inline(_)) => true,
+            (Self::None, Self::None) => true,
+            (Self::Inline(a), Self::Inline(b)) => a.expose() == b.expose(),
             (Self::File(a), Self::File(b)) => a == b,
             _ => false,
         }

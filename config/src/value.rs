@@ -33,6 +33,9 @@ pub(crate) fn quoted(text: &str) -> String {
 
 /// A secret string, such as a join token. `Debug` and `Display` print `MASKED`; the value is
 /// only reachable through [`Secret::expose`], so it cannot reach a log line by accident.
+///
+/// It has no `PartialEq` on purpose: whoever checks a presented token should compare in
+/// constant time, on `expose()`, knowingly.
 #[derive(Clone)]
 pub struct Secret(String);
 
