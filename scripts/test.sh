@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The test command (README "Quick start"; `.ci/run` calls exactly this).
+# Installs what the tests need when it is missing, then runs every check CI runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+need_pkgs=()
+command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || need_pkgs+=(openssh-server)
+command -v ssh >/dev/null 2>&1 || need_pkgs+=(openssh-client)
+command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
+command -v iptables >/dev/null 2>&1 || need_pkgs+=(iptables)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  step "installing system packages: ${need_pkgs[*]}"
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "error: missing ${need_pkgs[*]} and not root; install them with apt-get and rerun" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo doc (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
+
+step "frame pulls in no runtime"
+bash scripts/check-frame-deps.sh
+
+step "cargo test"
+cargo test --workspace --locked
+
+step "end to end: real proxy, agents, sshd and ssh (scripts/e2e.sh)"
+bash scripts/e2e.sh
+
+step "fuzz smoke run"
+FUZZ_SECONDS="${FUZZ_SECONDS:-20}" bash .ci/fuzz-smoke.sh
+
+step "all checks passed"
