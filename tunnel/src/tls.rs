@@ -1,1 +1,885 @@
 //! TLS over monoio, owned here: cancel-safe, panic-free on network input, small when idle.
+//!
+//! # Why not an `AsyncRead` adapter
+//!
+//! monoio's I/O is completion-based: a read hands a buffer to the kernel and gets it back
+//! when bytes arrive. A TLS stream built on that (monoio-rustls) keeps a read buffer lent to
+//! the kernel for as long as a connection waits, cannot give a read back once it is cancelled,
+//! and ties both halves of a split stream to one buffer. With tens of thousands of mostly idle
+//! tunnels per core that is the wrong trade, so this module does its I/O by readiness:
+//!
+//! 1. **Wait for readiness**, not for data: monoio's `TcpStream::readable`/`writable` (an
+//!    io_uring `PollAdd`, or the epoll readiness on the legacy driver). A readiness wait holds
+//!    no buffer and can be abandoned at any time: it has no effect beyond waking us. The wait is
+//!    kept by the connection and resumed by the next call, so a read cancelled a thousand times
+//!    leaves one wait in the ring, not a thousand (see `sys::ReadinessWait`).
+//! 2. **Read and write without blocking**, with `recv`/`send` and `MSG_DONTWAIT` on the raw
+//!    descriptor: the call either moves bytes now or says `EAGAIN`, and nothing is ever left in
+//!    flight in the kernel. Received ciphertext lands in a **per-core scratch buffer** (one per
+//!    thread, 64 KiB), is decrypted there, and the plaintext is appended to the caller's
+//!    `BytesMut`. Outgoing records are encrypted into a per-core buffer and sent from it; only
+//!    what the kernel does not take is copied into the connection.
+//! 3. **rustls's unbuffered API** (`UnbufferedClientConnection`/`UnbufferedServerConnection`):
+//!    rustls then owns no ciphertext buffer either. The buffered `ClientConnection` keeps a
+//!    deframer buffer of at least 4 KiB (up to 18 KiB after a large record) for the life of
+//!    the connection.
+//!
+//! An idle established connection therefore holds its keys and handshake results (the peer's
+//! certificates), a few small bookkeeping structures, and nothing else: no receive buffer, no
+//! send buffer. It does hold the tail of a record the peer has only partly sent (at most one
+//! record, 18 KiB) and any ciphertext the kernel has not accepted yet (bounded by what the
+//! caller queues; see [`TlsWriter::pending`]).
+//!
+//! # Cancel-safety contract
+//!
+//! * [`TlsReader::read`] may be dropped at any `.await` (inside `monoio::time::timeout`,
+//!   `monoio::select!`, ...). Its only suspension point is the readiness wait; receiving,
+//!   decrypting and appending to the caller's buffer happen synchronously between two polls, so
+//!   a dropped read has consumed nothing and a completed one has delivered everything it
+//!   decrypted. No byte is lost or delivered twice.
+//! * [`TlsWriter::queue`] is synchronous: when it returns `Ok`, the data is encrypted and
+//!   committed to the connection (sent or held in the pending buffer, in order).
+//!   [`TlsWriter::flush`] only waits for the pending buffer to drain and may be dropped at any
+//!   time; the next `flush` (or `queue`, `close`) carries on. [`TlsWriter::write_all`] is
+//!   `queue` + `flush`: once it has been polled its data is committed even if it is dropped.
+//! * No write is ever in flight in the kernel, so there is nothing to cancel: the io_uring
+//!   hazard of a cancelled write reaching the socket anyway does not exist here.
+//!
+//! # Concurrency
+//!
+//! [`TlsConnection::split`] gives a [`TlsReader`] and a [`TlsWriter`] sharing one
+//! `Rc<RefCell<..>>` state whose borrow never spans an `.await`. Both halves can be driven from
+//! one task's select loop (a read future and a flush future alive at once) or moved into two
+//! tasks on the same core. Reading never waits for writing and the other way round, so two
+//! peers writing large amounts at each other cannot deadlock as long as each keeps reading.
+//! TLS-level replies produced while reading (a key update, an alert) join the pending buffer
+//! and are sent right away if the socket takes them, else by the next `flush`.
+//!
+//! # End of stream
+//!
+//! `read` returns `Ok(0)` once the peer's close_notify has been processed, whether or not TCP
+//! is closed yet. A TCP FIN without a close_notify is [`TlsError::TruncatedByPeer`]: an
+//! attacker can forge a FIN, so only close_notify marks the data as complete.
+//!
+//! # Never a panic from the network
+//!
+//! Every byte from the peer goes through rustls, whose errors become [`TlsError`] values, and
+//! the code here indexes with checked accessors. After a protocol error the connection sends
+//! rustls's alert if the socket takes it without waiting, and every later call returns the same
+//! error. A monoio task that panics takes every connection of its core down with it.
+//!
+//! The runtime must be built with `enable_timer()` (the handshake deadline uses monoio's timer).
+//! Both drivers work: io_uring and the legacy epoll driver (for hosts without io_uring).
+
+mod error;
+mod session;
+mod sys;
+
+use std::{
+    cell::RefCell,
+    fmt, io,
+    net::SocketAddr,
+    os::fd::{AsRawFd, RawFd},
+    rc::Rc,
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::BytesMut;
+use monoio::net::TcpStream;
+use rustls::unbuffered::EncryptError;
+use rustls_pki_types::{CertificateDer, ServerName};
+
+use error::Fault;
+pub use error::{Peer, TlsError};
+use session::{Counting, Encrypt, Outcome, PlainSink, Session, Sink};
+use sys::{Direction, ReadinessWait, Scratch};
+
+/// Received bytes a connection may hold while waiting for the rest of a message: a handshake
+/// message of up to 64 KiB (rustls's own limit for buffered connections) spread over records,
+/// plus one record. Caps what a peer that never completes a message can make us hold.
+pub const MAX_PENDING_INCOMING: usize = 0x1_0000 + 2 * 18 * 1024;
+
+/// Deadlines longer than this are treated as this (monoio's timer panics on absurd ones).
+const MAX_DEADLINE: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Opens a TLS client session over `tcp`, with mutual TLS if `config` has a client
+/// certificate. Fails with [`TlsError::HandshakeTimeout`] if the handshake has not finished
+/// within `deadline`. Sets `TCP_NODELAY` (the tunnel batches its own writes).
+pub async fn connect(
+    tcp: TcpStream,
+    config: Arc<rustls::ClientConfig>,
+    server_name: ServerName<'static>,
+    deadline: Duration,
+) -> Result<TlsConnection, TlsError> {
+    let session = Session::client(config, server_name).map_err(TlsError::Config)?;
+    TlsConnection::new(tcp, session)?.establish(deadline).await
+}
+
+/// Accepts a TLS server session over `tcp`; client certificates are checked as `config` says.
+/// Fails with [`TlsError::HandshakeTimeout`] if the handshake has not finished within
+/// `deadline` (a silent peer, or one sending a byte a second, cannot hold the slot longer).
+/// Sets `TCP_NODELAY`.
+pub async fn accept(
+    tcp: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+    deadline: Duration,
+) -> Result<TlsConnection, TlsError> {
+    let session = Session::server(config).map_err(TlsError::Config)?;
+    TlsConnection::new(tcp, session)?.establish(deadline).await
+}
+
+/// An established TLS connection. Use it whole for sequential work, or [`split`] it to read
+/// and write concurrently.
+///
+/// [`split`]: TlsConnection::split
+#[derive(Debug)]
+pub struct TlsConnection {
+    reader: TlsReader,
+    writer: TlsWriter,
+}
+
+/// The reading half of a [`TlsConnection`].
+#[derive(Debug)]
+pub struct TlsReader {
+    shared: Rc<Shared>,
+    ready: ReadinessWait,
+    /// Whether a `recv` may find bytes without waiting: false after a short read or `EAGAIN`
+    /// (the kernel's queue was empty then), true after readiness or a full read.
+    maybe_readable: bool,
+}
+
+/// The writing half of a [`TlsConnection`].
+#[derive(Debug)]
+pub struct TlsWriter {
+    shared: Rc<Shared>,
+    ready: ReadinessWait,
+}
+
+/// What both halves share. Dropping the last half shuts the socket down (see `Drop`).
+struct Shared {
+    tcp: Rc<TcpStream>,
+    peer: Peer,
+    local: Option<SocketAddr>,
+    state: RefCell<State>,
+}
+
+struct State {
+    session: Session,
+    /// Received bytes rustls has not consumed: the start of a record or of a handshake
+    /// message. Empty, without an allocation, at a record boundary.
+    incoming: Vec<u8>,
+    /// Plaintext decrypted when no caller buffer was at hand (the handshake); handed out first
+    /// by the next read.
+    plain: Vec<u8>,
+    /// Ciphertext the kernel has not taken yet; `out[out_sent..]` is pending. Released as soon
+    /// as it is all sent.
+    out: Vec<u8>,
+    out_sent: usize,
+    /// The peer's close_notify has been processed.
+    peer_closed: bool,
+    /// We queued our close_notify.
+    close_notify_sent: bool,
+    read_fault: Option<Fault>,
+    write_fault: Option<Fault>,
+}
+
+/// What one receive step did.
+enum Received {
+    /// Nothing to read now.
+    WouldBlock,
+    /// The peer closed TCP.
+    Eof,
+    /// Bytes were received and processed.
+    Data {
+        /// The `recv` filled the whole chunk: more is probably waiting.
+        full: bool,
+        /// Plaintext bytes delivered.
+        plaintext: usize,
+    },
+}
+
+impl TlsConnection {
+    fn new(tcp: TcpStream, session: Session) -> Result<Self, TlsError> {
+        let peer = Peer(tcp.peer_addr().ok());
+        let local = tcp.local_addr().ok();
+        tcp.set_nodelay(true)
+            .map_err(|source| TlsError::Io { peer, source })?;
+        let shared = Rc::new(Shared {
+            tcp: Rc::new(tcp),
+            peer,
+            local,
+            state: RefCell::new(State {
+                session,
+                incoming: Vec::new(),
+                plain: Vec::new(),
+                out: Vec::new(),
+                out_sent: 0,
+                peer_closed: false,
+                close_notify_sent: false,
+                read_fault: None,
+                write_fault: None,
+            }),
+        });
+        Ok(Self {
+            reader: TlsReader {
+                shared: Rc::clone(&shared),
+                ready: ReadinessWait::new(Direction::Read),
+                maybe_readable: true,
+            },
+            writer: TlsWriter {
+                shared,
+                ready: ReadinessWait::new(Direction::Write),
+            },
+        })
+    }
+
+    async fn establish(mut self, deadline: Duration) -> Result<Self, TlsError> {
+        let deadline = deadline.min(MAX_DEADLINE);
+        let peer = self.reader.shared.peer;
+        match monoio::time::timeout(deadline, self.handshake()).await {
+            Ok(Ok(())) => Ok(self),
+            Ok(Err(fault)) => Err(fault.into_error(peer)),
+            Err(_elapsed) => Err(TlsError::HandshakeTimeout { peer, deadline }),
+        }
+    }
+
+    async fn handshake(&mut self) -> Result<(), Fault> {
+        let fd = self.reader.shared.fd();
+        // Process what is there (nothing): lets a client produce its ClientHello.
+        self.reader.receive_step(false, None)?;
+        loop {
+            if let Err(fault) = self.writer.flush_inner().await {
+                // The peer may have refused us and closed: its alert says why, which is worth
+                // more to an operator than the broken pipe.
+                if let Err(Fault::Tls(e)) = self.reader.receive_step(true, None) {
+                    return Err(Fault::Tls(e));
+                }
+                return Err(fault);
+            }
+            {
+                let state = self.reader.shared.state.borrow();
+                if !state.session.is_handshaking() {
+                    return Ok(());
+                }
+                if state.peer_closed {
+                    return Err(Fault::ClosedDuringHandshake);
+                }
+            }
+            // Receive until rustls has taken something in.
+            loop {
+                if self.reader.maybe_readable {
+                    match self.reader.receive_step(true, None)? {
+                        Received::WouldBlock => self.reader.maybe_readable = false,
+                        Received::Eof => {
+                            let mut state = self.reader.shared.state.borrow_mut();
+                            return Err(state.fail(Fault::ClosedDuringHandshake, fd));
+                        }
+                        Received::Data { full, .. } => {
+                            self.reader.maybe_readable = full;
+                            break;
+                        }
+                    }
+                }
+                self.reader.wait_readable().await?;
+            }
+        }
+    }
+
+    /// Separates the reading and the writing half; they may be used from one task or two.
+    pub fn split(self) -> (TlsReader, TlsWriter) {
+        (self.reader, self.writer)
+    }
+
+    /// See [`TlsReader::read`].
+    pub async fn read(&mut self, buf: &mut BytesMut) -> Result<usize, TlsError> {
+        self.reader.read(buf).await
+    }
+
+    /// See [`TlsWriter::queue`].
+    pub fn queue(&mut self, parts: &[&[u8]]) -> Result<(), TlsError> {
+        self.writer.queue(parts)
+    }
+
+    /// See [`TlsWriter::pending`].
+    pub fn pending(&self) -> usize {
+        self.writer.pending()
+    }
+
+    /// See [`TlsWriter::flush`].
+    pub async fn flush(&mut self) -> Result<(), TlsError> {
+        self.writer.flush().await
+    }
+
+    /// See [`TlsWriter::write_all`].
+    pub async fn write_all(&mut self, parts: &[&[u8]]) -> Result<(), TlsError> {
+        self.writer.write_all(parts).await
+    }
+
+    /// See [`TlsWriter::close`].
+    pub async fn close(&mut self) -> Result<(), TlsError> {
+        self.writer.close().await
+    }
+
+    /// The peer's certificate chain, end-entity first; `None` if the peer sent none (a client
+    /// when the server does not ask for one).
+    pub fn peer_certificates(&self) -> Option<Vec<CertificateDer<'static>>> {
+        self.reader.shared.peer_certificates()
+    }
+
+    /// The ALPN protocol agreed on, if any.
+    pub fn alpn_protocol(&self) -> Option<Vec<u8>> {
+        let state = self.reader.shared.state.borrow();
+        state.session.alpn_protocol().map(<[u8]>::to_vec)
+    }
+
+    /// The TLS version agreed on.
+    pub fn protocol_version(&self) -> Option<rustls::ProtocolVersion> {
+        self.reader.shared.state.borrow().session.protocol_version()
+    }
+
+    /// The peer's address, if the socket still knows it.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.reader.shared.peer.0
+    }
+
+    /// Our end's address.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.reader.shared.local
+    }
+
+    /// Sets `TCP_NODELAY` (on by default).
+    pub fn set_nodelay(&self, nodelay: bool) -> io::Result<()> {
+        self.writer.set_nodelay(nodelay)
+    }
+
+    /// See [`TlsWriter::set_notsent_lowat`].
+    pub fn set_notsent_lowat(&self, bytes: u32) -> io::Result<()> {
+        self.writer.set_notsent_lowat(bytes)
+    }
+}
+
+impl TlsReader {
+    /// Reads plaintext, appending it to `buf`; returns how many bytes were appended. `Ok(0)`
+    /// means the peer closed the session cleanly (close_notify); a TCP close without it is
+    /// [`TlsError::TruncatedByPeer`].
+    ///
+    /// Cancel-safe: see the module documentation. One `recv` of up to 64 KiB is processed per
+    /// wake-up, so `buf` grows by at most that much plus what was decrypted during the
+    /// handshake.
+    pub async fn read(&mut self, buf: &mut BytesMut) -> Result<usize, TlsError> {
+        let peer = self.shared.peer;
+        loop {
+            {
+                let mut state = self.shared.state.borrow_mut();
+                if !state.plain.is_empty() {
+                    buf.extend_from_slice(&state.plain);
+                    let n = state.plain.len();
+                    state.plain = Vec::new();
+                    return Ok(n);
+                }
+                if let Some(fault) = &state.read_fault {
+                    return Err(fault.clone().into_error(peer));
+                }
+                if state.peer_closed {
+                    return Ok(0);
+                }
+            }
+            if self.maybe_readable {
+                let step = self
+                    .receive_step(true, Some(buf as &mut dyn PlainSink))
+                    .map_err(|f| f.into_error(peer))?;
+                match step {
+                    Received::WouldBlock => self.maybe_readable = false,
+                    Received::Eof => {
+                        let fd = self.shared.fd();
+                        let mut state = self.shared.state.borrow_mut();
+                        if state.peer_closed {
+                            return Ok(0);
+                        }
+                        return Err(state.fail(Fault::Truncated, fd).into_error(peer));
+                    }
+                    Received::Data { full, plaintext } => {
+                        self.maybe_readable = full;
+                        if plaintext > 0 {
+                            return Ok(plaintext);
+                        }
+                        // A partial record, or a TLS message without data: go round.
+                        continue;
+                    }
+                }
+            }
+            self.wait_readable().await.map_err(|f| f.into_error(peer))?;
+        }
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.shared.peer.0
+    }
+
+    /// The peer's certificate chain, end-entity first.
+    pub fn peer_certificates(&self) -> Option<Vec<CertificateDer<'static>>> {
+        self.shared.peer_certificates()
+    }
+
+    async fn wait_readable(&mut self) -> Result<(), Fault> {
+        match self.ready.wait(&self.shared.tcp).await {
+            Ok(()) => {
+                self.maybe_readable = true;
+                Ok(())
+            }
+            Err(e) => {
+                let fd = self.shared.fd();
+                Err(self.shared.state.borrow_mut().fail(Fault::io(&e), fd))
+            }
+        }
+    }
+
+    /// One synchronous step: `recv` (if `recv_now`) into the per-core buffer after what is left
+    /// from before, let rustls process every complete record, keep the rest. Plaintext goes to
+    /// `sink`, or to the connection's own buffer if there is none. Failures are recorded.
+    fn receive_step(
+        &mut self,
+        recv_now: bool,
+        sink: Option<&mut dyn PlainSink>,
+    ) -> Result<Received, Fault> {
+        let fd = self.shared.fd();
+        let mut state = self.shared.state.borrow_mut();
+        match state.receive(fd, recv_now, sink) {
+            Ok(received) => {
+                // Replies rustls produced (alerts, key updates) go out now if they can; a
+                // failure to send is the writer's to report.
+                if state.pending() > 0 && state.write_fault.is_none() {
+                    if let Err(fault) = state.try_send_out(fd) {
+                        state.write_fault = Some(fault);
+                    }
+                }
+                Ok(received)
+            }
+            Err(fault) => Err(state.fail(fault, fd)),
+        }
+    }
+}
+
+impl TlsWriter {
+    /// Encrypts `parts` as one stream of bytes (full-size records; the slices are not
+    /// concatenated first, except where a record spans two of them) and commits the records
+    /// to the connection: sent right away as far as the kernel takes them, the rest kept in
+    /// order for [`flush`](Self::flush). Synchronous: returns once the data is committed.
+    ///
+    /// The connection holds whatever the kernel did not take; a caller that queues without
+    /// flushing is expected to bound that with [`pending`](Self::pending).
+    pub fn queue(&mut self, parts: &[&[u8]]) -> Result<(), TlsError> {
+        let peer = self.shared.peer;
+        let fd = self.shared.fd();
+        let mut state = self.shared.state.borrow_mut();
+        state.check_writable().map_err(|f| f.into_error(peer))?;
+        if parts.iter().all(|p| p.is_empty()) {
+            return Ok(());
+        }
+        // Older records first: the direct-send path below is only taken with nothing pending.
+        if state.pending() > 0 {
+            if let Err(fault) = state.try_send_out(fd) {
+                return Err(state.fail_write(fault).into_error(peer));
+            }
+        }
+        let mut encrypt =
+            |enc: &mut dyn Encrypt, out: &mut Vec<u8>| encrypt_parts(enc, parts, out, fd);
+        match state.drive_for_write(Some(&mut encrypt)) {
+            Ok(Outcome::Traffic) => Ok(()),
+            Ok(_) => Err(state.fail_write(Fault::WriteAfterClose).into_error(peer)),
+            Err(fault) => Err(state.fail_write(fault).into_error(peer)),
+        }
+    }
+
+    /// Ciphertext bytes committed but not yet taken by the kernel.
+    pub fn pending(&self) -> usize {
+        self.shared.state.borrow().pending()
+    }
+
+    /// Waits until every committed byte has been handed to the kernel. Cancel-safe: dropping
+    /// it loses nothing, the next `flush` continues.
+    pub async fn flush(&mut self) -> Result<(), TlsError> {
+        let peer = self.shared.peer;
+        self.flush_inner().await.map_err(|f| f.into_error(peer))
+    }
+
+    /// [`queue`](Self::queue) then [`flush`](Self::flush). The data is committed on the first
+    /// poll, so dropping this future later does not un-send it.
+    pub async fn write_all(&mut self, parts: &[&[u8]]) -> Result<(), TlsError> {
+        self.queue(parts)?;
+        self.flush().await
+    }
+
+    /// Sends close_notify, flushes, and closes the TCP write side. The reader can go on reading
+    /// until the peer's own close_notify (`Ok(0)`). Calling it again does nothing more.
+    pub async fn close(&mut self) -> Result<(), TlsError> {
+        let peer = self.shared.peer;
+        let fd = self.shared.fd();
+        {
+            let mut state = self.shared.state.borrow_mut();
+            if !state.close_notify_sent {
+                if let Some(fault) = &state.write_fault {
+                    return Err(fault.clone().into_error(peer));
+                }
+                let mut encrypt =
+                    |enc: &mut dyn Encrypt, out: &mut Vec<u8>| encrypt_close_notify(enc, out, fd);
+                match state.drive_for_write(Some(&mut encrypt)) {
+                    // Closed: both close_notifys are already out; nothing to add.
+                    Ok(Outcome::Traffic | Outcome::Closed) => state.close_notify_sent = true,
+                    Ok(Outcome::Blocked) => {
+                        return Err(state
+                            .fail_write(Fault::Internal("close during the handshake".into()))
+                            .into_error(peer));
+                    }
+                    Err(fault) => return Err(state.fail_write(fault).into_error(peer)),
+                }
+            }
+        }
+        self.flush().await?;
+        sys::shutdown(fd, libc::SHUT_WR);
+        Ok(())
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.shared.peer.0
+    }
+
+    /// Sets `TCP_NODELAY` (on by default).
+    pub fn set_nodelay(&self, nodelay: bool) -> io::Result<()> {
+        self.shared.tcp.set_nodelay(nodelay)
+    }
+
+    /// Sets `TCP_NOTSENT_LOWAT`: the socket reports writable only while fewer than `bytes`
+    /// bytes wait unsent in the kernel. Keeps the kernel's send queue short, so that what the
+    /// proxy sends next (a PING, another stream's frame) is not stuck behind megabytes of one
+    /// stream's data; [`flush`](Self::flush) then waits in user space instead.
+    pub fn set_notsent_lowat(&self, bytes: u32) -> io::Result<()> {
+        sys::with_socket(&self.shared.tcp, |s| s.set_tcp_notsent_lowat(bytes))
+    }
+
+    async fn flush_inner(&mut self) -> Result<(), Fault> {
+        let fd = self.shared.fd();
+        loop {
+            {
+                let mut state = self.shared.state.borrow_mut();
+                if let Some(fault) = &state.write_fault {
+                    return Err(fault.clone());
+                }
+                match state.try_send_out(fd) {
+                    Ok(true) => return Ok(()),
+                    Ok(false) => {}
+                    Err(fault) => return Err(state.fail_write(fault)),
+                }
+            }
+            if let Err(e) = self.ready.wait(&self.shared.tcp).await {
+                return Err(self.shared.state.borrow_mut().fail_write(Fault::io(&e)));
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn fd(&self) -> RawFd {
+        self.tcp.as_raw_fd()
+    }
+
+    fn peer_certificates(&self) -> Option<Vec<CertificateDer<'static>>> {
+        let state = self.state.borrow();
+        state.session.peer_certificates().map(<[_]>::to_vec)
+    }
+}
+
+impl Drop for Shared {
+    /// Shuts the socket down before it is closed. A readiness wait abandoned in the io_uring
+    /// ring (see `sys::ReadinessWait`) keeps the socket open until it completes; `shutdown`
+    /// completes it, so the peer sees the close now rather than whenever it next sends.
+    fn drop(&mut self) {
+        sys::shutdown(self.fd(), libc::SHUT_RDWR);
+    }
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("peer", &self.peer)
+            .field("local", &self.local)
+            .finish_non_exhaustive()
+    }
+}
+
+impl State {
+    fn pending(&self) -> usize {
+        self.out.len().saturating_sub(self.out_sent)
+    }
+
+    fn check_writable(&self) -> Result<(), Fault> {
+        if let Some(fault) = &self.write_fault {
+            return Err(fault.clone());
+        }
+        if self.close_notify_sent {
+            return Err(Fault::WriteAfterClose);
+        }
+        Ok(())
+    }
+
+    /// See [`TlsReader::receive_step`].
+    fn receive(
+        &mut self,
+        fd: RawFd,
+        recv_now: bool,
+        sink: Option<&mut dyn PlainSink>,
+    ) -> Result<Received, Fault> {
+        let Self {
+            session,
+            incoming,
+            plain,
+            out,
+            peer_closed,
+            ..
+        } = self;
+        let mut counting = Counting {
+            inner: match sink {
+                Some(sink) => sink,
+                None => plain,
+            },
+            count: 0,
+        };
+        sys::with_scratch(Scratch::Recv, |scratch| {
+            let keep = incoming.len();
+            let end = keep + sys::RECV_CHUNK;
+            if scratch.len() < end {
+                scratch.resize(end, 0);
+            }
+            let (head, tail) = scratch.split_at_mut(keep);
+            head.copy_from_slice(incoming);
+            let mut filled = keep;
+            let mut full = false;
+            if recv_now {
+                let room = tail.get_mut(..sys::RECV_CHUNK).unwrap_or_default();
+                match sys::recv(fd, room) {
+                    Ok(0) => return Ok(Received::Eof),
+                    Ok(n) => {
+                        filled += n;
+                        full = n == sys::RECV_CHUNK;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Ok(Received::WouldBlock);
+                    }
+                    Err(e) => return Err(Fault::io(&e)),
+                }
+            }
+            let received = scratch.get_mut(..filled).unwrap_or_default();
+            let mut sink = Sink {
+                out,
+                plain: &mut counting,
+                peer_closed,
+            };
+            let driven = session.drive(received, &mut sink, None);
+            // Kept even after an error: rustls needs the same bytes to encode its alert.
+            let rest = scratch.get(driven.consumed..filled).unwrap_or_default();
+            if rest.is_empty() {
+                *incoming = Vec::new();
+            } else if driven.consumed > 0 || filled > keep {
+                incoming.clear();
+                incoming.extend_from_slice(rest);
+            }
+            driven.result?;
+            if incoming.len() > MAX_PENDING_INCOMING {
+                return Err(Fault::TooLarge(MAX_PENDING_INCOMING));
+            }
+            Ok(Received::Data {
+                full,
+                plaintext: counting.count,
+            })
+        })
+    }
+
+    /// Runs rustls with no new input until it can send application data, then lets `write`
+    /// encrypt. Messages rustls had queued (a key update) are encoded first, so the order on
+    /// the wire is right.
+    fn drive_for_write(&mut self, write: Option<session::WriteFn<'_>>) -> Result<Outcome, Fault> {
+        let Self {
+            session,
+            incoming,
+            plain,
+            out,
+            peer_closed,
+            ..
+        } = self;
+        let mut sink = Sink {
+            out,
+            plain,
+            peer_closed,
+        };
+        // The kept bytes go in again even though nothing new arrived: see `Session::drive`.
+        let driven = session.drive(incoming, &mut sink, write);
+        if driven.consumed > 0 {
+            if driven.consumed >= incoming.len() {
+                *incoming = Vec::new();
+            } else {
+                incoming.drain(..driven.consumed);
+            }
+        }
+        driven.result
+    }
+
+    /// Sends pending ciphertext until it is all sent (`Ok(true)`) or the kernel takes no more
+    /// (`Ok(false)`). The buffer is released once empty: an idle connection holds none.
+    fn try_send_out(&mut self, fd: RawFd) -> Result<bool, Fault> {
+        while self.out_sent < self.out.len() {
+            let unsent = self.out.get(self.out_sent..).unwrap_or_default();
+            match sys::send(fd, unsent) {
+                Ok(n) => self.out_sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(Fault::io(&e)),
+            }
+        }
+        self.out = Vec::new();
+        self.out_sent = 0;
+        Ok(true)
+    }
+
+    /// Records a failure of reading (or of the whole session) and returns it. For a protocol
+    /// error, lets rustls encode the alert it queued and sends it if the socket takes it now.
+    fn fail(&mut self, fault: Fault, fd: RawFd) -> Fault {
+        match &fault {
+            Fault::Tls(_) | Fault::TooLarge(_) | Fault::Internal(_) => {
+                if matches!(fault, Fault::Tls(_))
+                    && self.read_fault.is_none()
+                    && self.write_fault.is_none()
+                {
+                    self.session.encode_alert(&mut self.incoming, &mut self.out);
+                    let _ = self.try_send_out(fd);
+                }
+                self.poison(&fault);
+            }
+            Fault::Io(..) | Fault::Truncated | Fault::ClosedDuringHandshake => {
+                self.read_fault.get_or_insert_with(|| fault.clone());
+                self.incoming = Vec::new();
+            }
+            Fault::WriteAfterClose => {}
+        }
+        fault
+    }
+
+    /// Records a failure of writing and returns it. Records already encrypted may be lost, so
+    /// the writing side is unusable afterwards; a protocol failure ends reading too.
+    fn fail_write(&mut self, fault: Fault) -> Fault {
+        match &fault {
+            Fault::Tls(_) | Fault::TooLarge(_) | Fault::Internal(_) => self.poison(&fault),
+            Fault::WriteAfterClose => {}
+            _ => {
+                self.write_fault.get_or_insert_with(|| fault.clone());
+                self.out = Vec::new();
+                self.out_sent = 0;
+            }
+        }
+        fault
+    }
+
+    /// Ends both directions for good. rustls is never called again after it failed: it is
+    /// not written to be (it panics on some sequences).
+    fn poison(&mut self, fault: &Fault) {
+        self.read_fault.get_or_insert_with(|| fault.clone());
+        self.write_fault.get_or_insert_with(|| fault.clone());
+        self.out = Vec::new();
+        self.out_sent = 0;
+        self.incoming = Vec::new();
+    }
+}
+
+/// Encrypts `parts` in pieces of whole records through the per-core buffers, sending each
+/// piece directly when nothing is pending before it. Small slices (a frame header) are
+/// gathered with what follows into full records rather than each becoming a record of its own.
+fn encrypt_parts(
+    enc: &mut dyn Encrypt,
+    parts: &[&[u8]],
+    out: &mut Vec<u8>,
+    fd: RawFd,
+) -> Result<(), Fault> {
+    sys::with_scratch(Scratch::Plain, |staged| {
+        staged.clear();
+        for part in parts {
+            let mut rest: &[u8] = part;
+            while !rest.is_empty() {
+                if staged.is_empty() && rest.len() >= sys::RECORD_PLAINTEXT {
+                    let whole = rest.len().min(sys::ENCRYPT_PIECE) / sys::RECORD_PLAINTEXT
+                        * sys::RECORD_PLAINTEXT;
+                    let (piece, after) = rest.split_at(whole);
+                    encrypt_piece(enc, piece, out, fd)?;
+                    rest = after;
+                } else {
+                    let take = (sys::ENCRYPT_PIECE - staged.len()).min(rest.len());
+                    let (piece, after) = rest.split_at(take);
+                    staged.extend_from_slice(piece);
+                    rest = after;
+                    if staged.len() >= sys::ENCRYPT_PIECE {
+                        encrypt_piece(enc, staged, out, fd)?;
+                        staged.clear();
+                    }
+                }
+            }
+        }
+        if !staged.is_empty() {
+            encrypt_piece(enc, staged, out, fd)?;
+            staged.clear();
+        }
+        Ok(())
+    })
+}
+
+fn encrypt_piece(
+    enc: &mut dyn Encrypt,
+    plaintext: &[u8],
+    out: &mut Vec<u8>,
+    fd: RawFd,
+) -> Result<(), Fault> {
+    let records = plaintext.len() / sys::RECORD_PLAINTEXT + 1;
+    let estimate = plaintext.len() + records * sys::RECORD_OVERHEAD;
+    encode_and_send(estimate, out, fd, |buf| enc.encrypt(plaintext, buf))
+}
+
+fn encrypt_close_notify(enc: &mut dyn Encrypt, out: &mut Vec<u8>, fd: RawFd) -> Result<(), Fault> {
+    encode_and_send(sys::RECORD_OVERHEAD * 2, out, fd, |buf| {
+        enc.close_notify(buf)
+    })
+}
+
+/// Encodes with `encode` into the per-core ciphertext buffer, then sends it directly if nothing
+/// is pending, keeping what the kernel does not take (or everything, if something is pending)
+/// at the end of `out`.
+fn encode_and_send(
+    estimate: usize,
+    out: &mut Vec<u8>,
+    fd: RawFd,
+    mut encode: impl FnMut(&mut [u8]) -> Result<usize, EncryptError>,
+) -> Result<(), Fault> {
+    sys::with_scratch(Scratch::Cipher, |cipher| {
+        if cipher.len() < estimate {
+            cipher.resize(estimate, 0);
+        }
+        let written = loop {
+            match encode(cipher) {
+                Ok(n) => break n,
+                Err(EncryptError::InsufficientSize(e)) if e.required_size > cipher.len() => {
+                    cipher.resize(e.required_size, 0);
+                }
+                Err(e) => return Err(Fault::Internal(format!("encrypting: {e}"))),
+            }
+        };
+        let records = cipher.get(..written).unwrap_or_default();
+        let mut sent = 0;
+        if out.is_empty() {
+            match sys::send(fd, records) {
+                Ok(n) => sent = n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(Fault::io(&e)),
+            }
+        }
+        out.extend_from_slice(records.get(sent..).unwrap_or_default());
+        Ok(())
+    })
+}

@@ -1,0 +1,349 @@
+//! The rustls side of a connection, driven through rustls's unbuffered API.
+//!
+//! rustls's unbuffered connections own no ciphertext buffer: the caller passes the received
+//! bytes in as a slice and takes encoded records out into its own buffer. That is what lets an
+//! idle connection hold nothing but keys and state: the received bytes live in the per-core
+//! scratch buffer while they are processed, and only a trailing partial record (if any) is kept.
+//!
+//! [`Session::drive`] runs the state machine until it needs something from the network
+//! (`Outcome`), handing decrypted plaintext to a [`PlainSink`] and encoded records to an
+//! outgoing `Vec`. Nothing here touches a socket or awaits.
+
+use std::{fmt, sync::Arc};
+
+use bytes::BytesMut;
+use rustls::{
+    client::{ClientConnectionData, UnbufferedClientConnection},
+    pki_types::{CertificateDer, ServerName},
+    server::{ServerConnectionData, UnbufferedServerConnection},
+    unbuffered::{
+        ConnectionState, EncodeError, EncodeTlsData, EncryptError, ReadEarlyData,
+        UnbufferedConnectionCommon, UnbufferedStatus, WriteTraffic,
+    },
+};
+
+use super::error::Fault;
+
+/// Where [`Session::drive`] stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outcome {
+    /// The handshake needs more bytes from the peer.
+    Blocked,
+    /// Application data may be sent; every complete record given was processed.
+    Traffic,
+    /// Both sides sent close_notify: nothing more can be sent or received.
+    Closed,
+}
+
+/// Receives decrypted application data.
+pub(super) trait PlainSink {
+    fn put(&mut self, plaintext: &[u8]);
+}
+
+impl PlainSink for Vec<u8> {
+    fn put(&mut self, plaintext: &[u8]) {
+        self.extend_from_slice(plaintext);
+    }
+}
+
+impl PlainSink for BytesMut {
+    fn put(&mut self, plaintext: &[u8]) {
+        self.extend_from_slice(plaintext);
+    }
+}
+
+/// Counts what went into another sink.
+pub(super) struct Counting<'a> {
+    pub(super) inner: &'a mut dyn PlainSink,
+    pub(super) count: usize,
+}
+
+impl PlainSink for Counting<'_> {
+    fn put(&mut self, plaintext: &[u8]) {
+        self.count += plaintext.len();
+        self.inner.put(plaintext);
+    }
+}
+
+/// Encrypts application data into records; the object-safe face of rustls's `WriteTraffic`,
+/// which is generic over the connection side.
+pub(super) trait Encrypt {
+    /// Encrypts `plaintext` (fragmented into records) into `out`, preceded by any TLS message
+    /// rustls has queued (a key update). Returns the bytes written.
+    fn encrypt(&mut self, plaintext: &[u8], out: &mut [u8]) -> Result<usize, EncryptError>;
+    /// Encodes a close_notify alert into `out`.
+    fn close_notify(&mut self, out: &mut [u8]) -> Result<usize, EncryptError>;
+}
+
+impl<D> Encrypt for WriteTraffic<'_, D> {
+    fn encrypt(&mut self, plaintext: &[u8], out: &mut [u8]) -> Result<usize, EncryptError> {
+        WriteTraffic::encrypt(self, plaintext, out)
+    }
+
+    fn close_notify(&mut self, out: &mut [u8]) -> Result<usize, EncryptError> {
+        self.queue_close_notify(out)
+    }
+}
+
+/// What a writer does once the connection is in the traffic state: encrypt into the given
+/// outgoing buffer (or send directly) through the given [`Encrypt`].
+pub(super) type WriteFn<'w> =
+    &'w mut dyn FnMut(&mut dyn Encrypt, &mut Vec<u8>) -> Result<(), Fault>;
+
+/// Fresh space to encode one handshake flight into; grown on demand from rustls's answer.
+const ENCODE_GUESS: usize = 4096;
+
+/// What [`Session::drive`] did.
+pub(super) struct Driven {
+    /// Bytes at the front of the input that rustls is done with (also after an error). The
+    /// rest must be passed again, first and unchanged, on the next call: rustls may already
+    /// have decrypted part of it in place and locates it by offset.
+    pub(super) consumed: usize,
+    pub(super) result: Result<Outcome, Fault>,
+}
+
+/// Everything [`Session::drive`] produces besides its outcome.
+pub(super) struct Sink<'a> {
+    /// Encoded records to send, in order, after whatever is already there.
+    pub(super) out: &'a mut Vec<u8>,
+    /// Decrypted application data.
+    pub(super) plain: &'a mut dyn PlainSink,
+    /// Set once the peer's close_notify has been processed.
+    pub(super) peer_closed: &'a mut bool,
+}
+
+pub(super) enum Session {
+    Client(UnbufferedClientConnection),
+    Server(UnbufferedServerConnection),
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (side, handshaking) = match self {
+            Self::Client(c) => ("client", c.is_handshaking()),
+            Self::Server(s) => ("server", s.is_handshaking()),
+        };
+        f.debug_struct("Session")
+            .field("side", &side)
+            .field("handshaking", &handshaking)
+            .finish()
+    }
+}
+
+impl Session {
+    pub(super) fn client(
+        config: Arc<rustls::ClientConfig>,
+        server_name: ServerName<'static>,
+    ) -> Result<Self, rustls::Error> {
+        UnbufferedClientConnection::new(config, server_name).map(Self::Client)
+    }
+
+    pub(super) fn server(config: Arc<rustls::ServerConfig>) -> Result<Self, rustls::Error> {
+        UnbufferedServerConnection::new(config).map(Self::Server)
+    }
+
+    pub(super) fn is_handshaking(&self) -> bool {
+        match self {
+            Self::Client(c) => c.is_handshaking(),
+            Self::Server(s) => s.is_handshaking(),
+        }
+    }
+
+    pub(super) fn peer_certificates(&self) -> Option<&[CertificateDer<'static>]> {
+        match self {
+            Self::Client(c) => c.peer_certificates(),
+            Self::Server(s) => s.peer_certificates(),
+        }
+    }
+
+    pub(super) fn alpn_protocol(&self) -> Option<&[u8]> {
+        match self {
+            Self::Client(c) => c.alpn_protocol(),
+            Self::Server(s) => s.alpn_protocol(),
+        }
+    }
+
+    pub(super) fn protocol_version(&self) -> Option<rustls::ProtocolVersion> {
+        match self {
+            Self::Client(c) => c.protocol_version(),
+            Self::Server(s) => s.protocol_version(),
+        }
+    }
+
+    /// After [`drive`](Self::drive) failed with a rustls error, appends the alert rustls
+    /// queued for the peer (if any) to `out`. Call at most once, with the bytes kept.
+    pub(super) fn encode_alert(&mut self, incoming: &mut [u8], out: &mut Vec<u8>) {
+        match self {
+            Self::Client(c) => encode_alert(&mut **c, incoming, out),
+            Self::Server(s) => encode_alert(&mut **s, incoming, out),
+        }
+    }
+
+    /// Processes every complete record at the front of `incoming` and runs the state machine
+    /// until it waits for the network. Returns how many bytes of `incoming` were consumed (the
+    /// rest is a partial record, or a handshake message still being assembled, which must be
+    /// passed again, first, on the next call, whatever the call is for: rustls panics on a
+    /// buffer shorter than what it kept) and where it stopped.
+    ///
+    /// When the connection reaches the traffic state and `write` is given, `write` is called
+    /// once with the means to encrypt.
+    pub(super) fn drive(
+        &mut self,
+        incoming: &mut [u8],
+        sink: &mut Sink<'_>,
+        write: Option<WriteFn<'_>>,
+    ) -> Driven {
+        match self {
+            Self::Client(c) => drive(&mut **c, incoming, sink, write),
+            Self::Server(s) => drive(&mut **s, incoming, sink, write),
+        }
+    }
+}
+
+/// After rustls returned an error: encodes the fatal alert it queued, if any, into `out`.
+///
+/// Exactly one more `process_tls_records` call: rustls hands out queued messages before it
+/// looks at input, so the call returns the alert without deframing anything. A second call
+/// would deframe the offending bytes again and queue a second fatal alert, which rustls
+/// asserts never happens.
+fn encode_alert<D, C: Process<D>>(conn: &mut C, incoming: &mut [u8], out: &mut Vec<u8>) {
+    let status = conn.process(incoming);
+    if let Ok(ConnectionState::EncodeTlsData(mut encode)) = status.state {
+        let _ = encode_into(&mut encode, out);
+    }
+}
+
+fn encode_into<D>(encode: &mut EncodeTlsData<'_, D>, out: &mut Vec<u8>) -> Result<(), Fault> {
+    let start = out.len();
+    let mut room = ENCODE_GUESS;
+    loop {
+        out.resize(start + room, 0);
+        let tail = out.get_mut(start..).unwrap_or_default();
+        match encode.encode(tail) {
+            Ok(written) => {
+                out.truncate(start + written);
+                return Ok(());
+            }
+            Err(EncodeError::InsufficientSize(e)) if e.required_size > room => {
+                room = e.required_size;
+            }
+            Err(e) => {
+                out.truncate(start);
+                return Err(Fault::Internal(format!("encoding a handshake record: {e}")));
+            }
+        }
+    }
+}
+
+/// `process_tls_records` exists per side in rustls; this makes it callable generically.
+trait Process<D> {
+    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, D>;
+
+    /// Delivers 0-RTT data; returns the extra bytes to discard. Only a server whose config
+    /// enables early data gets any; it is the peer's data like any other, delivered in order.
+    fn early_data(
+        early: &mut ReadEarlyData<'_, '_, D>,
+        sink: &mut dyn PlainSink,
+    ) -> Result<usize, Fault>;
+}
+
+impl Process<ClientConnectionData> for UnbufferedConnectionCommon<ClientConnectionData> {
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, ClientConnectionData> {
+        self.process_tls_records(incoming)
+    }
+
+    fn early_data(
+        _early: &mut ReadEarlyData<'_, '_, ClientConnectionData>,
+        _sink: &mut dyn PlainSink,
+    ) -> Result<usize, Fault> {
+        Err(Fault::Internal("a client was handed 0-rtt data".into()))
+    }
+}
+
+impl Process<ServerConnectionData> for UnbufferedConnectionCommon<ServerConnectionData> {
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, ServerConnectionData> {
+        self.process_tls_records(incoming)
+    }
+
+    fn early_data(
+        early: &mut ReadEarlyData<'_, '_, ServerConnectionData>,
+        sink: &mut dyn PlainSink,
+    ) -> Result<usize, Fault> {
+        let mut discard = 0;
+        while let Some(record) = early.next_record() {
+            let record = record.map_err(Fault::Tls)?;
+            discard += record.discard;
+            sink.put(record.payload);
+        }
+        Ok(discard)
+    }
+}
+
+fn drive<D, C: Process<D>>(
+    conn: &mut C,
+    incoming: &mut [u8],
+    sink: &mut Sink<'_>,
+    write: Option<WriteFn<'_>>,
+) -> Driven {
+    let mut consumed = 0;
+    let result = drive_inner(conn, incoming, &mut consumed, sink, write);
+    Driven { consumed, result }
+}
+
+fn drive_inner<D, C: Process<D>>(
+    conn: &mut C,
+    incoming: &mut [u8],
+    consumed: &mut usize,
+    sink: &mut Sink<'_>,
+    mut write: Option<WriteFn<'_>>,
+) -> Result<Outcome, Fault> {
+    loop {
+        let rest = incoming.get_mut(*consumed..).unwrap_or_default();
+        let status = conn.process(rest);
+        // rustls says what to discard even with an error, and needs it honoured: the bytes it
+        // keeps (fragments of a handshake message) are located by offset in what we pass next.
+        *consumed += status.discard;
+        let state = status.state.map_err(Fault::Tls)?;
+        let mut extra = 0;
+        match state {
+            ConnectionState::ReadTraffic(mut traffic) => {
+                while let Some(record) = traffic.next_record() {
+                    let record = record.map_err(Fault::Tls)?;
+                    extra += record.discard;
+                    sink.plain.put(record.payload);
+                }
+            }
+            ConnectionState::ReadEarlyData(mut early) => {
+                extra += C::early_data(&mut early, sink.plain)?;
+            }
+            ConnectionState::PeerClosed => *sink.peer_closed = true,
+            ConnectionState::Closed => {
+                *sink.peer_closed = true;
+                return Ok(Outcome::Closed);
+            }
+            ConnectionState::EncodeTlsData(mut encode) => encode_into(&mut encode, sink.out)?,
+            // The records already sit in `sink.out`, which the caller sends in order before
+            // anything encoded later: as far as rustls is concerned they are transmitted.
+            ConnectionState::TransmitTlsData(transmit) => transmit.done(),
+            ConnectionState::BlockedHandshake => return Ok(Outcome::Blocked),
+            ConnectionState::WriteTraffic(mut traffic) => {
+                if let Some(write) = write.take() {
+                    write(&mut traffic, sink.out)?;
+                }
+                return Ok(Outcome::Traffic);
+            }
+            other => {
+                return Err(Fault::Internal(format!(
+                    "unexpected rustls state {other:?}"
+                )));
+            }
+        }
+        *consumed += extra;
+    }
+}

@@ -1,0 +1,198 @@
+//! Socket calls that never block and never leave an operation in flight, the readiness waits
+//! that stand in for them while the socket has nothing to give, and the per-core scratch
+//! buffers.
+
+use std::{
+    cell::RefCell,
+    future::Future,
+    io,
+    os::fd::{AsRawFd, BorrowedFd, RawFd},
+    pin::Pin,
+    rc::Rc,
+    task::{Context, Poll},
+};
+
+use monoio::net::TcpStream;
+
+/// Reads what the kernel has for `fd` into `buf` without waiting (`MSG_DONTWAIT`, whatever the
+/// socket's blocking mode: monoio leaves io_uring sockets blocking). `Ok(0)` is the peer's FIN;
+/// `WouldBlock` means nothing is there now.
+pub(super) fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is a valid, writable region of `buf.len()` bytes for the duration of
+        // the call, and `fd` is an open socket owned by the caller's `TcpStream`.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            return Ok(n.unsigned_abs());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// Sends as much of `buf` as the kernel takes now. `MSG_NOSIGNAL`: a peer that has gone away
+/// gives `EPIPE`, not a process-killing `SIGPIPE`.
+pub(super) fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is a valid, readable region of `buf.len()` bytes for the duration of
+        // the call, and `fd` is an open socket owned by the caller's `TcpStream`.
+        let n = unsafe {
+            libc::send(
+                fd,
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            return Ok(n.unsigned_abs());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// `shutdown(2)`; errors (typically `ENOTCONN` after a reset) are of no use to the caller.
+pub(super) fn shutdown(fd: RawFd, how: libc::c_int) {
+    // SAFETY: shutdown takes no pointers; `fd` is an open socket owned by the caller.
+    unsafe {
+        libc::shutdown(fd, how);
+    }
+}
+
+/// Runs `f` with a `TcpStream`'s descriptor seen as a socket2 socket, for options monoio does
+/// not expose.
+pub(super) fn with_socket<R>(tcp: &TcpStream, f: impl FnOnce(socket2::SockRef<'_>) -> R) -> R {
+    // SAFETY: the descriptor belongs to `tcp`, which is borrowed for the whole call, so it
+    // stays open while the `BorrowedFd` exists.
+    let fd = unsafe { BorrowedFd::borrow_raw(tcp.as_raw_fd()) };
+    f(socket2::SockRef::from(&fd))
+}
+
+type ReadyFuture = Pin<Box<dyn Future<Output = io::Result<()>>>>;
+
+/// Which readiness a [`ReadinessWait`] waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Direction {
+    Read,
+    Write,
+}
+
+/// A readiness wait that outlives the future awaiting it.
+///
+/// On io_uring a readiness wait is a `PollAdd` in the ring. Dropping monoio's future does not
+/// cancel it (this workspace builds monoio without `async-cancel`): the entry would stay in the
+/// ring until the socket becomes ready, and a read wrapped in a timeout that fires every second
+/// would pile one up per second. So the wait is kept here and resumed by the next caller: a
+/// connection has at most one wait per direction in flight, whatever its callers cancel. It
+/// holds no buffer (a few dozen bytes for the boxed future).
+///
+/// On the legacy (epoll) driver the wait asks for `relaxed = false`: monoio then checks the
+/// socket with `poll(2)` before trusting its edge-triggered readiness flag, which our own
+/// `recv`/`send` calls never clear.
+pub(super) struct ReadinessWait {
+    direction: Direction,
+    pending: Option<ReadyFuture>,
+}
+
+impl std::fmt::Debug for ReadinessWait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadinessWait")
+            .field("direction", &self.direction)
+            .field("in_flight", &self.pending.is_some())
+            .finish()
+    }
+}
+
+impl ReadinessWait {
+    pub(super) fn new(direction: Direction) -> Self {
+        Self {
+            direction,
+            pending: None,
+        }
+    }
+
+    /// Waits until the socket is (probably) ready. Cancel-safe: dropping the returned future
+    /// keeps the wait for the next call.
+    pub(super) fn wait<'a>(
+        &'a mut self,
+        tcp: &'a Rc<TcpStream>,
+    ) -> impl Future<Output = io::Result<()>> + 'a {
+        std::future::poll_fn(move |cx| self.poll_ready(tcp, cx))
+    }
+
+    fn poll_ready(&mut self, tcp: &Rc<TcpStream>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let direction = self.direction;
+        let fut = self.pending.get_or_insert_with(|| {
+            let tcp = Rc::clone(tcp);
+            match direction {
+                Direction::Read => Box::pin(async move { tcp.readable(false).await }),
+                Direction::Write => Box::pin(async move { tcp.writable(false).await }),
+            }
+        });
+        let result = std::task::ready!(fut.as_mut().poll(cx));
+        self.pending = None;
+        Poll::Ready(result)
+    }
+}
+
+/// Size of one `recv` into the per-core buffer: four full TLS records.
+pub(super) const RECV_CHUNK: usize = 64 * 1024;
+
+/// Plaintext is encrypted in pieces of at most this many bytes (four full records), so the
+/// per-core ciphertext buffer stays bounded whatever the caller writes at once.
+pub(super) const ENCRYPT_PIECE: usize = 64 * 1024;
+
+/// The most a full TLS record takes on the wire beyond its plaintext (header, tag, padding).
+pub(super) const RECORD_OVERHEAD: usize = 5 + 1 + 64;
+
+/// Plaintext bytes per full TLS record.
+pub(super) const RECORD_PLAINTEXT: usize = 16 * 1024;
+
+thread_local! {
+    /// Received ciphertext while it is decrypted; one per core, never per connection.
+    static RECV_SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Plaintext gathered from several slices into whole records.
+    static PLAIN_SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Ciphertext between encryption and `send`.
+    static CIPHER_SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Scratch {
+    Recv,
+    Plain,
+    Cipher,
+}
+
+/// Lends the per-core buffer `which` (taken out of its slot and put back, so a nested call,
+/// which the synchronous callers never make, would get a fresh buffer rather than a panic).
+pub(super) fn with_scratch<R>(which: Scratch, f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    let key = match which {
+        Scratch::Recv => &RECV_SCRATCH,
+        Scratch::Plain => &PLAIN_SCRATCH,
+        Scratch::Cipher => &CIPHER_SCRATCH,
+    };
+    let mut buf = key
+        .try_with(|cell| {
+            cell.try_borrow_mut()
+                .map(|mut b| std::mem::take(&mut *b))
+                .ok()
+        })
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let result = f(&mut buf);
+    let _ = key.try_with(|cell| {
+        if let Ok(mut slot) = cell.try_borrow_mut() {
+            if slot.capacity() < buf.capacity() {
+                *slot = buf;
+            }
+        }
+    });
+    result
+}
