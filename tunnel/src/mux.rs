@@ -11,7 +11,7 @@
 //! When the transport fails, [`drive`] returns and the session stays: call [`drive`] again
 //! with a new connection after [`Tunnel::reattach`] and the streams carry on (RESUME).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
 use std::rc::Rc;
@@ -262,7 +262,7 @@ impl Tunnel {
         let stream = MuxStream {
             tunnel: self.clone(),
             id,
-            done: false,
+            done: Cell::new(false),
         };
         poll_fn(|cx| {
             let mut s = self.shared.borrow_mut();
@@ -399,7 +399,7 @@ impl Incoming {
         Ok(MuxStream {
             tunnel: self.tunnel,
             id: self.id,
-            done: false,
+            done: Cell::new(false),
         })
     }
 
@@ -417,7 +417,7 @@ impl Incoming {
 pub struct MuxStream {
     tunnel: Tunnel,
     id: u32,
-    done: bool,
+    done: Cell<bool>,
 }
 
 impl MuxStream {
@@ -492,12 +492,12 @@ impl MuxStream {
     }
 
     /// Half-closes our direction: FIN after every queued byte.
-    pub fn finish(&mut self) {
+    pub fn finish(&self) {
         let mut s = self.tunnel.shared.borrow_mut();
         if s.session.finish(self.id).is_ok() {
             s.wake_driver();
         }
-        self.done = true;
+        self.done.set(true);
     }
 
     /// Waits until the stream is fully closed (both FINs, all bytes acknowledged) or reset.
@@ -520,12 +520,12 @@ impl MuxStream {
     }
 
     /// Aborts the stream with a code and a reason for the peer's logs.
-    pub fn reset(&mut self, code: ErrorCode, reason: &str) {
+    pub fn reset(&self, code: ErrorCode, reason: &str) {
         let mut s = self.tunnel.shared.borrow_mut();
         let _ = s.session.reset(self.id, code, reason);
         s.streams.remove(&self.id);
         s.wake_driver();
-        self.done = true;
+        self.done.set(true);
     }
 
     fn gone(&self, s: &mut Shared) -> StreamError {
@@ -545,7 +545,7 @@ impl Drop for MuxStream {
             return;
         };
         let closed = s.streams.get(&self.id).is_some_and(|w| w.closed);
-        if !self.done && !closed && s.session.stream_bytes(self.id).is_some() {
+        if !self.done.get() && !closed && s.session.stream_bytes(self.id).is_some() {
             let _ = s
                 .session
                 .reset(self.id, ErrorCode::CANCELLED, "stream handle dropped");
@@ -559,7 +559,6 @@ impl Drop for MuxStream {
 
 /// Why [`drive`] returned.
 #[derive(Debug)]
-#[non_exhaustive]
 pub enum DriveOutcome {
     /// The session ended (closed by either side, protocol error, grace expired).
     Ended(FrameError),
