@@ -33,10 +33,10 @@
 //! # Cancel-safety contract
 //!
 //! * [`TlsReader::read`] may be dropped at any `.await` (inside `monoio::time::timeout`,
-//!   `monoio::select!`, ...). Its only suspension point is the readiness wait; receiving,
-//!   decrypting and appending to the caller's buffer happen synchronously between two polls, so
-//!   a dropped read has consumed nothing and a completed one has delivered everything it
-//!   decrypted. No byte is lost or delivered twice.
+//!   `monoio::select!`, ...). It suspends only in the readiness wait (and in a yield to other
+//!   tasks); receiving, decrypting and appending to the caller's buffer happen synchronously
+//!   between two suspensions, so a dropped read has delivered nothing and a completed one has
+//!   delivered everything it decrypted. No byte is lost or delivered twice.
 //! * [`TlsWriter::queue`] is synchronous: when it returns `Ok`, the data is encrypted and
 //!   committed to the connection (sent or held in the pending buffer, in order).
 //!   [`TlsWriter::flush`] only waits for the pending buffer to drain and may be dropped at any
@@ -54,6 +54,31 @@
 //! peers writing large amounts at each other cannot deadlock as long as each keeps reading.
 //! TLS-level replies produced while reading (a key update, an alert) join the pending buffer
 //! and are sent right away if the socket takes them, else by the next `flush`.
+//!
+//! A mux driver in one task, for example (`mux` is the sans-IO `frame` session):
+//!
+//! ```ignore
+//! let (mut rd, mut wr) = conn.split();
+//! let mut input = BytesMut::with_capacity(64 * 1024);
+//! loop {
+//!     // Move frames into TLS while little is pending: this bounds what one tunnel holds.
+//!     while wr.pending() < HIGH_WATER {
+//!         let Some((header, payload)) = mux.poll_transmit(now) else { break };
+//!         wr.queue(&[&header, &payload])?; // synchronous: committed when it returns
+//!     }
+//!     monoio::select! {
+//!         r = rd.read(&mut input) => {
+//!             if r? == 0 { break; } // the peer's close_notify
+//!             mux.handle_input(&mut input, now)?;
+//!         }
+//!         r = wr.flush(), if wr.pending() > 0 => r?,
+//!         _ = monoio::time::sleep(mux.poll_timeout(now)) => mux.handle_timeout(now),
+//!     }
+//! }
+//! ```
+//!
+//! Whichever branch wins, the others are dropped, and that is safe: a dropped `read` or
+//! `flush` loses nothing, and the loop calls them again.
 //!
 //! # End of stream
 //!
@@ -99,6 +124,9 @@ use sys::{Direction, ReadinessWait, Scratch};
 /// message of up to 64 KiB (rustls's own limit for buffered connections) spread over records,
 /// plus one record. Caps what a peer that never completes a message can make us hold.
 pub const MAX_PENDING_INCOMING: usize = 0x1_0000 + 2 * 18 * 1024;
+
+/// `read` yields to other tasks after this many receive rounds that delivered no plaintext.
+const MAX_ROUNDS_WITHOUT_YIELD: u32 = 8;
 
 /// Deadlines longer than this are treated as this (monoio's timer panics on absurd ones).
 const MAX_DEADLINE: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -369,6 +397,9 @@ impl TlsReader {
     /// handshake.
     pub async fn read(&mut self, buf: &mut BytesMut) -> Result<usize, TlsError> {
         let peer = self.shared.peer;
+        // Rounds that received bytes but no plaintext: a peer streaming records without data
+        // (handshake messages, alerts) must not keep the core to itself.
+        let mut idle_rounds = 0u32;
         loop {
             {
                 let mut state = self.shared.state.borrow_mut();
@@ -405,6 +436,10 @@ impl TlsReader {
                             return Ok(plaintext);
                         }
                         // A partial record, or a TLS message without data: go round.
+                        idle_rounds += 1;
+                        if idle_rounds % MAX_ROUNDS_WITHOUT_YIELD == 0 {
+                            sys::yield_now().await;
+                        }
                         continue;
                     }
                 }

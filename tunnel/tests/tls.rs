@@ -985,3 +985,86 @@ fn socket_options() {
         client.set_nodelay(true).unwrap();
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// TLS 1.2 and write shapes
+
+#[test]
+fn tls12_transfer_with_client_certificate() {
+    run(Driver::Fusion, || async {
+        let pki = Pki::new();
+        let verifier = WebPkiClientVerifier::builder_with_provider(pki.ca.roots(), provider())
+            .build()
+            .unwrap();
+        let server_config = Arc::new(
+            ServerConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[&rustls::version::TLS12])
+                .unwrap()
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(pki.server.chain.clone(), pki.server.key())
+                .unwrap(),
+        );
+        let (listener, addr) = listen().await;
+        let server = monoio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let conn = tls::accept(tcp, server_config, DEADLINE).await.unwrap();
+            assert!(conn.peer_certificates().is_some());
+            let (mut rd, mut wr) = conn.split();
+            // Echo until the client closes.
+            let mut buf = BytesMut::new();
+            while rd.read(&mut buf).await.unwrap() > 0 {
+                wr.write_all(&[&buf[..]]).await.unwrap();
+                buf.clear();
+            }
+            wr.close().await.unwrap();
+        });
+        let tcp = TcpStream::connect_addr(addr).await.unwrap();
+        let conn = tls::connect(tcp, pki.client_config(), localhost(), DEADLINE)
+            .await
+            .unwrap();
+        assert_eq!(
+            conn.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_2)
+        );
+        let (mut rd, mut wr) = conn.split();
+        let reader = monoio::spawn(async move { read_and_check(&mut rd, 3, 1 << 20).await });
+        write_pattern(&mut wr, 3, 1 << 20).await;
+        assert_eq!(reader.await, 1 << 20);
+        server.await;
+    });
+}
+
+#[test]
+fn many_small_parts_and_one_huge_queue() {
+    run(Driver::Fusion, || async {
+        let pki = Pki::new();
+        let (client, server) = connect_pair(&pki).await;
+        let (mut rd, _server_wr) = server.split();
+        let (_client_rd, mut wr) = client.split();
+        let total = 24 * 1024 * 1024 + 77;
+        let data = pattern(8, 0, total);
+        let reader = monoio::spawn(async move {
+            let mut got = BytesMut::new();
+            while rd.read(&mut got).await.unwrap() > 0 {}
+            got
+        });
+        // 1000 parts of 1..=7 bytes, then one 24 MiB part queued at once: the kernel cannot take
+        // it all, so most of it waits in `pending`.
+        let mut offset = 0;
+        let mut parts: Vec<&[u8]> = Vec::new();
+        for i in 0..1000 {
+            let len = 1 + i % 7;
+            parts.push(&data[offset..offset + len]);
+            offset += len;
+        }
+        wr.queue(&parts).unwrap();
+        wr.queue(&[&data[offset..]]).unwrap();
+        assert!(wr.pending() > 0);
+        wr.flush().await.unwrap();
+        assert_eq!(wr.pending(), 0);
+        wr.close().await.unwrap();
+        let got = reader.await;
+        assert_eq!(got.len(), total);
+        assert!(got[..] == data[..]);
+    });
+}

@@ -140,6 +140,22 @@ impl ReadinessWait {
     }
 }
 
+/// Returns `Pending` once, after asking to be polled again: lets the other tasks of the core
+/// run. Holds nothing, so dropping it is harmless.
+pub(super) async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    })
+    .await;
+}
+
 /// Size of one `recv` into the per-core buffer: four full TLS records.
 pub(super) const RECV_CHUNK: usize = 64 * 1024;
 
