@@ -573,9 +573,10 @@ fn garbage_is_an_error_not_a_panic_legacy() {
     garbage(Driver::Legacy);
 }
 
-/// A TCP relay between a client and a server. `tamper` sees each chunk going from the server
-/// to the client, with the count of bytes already forwarded, and returns what to forward
-/// (`None` ends the relay, closing both sides).
+/// A TCP relay between a client and a server. `tamper` sees each chunk (at most `chunk`
+/// bytes) going from the server to the client, with the count of bytes already forwarded, and
+/// returns what to forward (`None` ends the relay, closing both sides). Every fourth chunk is
+/// followed by `pause`.
 async fn relay(
     listener: TcpListener,
     upstream: SocketAddr,
@@ -605,6 +606,7 @@ async fn relay(
         let _ = up_wr.shutdown().await;
     });
     let mut forwarded = 0u64;
+    let mut chunks = 0u64;
     let mut buf = vec![0u8; chunk];
     loop {
         let (r, b) = up_rd.read(buf).await;
@@ -621,7 +623,8 @@ async fn relay(
         if r.is_err() {
             break;
         }
-        if !pause.is_zero() {
+        chunks += 1;
+        if !pause.is_zero() && chunks % 4 == 0 {
             monoio::time::sleep(pause).await;
         }
     }
@@ -725,7 +728,7 @@ fn garbage_mid_stream_with_write_pending_legacy() {
 
 fn cancelled_reads(driver: Driver) {
     run(driver, || async {
-        const TOTAL: u64 = 48 * 1024;
+        const TOTAL: u64 = 40 * 1024;
         let pki = Pki::new();
         let (server_listener, server_addr) = listen().await;
         let (relay_listener, relay_addr) = listen().await;
