@@ -17,7 +17,8 @@
 //!    descriptor: the call either moves bytes now or says `EAGAIN`, and nothing is ever left in
 //!    flight in the kernel. Received ciphertext lands in a **per-core scratch buffer** (one per
 //!    thread, 64 KiB), is decrypted there, and the plaintext is appended to the caller's
-//!    `BytesMut`. Outgoing records are encrypted into a per-core buffer and sent from it; only
+//!    `BytesMut` (rustls 0.23 passes each record's plaintext through a `Vec` of its own on
+//!    the way). Outgoing records are encrypted into a per-core buffer and sent from it; only
 //!    what the kernel does not take is copied into the connection.
 //! 3. **rustls's unbuffered API** (`UnbufferedClientConnection`/`UnbufferedServerConnection`):
 //!    rustls then owns no ciphertext buffer either. The buffered `ClientConnection` keeps a
