@@ -415,3 +415,313 @@ proptest! {
         decode_all_lossy(&bytes, &Limits { max_data: 16, max_announce: 64 });
     }
 }
+
+// ---- session regressions -----------------------------------------------------------------
+//
+// Bugs in `frame/src/session.rs` found while reading it and writing the fuzz targets (the
+// session_pair target with REMOTELER_FUZZ_STRICT=1 finds the handshake cut within a minute,
+// and, with that one avoided, the OPEN order within a few). They live here
+// because `frame/tests/session*.rs` belongs to the pair harness; move them there when the
+// fixes land, and drop the `#[ignore]`.
+
+mod session_regressions {
+    use std::time::{Duration, Instant};
+
+    use bytes::{Bytes, BytesMut};
+    use frame::{
+        Error, ErrorCode, Event, Frame, Limits, Open, Received, Role, Session, SessionConfig,
+        decode,
+    };
+
+    fn config(dialer: bool) -> SessionConfig {
+        let mut c = SessionConfig::new(if dialer { Role::Agent } else { Role::Proxy }, dialer);
+        c.initial_window = 1000; // WINDOW goes out once 250 consumed bytes are owed
+        c.keepalive_interval = Duration::from_secs(1);
+        c.keepalive_count = 3;
+        c.resume_grace = Duration::from_secs(30);
+        c
+    }
+
+    fn request() -> Open {
+        Open {
+            node: "node-1".into(),
+            service: "ssh".into(),
+            ..Open::default()
+        }
+    }
+
+    /// A dialer `a` and an acceptor `b` joined by two byte buffers, with every event and
+    /// every error kept.
+    struct Pair {
+        now: Instant,
+        a: Session,
+        b: Session,
+        to_a: BytesMut,
+        to_b: BytesMut,
+        events_a: Vec<Event>,
+        events_b: Vec<Event>,
+        errors: Vec<(char, Error)>,
+    }
+
+    impl Pair {
+        fn new() -> Self {
+            let now = Instant::now();
+            let mut pair = Pair {
+                now,
+                a: Session::new(config(true), [0xA; 16], now),
+                b: Session::new(config(false), [0xB; 16], now),
+                to_a: BytesMut::new(),
+                to_b: BytesMut::new(),
+                events_a: Vec::new(),
+                events_b: Vec::new(),
+                errors: Vec::new(),
+            };
+            pair.pump();
+            pair
+        }
+
+        /// Writes and delivers until nothing moves.
+        fn pump(&mut self) {
+            for _ in 0..100 {
+                let mut moved = false;
+                while let Some(t) = self.a.poll_transmit() {
+                    t.write_to(&mut self.to_b);
+                    moved = true;
+                }
+                while let Some(t) = self.b.poll_transmit() {
+                    t.write_to(&mut self.to_a);
+                    moved = true;
+                }
+                if !self.to_b.is_empty() && !self.b.is_ended() {
+                    if let Err(e) = self.b.handle_input(&mut self.to_b, self.now) {
+                        self.errors.push(('b', e));
+                    }
+                }
+                if !self.to_a.is_empty() && !self.a.is_ended() {
+                    if let Err(e) = self.a.handle_input(&mut self.to_a, self.now) {
+                        self.errors.push(('a', e));
+                    }
+                }
+                while let Some(e) = self.a.poll_event() {
+                    self.events_a.push(e);
+                }
+                while let Some(e) = self.b.poll_event() {
+                    self.events_b.push(e);
+                }
+                if !moved {
+                    return;
+                }
+            }
+        }
+
+        /// The transport breaks; bytes in flight are lost; both sides notice.
+        fn cut(&mut self) {
+            self.to_a.clear();
+            self.to_b.clear();
+            self.a.transport_lost(self.now);
+            self.b.transport_lost(self.now);
+        }
+
+        fn reattach(&mut self) {
+            self.a.reattach(self.now).unwrap();
+            self.b.reattach(self.now).unwrap();
+            self.pump();
+        }
+
+        /// `a` opens a stream and `b` accepts it.
+        fn open_a_to_b(&mut self) -> u32 {
+            let id = self.a.open(request()).unwrap();
+            self.pump();
+            self.b.accept(id).unwrap();
+            self.pump();
+            id
+        }
+
+        fn read_all(session: &mut Session, stream: u32) -> (usize, bool) {
+            let mut n = 0;
+            loop {
+                match session.recv(stream).unwrap() {
+                    Received::Data(d) => n += d.len(),
+                    Received::Finished => return (n, true),
+                    Received::Nothing => return (n, false),
+                }
+            }
+        }
+
+        fn tick(&mut self, d: Duration) {
+            self.now += d;
+            self.a.handle_timeout(self.now);
+            self.b.handle_timeout(self.now);
+            self.pump();
+        }
+    }
+
+    /// Bytes received but not yet read when the link drops are listed in RESUME as
+    /// `received`, and the sender takes them as acknowledged (`acked = received`). The
+    /// receiver, though, still counts them as unreported credit from `consumed`: when the
+    /// application reads them, its WINDOW acknowledges them a second time, and the sender
+    /// ends the session with FLOW_CONTROL ("acknowledged up to byte 1200 but only 600 were
+    /// sent").
+    #[test]
+    #[ignore = "bug: after RESUME, WINDOWs for bytes that were received but unread at the cut acknowledge them twice (AckBeyondSent)"]
+    fn reading_bytes_that_were_unread_at_a_cut_is_not_a_flow_control_error() {
+        let mut p = Pair::new();
+        let id = p.open_a_to_b();
+        assert_eq!(p.a.send(id, Bytes::from(vec![1; 600])).unwrap(), 600);
+        p.pump(); // b holds 600 unread bytes
+        p.cut();
+        p.reattach();
+        assert_eq!(Pair::read_all(&mut p.b, id), (600, false));
+        p.pump();
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        assert!(!p.a.is_ended() && !p.b.is_ended());
+        // And the stream still works.
+        assert_eq!(p.a.send(id, Bytes::from(vec![2; 10])).unwrap(), 10);
+        p.pump();
+        assert_eq!(Pair::read_all(&mut p.b, id), (10, false));
+    }
+
+    /// `handle_resume` resends the OPENs the peer never saw in slab order, not in id order.
+    /// After earlier streams closed, the slab hands their keys out last-freed-first, so
+    /// stream 7 can sit before stream 5: OPEN 7 goes out first and the peer refuses OPEN 5
+    /// ("stream ids must increase"), ending the session with PROTOCOL.
+    #[test]
+    #[ignore = "bug: OPENs resent after RESUME go out in slab order, not id order; the peer refuses the lower id"]
+    fn opens_made_while_detached_are_resent_in_id_order() {
+        let mut p = Pair::new();
+        let s1 = p.open_a_to_b();
+        let s3 = p.open_a_to_b();
+        p.a.reset(s1, ErrorCode::CANCELLED, "done").unwrap();
+        p.a.reset(s3, ErrorCode::CANCELLED, "done").unwrap();
+        p.pump();
+        p.cut();
+        let s5 = p.a.open(request()).unwrap();
+        let s7 = p.a.open(request()).unwrap();
+        assert_eq!((s5, s7), (5, 7));
+        p.reattach();
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let incoming: Vec<u32> = p
+            .events_b
+            .iter()
+            .filter_map(|e| match e {
+                Event::IncomingOpen { stream, .. } => Some(*stream),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(incoming, [1, 3, 5, 7]);
+    }
+
+    /// When the peer restarted (a fresh session answers the RESUMING HELLO), `handle_hello`
+    /// resets every stream but keeps `highest_peer_id`: the new peer numbers its streams
+    /// from the start again, and its first OPEN is refused with "stream ids must increase".
+    #[test]
+    #[ignore = "bug: after the peer restarts, highest_peer_id is kept, so the new peer's first OPEN is a protocol error"]
+    fn a_restarted_peer_can_open_streams_again() {
+        let mut p = Pair::new();
+        let id = p.b.open(request()).unwrap();
+        p.pump();
+        p.a.accept(id).unwrap();
+        p.pump();
+        p.cut();
+        // b restarts: a fresh session with a new id.
+        p.b = Session::new(config(false), [0xC; 16], p.now);
+        p.a.reattach(p.now).unwrap();
+        p.pump();
+        assert!(
+            p.events_a.iter().any(|e| matches!(e, Event::Reset { stream, code: ErrorCode::RESUME_FAILED, .. } if *stream == id))
+        );
+        let again = p.b.open(request()).unwrap();
+        assert_eq!(again, id, "the new peer starts its ids again");
+        p.pump();
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        assert!(
+            p.events_a
+                .iter()
+                .any(|e| matches!(e, Event::IncomingOpen { stream, .. } if *stream == again))
+        );
+    }
+
+    /// A stream whose last bytes were read before the peer's FIN arrived, fewer than the
+    /// WINDOW threshold (`initial_window / 4`), is never acknowledged: `recv` returns
+    /// `Finished` and `maybe_complete` removes the stream on the reader's side without
+    /// reporting the owed credit, and `flush_credit` no longer sees it. The writer keeps the
+    /// bytes unacknowledged forever, so it never emits `Closed` and the stream holds one of
+    /// the peer's `max_streams` slots until the tunnel ends.
+    #[test]
+    #[ignore = "bug: a stream read to the end before its FIN arrives never closes on the writer (last WINDOW never sent)"]
+    fn a_stream_read_before_its_fin_arrives_still_closes_on_the_writer() {
+        let mut p = Pair::new();
+        let id = p.open_a_to_b();
+        p.a.send(id, Bytes::from_static(b"hi")).unwrap();
+        p.pump();
+        assert_eq!(Pair::read_all(&mut p.b, id), (2, false)); // read before the FIN
+        p.b.finish(id).unwrap();
+        p.a.finish(id).unwrap();
+        p.pump();
+        assert_eq!(Pair::read_all(&mut p.b, id), (0, true));
+        assert_eq!(Pair::read_all(&mut p.a, id), (0, true));
+        p.pump();
+        // Allow a few keepalive ticks, where owed credit is flushed.
+        for _ in 0..3 {
+            p.tick(Duration::from_secs(1));
+        }
+        assert!(p.events_b.contains(&Event::Closed { stream: id }));
+        assert!(
+            p.events_a.contains(&Event::Closed { stream: id }),
+            "a still holds {} stream(s)",
+            p.a.stream_count()
+        );
+        assert_eq!(p.a.stream_count(), 0);
+    }
+
+    /// If the link drops before one side has seen the other's HELLO, both reattach with
+    /// RESUMING but only one of them knows the other's session id: that one waits for RESUME
+    /// and sends its own; the other resets (nothing) and goes straight to open, then
+    /// refuses the RESUME it did not expect (UnexpectedResume, PROTOCOL). A keepalive
+    /// timeout during the handshake does the same. Both sides must agree on whether they
+    /// resume, e.g. both always send RESUME after two RESUMING HELLOs (empty when the
+    /// peer's id is unknown).
+    #[test]
+    #[ignore = "bug: a cut before a's HELLO reached b (or b's reached a) makes the reattach fail with UnexpectedResume"]
+    fn a_cut_during_the_first_handshake_is_survived() {
+        let now = Instant::now();
+        let mut p = Pair {
+            now,
+            a: Session::new(config(true), [0xA; 16], now),
+            b: Session::new(config(false), [0xB; 16], now),
+            to_a: BytesMut::new(),
+            to_b: BytesMut::new(),
+            events_a: Vec::new(),
+            events_b: Vec::new(),
+            errors: Vec::new(),
+        };
+        // a's HELLO reaches b; b's HELLO is lost with the link.
+        while let Some(t) = p.a.poll_transmit() {
+            t.write_to(&mut p.to_b);
+        }
+        p.b.handle_input(&mut p.to_b, p.now).unwrap();
+        p.cut();
+        p.reattach();
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        assert!(!p.a.is_ended() && !p.b.is_ended());
+        let id = p.open_a_to_b();
+        assert!(p.events_a.contains(&Event::Opened { stream: id }));
+    }
+
+    /// `goaway` on a detached session queues GOAWAY at once, ahead of the HELLO that
+    /// `reattach` queues later, so the new transport starts with GOAWAY (and carries it
+    /// twice). HELLO must be the first frame each way.
+    #[test]
+    #[ignore = "bug: goaway() while detached puts GOAWAY before HELLO on the new transport"]
+    fn hello_is_the_first_frame_after_reattach() {
+        let mut p = Pair::new();
+        p.cut();
+        p.a.goaway("draining");
+        p.a.reattach(p.now).unwrap();
+        let first = p.a.poll_transmit().unwrap();
+        let mut bytes = BytesMut::new();
+        first.write_to(&mut bytes);
+        let frame = decode(&mut bytes, &Limits::default()).unwrap().unwrap();
+        assert!(matches!(frame, Frame::Hello(_)), "first frame: {frame:?}");
+    }
+}
