@@ -1,6 +1,14 @@
-//! the proxy appliance
+//! `remoteler-proxy`: parses the command line and hands it to [`proxy::cli::run`].
 
-fn main() {
-    eprintln!("remoteler-proxy: not built yet");
-    std::process::exit(2);
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: proxy::cli::Args = argh::from_env();
+    match proxy::cli::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("remoteler-proxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,723 @@
+//! The command line: `init`, `start`, `tokens`, `users`, `nodes`, `status`.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use argh::FromArgs;
+use argon2::{Argon2, PasswordHasher};
+use config::ProxyConfig;
+use tunnel::identity::{CaPin, ClusterCa, PrivateKey, TlsIdentity, Validity};
+
+use crate::admin::{self, AdminClientError, AdminRequest, StatusView};
+use crate::datadir::DataDir;
+use crate::directory::NodeRecord;
+use crate::error::ProxyError;
+use crate::state::{StateStore, Token, TokenKind, User};
+use crate::util;
+
+/// Lifetime of the proxy's own server certificate.
+const PROXY_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Longest join token lifetime.
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// remoteler-proxy: the Remoteler proxy appliance.
+#[derive(FromArgs, Debug)]
+pub struct Args {
+    #[argh(subcommand)]
+    command: Command,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+enum Command {
+    Init(InitArgs),
+    Start(StartArgs),
+    Tokens(TokensArgs),
+    Users(UsersArgs),
+    Nodes(NodesArgs),
+    Status(StatusArgs),
+}
+
+/// Create a cluster: data directory, CA, the proxy's certificate, an empty state file.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "init")]
+struct InitArgs {
+    /// cluster name, e.g. example.com (goes into every certificate)
+    #[argh(option)]
+    cluster: String,
+    /// data directory (default /var/lib/remoteler)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+    /// a host name or address agents and users dial, for the proxy certificate (repeat)
+    #[argh(option)]
+    host: Vec<String>,
+}
+
+/// Run the proxy.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "start")]
+struct StartArgs {
+    /// configuration file (TOML)
+    #[argh(option)]
+    config: Option<PathBuf>,
+    /// data directory (overrides the file's data_dir)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+    /// users' listener address (overrides listen.users)
+    #[argh(option)]
+    users: Option<SocketAddr>,
+    /// tunnels' listener address (overrides listen.tunnels)
+    #[argh(option)]
+    tunnels: Option<SocketAddr>,
+    /// auth listener address (overrides listen.auth)
+    #[argh(option)]
+    auth: Option<SocketAddr>,
+}
+
+/// Manage join tokens.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "tokens")]
+struct TokensArgs {
+    #[argh(subcommand)]
+    command: TokensCommand,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+enum TokensCommand {
+    Add(TokensAdd),
+    Ls(TokensLs),
+    Rm(TokensRm),
+}
+
+/// Create a join token.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "add")]
+struct TokensAdd {
+    /// what the token is for: node
+    #[argh(option)]
+    kind: String,
+    /// lifetime, e.g. 15m, 1h (default 15m)
+    #[argh(option, default = "String::from(\"15m\")")]
+    ttl: String,
+    /// how many joins it allows (default 1)
+    #[argh(option, default = "1")]
+    uses: u32,
+    /// the proxy's tunnel address for the printed agent command (default: first --host of
+    /// init, port 3024)
+    #[argh(option)]
+    proxy: Option<String>,
+    /// data directory (default /var/lib/remoteler)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+    /// configuration file to take data_dir from
+    #[argh(option)]
+    config: Option<PathBuf>,
+}
+
+/// List join tokens (never their secrets).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "ls")]
+struct TokensLs {
+    /// data directory (default /var/lib/remoteler)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+    /// configuration file to take data_dir from
+    #[argh(option)]
+    config: Option<PathBuf>,
+}
+
+/// Delete a join token.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "rm")]
+struct TokensRm {
+    /// token id, as `tokens ls` shows it
+    #[argh(positional)]
+    id: String,
+    /// data directory (default /var/lib/remoteler)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+    /// configuration file to take data_dir from
+    #[argh(option)]
+    config: Option<PathBuf>,
+}
+
+/// Manage users.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "users")]
+struct UsersArgs {
+    #[argh(subcommand)]
+    command: UsersCommand,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+enum UsersCommand {
+    Add(UsersAdd),
+    Ls(UsersLs),
+    Rm(UsersRm),
+}
+
+/// Add a user.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "add")]
+struct UsersAdd {
+    /// user name
+    #[argh(positional)]
+    name: String,
+    /// roles, comma-separated: dev,ops
+    #[argh(option)]
+    roles: String,
+    /// OS logins the user may use, comma-separated: root,ubuntu
+    #[argh(option, default = "String::new()")]
+    logins: String,
+    /// read the password from this file (first line) instead of asking on the terminal
+    #[argh(option)]
+    password_file: Option<PathBuf>,
+    /// data directory (default /var/lib/remoteler)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+    /// configuration file to take data_dir from
+    #[argh(option)]
+    config: Option<PathBuf>,
+}
+
+/// List users.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "ls")]
+struct UsersLs {
+    /// data directory (default /var/lib/remoteler)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+    /// configuration file to take data_dir from
+    #[argh(option)]
+    config: Option<PathBuf>,
+}
+
+/// Remove a user.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "rm")]
+struct UsersRm {
+    /// user name
+    #[argh(positional)]
+    name: String,
+    /// data directory (default /var/lib/remoteler)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+    /// configuration file to take data_dir from
+    #[argh(option)]
+    config: Option<PathBuf>,
+}
+
+/// Nodes, as the running proxy sees them.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "nodes")]
+struct NodesArgs {
+    #[argh(subcommand)]
+    command: NodesCommand,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+enum NodesCommand {
+    Ls(NodesLs),
+}
+
+/// List nodes: name, via, online, labels, address.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "ls")]
+struct NodesLs {
+    /// data directory (default /var/lib/remoteler)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+    /// configuration file (data_dir, and the static nodes shown when the proxy is down)
+    #[argh(option)]
+    config: Option<PathBuf>,
+}
+
+/// The running proxy's state: cluster, CA pin, listeners, tunnels, sessions, uptime.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "status")]
+struct StatusArgs {
+    /// data directory (default /var/lib/remoteler)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+    /// configuration file to take data_dir from
+    #[argh(option)]
+    config: Option<PathBuf>,
+}
+
+/// Runs a parsed command line.
+pub fn run(args: Args) -> Result<(), ProxyError> {
+    match args.command {
+        Command::Init(a) => init(a),
+        Command::Start(a) => start(a),
+        Command::Tokens(t) => match t.command {
+            TokensCommand::Add(a) => tokens_add(a),
+            TokensCommand::Ls(a) => tokens_ls(&data_dir(a.data_dir, a.config.as_deref())?),
+            TokensCommand::Rm(a) => tokens_rm(&data_dir(a.data_dir, a.config.as_deref())?, &a.id),
+        },
+        Command::Users(u) => match u.command {
+            UsersCommand::Add(a) => users_add(a),
+            UsersCommand::Ls(a) => users_ls(&data_dir(a.data_dir, a.config.as_deref())?),
+            UsersCommand::Rm(a) => users_rm(&data_dir(a.data_dir, a.config.as_deref())?, &a.name),
+        },
+        Command::Nodes(n) => match n.command {
+            NodesCommand::Ls(a) => nodes_ls(a),
+        },
+        Command::Status(a) => status(&data_dir(a.data_dir, a.config.as_deref())?),
+    }
+}
+
+fn data_dir(explicit: Option<PathBuf>, config: Option<&Path>) -> Result<DataDir, ProxyError> {
+    if let Some(dir) = explicit {
+        return Ok(DataDir::new(dir));
+    }
+    if let Some(path) = config {
+        return Ok(DataDir::new(ProxyConfig::load(path)?.data_dir));
+    }
+    Ok(DataDir::new(config::DEFAULT_PROXY_DATA_DIR))
+}
+
+fn list(text: &str, what: &'static str) -> Result<Vec<String>, ProxyError> {
+    let items: Vec<String> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    for item in &items {
+        tunnel::identity::validate_name(what, item)?;
+    }
+    Ok(items)
+}
+
+fn ca_pin(data: &DataDir) -> Result<CaPin, ProxyError> {
+    let certs = tunnel::identity::read_certificates(
+        &data.ca_cert(),
+        tunnel::identity::FileRole::CaCertificate,
+    )?;
+    let cert = certs.first().ok_or_else(|| {
+        ProxyError::Other(format!("{} holds no certificate", data.ca_cert().display()))
+    })?;
+    Ok(CaPin::of_certificate(cert)?)
+}
+
+// ---- init -----------------------------------------------------------------------------------
+
+fn init(args: InitArgs) -> Result<(), ProxyError> {
+    let cluster = config::ClusterName::new(args.cluster.as_str())
+        .map_err(|e| ProxyError::Usage(format!("--cluster: {e}")))?;
+    let data = DataDir::new(
+        args.data_dir
+            .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PROXY_DATA_DIR)),
+    );
+    for existing in [
+        data.ca_key(),
+        data.ca_cert(),
+        data.proxy_key(),
+        data.state(),
+    ] {
+        if existing.exists() {
+            return Err(ProxyError::Other(format!(
+                "{} already holds a cluster ({} exists); refusing to overwrite it. Use another \
+                 --data-dir, or move the directory away if you really mean to start over \
+                 (every agent and user would have to join again)",
+                data.root().display(),
+                existing.display()
+            )));
+        }
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data.root())
+        .map_err(|e| ProxyError::io("cannot create the data directory", data.root(), e))?;
+    let ca = ClusterCa::generate(cluster.as_str())?;
+    ca.save(data.root())?;
+    let key = PrivateKey::generate()?;
+    let validity = Validity::for_ttl(SystemTime::now(), PROXY_CERT_TTL)?;
+    let leaf = ca.issue_proxy("proxy", &args.host, &key.public_key(), validity)?;
+    let identity = TlsIdentity {
+        chain: ca.chain(leaf),
+        key,
+    };
+    identity.save(&data.proxy_cert(), &data.proxy_key())?;
+    StateStore::new(data.clone()).create(cluster.as_str(), &args.host)?;
+
+    let dir = data.root().display();
+    println!("Created cluster {cluster} in {dir}");
+    println!("CA pin: {}", ca.pin());
+    println!();
+    println!("Next steps:");
+    println!("  remoteler-proxy start --data-dir {dir}");
+    println!("  remoteler-proxy users add alice --roles dev --logins root --data-dir {dir}");
+    println!("  remoteler-proxy tokens add --kind node --ttl 15m --data-dir {dir}");
+    Ok(())
+}
+
+// ---- start ----------------------------------------------------------------------------------
+
+fn start(args: StartArgs) -> Result<(), ProxyError> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let mut config = ProxyConfig::load(path)?;
+            if let Some(dir) = &args.data_dir {
+                let default_audit = config.data_dir.join(config::DEFAULT_AUDIT_FILE);
+                if config.audit.path == default_audit {
+                    config.audit.path = dir.join(config::DEFAULT_AUDIT_FILE);
+                }
+                config.data_dir = dir.clone();
+            }
+            config
+        }
+        None => {
+            let dir = args
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PROXY_DATA_DIR));
+            let ca = ClusterCa::load(&dir)?;
+            let name = config::ClusterName::new(ca.cluster()).map_err(|e| {
+                ProxyError::Other(format!("the CA's cluster name is not usable: {e}"))
+            })?;
+            ProxyConfig::with_data_dir(name, dir)
+        }
+    };
+    if let Some(a) = args.users {
+        config.listen.users = a;
+    }
+    if let Some(a) = args.tunnels {
+        config.listen.tunnels = a;
+    }
+    if let Some(a) = args.auth {
+        config.listen.auth = a;
+    }
+    crate::logging::init(&config.log);
+    if config.workers.resolve().get() > 1 {
+        tracing::info!(
+            workers = config.workers.resolve().get(),
+            "this version runs one runtime; `workers` is not used yet"
+        );
+    }
+    let shutdown = crate::Shutdown::new();
+    crate::shutdown::install_signal_handler(shutdown.clone())
+        .map_err(|e| ProxyError::Other(format!("cannot install the signal handler: {e}")))?;
+    let listeners = crate::Listeners::bind(&config)?;
+    let mut runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .build()
+        .map_err(|e| ProxyError::Other(format!("cannot start the monoio runtime: {e}")))?;
+    runtime.block_on(crate::run(config, listeners, shutdown))
+}
+
+// ---- tokens ---------------------------------------------------------------------------------
+
+fn tokens_add(args: TokensAdd) -> Result<(), ProxyError> {
+    let data = data_dir(args.data_dir, args.config.as_deref())?;
+    let kind = match args.kind.as_str() {
+        "node" => TokenKind::Node,
+        other => {
+            return Err(ProxyError::Usage(format!(
+                "--kind: unknown token kind {other:?}; this version knows: node"
+            )));
+        }
+    };
+    let ttl =
+        config::parse_duration(&args.ttl).map_err(|e| ProxyError::Usage(format!("--ttl: {e}")))?;
+    if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
+        return Err(ProxyError::Usage(format!(
+            "--ttl: expected a duration from 1s to 30 days, found {:?}",
+            args.ttl
+        )));
+    }
+    if args.uses == 0 {
+        return Err(ProxyError::Usage("--uses: expected at least 1".into()));
+    }
+    let random = |what: &str| ProxyError::Other(format!("cannot get random bytes for the {what}"));
+    let secret = util::to_hex(&util::random_bytes::<32>().map_err(|_| random("token"))?);
+    let id = util::to_hex(&util::random_bytes::<4>().map_err(|_| random("token id"))?);
+    let now = util::unix_now();
+    let token = Token {
+        id: id.clone(),
+        kind,
+        secret_sha256: util::sha256_hex(secret.as_bytes()),
+        created_unix: now,
+        expires_unix: now + ttl.as_secs(),
+        uses_left: args.uses,
+    };
+    let store = StateStore::new(data.clone());
+    let hosts = store.update(|state| {
+        state.tokens.push(token);
+        Ok::<_, ProxyError>(state.hosts.clone())
+    })?;
+    let pin = ca_pin(&data)?;
+    let proxy = args.proxy.unwrap_or_else(|| match hosts.first() {
+        Some(h) if h.contains(':') && !h.starts_with('[') => format!("[{h}]:3024"),
+        Some(h) => format!("{h}:3024"),
+        None => "PROXY_HOST:3024".into(),
+    });
+    println!("token: {secret}");
+    println!("id: {id}");
+    println!(
+        "kind: {}, uses: {}, expires: {} (in {})",
+        kind.as_str(),
+        args.uses,
+        util::rfc3339_unix(now + ttl.as_secs()),
+        util::human_duration(ttl)
+    );
+    println!("ca pin: {pin}");
+    println!();
+    println!("The token is shown only now. On the node, run:");
+    println!(
+        "  remoteler-agent --proxy {proxy} --ca-pin {pin} --token {secret} --node-name NODE_NAME"
+    );
+    Ok(())
+}
+
+fn tokens_ls(data: &DataDir) -> Result<(), ProxyError> {
+    let state = StateStore::new(data.clone()).read()?;
+    let now = util::unix_now();
+    println!(
+        "{:<10} {:<6} {:<26} {:<9} STATUS",
+        "ID", "KIND", "EXPIRES", "USES-LEFT"
+    );
+    for t in &state.tokens {
+        let status = if now >= t.expires_unix {
+            "expired"
+        } else if t.uses_left == 0 {
+            "used up"
+        } else {
+            "valid"
+        };
+        println!(
+            "{:<10} {:<6} {:<26} {:<9} {status}",
+            t.id,
+            t.kind.as_str(),
+            util::rfc3339_unix(t.expires_unix),
+            t.uses_left
+        );
+    }
+    Ok(())
+}
+
+fn tokens_rm(data: &DataDir, id: &str) -> Result<(), ProxyError> {
+    StateStore::new(data.clone()).update(|state| {
+        let before = state.tokens.len();
+        state.tokens.retain(|t| t.id != id);
+        if state.tokens.len() == before {
+            return Err(ProxyError::Usage(format!(
+                "no token with id {id:?}; `remoteler-proxy tokens ls` lists them"
+            )));
+        }
+        Ok(())
+    })?;
+    println!("token {id} removed");
+    Ok(())
+}
+
+// ---- users ----------------------------------------------------------------------------------
+
+fn read_password(file: Option<&Path>) -> Result<String, ProxyError> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ProxyError::io("cannot read the password file", path, e))?;
+        let password = text.lines().next().unwrap_or("").to_owned();
+        if password.is_empty() {
+            return Err(ProxyError::Usage(format!(
+                "{}: the first line is empty; put the password on it",
+                path.display()
+            )));
+        }
+        return Ok(password);
+    }
+    // SAFETY: isatty on a constant descriptor.
+    if unsafe { libc::isatty(0) } != 1 {
+        return Err(ProxyError::Usage(
+            "no terminal to ask for the password on; pass --password-file FILE".into(),
+        ));
+    }
+    let first = rpassword::prompt_password("Password: ")
+        .map_err(|e| ProxyError::Other(format!("cannot read the password: {e}")))?;
+    let second = rpassword::prompt_password("Password (again): ")
+        .map_err(|e| ProxyError::Other(format!("cannot read the password: {e}")))?;
+    if first != second {
+        return Err(ProxyError::Usage(
+            "the two passwords differ; nothing was changed".into(),
+        ));
+    }
+    if first.is_empty() {
+        return Err(ProxyError::Usage(
+            "the password is empty; nothing was changed".into(),
+        ));
+    }
+    Ok(first)
+}
+
+fn users_add(args: UsersAdd) -> Result<(), ProxyError> {
+    let data = data_dir(args.data_dir, args.config.as_deref())?;
+    tunnel::identity::validate_name("user name", &args.name)?;
+    let roles = list(&args.roles, "role")?;
+    let logins = list(&args.logins, "login")?;
+    // Fail before asking for a password if the cluster or the user is not right.
+    let store = StateStore::new(data);
+    if store.read()?.user(&args.name).is_some() {
+        return Err(ProxyError::Usage(format!(
+            "user {} already exists; remove it first with `remoteler-proxy users rm {}`",
+            args.name, args.name
+        )));
+    }
+    let password = read_password(args.password_file.as_deref())?;
+    let hash = Argon2::default()
+        .hash_password(password.as_bytes())
+        .map_err(|e| ProxyError::Other(format!("cannot hash the password: {e}")))?
+        .to_string();
+    let user = User {
+        name: args.name.clone(),
+        roles: roles.clone(),
+        logins: logins.clone(),
+        password_hash: hash,
+        created_unix: util::unix_now(),
+    };
+    store.update(|state| {
+        if state.user(&user.name).is_some() {
+            return Err(ProxyError::Usage(format!(
+                "user {} already exists",
+                user.name
+            )));
+        }
+        state.users.push(user);
+        Ok(())
+    })?;
+    println!(
+        "user {} added (roles: {}; logins: {})",
+        args.name,
+        roles.join(","),
+        if logins.is_empty() {
+            "none".into()
+        } else {
+            logins.join(",")
+        }
+    );
+    Ok(())
+}
+
+fn users_ls(data: &DataDir) -> Result<(), ProxyError> {
+    let state = StateStore::new(data.clone()).read()?;
+    println!("{:<20} {:<24} {:<24} CREATED", "NAME", "ROLES", "LOGINS");
+    for u in &state.users {
+        println!(
+            "{:<20} {:<24} {:<24} {}",
+            u.name,
+            u.roles.join(","),
+            u.logins.join(","),
+            util::rfc3339_unix(u.created_unix)
+        );
+    }
+    Ok(())
+}
+
+fn users_rm(data: &DataDir, name: &str) -> Result<(), ProxyError> {
+    StateStore::new(data.clone()).update(|state| {
+        let before = state.users.len();
+        state.users.retain(|u| u.name != name);
+        if state.users.len() == before {
+            return Err(ProxyError::Usage(format!(
+                "no user named {name:?}; `remoteler-proxy users ls` lists them"
+            )));
+        }
+        Ok(())
+    })?;
+    println!("user {name} removed; certificates already issued stay valid until they expire");
+    Ok(())
+}
+
+// ---- nodes, status --------------------------------------------------------------------------
+
+fn print_nodes(nodes: &[NodeRecord]) {
+    println!(
+        "{:<24} {:<7} {:<7} {:<30} {:<24} SINCE",
+        "NAME", "VIA", "ONLINE", "LABELS", "ADDRESS"
+    );
+    for n in nodes {
+        let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "{:<24} {:<7} {:<7} {:<30} {:<24} {}",
+            n.name,
+            n.via,
+            if n.online { "yes" } else { "no" },
+            if labels.is_empty() {
+                "-".into()
+            } else {
+                labels.join(",")
+            },
+            n.address.as_deref().unwrap_or("-"),
+            n.since_unix.map_or_else(|| "-".into(), util::rfc3339_unix)
+        );
+    }
+}
+
+fn nodes_ls(args: NodesLs) -> Result<(), ProxyError> {
+    let data = data_dir(args.data_dir, args.config.as_deref())?;
+    match admin::ask::<Vec<NodeRecord>>(&data, AdminRequest::Nodes) {
+        Ok(nodes) => {
+            print_nodes(&nodes);
+            Ok(())
+        }
+        Err(AdminClientError::NotRunning(path)) => {
+            eprintln!(
+                "the proxy is not running (nothing answers on {}); showing the static nodes of the configuration",
+                path.display()
+            );
+            let nodes: Vec<NodeRecord> = match &args.config {
+                Some(path) => ProxyConfig::load(path)?
+                    .nodes
+                    .iter()
+                    .map(|n| NodeRecord {
+                        name: n.name.to_string(),
+                        via: "direct".into(),
+                        online: false,
+                        labels: n
+                            .labels
+                            .iter()
+                            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                            .collect(),
+                        address: Some(n.address.to_string()),
+                        since_unix: None,
+                    })
+                    .collect(),
+                None => Vec::new(),
+            };
+            print_nodes(&nodes);
+            Ok(())
+        }
+        Err(e) => Err(ProxyError::Other(e.to_string())),
+    }
+}
+
+fn status(data: &DataDir) -> Result<(), ProxyError> {
+    let s: StatusView =
+        admin::ask(data, AdminRequest::Status).map_err(|e| ProxyError::Other(e.to_string()))?;
+    println!("cluster:   {}", s.cluster);
+    println!("ca pin:    {}", s.ca_pin);
+    println!(
+        "listeners: users={} tunnels={} auth={}",
+        s.listeners.users, s.listeners.tunnels, s.listeners.auth
+    );
+    println!("tunnels:   {} up", s.tunnels_up);
+    println!(
+        "sessions:  {} active ({} since start)",
+        s.sessions_active, s.sessions_total
+    );
+    println!(
+        "uptime:    {}",
+        util::human_duration(Duration::from_secs(s.uptime_secs))
+    );
+    println!("pid:       {}", s.pid);
+    println!("version:   {}", s.version);
+    if s.draining {
+        println!("state:     draining");
+    }
+    Ok(())
+}

@@ -1,0 +1,34 @@
+//! `remoteler-proxy`: the proxy appliance.
+//!
+//! It holds agents' reverse tunnels (tunnel listener), lets agents join with a token and
+//! register for direct dialling (auth listener), logs users in and routes their sessions to
+//! nodes (users listener), writes the audit log, and answers the operator's CLI over an admin
+//! socket. Wire formats are `frame` (multiplexed streams) and `tunnel::control` (one-line
+//! JSON requests).
+//!
+//! The library is what tests drive: [`server::Listeners::bind`] then [`server::run`] on a
+//! monoio runtime, stopped with a [`shutdown::Shutdown`]. `main.rs` only parses arguments and
+//! calls [`cli::run`].
+//!
+//! What it does not do yet: one runtime per core (one runtime runs everything; the code
+//! keeps per-core state in a [`server::Context`] and the node directory behind
+//! [`directory::NodeDirectory`]), stream resumption across reconnects, roles-based
+//! authorization ([`server::authorize`] allows every valid user), trusted clusters, metrics.
+
+pub mod admin;
+pub mod audit;
+mod blocking;
+pub mod cli;
+pub mod datadir;
+pub mod directory;
+pub mod error;
+pub mod logging;
+pub mod server;
+pub mod shutdown;
+mod splice;
+pub mod state;
+pub mod util;
+
+pub use error::ProxyError;
+pub use server::{ListenAddrs, Listeners, run};
+pub use shutdown::Shutdown;

@@ -1,0 +1,436 @@
+//! The one-line JSON exchanges: join, login, register heartbeats, user API.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, SystemTime};
+
+use argon2::{Argon2, PasswordVerifier};
+use bytes::BytesMut;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tunnel::control::{
+    Ack, ApiRequest, ApiResponse, ControlError, ErrorBody, JoinRequest, JoinResponse, LoginRequest,
+    LoginResponse, NodeView, RegisterRequest, Reply, from_hex, read_line, write_line,
+};
+use tunnel::identity::{DEFAULT_USER_TTL, PeerIdentity, PublicKey, Validity};
+use tunnel::tls::{TlsConnection, TlsReader, TlsWriter};
+
+use super::Context;
+use crate::error::ProxyError;
+use crate::state::{TokenError, TokenKind};
+use crate::util;
+
+/// Lifetime of a node certificate issued at join.
+pub const NODE_CERT_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+/// A refused join or login waits this long before the answer, to slow down guessing.
+const FAILURE_DELAY: Duration = Duration::from_millis(500);
+/// Password checks running at once (each is a thread and 19 MiB of argon2 memory); more
+/// logins are told to retry.
+const MAX_CONCURRENT_LOGINS: u32 = 8;
+/// Shortest user certificate issued.
+const MIN_USER_TTL: Duration = Duration::from_secs(60);
+/// Longest heartbeat lifetime accepted from a registering node.
+const MAX_REGISTER_TTL_SECS: u64 = 3600;
+
+fn error(code: &str, message: impl Into<String>) -> ErrorBody {
+    ErrorBody {
+        code: code.into(),
+        message: message.into(),
+    }
+}
+
+async fn reply<T: Serialize>(writer: &mut TlsWriter, reply: &Reply<T>) {
+    let _ = monoio::time::timeout(Duration::from_secs(10), write_line(writer, reply)).await;
+    let _ = monoio::time::timeout(Duration::from_secs(5), writer.close()).await;
+}
+
+async fn read_request<T: DeserializeOwned>(
+    ctx: &Context,
+    reader: &mut TlsReader,
+    buf: &mut BytesMut,
+) -> Result<T, ErrorBody> {
+    match monoio::time::timeout(ctx.handshake_timeout(), read_line::<T>(reader, buf)).await {
+        Ok(Ok(request)) => Ok(request),
+        Ok(Err(ControlError::Malformed(detail))) => {
+            Err(error("bad_request", format!("malformed request: {detail}")))
+        }
+        Ok(Err(e)) => Err(error("bad_request", e.to_string())),
+        Err(_) => Err(error(
+            "timeout",
+            format!(
+                "no complete request within {:?} (`limits.handshake_timeout`)",
+                ctx.handshake_timeout()
+            ),
+        )),
+    }
+}
+
+/// Answers a line-protocol connection that may not proceed.
+pub(super) async fn refuse_line(
+    ctx: &Context,
+    conn: TlsConnection,
+    peer: SocketAddr,
+    protocol: &str,
+    code: &str,
+    why: &str,
+) {
+    tracing::warn!(%peer, alpn = %protocol, reason = %why, "connection refused");
+    ctx.audit.record(
+        "access.denied",
+        serde_json::json!({ "peer": peer.to_string(), "protocol": protocol, "reason": why }),
+    );
+    let (_reader, mut writer) = conn.split();
+    reply(&mut writer, &Reply::<Ack>::Error(error(code, why))).await;
+}
+
+fn public_key(hex: &str) -> Result<PublicKey, ErrorBody> {
+    let der = from_hex(hex).ok_or_else(|| {
+        error(
+            "bad_public_key",
+            "public_key is not hex; send the SubjectPublicKeyInfo DER as lowercase hex",
+        )
+    })?;
+    PublicKey::from_spki_der(&der).map_err(|e| error("bad_public_key", e.to_string()))
+}
+
+#[derive(Debug)]
+enum JoinFailure {
+    Token(TokenError),
+    Refused(ErrorBody),
+}
+
+impl From<ProxyError> for JoinFailure {
+    fn from(e: ProxyError) -> Self {
+        tracing::error!(error = %e, "cannot read or update the state file during a join");
+        JoinFailure::Refused(error(
+            "internal",
+            "the proxy cannot read its state; the operator should check its log",
+        ))
+    }
+}
+
+/// ALPN_JOIN: a join token for a node certificate.
+pub(super) async fn serve_join(ctx: Rc<Context>, conn: TlsConnection, peer: SocketAddr) {
+    let (mut reader, mut writer) = conn.split();
+    let mut buf = BytesMut::new();
+    let request: JoinRequest = match read_request(&ctx, &mut reader, &mut buf).await {
+        Ok(r) => r,
+        Err(body) => {
+            tracing::info!(%peer, code = %body.code, "join request unreadable");
+            reply(&mut writer, &Reply::<JoinResponse>::Error(body)).await;
+            return;
+        }
+    };
+    match join(&ctx, &request) {
+        Ok((response, token_id)) => {
+            tracing::info!(%peer, node = %request.node, token = %token_id, "node joined");
+            ctx.audit.record(
+                "join",
+                serde_json::json!({
+                    "success": true, "node": request.node, "peer": peer.to_string(),
+                    "token_id": token_id,
+                }),
+            );
+            reply(&mut writer, &Reply::Ok(response)).await;
+        }
+        Err(failure) => {
+            let body = match failure {
+                JoinFailure::Token(e) => error(e.code(), e.to_string()),
+                JoinFailure::Refused(body) => body,
+            };
+            tracing::info!(%peer, node = %request.node, code = %body.code, "join refused");
+            ctx.audit.record(
+                "join",
+                serde_json::json!({
+                    "success": false, "node": request.node, "peer": peer.to_string(),
+                    "code": body.code, "reason": body.message,
+                }),
+            );
+            monoio::time::sleep(FAILURE_DELAY).await;
+            reply(&mut writer, &Reply::<JoinResponse>::Error(body)).await;
+        }
+    }
+}
+
+fn join(ctx: &Context, request: &JoinRequest) -> Result<(JoinResponse, String), JoinFailure> {
+    config::NodeName::new(request.node.as_str())
+        .map_err(|e| JoinFailure::Refused(error("bad_node_name", format!("node name: {e}"))))?;
+    tunnel::identity::validate_name("node name", &request.node)
+        .map_err(|e| JoinFailure::Refused(error("bad_node_name", e.to_string())))?;
+    let key = public_key(&request.public_key).map_err(JoinFailure::Refused)?;
+    let used = ctx.store.update(|state| {
+        state
+            .consume_token(&request.token, util::unix_now())
+            .map_err(JoinFailure::Token)
+    })?;
+    if used.kind != TokenKind::Node {
+        return Err(JoinFailure::Refused(error(
+            "token_invalid",
+            format!("this is a {} token, not a node token", used.kind.as_str()),
+        )));
+    }
+    let internal = |e: tunnel::identity::IdentityError| {
+        tracing::error!(error = %e, "cannot issue a node certificate");
+        JoinFailure::Refused(error(
+            "internal",
+            format!("cannot issue the certificate: {e}"),
+        ))
+    };
+    let validity = Validity::for_ttl(SystemTime::now(), NODE_CERT_TTL).map_err(internal)?;
+    let leaf = ctx
+        .ca
+        .issue_node(&request.node, &key, validity)
+        .map_err(internal)?;
+    let chain = ctx.ca.chain(leaf);
+    Ok((
+        JoinResponse {
+            cluster: ctx.cluster.clone(),
+            certificate_pem: util::certificates_pem(&chain),
+            ca_pem: ctx.ca.certificate_pem(),
+        },
+        used.id,
+    ))
+}
+
+/// ALPN_LOGIN: a password for a user certificate.
+pub(super) async fn serve_login(ctx: Rc<Context>, conn: TlsConnection, peer: SocketAddr) {
+    let (mut reader, mut writer) = conn.split();
+    let mut buf = BytesMut::new();
+    let request: LoginRequest = match read_request(&ctx, &mut reader, &mut buf).await {
+        Ok(r) => r,
+        Err(body) => {
+            tracing::info!(%peer, code = %body.code, "login request unreadable");
+            reply(&mut writer, &Reply::<LoginResponse>::Error(body)).await;
+            return;
+        }
+    };
+    let user = request.user.clone();
+    match login(&ctx, request).await {
+        Ok(response) => {
+            tracing::info!(%peer, %user, "user logged in");
+            ctx.audit.record(
+                "login",
+                serde_json::json!({
+                    "success": true, "user": user, "peer": peer.to_string(),
+                    "roles": response.roles, "expires": util::rfc3339_unix(response.expires_unix),
+                }),
+            );
+            reply(&mut writer, &Reply::Ok(response)).await;
+        }
+        Err(body) => {
+            tracing::info!(%peer, %user, code = %body.code, "login refused");
+            ctx.audit.record(
+                "login",
+                serde_json::json!({
+                    "success": false, "user": user, "peer": peer.to_string(), "code": body.code,
+                }),
+            );
+            monoio::time::sleep(FAILURE_DELAY).await;
+            reply(&mut writer, &Reply::<LoginResponse>::Error(body)).await;
+        }
+    }
+}
+
+async fn login(ctx: &Context, request: LoginRequest) -> Result<LoginResponse, ErrorBody> {
+    let key = public_key(&request.public_key)?;
+    let state = ctx.store.read().map_err(|e| {
+        tracing::error!(error = %e, "cannot read the state file during a login");
+        error(
+            "internal",
+            "the proxy cannot read its state; the operator should check its log",
+        )
+    })?;
+    let user = state.user(&request.user).cloned();
+    // An unknown user is checked against a dummy hash: same cost, same answer.
+    let hash = user
+        .as_ref()
+        .map_or_else(|| ctx.dummy_hash.clone(), |u| u.password_hash.clone());
+    if ctx.stats.logins.get() >= MAX_CONCURRENT_LOGINS {
+        return Err(error(
+            "busy",
+            "too many logins at once; try again in a moment",
+        ));
+    }
+    ctx.stats.logins.set(ctx.stats.logins.get() + 1);
+    let password = request.password;
+    let verified = crate::blocking::run(move || {
+        Argon2::default()
+            .verify_password(password.as_bytes(), hash.as_str())
+            .is_ok()
+    })
+    .await
+    .unwrap_or(false);
+    ctx.stats
+        .logins
+        .set(ctx.stats.logins.get().saturating_sub(1));
+    let user = match user {
+        Some(user) if verified => user,
+        _ => {
+            return Err(error(
+                "bad_password",
+                format!("wrong user name or password for cluster {}", ctx.cluster),
+            ));
+        }
+    };
+    let requested = request
+        .ttl_secs
+        .map_or(DEFAULT_USER_TTL, Duration::from_secs);
+    let ttl = requested.min(DEFAULT_USER_TTL).max(MIN_USER_TTL);
+    let internal = |e: tunnel::identity::IdentityError| {
+        tracing::error!(error = %e, "cannot issue a user certificate");
+        error("internal", format!("cannot issue the certificate: {e}"))
+    };
+    let validity = Validity::for_ttl(SystemTime::now(), ttl).map_err(internal)?;
+    let leaf = ctx
+        .ca
+        .issue_user(&user.name, &user.roles, &user.logins, &key, validity)
+        .map_err(internal)?;
+    let chain = ctx.ca.chain(leaf);
+    Ok(LoginResponse {
+        cluster: ctx.cluster.clone(),
+        certificate_pem: util::certificates_pem(&chain),
+        ca_pem: ctx.ca.certificate_pem(),
+        expires_unix: util::unix_secs(validity.not_after()),
+        roles: user.roles,
+    })
+}
+
+/// ALPN_REGISTER: heartbeats of a node the proxy dials directly.
+pub(super) async fn serve_register(
+    ctx: Rc<Context>,
+    conn: TlsConnection,
+    peer: SocketAddr,
+    node: PeerIdentity,
+) {
+    let (mut reader, mut writer) = conn.split();
+    let mut buf = BytesMut::new();
+    let mut wait = ctx.handshake_timeout();
+    let mut first = true;
+    loop {
+        let request = match monoio::time::timeout(
+            wait,
+            read_line::<RegisterRequest>(&mut reader, &mut buf),
+        )
+        .await
+        {
+            Ok(Ok(r)) => r,
+            Ok(Err(ControlError::Closed)) => break,
+            Ok(Err(e)) => {
+                tracing::info!(%peer, node = %node.name, error = %e, "registration stream failed");
+                let body = error("bad_request", e.to_string());
+                reply(&mut writer, &Reply::<Ack>::Error(body)).await;
+                break;
+            }
+            Err(_) => {
+                tracing::info!(%peer, node = %node.name, "no heartbeat in time; closing the registration connection");
+                break;
+            }
+        };
+        let checked = check_register(&request);
+        let (address, labels, ttl) = match checked {
+            Ok(v) => v,
+            Err(body) => {
+                tracing::info!(%peer, node = %node.name, code = %body.code, reason = %body.message, "registration refused");
+                reply(&mut writer, &Reply::<Ack>::Error(body)).await;
+                break;
+            }
+        };
+        if first {
+            tracing::info!(%peer, node = %node.name, address = %address, "node registered for direct dialling");
+            ctx.audit.record(
+                "node.register",
+                serde_json::json!({
+                    "node": node.name, "peer": peer.to_string(), "address": address.to_string(),
+                }),
+            );
+            first = false;
+        }
+        ctx.directory
+            .register_direct(&node.name, address, labels, ttl);
+        wait = ttl + ctx.handshake_timeout();
+        let written = monoio::time::timeout(
+            Duration::from_secs(10),
+            write_line(&mut writer, &Reply::Ok(Ack {})),
+        )
+        .await;
+        if !matches!(written, Ok(Ok(()))) {
+            break;
+        }
+    }
+    let _ = monoio::time::timeout(Duration::from_secs(2), writer.close()).await;
+}
+
+type Registration = (config::HostPort, Vec<(String, String)>, Duration);
+
+fn check_register(request: &RegisterRequest) -> Result<Registration, ErrorBody> {
+    let address: config::HostPort = request
+        .ssh_address
+        .parse()
+        .map_err(|e| error("bad_request", format!("ssh_address: {e}")))?;
+    if !(1..=MAX_REGISTER_TTL_SECS).contains(&request.ttl_secs) {
+        return Err(error(
+            "bad_request",
+            format!(
+                "ttl_secs: expected 1 to {MAX_REGISTER_TTL_SECS}, found {}",
+                request.ttl_secs
+            ),
+        ));
+    }
+    let map: std::collections::BTreeMap<String, String> = request.labels.iter().cloned().collect();
+    let labels =
+        config::Labels::try_from(map).map_err(|e| error("bad_request", format!("labels: {e}")))?;
+    let labels = labels
+        .iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    Ok((address, labels, Duration::from_secs(request.ttl_secs)))
+}
+
+/// ALPN_API: a user's queries.
+pub(super) async fn serve_api(
+    ctx: Rc<Context>,
+    conn: TlsConnection,
+    peer: SocketAddr,
+    user: PeerIdentity,
+) {
+    let (mut reader, mut writer) = conn.split();
+    let mut buf = BytesMut::new();
+    let request: ApiRequest = match read_request(&ctx, &mut reader, &mut buf).await {
+        Ok(r) => r,
+        Err(body) => {
+            reply(&mut writer, &Reply::<ApiResponse>::Error(body)).await;
+            return;
+        }
+    };
+    tracing::debug!(%peer, user = %user.name, ?request, "api request");
+    let response = match request {
+        ApiRequest::ListNodes { cluster } => match cluster {
+            Some(c) if c != ctx.cluster => Reply::Error(error(
+                "cluster_unknown",
+                format!(
+                    "no trusted cluster named {c:?}; this proxy serves cluster {:?}",
+                    ctx.cluster
+                ),
+            )),
+            _ => Reply::Ok(ApiResponse::Nodes(
+                ctx.directory
+                    .list()
+                    .into_iter()
+                    .filter(|n| super::authorize(&user, &n.name, "").is_ok())
+                    .map(|n| NodeView {
+                        name: n.name,
+                        via: n.via,
+                        online: n.online,
+                        labels: n.labels,
+                    })
+                    .collect(),
+            )),
+        },
+        ApiRequest::WhoAmI => Reply::Ok(ApiResponse::WhoAmI {
+            user: user.name.clone(),
+            cluster: user.cluster.clone(),
+            roles: user.roles.clone(),
+        }),
+    };
+    reply(&mut writer, &response).await;
+}
