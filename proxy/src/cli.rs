@@ -395,9 +395,9 @@ fn start(args: StartArgs) -> Result<(), ProxyError> {
         config.listen.auth = a;
     }
     crate::logging::init(&config.log);
-    if config.workers.resolve().get() > 1 {
+    if let config::Workers::Count(workers) = config.workers {
         tracing::info!(
-            workers = config.workers.resolve().get(),
+            workers = workers.get(),
             "this version runs one runtime; `workers` is not used yet"
         );
     }

@@ -11,7 +11,9 @@ pub fn init(log: &LogConfig) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false);
+        .with_target(false)
+        // SAFETY: isatty on a constant descriptor.
+        .with_ansi(unsafe { libc::isatty(2) } == 1);
     let _ = match log.format {
         LogFormat::Json => builder.json().try_init(),
         _ => builder.try_init(),

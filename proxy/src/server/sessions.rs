@@ -184,10 +184,13 @@ async fn handle_open(ctx: Rc<Context>, incoming: Incoming, user: PeerIdentity, p
             let Ok(user_stream) = incoming.accept() else {
                 return; // the user's connection ended meanwhile; dropping `agent` resets it
             };
-            let _active = ActiveSession::new(&ctx);
+            let active = ActiveSession::new(&ctx);
             let started = session_start(&ctx, &request, &user, peer, "tunnel");
-            let outcome = splice::splice_streams(user_stream, agent, ("user", "node")).await;
+            let (outcome, settle) =
+                splice::splice_streams(user_stream, agent, ("user", "node")).await;
             session_end(&ctx, &request, &user, peer, "tunnel", started, &outcome);
+            drop(active);
+            settle.wait().await;
         }
         Route::Direct(address) => {
             if request.service != "ssh" {
@@ -240,10 +243,12 @@ async fn handle_open(ctx: Rc<Context>, incoming: Incoming, user: PeerIdentity, p
             let Ok(user_stream) = incoming.accept() else {
                 return;
             };
-            let _active = ActiveSession::new(&ctx);
+            let active = ActiveSession::new(&ctx);
             let started = session_start(&ctx, &request, &user, peer, "direct");
-            let outcome = splice::splice_tcp(user_stream, tcp, ("user", "node")).await;
+            let (outcome, settle) = splice::splice_tcp(user_stream, tcp, ("user", "node")).await;
             session_end(&ctx, &request, &user, peer, "direct", started, &outcome);
+            drop(active);
+            settle.wait().await;
         }
         Route::Offline { since } => {
             let ago = SystemTime::now().duration_since(since).unwrap_or_default();

@@ -1,0 +1,441 @@
+//! Helpers shared by the proxy's integration tests: a proxy process in a temporary data
+//! directory, and the agent's and user's side of each protocol, written with `tunnel` and
+//! `frame` directly.
+
+#![allow(clippy::unwrap_used, dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use frame::{Announce, NodeInfo, Open, Role, Session, SessionConfig};
+use monoio::net::TcpStream;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tunnel::control::{
+    self, ALPN_JOIN, ALPN_LOGIN, ControlError, JoinRequest, JoinResponse, LoginRequest,
+    LoginResponse,
+};
+use tunnel::identity::{self, CaPin, FileRole, PrivateKey};
+use tunnel::mux::{DriveOutcome, MuxStream, Tunnel, drive};
+use tunnel::tls::{self, TlsConnection};
+
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_remoteler-proxy")
+}
+
+/// Runs a CLI command against `dir`; returns its output.
+pub fn cli(dir: &Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(args).arg("--data-dir").arg(dir);
+    cmd.stdin(Stdio::null());
+    cmd.output().unwrap()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A running proxy in its own data directory.
+pub struct Proxy {
+    pub child: Child,
+    pub tmp: tempfile::TempDir,
+    pub data: PathBuf,
+    pub users: SocketAddr,
+    pub tunnels: SocketAddr,
+    pub auth: SocketAddr,
+    pub pin: CaPin,
+    pub ca: CertificateDer<'static>,
+}
+
+impl Proxy {
+    /// `init` + `start` on 127.0.0.1:0; `config` is extra TOML appended to a config file
+    /// (e.g. `[[nodes]]`), or `None` to start from flags alone.
+    pub fn start(config: Option<&str>) -> Proxy {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let out = cli(
+            &data,
+            &["init", "--cluster", "test.example", "--host", "127.0.0.1"],
+        );
+        assert!(out.status.success(), "init failed: {}", stderr(&out));
+        let pin_line = stdout(&out)
+            .lines()
+            .find_map(|l| l.strip_prefix("CA pin: ").map(str::to_owned))
+            .unwrap();
+        let pin: CaPin = pin_line.parse().unwrap();
+        let ca = identity::read_certificates(&data.join("ca.crt"), FileRole::CaCertificate)
+            .unwrap()
+            .remove(0);
+
+        let mut cmd = Command::new(bin());
+        cmd.arg("start");
+        if let Some(extra) = config {
+            let path = tmp.path().join("proxy.toml");
+            let text = format!(
+                "cluster_name = \"test.example\"\ndata_dir = {:?}\n[keepalive]\ninterval = \"1s\"\n{extra}",
+                data.display().to_string()
+            );
+            std::fs::write(&path, text).unwrap();
+            cmd.arg("--config").arg(&path);
+        } else {
+            cmd.arg("--data-dir").arg(&data);
+        }
+        cmd.args([
+            "--users",
+            "127.0.0.1:0",
+            "--tunnels",
+            "127.0.0.1:0",
+            "--auth",
+            "127.0.0.1:0",
+        ]);
+        let log = std::fs::File::create(tmp.path().join("proxy.log")).unwrap();
+        cmd.stdout(Stdio::piped()).stderr(log).stdin(Stdio::null());
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.starts_with("ready ") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let ready = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("proxy not ready: {}", log_of(tmp.path())));
+        let addr = |key: &str| -> SocketAddr {
+            ready
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{key}=")))
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let file = std::fs::read_to_string(data.join("proxy.ready")).unwrap();
+        assert_eq!(file.trim(), ready);
+        Proxy {
+            users: addr("users"),
+            tunnels: addr("tunnels"),
+            auth: addr("auth"),
+            child,
+            tmp,
+            data,
+            pin,
+            ca,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        log_of(self.tmp.path())
+    }
+
+    pub fn token(&self, extra: &[&str]) -> String {
+        let mut args = vec!["tokens", "add", "--kind", "node"];
+        args.extend_from_slice(extra);
+        let out = cli(&self.data, &args);
+        assert!(out.status.success(), "tokens add: {}", stderr(&out));
+        stdout(&out)
+            .lines()
+            .find_map(|l| l.strip_prefix("token: ").map(str::to_owned))
+            .unwrap()
+    }
+
+    pub fn add_user(&self, name: &str, password: &str) {
+        let file = self.tmp.path().join(format!("{name}.pw"));
+        std::fs::write(&file, format!("{password}\n")).unwrap();
+        let out = cli(
+            &self.data,
+            &[
+                "users",
+                "add",
+                name,
+                "--roles",
+                "dev",
+                "--logins",
+                "root",
+                "--password-file",
+                file.to_str().unwrap(),
+            ],
+        );
+        assert!(out.status.success(), "users add: {}", stderr(&out));
+    }
+
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.data.join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// SIGTERM, then the exit status within `within`.
+    pub fn stop(&mut self, within: Duration) -> std::process::ExitStatus {
+        // SAFETY: kill on the pid of our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "proxy did not stop: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- proxy log ----\n{}", self.log());
+        }
+    }
+}
+
+fn log_of(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("proxy.log")).unwrap_or_default()
+}
+
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+fn server_name() -> ServerName<'static> {
+    ServerName::try_from("127.0.0.1").unwrap()
+}
+
+pub async fn connect(
+    addr: SocketAddr,
+    mut config: rustls::ClientConfig,
+    alpn: &[u8],
+) -> Result<TlsConnection, tls::TlsError> {
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    tls::connect(tcp, Arc::new(config), server_name(), DEADLINE).await
+}
+
+pub fn pinned(pin: CaPin) -> rustls::ClientConfig {
+    identity::client_config_pinned(pin).unwrap().0
+}
+
+/// A certificate chain and its key, as the agent or client keeps them.
+pub struct Credential {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKey,
+}
+
+impl Credential {
+    pub fn config(&self, ca: &CertificateDer<'static>) -> rustls::ClientConfig {
+        identity::client_config_trusting(
+            std::slice::from_ref(ca),
+            Some((self.chain.clone(), &self.key)),
+        )
+        .unwrap()
+    }
+}
+
+pub fn parse_chain(pem: &str) -> Vec<CertificateDer<'static>> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("chain.pem");
+    std::fs::write(&path, pem).unwrap();
+    identity::read_certificates(&path, FileRole::Certificate).unwrap()
+}
+
+/// The agent's join: `Ok(credential)` or the proxy's refusal.
+pub async fn join(proxy: &Proxy, token: &str, node: &str) -> Result<Credential, ControlError> {
+    let key = PrivateKey::generate().unwrap();
+    let conn = connect(proxy.tunnels, pinned(proxy.pin), ALPN_JOIN).await?;
+    let (mut reader, mut writer) = conn.split();
+    let request = JoinRequest {
+        token: token.into(),
+        node: node.into(),
+        public_key: control::to_hex(&key.public_key().to_spki_der()),
+    };
+    control::write_line(&mut writer, &request).await?;
+    let mut buf = BytesMut::new();
+    let response: JoinResponse = control::read_reply(&mut reader, &mut buf).await?;
+    assert_eq!(response.cluster, "test.example");
+    Ok(Credential {
+        chain: parse_chain(&response.certificate_pem),
+        key,
+    })
+}
+
+pub async fn login(proxy: &Proxy, user: &str, password: &str) -> Result<Credential, ControlError> {
+    let key = PrivateKey::generate().unwrap();
+    let conn = connect(proxy.users, pinned(proxy.pin), ALPN_LOGIN).await?;
+    let (mut reader, mut writer) = conn.split();
+    let request = LoginRequest {
+        user: user.into(),
+        password: password.into(),
+        public_key: control::to_hex(&key.public_key().to_spki_der()),
+        ttl_secs: Some(3600),
+    };
+    control::write_line(&mut writer, &request).await?;
+    let mut buf = BytesMut::new();
+    let response: LoginResponse = control::read_reply(&mut reader, &mut buf).await?;
+    assert_eq!(response.roles, vec!["dev".to_string()]);
+    Ok(Credential {
+        chain: parse_chain(&response.certificate_pem),
+        key,
+    })
+}
+
+/// Runs a session over `conn` (as agent or client, the dialer); returns the tunnel and the
+/// driver's task.
+pub fn run_session(
+    conn: TlsConnection,
+    role: Role,
+) -> (Tunnel, monoio::task::JoinHandle<DriveOutcome>) {
+    let mut config = SessionConfig::new(role, true);
+    config.resume_grace = Duration::ZERO;
+    let tunnel = Tunnel::new(Session::new(config, rand_id(), Instant::now()));
+    let driven = tunnel.clone();
+    let handle = monoio::spawn(async move { drive(&driven, conn, BytesMut::new()).await });
+    (tunnel, handle)
+}
+
+pub fn rand_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    getrandom::fill(&mut id).unwrap();
+    id
+}
+
+/// The fake agent: tunnel up, node announced, every OPEN accepted and echoed.
+pub async fn agent(proxy: &Proxy, cred: &Credential, node: &str) -> Tunnel {
+    let conn = connect(
+        proxy.tunnels,
+        cred.config(&proxy.ca),
+        tunnel::control::ALPN_TUNNEL,
+    )
+    .await
+    .unwrap();
+    let (tunnel, _driver) = run_session(conn, Role::Agent);
+    assert!(tunnel.connected().await, "agent tunnel did not connect");
+    tunnel
+        .announce(&Announce {
+            cluster: String::new(),
+            nodes: vec![NodeInfo {
+                name: node.into(),
+                online: true,
+                tunnel: true,
+                labels: vec![("env".into(), "test".into())],
+                services: vec!["ssh".into()],
+            }],
+        })
+        .unwrap();
+    let acceptor = tunnel.clone();
+    monoio::spawn(async move {
+        while let Some(incoming) = acceptor.incoming().await {
+            assert_eq!(incoming.request.service, "ssh");
+            let stream = incoming.accept().unwrap();
+            monoio::spawn(echo(stream));
+        }
+    });
+    tunnel
+}
+
+async fn echo(stream: MuxStream) {
+    loop {
+        match stream.read().await {
+            Ok(Some(bytes)) => {
+                if stream.write(bytes).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => {
+                stream.finish();
+                let _ = stream.closed().await;
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// The user's side: a session connection and one OPEN to `node`.
+pub async fn open(
+    proxy: &Proxy,
+    cred: &Credential,
+    node: &str,
+) -> Result<(Tunnel, MuxStream, [u8; 16]), tunnel::mux::StreamError> {
+    let conn = connect(
+        proxy.users,
+        cred.config(&proxy.ca),
+        tunnel::control::ALPN_SESSION,
+    )
+    .await
+    .unwrap();
+    let (tunnel, _driver) = run_session(conn, Role::Client);
+    let session_id = rand_id();
+    let stream = tunnel
+        .open(Open {
+            session_id,
+            cluster: String::new(),
+            node: node.into(),
+            service: "ssh".into(),
+            user: "mallory".into(),
+            login: "root".into(),
+            client_addr: String::new(),
+            credential: Bytes::new(),
+        })
+        .await?;
+    Ok((tunnel, stream, session_id))
+}
+
+/// Sends `data` and reads the same number of bytes back, concurrently; then half-closes and
+/// expects the peer's FIN.
+pub async fn echo_roundtrip(stream: MuxStream, data: Bytes) -> Vec<u8> {
+    let send = async {
+        for chunk in data.chunks(50_000) {
+            stream.write(data.slice_ref(chunk)).await.unwrap();
+        }
+    };
+    let receive = async {
+        let mut got = Vec::with_capacity(data.len());
+        while got.len() < data.len() {
+            match stream.read().await.unwrap() {
+                Some(b) => got.extend_from_slice(&b),
+                None => panic!("FIN after {} of {} bytes", got.len(), data.len()),
+            }
+        }
+        got
+    };
+    let ((), got) = monoio::join!(send, receive);
+    stream.finish();
+    let end = monoio::time::timeout(DEADLINE, stream.read())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(end, None, "expected the peer's FIN after the echo");
+    let _ = monoio::time::timeout(DEADLINE, stream.closed()).await;
+    got
+}
+
+pub fn random_bytes(n: usize) -> Bytes {
+    let mut v = vec![0u8; n];
+    getrandom::fill(&mut v).unwrap();
+    Bytes::from(v)
+}

@@ -1,0 +1,373 @@
+//! End to end: the real `remoteler-proxy` binary on 127.0.0.1:0 in a temporary data
+//! directory, real TLS, and the agent's and user's sides written with `tunnel` + `frame`.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use common::*;
+use frame::{ErrorCode, Role};
+use tunnel::control::{ALPN_SESSION, ALPN_TUNNEL, ControlError};
+use tunnel::identity::{ClusterCa, PrivateKey, Validity};
+use tunnel::mux::{DriveOutcome, StreamError};
+
+fn refusal_code(result: Result<Credential, ControlError>) -> String {
+    match result {
+        Err(ControlError::Refused(body)) => body.code,
+        Err(other) => panic!("expected a refusal, got {other}"),
+        Ok(_) => panic!("expected a refusal, got a certificate"),
+    }
+}
+
+/// A plain TCP echo server on 127.0.0.1 (a stand-in for a node's sshd).
+fn tcp_echo_server() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => {
+                            let _ = stream.shutdown(std::net::Shutdown::Write);
+                            return;
+                        }
+                        Ok(n) => {
+                            if stream.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn join_tunnel_login_session_audit_status() {
+    let echo = tcp_echo_server();
+    let mut proxy = Proxy::start(Some(&format!(
+        "[[nodes]]\nname = \"node-a\"\naddress = \"{echo}\"\nlabels = {{ env = \"lab\" }}\n"
+    )));
+    proxy.add_user("alice", "correct horse");
+    let token = proxy.token(&["--ttl", "15m"]);
+
+    block_on(async {
+        // (1) join with a valid token: a node certificate for that node.
+        let cred = join(&proxy, &token, "node-r1").await.unwrap();
+        let identity = tunnel::identity::PeerIdentity::from_der(&cred.chain[0]).unwrap();
+        assert_eq!(identity.name, "node-r1");
+        assert_eq!(identity.cluster, "test.example");
+        assert_eq!(identity.kind, tunnel::identity::IdentityKind::Node);
+
+        // (2) the tunnel announces node-r1; alice logs in; 1 MiB echoed through the agent.
+        let agent_tunnel = agent(&proxy, &cred, "node-r1").await;
+        let user = login(&proxy, "alice", "correct horse").await.unwrap();
+        // The directory learns of the node right after the ANNOUNCE; retry briefly.
+        let (_user_tunnel, stream, session_id) = {
+            let mut tries = 0;
+            loop {
+                match open(&proxy, &user, "node-r1").await {
+                    Ok(v) => break v,
+                    Err(e) if tries < 50 => {
+                        tries += 1;
+                        let _ = e;
+                        monoio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(e) => panic!("OPEN to node-r1 failed: {e}"),
+                }
+            }
+        };
+        let data = random_bytes(1 << 20);
+        let got = echo_roundtrip(stream, data.clone()).await;
+        assert!(got == data[..], "echo through the tunnel is not byte-exact");
+
+        // (3) an unknown node: OPEN_FAIL NODE_UNKNOWN naming the node.
+        match open(&proxy, &user, "node-nope").await {
+            Err(StreamError::Refused { code, reason }) => {
+                assert_eq!(code, ErrorCode::NODE_UNKNOWN);
+                assert!(reason.contains("node-nope"), "{reason}");
+                assert!(reason.contains("test.example"), "{reason}");
+            }
+            Err(e) => panic!("expected NODE_UNKNOWN, got {e}"),
+            Ok(_) => panic!("expected NODE_UNKNOWN, got a stream"),
+        }
+
+        // (4) a static [[nodes]] entry is dialled directly.
+        let (_t, stream, _) = open(&proxy, &user, "node-a").await.unwrap();
+        let data = random_bytes(256 * 1024);
+        let got = echo_roundtrip(stream, data.clone()).await;
+        assert!(
+            got == data[..],
+            "echo through the direct route is not byte-exact"
+        );
+
+        // (7) status through the admin socket reports the tunnel; nodes ls shows both.
+        let out = cli(&proxy.data, &["status"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = stdout(&out);
+        assert!(text.contains("tunnels:   1 up"), "{text}");
+        assert!(text.contains("cluster:   test.example"), "{text}");
+        assert!(text.contains(&proxy.pin.to_string()), "{text}");
+        let out = cli(&proxy.data, &["nodes", "ls"]);
+        let text = stdout(&out);
+        let r1 = text.lines().find(|l| l.starts_with("node-r1")).unwrap();
+        assert!(
+            r1.contains("tunnel") && r1.contains("yes") && r1.contains("env=test"),
+            "{text}"
+        );
+        let a = text.lines().find(|l| l.starts_with("node-a")).unwrap();
+        assert!(
+            a.contains("direct") && a.contains(&echo.to_string()),
+            "{text}"
+        );
+
+        // (6) audit: session.start/end with the byte counts, joins and logins.
+        let wanted = tunnel::control::to_hex(&session_id);
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let end = loop {
+            let found = proxy
+                .audit()
+                .into_iter()
+                .find(|r| r["event"] == "session.end" && r["session_id"] == wanted.as_str());
+            if let Some(r) = found {
+                break r;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no session.end in the audit log"
+            );
+            monoio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(end["bytes_from_user"], 1 << 20);
+        assert_eq!(end["bytes_to_user"], 1 << 20);
+        assert_eq!(
+            end["user"], "alice",
+            "the certificate's user, not the request's"
+        );
+        assert_eq!(end["node"], "node-r1");
+        assert_eq!(end["via"], "tunnel");
+        assert!(end["time"].as_str().unwrap().ends_with('Z'));
+        let audit = proxy.audit();
+        assert!(audit.iter().any(|r| r["event"] == "session.start"
+            && r["session_id"] == wanted.as_str()
+            && r["client_addr"].as_str().unwrap().starts_with("127.0.0.1:")));
+        assert!(
+            audit
+                .iter()
+                .any(|r| r["event"] == "join" && r["success"] == true)
+        );
+        assert!(
+            audit
+                .iter()
+                .any(|r| r["event"] == "login" && r["success"] == true)
+        );
+        assert!(
+            audit
+                .iter()
+                .any(|r| r["event"] == "tunnel.connect" && r["node"] == "node-r1")
+        );
+        let text = std::fs::read_to_string(proxy.data.join("audit.log")).unwrap();
+        assert!(!text.contains(&token), "the audit log holds a token");
+        assert!(
+            !text.contains("correct horse"),
+            "the audit log holds a password"
+        );
+
+        // The agent goes away: node-r1 is offline, and an OPEN says so.
+        agent_tunnel.close(ErrorCode::NO_ERROR, "test over");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match open(&proxy, &user, "node-r1").await {
+                Err(StreamError::Refused { code, reason }) if code == ErrorCode::NODE_OFFLINE => {
+                    assert!(reason.contains("offline since"), "{reason}");
+                    break;
+                }
+                _ => {}
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node-r1 never went offline"
+            );
+            monoio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !proxy
+            .audit()
+            .iter()
+            .any(|r| r["event"] == "tunnel.disconnect")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no tunnel.disconnect audited"
+            );
+            monoio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+
+    let log = proxy.log();
+    assert!(!log.contains(&token), "the log holds a token");
+    assert!(!log.contains("correct horse"), "the log holds a password");
+    let status = proxy.stop(Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}: {}", proxy.log());
+    assert!(!proxy.data.join("proxy.ready").exists());
+}
+
+#[test]
+fn tokens_logins_and_certificates_are_checked() {
+    let proxy = Proxy::start(None);
+    proxy.add_user("bob", "s3cret");
+    let single = proxy.token(&[]);
+    let short = proxy.token(&["--ttl", "1s"]);
+
+    block_on(async {
+        // A single-use token works once, then says token_used_up.
+        let cred = join(&proxy, &single, "node-b1").await.unwrap();
+        assert_eq!(
+            refusal_code(join(&proxy, &single, "node-b2").await),
+            "token_used_up"
+        );
+        // A wrong token.
+        let wrong = "00".repeat(32);
+        assert_eq!(
+            refusal_code(join(&proxy, &wrong, "node-b3").await),
+            "token_invalid"
+        );
+        // A bad node name is refused before the token is spent.
+        let spare = proxy.token(&[]);
+        assert_eq!(
+            refusal_code(join(&proxy, &spare, "-oProxyCommand").await),
+            "bad_node_name"
+        );
+        join(&proxy, &spare, "node-b4").await.unwrap();
+        // An expired token.
+        monoio::time::sleep(Duration::from_millis(2100)).await;
+        assert_eq!(
+            refusal_code(join(&proxy, &short, "node-b5").await),
+            "token_expired"
+        );
+
+        // Wrong password and unknown user get the same answer.
+        assert_eq!(
+            refusal_code(login(&proxy, "bob", "nope").await),
+            "bad_password"
+        );
+        assert_eq!(
+            refusal_code(login(&proxy, "nobody", "nope").await),
+            "bad_password"
+        );
+
+        // (5) a certificate from another CA is refused at the TLS handshake...
+        let other = ClusterCa::generate("test.example").unwrap();
+        let key = PrivateKey::generate().unwrap();
+        let validity =
+            Validity::for_ttl(std::time::SystemTime::now(), Duration::from_secs(3600)).unwrap();
+        let leaf = other
+            .issue_node("node-evil", &key.public_key(), validity)
+            .unwrap();
+        let forged = Credential {
+            chain: other.chain(leaf),
+            key,
+        };
+        let refused = match connect(proxy.tunnels, forged.config(&proxy.ca), ALPN_TUNNEL).await {
+            Err(_) => true,
+            Ok(mut conn) => {
+                // TLS 1.3: the client learns of the refusal at its first read.
+                let mut buf = bytes::BytesMut::new();
+                !matches!(
+                    monoio::time::timeout(DEADLINE, conn.read(&mut buf)).await,
+                    Ok(Ok(n)) if n > 0
+                )
+            }
+        };
+        assert!(refused, "a certificate of another CA was accepted");
+
+        // ...and a node certificate on the users listener is refused with a reason.
+        let conn = connect(proxy.users, cred.config(&proxy.ca), ALPN_SESSION)
+            .await
+            .unwrap();
+        let (_t, driver) = run_session(conn, Role::Client);
+        match monoio::time::timeout(DEADLINE, driver).await.unwrap() {
+            DriveOutcome::Ended(e) => {
+                let text = e.to_string();
+                assert!(text.contains("user certificate is required"), "{text}");
+            }
+            other => panic!("expected the proxy to end the session, got {other:?}"),
+        }
+
+        // The proxy keeps serving: the joined node's tunnel still comes up.
+        let tunnel = agent(&proxy, &cred, "node-b1").await;
+        assert!(!tunnel.is_ended());
+        let user = login(&proxy, "bob", "s3cret").await.unwrap();
+        let (_u, stream, _) = loop {
+            if let Ok(v) = open(&proxy, &user, "node-b1").await {
+                break v;
+            }
+            monoio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let data = random_bytes(1000);
+        assert!(echo_roundtrip(stream, data.clone()).await == data[..]);
+    });
+
+    let audit = proxy.audit();
+    for code in ["token_used_up", "token_invalid", "token_expired"] {
+        assert!(
+            audit
+                .iter()
+                .any(|r| r["event"] == "join" && r["code"] == code),
+            "no audited join failure {code}"
+        );
+    }
+    assert!(
+        audit
+            .iter()
+            .any(|r| r["event"] == "login" && r["success"] == false)
+    );
+    assert!(audit.iter().any(|r| r["event"] == "access.denied"));
+
+    // tokens ls never shows a secret.
+    let out = cli(&proxy.data, &["tokens", "ls"]);
+    let text = stdout(&out);
+    assert!(
+        !text.contains(&single) && text.contains("used up"),
+        "{text}"
+    );
+}
+
+#[test]
+fn cli_refuses_what_it_should() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d");
+    let out = cli(&data, &["status"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not running"), "{}", stderr(&out));
+    let out = cli(&data, &["init", "--cluster", "c.example"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = cli(&data, &["init", "--cluster", "c.example"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("refusing to overwrite"),
+        "{}",
+        stderr(&out)
+    );
+    let out = cli(&data, &["users", "add", "carol", "--roles", "dev"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--password-file"), "{}", stderr(&out));
+    let out = cli(&data, &["tokens", "add", "--kind", "cluster"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("unknown token kind"),
+        "{}",
+        stderr(&out)
+    );
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&data).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o700);
+}
