@@ -46,6 +46,7 @@ pub fn stderr(o: &Output) -> String {
 }
 
 /// A running proxy in its own data directory.
+#[derive(Debug)]
 pub struct Proxy {
     pub child: Child,
     pub tmp: tempfile::TempDir,
@@ -241,6 +242,7 @@ pub fn pinned(pin: CaPin) -> rustls::ClientConfig {
 }
 
 /// A certificate chain and its key, as the agent or client keeps them.
+#[derive(Debug)]
 pub struct Credential {
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKey,
