@@ -708,6 +708,54 @@ mod session_regressions {
         assert!(p.events_a.contains(&Event::Opened { stream: id }));
     }
 
+    /// The RESUME stream count is a u16 and its cap allows 65,535 entries, but
+    /// `SessionConfig::max_streams` is not capped (the configuration allows 65,536): a session
+    /// holding 65,536 streams encodes a count of 0 followed by 65,536 entries, which the peer
+    /// refuses as too large (FRAME_TOO_LARGE), and the tunnel is lost at the first reconnect.
+    #[test]
+    #[ignore = "bug: with max_streams = 65536 a full session sends a RESUME its peer must refuse (u16 count wraps)"]
+    fn a_full_session_can_resume() {
+        let now = Instant::now();
+        let mut ca = config(true);
+        let mut cb = config(false);
+        for c in [&mut ca, &mut cb] {
+            c.max_streams = 65_536;
+            c.max_pending_opens = 65_536;
+        }
+        let mut p = Pair {
+            now,
+            a: Session::new(ca, [0xA; 16], now),
+            b: Session::new(cb, [0xB; 16], now),
+            to_a: BytesMut::new(),
+            to_b: BytesMut::new(),
+            events_a: Vec::new(),
+            events_b: Vec::new(),
+            errors: Vec::new(),
+        };
+        p.pump();
+        for _ in 0..65_536 {
+            p.a.open(request()).unwrap();
+        }
+        p.pump();
+        let incoming: Vec<u32> = p
+            .events_b
+            .drain(..)
+            .filter_map(|e| match e {
+                Event::IncomingOpen { stream, .. } => Some(stream),
+                _ => None,
+            })
+            .collect();
+        for id in incoming {
+            p.b.accept(id).unwrap();
+        }
+        p.pump();
+        assert_eq!(p.b.stream_count(), 65_536);
+        p.cut();
+        p.reattach();
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        assert_eq!(p.a.stream_count(), 65_536);
+    }
+
     /// `goaway` on a detached session queues GOAWAY at once, ahead of the HELLO that
     /// `reattach` queues later, so the new transport starts with GOAWAY (and carries it
     /// twice). HELLO must be the first frame each way.
