@@ -314,6 +314,36 @@ fn tokens_logins_and_certificates_are_checked() {
         };
         let data = random_bytes(1000);
         assert!(echo_roundtrip(stream, data.clone()).await == data[..]);
+
+        // A second tunnel for the same node replaces the first (which gets GOAWAY and
+        // ends), and the node stays online through the new one.
+        let replacement = agent(&proxy, &cred, "node-b1").await;
+        let deadline = std::time::Instant::now() + DEADLINE;
+        while !tunnel.is_ended() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the old tunnel was not closed"
+            );
+            monoio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (_u, stream, _) = open(&proxy, &user, "node-b1").await.unwrap();
+        assert!(echo_roundtrip(stream, data.clone()).await == data[..]);
+        assert!(!replacement.is_ended());
+
+        // An agent whose ANNOUNCE names another node than its certificate is refused.
+        let liar = agent(&proxy, &cred, "node-other").await;
+        let deadline = std::time::Instant::now() + DEADLINE;
+        while !liar.is_ended() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a lying ANNOUNCE was accepted"
+            );
+            monoio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(matches!(
+            open(&proxy, &user, "node-other").await,
+            Err(StreamError::Refused { code, .. }) if code == ErrorCode::NODE_UNKNOWN
+        ));
     });
 
     let audit = proxy.audit();
@@ -331,6 +361,15 @@ fn tokens_logins_and_certificates_are_checked() {
             .any(|r| r["event"] == "login" && r["success"] == false)
     );
     assert!(audit.iter().any(|r| r["event"] == "access.denied"));
+    assert!(
+        audit.iter().any(|r| r["event"] == "tunnel.refused"
+            && r["reason"].as_str().unwrap().contains("node-other"))
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|r| r["event"] == "tunnel.disconnect" && r["replaced"] == true)
+    );
 
     // tokens ls never shows a secret.
     let out = cli(&proxy.data, &["tokens", "ls"]);

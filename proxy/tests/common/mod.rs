@@ -205,7 +205,7 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("PROXY_TEST_LOG").is_some() {
             eprintln!("---- proxy log ----\n{}", self.log());
         }
     }
@@ -432,7 +432,8 @@ pub async fn echo_roundtrip(stream: MuxStream, data: Bytes) -> Vec<u8> {
         .unwrap()
         .unwrap();
     assert_eq!(end, None, "expected the peer's FIN after the echo");
-    let _ = monoio::time::timeout(DEADLINE, stream.closed()).await;
+    // Not waiting for `closed()`: the last WINDOW of a finished stream waits for the
+    // peer's next keepalive tick (see the note in the proxy's report).
     got
 }
 
