@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use common::*;
 use frame::{ErrorCode, Role};
-use tunnel::control::{ALPN_SESSION, ALPN_TUNNEL, ControlError};
+use tunnel::control::{
+    self, ALPN_REGISTER, ALPN_SESSION, ALPN_TUNNEL, Ack, ControlError, RegisterRequest,
+};
 use tunnel::identity::{ClusterCa, PrivateKey, Validity};
 use tunnel::mux::{DriveOutcome, StreamError};
 
@@ -246,7 +248,7 @@ fn tokens_logins_and_certificates_are_checked() {
             refusal_code(join(&proxy, &spare, "-oProxyCommand").await),
             "bad_node_name"
         );
-        join(&proxy, &spare, "node-b4").await.unwrap();
+        let direct = join(&proxy, &spare, "node-b4").await.unwrap();
         // An expired token.
         monoio::time::sleep(Duration::from_millis(2100)).await;
         assert_eq!(
@@ -314,6 +316,27 @@ fn tokens_logins_and_certificates_are_checked() {
         };
         let data = random_bytes(1000);
         assert!(echo_roundtrip(stream, data.clone()).await == data[..]);
+
+        // A node that registers on the auth listener is dialled directly at its address.
+        let echo = tcp_echo_server();
+        let conn = connect(proxy.auth, direct.config(&proxy.ca), ALPN_REGISTER)
+            .await
+            .unwrap();
+        let (mut reader, mut writer) = conn.split();
+        let heartbeat = RegisterRequest {
+            ssh_address: echo.to_string(),
+            labels: vec![("site".into(), "lab".into())],
+            ttl_secs: 30,
+        };
+        control::write_line(&mut writer, &heartbeat).await.unwrap();
+        let mut buf = bytes::BytesMut::new();
+        let _: Ack = control::read_reply(&mut reader, &mut buf).await.unwrap();
+        let (_r, stream, _) = open(&proxy, &user, "node-b4").await.unwrap();
+        assert!(echo_roundtrip(stream, data.clone()).await == data[..]);
+        let out = cli(&proxy.data, &["nodes", "ls"]);
+        let text = stdout(&out);
+        let b4 = text.lines().find(|l| l.starts_with("node-b4")).unwrap();
+        assert!(b4.contains("direct") && b4.contains("site=lab"), "{text}");
 
         // A second tunnel for the same node replaces the first (which gets GOAWAY and
         // ends), and the node stays online through the new one.
