@@ -7,7 +7,7 @@
 //! | request | answer |
 //! |---|---|
 //! | `{"request":"status"}` | `{"ok":`[`StatusView`]`}` |
-//! | `{"request":"nodes"}` | `{"ok":[`[`NodeRecord`]`, ...]}` |
+//! | `{"request":"nodes"}` | `{"ok":[...]}`, a list of [`crate::directory::NodeRecord`] |
 //!
 //! A refusal is `{"error":{"code":"...","message":"..."}}` (the envelope of
 //! `tunnel::control::Reply`). Requests are at most [`MAX_ADMIN_REQUEST`] bytes. The socket's
