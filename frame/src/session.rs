@@ -1223,6 +1223,11 @@ impl Session {
         let s = &mut self.streams[key];
         let Some(chunk) = s.inbox.pop_front() else {
             if s.fin_received && s.phase == StreamPhase::Open {
+                // The FIN may have come after the last bytes were read: acknowledge them now,
+                // not at the next keepalive tick, so the peer can close the stream.
+                if s.unreported > 0 {
+                    self.report_credit(key);
+                }
                 self.maybe_complete(key);
                 return Ok(Received::Finished);
             }

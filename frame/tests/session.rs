@@ -1049,3 +1049,24 @@ fn error_goaway_from_the_peer_ends_the_session() {
     );
     assert!(pair.a.saw(|e| matches!(e, Event::Ended(Error::Ended(EndReason::ClosedByPeer { code: ErrorCode::INTERNAL, reason })) if reason.contains("shutting down hard"))));
 }
+
+#[test]
+fn bytes_read_before_the_fin_arrives_are_acknowledged_without_waiting_for_a_tick() {
+    let mut pair = Pair::standard();
+    let id = open_stream(&mut pair, "node-a");
+    pair.a
+        .session
+        .send(id, Bytes::from_static(b"last words"))
+        .unwrap();
+    pair.settle(Duration::from_millis(50));
+    assert_eq!(pair.b.app.received[&id], b"last words");
+    pair.a.session.finish(id).unwrap();
+    pair.b.app.finish_when_sent.insert(id);
+    pair.b.app.outbox.entry(id).or_default();
+    // Well within one keepalive interval (1 s): no tick may be needed to close.
+    pair.settle(Duration::from_millis(100));
+    assert!(
+        pair.a.saw(|e| *e == Event::Closed { stream: id }),
+        "closing waited for a keepalive tick"
+    );
+}

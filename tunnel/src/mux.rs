@@ -453,7 +453,12 @@ impl MuxStream {
                     }
                     Poll::Ready(Ok(Some(bytes)))
                 }
-                Ok(Received::Finished) => Poll::Ready(Ok(None)),
+                Ok(Received::Finished) => {
+                    if s.session.has_transmit() {
+                        s.wake_driver(); // the final WINDOW is due
+                    }
+                    Poll::Ready(Ok(None))
+                }
                 Ok(Received::Nothing) => {
                     if let Some(w) = s.streams.get_mut(&self.id) {
                         w.reader = Some(cx.waker().clone());
