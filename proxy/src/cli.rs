@@ -471,7 +471,7 @@ fn tokens_add(args: TokensAdd) -> Result<(), ProxyError> {
     println!();
     println!("The token is shown only now. On the node, run:");
     println!(
-        "  remoteler-agent --proxy {proxy} --ca-pin {pin} --token {secret} --node-name NODE_NAME"
+        "  remoteler-agent start --proxy {proxy} --ca-pin {pin} --token {secret} --node-name NODE_NAME"
     );
     Ok(())
 }
