@@ -642,13 +642,11 @@ mod session_regressions {
     }
 
     /// A stream whose last bytes were read before the peer's FIN arrived, fewer than the
-    /// WINDOW threshold (`initial_window / 4`), is never acknowledged: `recv` returns
-    /// `Finished` and `maybe_complete` removes the stream on the reader's side without
-    /// reporting the owed credit, and `flush_credit` no longer sees it. The writer keeps the
-    /// bytes unacknowledged forever, so it never emits `Closed` and the stream holds one of
-    /// the peer's `max_streams` slots until the tunnel ends.
+    /// WINDOW threshold (`initial_window / 4`), must still be acknowledged, or the writer
+    /// never closes it and it holds one of the peer's `max_streams` slots until the tunnel
+    /// ends. (Found here; fixed in 2d828fc: `recv` reports owed credit when it returns
+    /// `Finished`.)
     #[test]
-    #[ignore = "bug: a stream read to the end before its FIN arrives never closes on the writer (last WINDOW never sent)"]
     fn a_stream_read_before_its_fin_arrives_still_closes_on_the_writer() {
         let mut p = Pair::new();
         let id = p.open_a_to_b();
