@@ -1,6 +1,127 @@
-//! the user's command
+//! `remoteler`: parses the command line and runs one command of the `client` library.
+
+use std::os::unix::process::CommandExt;
+use std::time::SystemTime;
+
+use client::cli::{Args, Command, ProxyCommand};
+use client::home::{Home, USER_KEY_FILE};
+use client::{ClientError, block_on};
 
 fn main() {
-    eprintln!("remoteler: not built yet");
-    std::process::exit(2);
+    let args: Args = argh::from_env();
+    if let Err(e) = run(args) {
+        eprintln!("remoteler: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<(), ClientError> {
+    let home = Home::from_env()?;
+    let now = SystemTime::now();
+    match args.command {
+        Command::Login(login) => {
+            let prompt = format!("password for {} at {}: ", login.user, login.proxy);
+            let password = client::read_password(login.password_file.as_deref(), &prompt)?;
+            let profile = block_on(client::login(&home, &login, password))??;
+            println!(
+                "logged in to {} as {} (roles: {}); {}",
+                profile.cluster,
+                profile.user,
+                if profile.roles.is_empty() {
+                    "none".to_owned()
+                } else {
+                    profile.roles.join(", ")
+                },
+                client::remaining(&profile, now)
+            );
+        }
+        Command::Status(_) => {
+            let profile = home.require_profile()?;
+            print!(
+                "{}",
+                client::status_text(&profile, now, home.file(USER_KEY_FILE).exists())
+            );
+            if profile.check_not_expired(now).is_err() {
+                std::process::exit(1);
+            }
+        }
+        Command::Logout(_) => {
+            let profile = home.profile()?;
+            let removed = home.remove_credentials()?;
+            match (profile, removed) {
+                (Some(p), true) => println!(
+                    "logged out of {} (removed the key and certificate in {})",
+                    p.cluster,
+                    home.dir().display()
+                ),
+                (None, true) => println!(
+                    "removed the key and certificate in {}",
+                    home.dir().display()
+                ),
+                (_, false) => println!("not logged in"),
+            }
+        }
+        Command::Ls(ls) => {
+            let profile = home.valid_profile(now)?;
+            let nodes = block_on(client::list_nodes(&home, &profile))??;
+            if ls.json {
+                let text = serde_json::to_string_pretty(&nodes)
+                    .map_err(|e| ClientError::msg(format!("cannot encode the node list: {e}")))?;
+                println!("{text}");
+            } else {
+                print!("{}", client::nodes_table(&nodes));
+            }
+        }
+        Command::Ssh(ssh) => {
+            let profile = home.valid_profile(now)?;
+            let dest = client::ssh::Destination::parse(&ssh.destination, &profile.cluster)
+                .map_err(ClientError::msg)?;
+            let proxy_command =
+                client::ssh::proxy_command(&current_exe()?, remoteler_home().as_deref());
+            let args = client::ssh::ssh_args(
+                &ssh.destination,
+                &dest.node,
+                &profile.cluster,
+                &proxy_command,
+                &ssh.command,
+            );
+            let err = std::process::Command::new("ssh").args(&args).exec();
+            return Err(ClientError::msg(format!(
+                "cannot run ssh: {err}; install the OpenSSH client (package openssh-client)"
+            )));
+        }
+        Command::Proxy(proxy) => match proxy.command {
+            ProxyCommand::Ssh(p) => {
+                let profile = home.valid_profile(now)?;
+                block_on(client::proxy_ssh(&home, &profile, &p.destination))??;
+            }
+        },
+        Command::Config(_) => {
+            let profile = home.valid_profile(now)?;
+            let nodes = block_on(client::list_nodes(&home, &profile))??;
+            let names: Vec<String> = nodes.into_iter().map(|n| n.name).collect();
+            let proxy_command =
+                client::ssh::proxy_command(&current_exe()?, remoteler_home().as_deref());
+            let hint = match remoteler_home() {
+                Some(dir) => dir.display().to_string(),
+                None => "~/.remoteler".to_owned(),
+            };
+            print!(
+                "{}",
+                client::ssh::ssh_config(&profile.cluster, &names, &proxy_command, &hint)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn current_exe() -> Result<std::path::PathBuf, ClientError> {
+    std::env::current_exe()
+        .map_err(|e| ClientError::msg(format!("cannot find the path of this program: {e}")))
+}
+
+/// The REMOTELER_HOME the user chose, made absolute (ssh may run the ProxyCommand elsewhere).
+fn remoteler_home() -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("REMOTELER_HOME").filter(|d| !d.is_empty())?;
+    std::path::absolute(dir).ok()
 }

@@ -1,0 +1,190 @@
+//! Command-line arguments of `remoteler`.
+
+use std::path::PathBuf;
+
+use argh::FromArgs;
+
+/// remoteler: reach the nodes of a Remoteler cluster with plain ssh.
+#[derive(FromArgs, Debug, PartialEq)]
+pub struct Args {
+    #[argh(subcommand)]
+    /// what to do
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(FromArgs, Debug, PartialEq)]
+#[argh(subcommand)]
+pub enum Command {
+    /// Log in.
+    Login(LoginArgs),
+    /// Show the login.
+    Status(StatusArgs),
+    /// Log out.
+    Logout(LogoutArgs),
+    /// List nodes.
+    Ls(LsArgs),
+    /// Run ssh.
+    Ssh(SshArgs),
+    /// Bridges for other programs.
+    Proxy(ProxyArgs),
+    /// Print an ssh_config block.
+    Config(ConfigArgs),
+}
+
+/// Log in to a cluster's proxy and store a short-lived certificate.
+#[derive(FromArgs, Debug, PartialEq)]
+#[argh(subcommand, name = "login")]
+pub struct LoginArgs {
+    /// the proxy's user listener, HOST:PORT (port 3023 by default on the proxy)
+    #[argh(option)]
+    pub proxy: String,
+    /// user name
+    #[argh(option)]
+    pub user: String,
+    /// file holding the password (else it is asked on the terminal)
+    #[argh(option)]
+    pub password_file: Option<PathBuf>,
+    /// the cluster CA's pin, sha256:<64 hex digits>; needed on the first login to a proxy
+    #[argh(option)]
+    pub ca_pin: Option<String>,
+    /// requested lifetime of the certificate, e.g. 12h or 30m (the proxy may cap it)
+    #[argh(option, default = "String::from(\"12h\")")]
+    pub ttl: String,
+}
+
+/// Show who is logged in to which cluster, and until when.
+#[derive(FromArgs, Debug, PartialEq)]
+#[argh(subcommand, name = "status")]
+pub struct StatusArgs {}
+
+/// Delete the stored key and certificate.
+#[derive(FromArgs, Debug, PartialEq)]
+#[argh(subcommand, name = "logout")]
+pub struct LogoutArgs {}
+
+/// List the cluster's nodes.
+#[derive(FromArgs, Debug, PartialEq)]
+#[argh(subcommand, name = "ls")]
+pub struct LsArgs {
+    /// print JSON instead of a table
+    #[argh(switch)]
+    pub json: bool,
+}
+
+/// Run the system ssh to a node through the proxy.
+#[derive(FromArgs, Debug, PartialEq)]
+#[argh(subcommand, name = "ssh")]
+pub struct SshArgs {
+    /// the node, with an optional login: LOGIN@NODE or NODE
+    #[argh(positional)]
+    pub destination: String,
+    /// command to run on the node (everything after NODE)
+    #[argh(positional, greedy)]
+    pub command: Vec<String>,
+}
+
+/// Bridges for other programs.
+#[derive(FromArgs, Debug, PartialEq)]
+#[argh(subcommand, name = "proxy")]
+pub struct ProxyArgs {
+    #[argh(subcommand)]
+    /// which bridge
+    pub command: ProxyCommand,
+}
+
+/// Bridges.
+#[derive(FromArgs, Debug, PartialEq)]
+#[argh(subcommand)]
+pub enum ProxyCommand {
+    /// The ssh ProxyCommand.
+    Ssh(ProxySshArgs),
+}
+
+/// Connect stdin/stdout to a node's ssh service (ssh's ProxyCommand).
+#[derive(FromArgs, Debug, PartialEq)]
+#[argh(subcommand, name = "ssh")]
+pub struct ProxySshArgs {
+    /// LOGIN@NODE:PORT (login and port optional), as ssh's %r@%h:%p
+    #[argh(positional)]
+    pub destination: String,
+}
+
+/// Print an ssh_config block so that plain `ssh NODE` goes through the proxy.
+#[derive(FromArgs, Debug, PartialEq)]
+#[argh(subcommand, name = "config")]
+pub struct ConfigArgs {}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Command, String> {
+        Args::from_args(&["remoteler"], args)
+            .map(|a| a.command)
+            .map_err(|e| e.output)
+    }
+
+    #[test]
+    fn login_flags() {
+        let Command::Login(l) = parse(&["login", "--proxy", "p:3023", "--user", "alice"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(l.ttl, "12h");
+        assert_eq!(l.password_file, None);
+        assert!(
+            parse(&["login", "--user", "alice"]).is_err(),
+            "--proxy is required"
+        );
+        let Command::Login(l) = parse(&[
+            "login",
+            "--proxy",
+            "p:3023",
+            "--user",
+            "a",
+            "--ttl",
+            "30m",
+            "--password-file",
+            "/f",
+            "--ca-pin",
+            "sha256:00",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (l.ttl.as_str(), l.ca_pin.as_deref()),
+            ("30m", Some("sha256:00"))
+        );
+    }
+
+    #[test]
+    fn ssh_passes_the_command_through() {
+        let Command::Ssh(s) = parse(&["ssh", "root@node-r1", "ls", "-la", "/tmp"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(s.destination, "root@node-r1");
+        assert_eq!(s.command, ["ls", "-la", "/tmp"]);
+    }
+
+    #[test]
+    fn proxy_ssh_and_others() {
+        assert_eq!(
+            parse(&["proxy", "ssh", "root@node-r1:22"]).unwrap(),
+            Command::Proxy(ProxyArgs {
+                command: ProxyCommand::Ssh(ProxySshArgs {
+                    destination: "root@node-r1:22".into()
+                })
+            })
+        );
+        assert_eq!(
+            parse(&["ls", "--json"]).unwrap(),
+            Command::Ls(LsArgs { json: true })
+        );
+        assert_eq!(parse(&["config"]).unwrap(), Command::Config(ConfigArgs {}));
+        assert!(parse(&["proxy"]).is_err());
+        assert!(parse(&["nosuch"]).is_err());
+    }
+}

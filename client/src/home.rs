@@ -1,0 +1,303 @@
+//! The user's Remoteler directory: `$REMOTELER_HOME`, or `~/.remoteler/`.
+//!
+//! | file | contents | mode |
+//! |---|---|---|
+//! | `profile.json` | proxy address, user, cluster, roles, logins, expiry | 0600 |
+//! | `user.key` | the user's private key, PKCS#8 PEM | 0600 |
+//! | `user.crt` | the user certificate chain (leaf, CA), PEM | 0644 |
+//! | `ca.crt` | the cluster CA certificate, PEM | 0644 |
+//!
+//! The directory is created with mode 0700.
+
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls_pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
+use tunnel::identity::{self, FileRole, TlsIdentity};
+
+use crate::ClientError;
+
+/// Profile file name.
+pub const PROFILE_FILE: &str = "profile.json";
+/// User key file name.
+pub const USER_KEY_FILE: &str = "user.key";
+/// User certificate chain file name.
+pub const USER_CERT_FILE: &str = "user.crt";
+/// Cluster CA file name.
+pub const CA_FILE: &str = "ca.crt";
+
+/// Where the profile lives.
+#[derive(Debug, Clone)]
+pub struct Home {
+    dir: PathBuf,
+}
+
+/// What `remoteler login` stored about the current login.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    /// The proxy's user listener, HOST:PORT.
+    pub proxy: String,
+    /// User name.
+    pub user: String,
+    /// Cluster name.
+    pub cluster: String,
+    /// Roles from the certificate.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// OS logins the user may use.
+    #[serde(default)]
+    pub logins: Vec<String>,
+    /// End of the certificate's validity, seconds since the Unix epoch.
+    pub expires_unix: u64,
+}
+
+impl Profile {
+    /// The expiry as a time.
+    pub fn expires(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(self.expires_unix)
+    }
+
+    /// The error for an expired login, if it has expired at `now`.
+    pub fn check_not_expired(&self, now: SystemTime) -> Result<(), ClientError> {
+        if now >= self.expires() {
+            return Err(ClientError::Expired {
+                cluster: self.cluster.clone(),
+                at: humantime::format_rfc3339_seconds(self.expires()).to_string(),
+                proxy: self.proxy.clone(),
+                user: self.user.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Home {
+    /// `$REMOTELER_HOME`, else `$HOME/.remoteler`.
+    pub fn from_env() -> Result<Home, ClientError> {
+        if let Some(dir) = std::env::var_os("REMOTELER_HOME").filter(|d| !d.is_empty()) {
+            return Ok(Home {
+                dir: PathBuf::from(dir),
+            });
+        }
+        let home = std::env::var_os("HOME")
+            .filter(|d| !d.is_empty())
+            .ok_or_else(|| {
+                ClientError::msg("neither REMOTELER_HOME nor HOME is set; set REMOTELER_HOME to a directory for the login files")
+            })?;
+        Ok(Home {
+            dir: Path::new(&home).join(".remoteler"),
+        })
+    }
+
+    /// A given directory.
+    pub fn at(dir: impl Into<PathBuf>) -> Home {
+        Home { dir: dir.into() }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A file in the directory.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Creates the directory (0700) if needed.
+    pub fn create(&self) -> Result<(), ClientError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .map_err(|e| {
+                ClientError::msg(format!(
+                    "cannot create {}: {e}; set REMOTELER_HOME to a writable directory",
+                    self.dir.display()
+                ))
+            })
+    }
+
+    /// The stored profile; `None` if there is none.
+    pub fn profile(&self) -> Result<Option<Profile>, ClientError> {
+        let path = self.file(PROFILE_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(ClientError::msg(format!(
+                    "cannot read {}: {e}",
+                    path.display()
+                )));
+            }
+        };
+        serde_json::from_str(&text).map(Some).map_err(|e| {
+            ClientError::msg(format!(
+                "{} is damaged ({e}); run `remoteler login` again",
+                path.display()
+            ))
+        })
+    }
+
+    /// The profile of a login, or the error telling the user to log in.
+    pub fn require_profile(&self) -> Result<Profile, ClientError> {
+        self.profile()?.ok_or(ClientError::NotLoggedIn)
+    }
+
+    /// The profile of a valid login: not logged in and expired are errors, found before any
+    /// connection is attempted.
+    pub fn valid_profile(&self, now: SystemTime) -> Result<Profile, ClientError> {
+        let profile = self.require_profile()?;
+        profile.check_not_expired(now)?;
+        if !self.file(USER_KEY_FILE).exists() || !self.file(USER_CERT_FILE).exists() {
+            return Err(ClientError::NotLoggedIn);
+        }
+        Ok(profile)
+    }
+
+    /// Writes the profile atomically.
+    pub fn save_profile(&self, profile: &Profile) -> Result<(), ClientError> {
+        let mut text = serde_json::to_string_pretty(profile)
+            .map_err(|e| ClientError::msg(format!("cannot encode the profile: {e}")))?;
+        text.push('\n');
+        write_atomic(&self.file(PROFILE_FILE), text.as_bytes(), 0o600)
+    }
+
+    /// The user's certificate chain and key.
+    pub fn identity(&self) -> Result<TlsIdentity, ClientError> {
+        TlsIdentity::load(&self.file(USER_CERT_FILE), &self.file(USER_KEY_FILE))
+            .map_err(ClientError::from)
+    }
+
+    /// The stored cluster CA certificates.
+    pub fn ca(&self) -> Result<Vec<CertificateDer<'static>>, ClientError> {
+        identity::read_certificates(&self.file(CA_FILE), FileRole::Certificate)
+            .map_err(ClientError::from)
+    }
+
+    /// Deletes the key and certificate; true if anything was there.
+    pub fn remove_credentials(&self) -> Result<bool, ClientError> {
+        let mut removed = false;
+        for name in [USER_KEY_FILE, USER_CERT_FILE] {
+            let path = self.file(name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => removed = true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(ClientError::msg(format!(
+                        "cannot remove {}: {e}",
+                        path.display()
+                    )));
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Temporary file, sync, rename.
+fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), ClientError> {
+    use std::io::Write;
+    let err = |e: std::io::Error| ClientError::msg(format!("cannot write {}: {e}", path.display()));
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(err)?;
+    file.write_all(contents).map_err(err)?;
+    file.sync_all().map_err(err)?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn profile(expires_unix: u64) -> Profile {
+        Profile {
+            proxy: "proxy.example.com:3023".into(),
+            user: "alice".into(),
+            cluster: "example.com".into(),
+            roles: vec!["dev".into()],
+            logins: vec!["root".into()],
+            expires_unix,
+        }
+    }
+
+    #[test]
+    fn profile_round_trips_and_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(dir.path().join("h"));
+        assert!(home.profile().unwrap().is_none());
+        home.create().unwrap();
+        let p = profile(2_000_000_000);
+        home.save_profile(&p).unwrap();
+        assert_eq!(home.profile().unwrap().unwrap(), p);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(home.file(PROFILE_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let mode = std::fs::metadata(home.dir()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn expiry_message_names_cluster_time_and_command() {
+        let p = profile(1_700_000_000);
+        let err = p
+            .check_not_expired(SystemTime::now())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "your login to example.com expired at 2023-11-14T22:13:20Z; run `remoteler login --proxy proxy.example.com:3023 --user alice`"
+        );
+        assert!(
+            p.check_not_expired(UNIX_EPOCH + Duration::from_secs(1_600_000_000))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn damaged_profile_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(dir.path());
+        std::fs::write(home.file(PROFILE_FILE), "{not json").unwrap();
+        let err = home.profile().unwrap_err().to_string();
+        assert!(
+            err.contains("damaged") && err.contains("remoteler login"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn valid_profile_requires_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(dir.path());
+        assert!(matches!(
+            home.valid_profile(SystemTime::now()),
+            Err(ClientError::NotLoggedIn)
+        ));
+        home.save_profile(&profile(4_000_000_000)).unwrap();
+        assert!(matches!(
+            home.valid_profile(SystemTime::now()),
+            Err(ClientError::NotLoggedIn)
+        ));
+        std::fs::write(home.file(USER_KEY_FILE), "k").unwrap();
+        std::fs::write(home.file(USER_CERT_FILE), "c").unwrap();
+        assert!(home.valid_profile(SystemTime::now()).is_ok());
+        assert!(home.remove_credentials().unwrap());
+        assert!(!home.file(USER_KEY_FILE).exists());
+        assert!(!home.remove_credentials().unwrap());
+    }
+}
