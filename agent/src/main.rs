@@ -53,7 +53,6 @@ fn main() {
         }
     };
     if let Err(e) = runtime.block_on(agent::run(config, shutdown_requested())) {
-        tracing::error!("{e}");
         eprintln!("remoteler-agent: {e}");
         std::process::exit(1);
     }

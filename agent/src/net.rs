@@ -79,11 +79,20 @@ pub fn resolve(addr: &HostPort) -> Result<Vec<SocketAddr>, DialError> {
 /// Connects TCP to the first address of `addr` that answers within [`CONNECT_TIMEOUT`].
 pub async fn connect_tcp(addr: &HostPort) -> Result<TcpStream, DialError> {
     let mut last = String::from("no address tried");
+    // Name the address tried only when it is not already what the message shows.
+    let named = addr.ip().is_none();
+    let at = |sockaddr: SocketAddr| {
+        if named {
+            format!("{sockaddr}: ")
+        } else {
+            String::new()
+        }
+    };
     for sockaddr in resolve(addr)? {
         match monoio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect_addr(sockaddr)).await {
             Ok(Ok(tcp)) => return Ok(tcp),
-            Ok(Err(e)) => last = format!("{sockaddr}: {e}"),
-            Err(_) => last = format!("{sockaddr}: no answer within {CONNECT_TIMEOUT:?}"),
+            Ok(Err(e)) => last = format!("{}{e}", at(sockaddr)),
+            Err(_) => last = format!("{}no answer within {CONNECT_TIMEOUT:?}", at(sockaddr)),
         }
     }
     Err(DialError::Connect {
