@@ -58,7 +58,7 @@ pub const MAX_MAX_FRAME: u32 = 64 << 10;
 /// Most streams open at once on one tunnel.
 pub const DEFAULT_MAX_STREAMS_PER_TUNNEL: u32 = 1024;
 /// Upper bound for `limits.max_streams_per_tunnel`.
-pub const MAX_MAX_STREAMS_PER_TUNNEL: u32 = 65_536;
+pub const MAX_MAX_STREAMS_PER_TUNNEL: u32 = 65_535;
 /// Most OPENs sent on one tunnel and not yet answered.
 pub const DEFAULT_MAX_PENDING_OPENS: u32 = 64;
 /// Upper bound for `limits.max_pending_opens`.

@@ -619,8 +619,9 @@ impl TryFrom<BTreeMap<String, String>> for Labels {
 // ---------------------------------------------------------------------------------------------
 // CA pin
 
-/// The SHA-256 digest of the cluster CA's certificate, written `sha256:` and 64 lowercase hex
-/// digits (what `remoteler-proxy init` prints). An agent joining for the first time trusts only
+/// The SHA-256 digest of the cluster CA's DER SubjectPublicKeyInfo (its public key, not the whole
+/// certificate), written `sha256:` and 64 lowercase hex digits (what `remoteler-proxy init`
+/// prints). An agent joining for the first time trusts only
 /// a proxy whose CA matches it.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct CaPin([u8; 32]);

@@ -46,8 +46,8 @@ pub const MAX_LABELS: usize = 32;
 pub const MAX_SERVICES: usize = 16;
 /// Nodes in one ANNOUNCE.
 pub const MAX_ANNOUNCE_NODES: usize = 20_000;
-/// Entries in one RESUME: as many as streams a tunnel may hold at most.
-pub const MAX_RESUME_STREAMS: usize = 0x1_0000;
+/// Entries in one RESUME (its count is a u16): the most streams a session ever holds.
+pub const MAX_RESUME_STREAMS: usize = 0xFFFF;
 /// Bytes of a HELLO payload in v1; later versions may append fields, so up to
 /// [`MAX_HELLO_PAYLOAD`] is accepted and the tail ignored.
 pub const HELLO_LEN: usize = 38;
@@ -209,7 +209,7 @@ impl Limits {
             Kind::Data => self.max_data.min(MAX_DATA_PAYLOAD),
             Kind::Window => 4,
             Kind::Ping | Kind::Pong => 8,
-            Kind::Resume => 4 + 2 + RESUME_ENTRY_LEN * (MAX_RESUME_STREAMS - 1),
+            Kind::Resume => 4 + 2 + RESUME_ENTRY_LEN * MAX_RESUME_STREAMS,
         }
     }
 }

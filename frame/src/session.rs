@@ -52,6 +52,9 @@ pub const DEFAULT_MAX_PENDING_OPENS: u32 = 64;
 pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Intervals without any frame from the peer before the transport is declared dead.
 pub const DEFAULT_KEEPALIVE_COUNT: u32 = 3;
+/// Control frames queued for a peer that does not read, beyond which its further OPENs are a
+/// protocol error: refusals must not grow without bound.
+const MAX_CONTROL_BACKLOG: usize = 4096;
 /// How long streams wait for a lost transport to come back.
 pub const DEFAULT_RESUME_GRACE: Duration = Duration::from_secs(30);
 
@@ -276,11 +279,18 @@ struct Stream {
     phase: StreamPhase,
     /// Kept while our OPEN is unanswered, to resend it if the transport drops.
     request: Option<Open>,
-    /// Sent, not yet acknowledged: bytes `acked..next`.
+    /// Whether our OPEN for this stream was ever queued; a stream reset before that is
+    /// dropped silently (a RESET would name a stream the peer never heard of).
+    open_sent: bool,
+    /// Sent and kept for resending: bytes `base..next`.
     unacked: VecDeque<Bytes>,
     /// Accepted from the application, not yet sent: bytes `next..written`.
     unsent: VecDeque<Bytes>,
+    /// Acknowledged by the peer (consumed by its application). The FIN counts as one unit at
+    /// offset `written`, so a stream whose FIN was acknowledged has `acked == written + 1`.
     acked: u64,
+    /// First byte still kept: bytes below it were acknowledged or are known to be received.
+    base: u64,
     next: u64,
     written: u64,
     /// Credit: we may have written up to this offset.
@@ -296,6 +306,8 @@ struct Stream {
     /// Consumed bytes not yet reported in a WINDOW.
     unreported: u64,
     fin_received: bool,
+    /// The application has read the peer's FIN (it counts as one consumed unit).
+    fin_consumed: bool,
 }
 
 impl Stream {
@@ -304,9 +316,11 @@ impl Stream {
             id,
             phase,
             request,
+            open_sent: false,
             unacked: VecDeque::new(),
             unsent: VecDeque::new(),
             acked: 0,
+            base: 0,
             next: 0,
             written: 0,
             limit: 0,
@@ -319,6 +333,7 @@ impl Stream {
             granted: u64::from(window),
             unreported: 0,
             fin_received: false,
+            fin_consumed: false,
         }
     }
 
@@ -327,16 +342,24 @@ impl Stream {
             && (!self.unsent.is_empty() || self.fin == LocalFin::Pending)
     }
 
+    /// Both FINs are through and acknowledged both ways: nothing can be lost any more.
     fn is_complete(&self) -> bool {
         self.phase == StreamPhase::Open
             && self.fin == LocalFin::Sent
-            && self.acked == self.written
-            && self.fin_received
-            && self.consumed == self.received
+            && self.acked == self.written + 1
+            && self.fin_consumed
     }
 
-    /// Drops `n` acknowledged bytes from the front of the retransmit queue.
-    fn release(&mut self, mut n: u64) {
+    /// Where the sent data and the FIN end, in acknowledgement units.
+    fn sent_end(&self) -> u64 {
+        self.next + u64::from(self.fin == LocalFin::Sent)
+    }
+
+    /// Drops kept bytes below `offset` (acknowledged, or known to be at the peer).
+    fn release_to(&mut self, offset: u64) {
+        let target = offset.min(self.next);
+        let mut n = target.saturating_sub(self.base);
+        self.base = self.base.max(target);
         while n > 0 {
             let Some(front) = self.unacked.front_mut() else {
                 break;
@@ -353,16 +376,17 @@ impl Stream {
     }
 
     fn check_invariants(&self) {
-        debug_assert!(self.acked <= self.next && self.next <= self.written);
+        debug_assert!(self.acked <= self.sent_end() && self.next <= self.written);
+        debug_assert!(self.base <= self.next);
         debug_assert_eq!(
             self.unacked.iter().map(|b| b.len() as u64).sum::<u64>(),
-            self.next - self.acked
+            self.next - self.base
         );
         debug_assert_eq!(
             self.unsent.iter().map(|b| b.len() as u64).sum::<u64>(),
             self.written - self.next
         );
-        debug_assert!(self.consumed <= self.received);
+        debug_assert!(self.consumed <= self.received + u64::from(self.fin_consumed));
     }
 }
 
@@ -389,6 +413,9 @@ pub struct Session {
     highest_peer_id: u32,
     pending_opens: u32,
     control: VecDeque<Transmit>,
+    /// The PONG owed for the latest PING; older ones are superseded, so a peer that floods
+    /// PINGs without reading cannot grow our queue.
+    pending_pong: Option<u64>,
     /// Stream control frames made while waiting for the peer's RESUME.
     deferred: Vec<Transmit>,
     /// Streams with bytes or a FIN to send, served round robin one frame at a time.
@@ -409,7 +436,9 @@ pub struct Session {
 impl Session {
     /// A new session whose HELLO is queued at once. `local_id` names the session across
     /// reconnects and should be random (the driver has the random source, not this crate).
-    pub fn new(config: SessionConfig, local_id: [u8; 16], now: Instant) -> Self {
+    pub fn new(mut config: SessionConfig, local_id: [u8; 16], now: Instant) -> Self {
+        // RESUME lists every stream with a u16 count.
+        config.max_streams = config.max_streams.min(codec::MAX_RESUME_STREAMS as u32);
         let limits = Limits {
             max_data: (config.max_frame as usize).min(MAX_DATA_PAYLOAD),
             max_announce: config.max_announce as usize,
@@ -427,6 +456,7 @@ impl Session {
             highest_peer_id: 0,
             pending_opens: 0,
             control: VecDeque::new(),
+            pending_pong: None,
             deferred: Vec::new(),
             sendable: VecDeque::new(),
             events: VecDeque::new(),
@@ -553,7 +583,7 @@ impl Session {
             return match frame {
                 Frame::Resume(resume) => self.handle_resume(resume),
                 Frame::Ping { opaque } => {
-                    self.push_control(&Frame::Pong { opaque });
+                    self.pending_pong = Some(opaque);
                     Ok(())
                 }
                 Frame::Pong { opaque } => {
@@ -586,7 +616,7 @@ impl Session {
                 Ok(())
             }
             Frame::Ping { opaque } => {
-                self.push_control(&Frame::Pong { opaque });
+                self.pending_pong = Some(opaque);
                 Ok(())
             }
             Frame::Pong { opaque } => {
@@ -680,7 +710,18 @@ impl Session {
             max_frame: hello.max_frame.min(MAX_DATA_PAYLOAD as u32),
             max_streams: hello.max_streams,
         });
-        if we_resume && hello.resuming && same_peer {
+        if we_resume && !same_peer {
+            // The peer restarted, or never saw our first HELLO: our streams cannot go on,
+            // and its stream ids start again.
+            self.reset_all(
+                ErrorCode::RESUME_FAILED,
+                "peer restarted; the stream could not be resumed",
+            );
+            self.highest_peer_id = 0;
+        }
+        if we_resume && hello.resuming {
+            // Both sides resume: both send RESUME (empty after a restart), so neither waits
+            // for a RESUME that never comes nor gets one it does not expect.
             self.phase = Phase::AwaitResume;
             let resume = self.resume_frame();
             self.push_control(&Frame::Resume(resume));
@@ -691,12 +732,13 @@ impl Session {
             }
             return Ok(());
         }
-        if we_resume {
-            // The peer restarted (or never knew us): our streams cannot continue.
+        if we_resume && same_peer {
+            // The peer kept our id but is not resuming: it dropped the session's streams.
             self.reset_all(
                 ErrorCode::RESUME_FAILED,
                 "peer restarted; the stream could not be resumed",
             );
+            self.highest_peer_id = 0;
         }
         self.phase = Phase::Open;
         self.events.push_back(Event::Connected { role: hello.role });
@@ -725,30 +767,38 @@ impl Session {
     fn handle_resume(&mut self, resume: Resume) -> Result<(), Error> {
         let listed: HashMap<u32, ResumeStream> =
             resume.streams.iter().map(|e| (e.stream, *e)).collect();
-        let keys: Vec<usize> = self.streams.iter().map(|(k, _)| k).collect();
+        let peer_window = self.peer_window();
+        // In id order, so that OPENs sent again keep increasing ids.
+        let mut keys: Vec<usize> = self.streams.iter().map(|(k, _)| k).collect();
+        keys.sort_by_key(|&k| self.streams[k].id);
         for key in keys {
             let id = self.streams[key].id;
             let ours = self.is_local_id(id);
             match listed.get(&id) {
                 Some(entry) => {
                     let s = &mut self.streams[key];
-                    if entry.received < s.acked || entry.received > s.next {
+                    // The peer's credit limit is what it consumed plus its window.
+                    let peer_acked = entry.credit_limit.saturating_sub(peer_window);
+                    if peer_acked < s.acked
+                        || peer_acked > s.sent_end()
+                        || entry.received < s.base
+                        || entry.received > s.next
+                    {
                         return Err(ProtocolError::AckBeyondSent {
                             stream: id,
-                            acked: entry.received,
-                            sent: s.next,
+                            acked: entry.received.max(peer_acked),
+                            sent: s.sent_end(),
                         }
                         .into());
                     }
-                    // Bytes the peer holds count as delivered; the rest is sent again.
-                    let delivered = entry.received - s.acked;
-                    s.release(delivered);
-                    s.acked = entry.received;
+                    // Bytes the peer holds need not be sent again; the rest are.
+                    s.acked = peer_acked;
+                    s.release_to(entry.received);
                     while let Some(chunk) = s.unacked.pop_back() {
                         s.unsent.push_front(chunk);
                     }
-                    s.next = s.acked;
-                    s.limit = entry.credit_limit.max(s.acked);
+                    s.next = entry.received;
+                    s.limit = entry.credit_limit.max(s.written.min(entry.credit_limit));
                     if s.fin == LocalFin::Sent && !entry.fin_received {
                         s.fin = LocalFin::Pending;
                     }
@@ -768,14 +818,19 @@ impl Session {
                             stream: id,
                             open: request,
                         });
+                        self.streams[key].open_sent = true;
                     }
                 }
                 None => {
-                    let s = &self.streams[key];
-                    let done = s.phase == StreamPhase::Open
-                        && s.fin == LocalFin::Sent
-                        && s.fin_received
-                        && s.consumed == s.received;
+                    let s = &mut self.streams[key];
+                    // A peer that forgot a stream after both FINs had crossed completed it:
+                    // it had every byte and our FIN. Keep what our application has not read.
+                    if s.phase == StreamPhase::Open && s.fin == LocalFin::Sent && s.fin_received {
+                        s.acked = s.written + 1;
+                        s.release_to(s.next);
+                        self.maybe_complete(key);
+                        continue;
+                    }
                     let phase = s.phase;
                     if phase == StreamPhase::OpeningRemote {
                         self.pending_opens -= 1;
@@ -783,16 +838,16 @@ impl Session {
                     self.remove(key);
                     let reason =
                         "the peer no longer had the stream after the reconnect".to_string();
-                    self.events.push_back(match (done, phase) {
-                        (true, _) => Event::Closed { stream: id },
-                        (false, StreamPhase::OpeningLocal) => Event::OpenFailed {
+                    let code = ErrorCode::RESUME_FAILED;
+                    self.events.push_back(match phase {
+                        StreamPhase::OpeningLocal => Event::OpenFailed {
                             stream: id,
-                            code: ErrorCode::RESUME_FAILED,
+                            code,
                             reason,
                         },
-                        (false, _) => Event::Reset {
+                        _ => Event::Reset {
                             stream: id,
-                            code: ErrorCode::RESUME_FAILED,
+                            code,
                             reason,
                         },
                     });
@@ -848,6 +903,14 @@ impl Session {
             None
         };
         if let Some((code, reason)) = refuse {
+            if self.control.len() >= MAX_CONTROL_BACKLOG {
+                return Err(ProtocolError::WrongState {
+                    kind: Kind::Open,
+                    stream,
+                    state: "refused while the peer reads none of our refusals (backlog full)",
+                }
+                .into());
+            }
             self.push_stream_control(&Frame::OpenFail {
                 stream,
                 code,
@@ -922,16 +985,16 @@ impl Session {
         };
         let s = &mut self.streams[key];
         let acked = s.acked + u64::from(increment);
-        if acked > s.next {
+        if acked > s.sent_end() {
             return Err(ProtocolError::AckBeyondSent {
                 stream,
                 acked,
-                sent: s.next,
+                sent: s.sent_end(),
             }
             .into());
         }
-        s.release(u64::from(increment));
         s.acked = acked;
+        s.release_to(acked);
         s.limit += u64::from(increment);
         if s.blocked && s.fin == LocalFin::NotYet {
             s.blocked = false;
@@ -1040,6 +1103,7 @@ impl Session {
         // Everything queued is regenerated from stream state by RESUME.
         self.control.clear();
         self.deferred.clear();
+        self.pending_pong = None;
         self.ping_sent = None;
     }
 
@@ -1067,6 +1131,7 @@ impl Session {
             }
         }
         self.phase = Phase::Handshake { resuming: true };
+        self.control.clear();
         self.next_keepalive = now + self.config.keepalive_interval;
         self.missed = 0;
         self.heard_since_tick = false;
@@ -1090,6 +1155,10 @@ impl Session {
         if self.goaway_sent.is_some() || self.goaway_received {
             return Err(self.stream_err(0, StreamError::GoingAway));
         }
+        if self.streams.len() >= codec::MAX_RESUME_STREAMS {
+            let max = codec::MAX_RESUME_STREAMS as u32;
+            return Err(self.stream_err(0, StreamError::TooManyStreams(max)));
+        }
         if let Some(peer) = self.peer {
             if self.streams.len() >= peer.max_streams as usize {
                 return Err(self.stream_err(0, StreamError::TooManyStreams(peer.max_streams)));
@@ -1106,7 +1175,8 @@ impl Session {
         self.next_local_id += 2;
         // While a reconnect is under way the OPEN is sent once the peer's RESUME shows it
         // has not seen this id.
-        if self.may_send_stream_frames() {
+        let open_sent = self.may_send_stream_frames();
+        if open_sent {
             self.push_control(&Frame::Open {
                 stream: id,
                 open: request.clone(),
@@ -1118,6 +1188,7 @@ impl Session {
             self.config.initial_window,
             Some(request),
         ));
+        self.streams[key].open_sent = open_sent;
         self.ids.insert(id, key);
         Ok(id)
     }
@@ -1203,10 +1274,15 @@ impl Session {
     /// Aborts a stream: queued bytes are dropped and the peer gets RESET.
     pub fn reset(&mut self, stream: u32, code: ErrorCode, reason: &str) -> Result<(), Error> {
         let key = self.key(stream)?;
-        if self.streams[key].phase == StreamPhase::OpeningRemote {
+        let s = &self.streams[key];
+        let peer_knows = s.phase != StreamPhase::OpeningLocal || s.open_sent;
+        if s.phase == StreamPhase::OpeningRemote {
             self.pending_opens -= 1;
         }
         self.remove(key);
+        if !peer_knows {
+            return Ok(());
+        }
         let reason = clip_reason(reason);
         self.push_stream_control(&Frame::Reset {
             stream,
@@ -1223,8 +1299,13 @@ impl Session {
         let s = &mut self.streams[key];
         let Some(chunk) = s.inbox.pop_front() else {
             if s.fin_received && s.phase == StreamPhase::Open {
-                // The FIN may have come after the last bytes were read: acknowledge them now,
-                // not at the next keepalive tick, so the peer can close the stream.
+                // Reading the FIN consumes one unit, acknowledged at once (with any bytes
+                // read before the FIN came) so that the peer can forget the stream.
+                if !s.fin_consumed {
+                    s.fin_consumed = true;
+                    s.consumed += 1;
+                    s.unreported += 1;
+                }
                 if s.unreported > 0 {
                     self.report_credit(key);
                 }
@@ -1263,7 +1344,11 @@ impl Session {
     pub fn goaway(&mut self, reason: &str) {
         let reason = clip_reason(reason);
         self.goaway_sent = Some((ErrorCode::GOING_AWAY, reason.clone()));
-        if self.phase != Phase::Ended {
+        // While detached, `reattach` sends it after the new HELLO.
+        if matches!(
+            self.phase,
+            Phase::Handshake { .. } | Phase::AwaitResume | Phase::Open
+        ) {
             self.push_control(&Frame::GoAway {
                 code: ErrorCode::GOING_AWAY,
                 reason,
@@ -1284,6 +1369,11 @@ impl Session {
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         if let Some(t) = self.control.pop_front() {
             return Some(t);
+        }
+        if let Some(opaque) = self.pending_pong.take() {
+            if self.phase != Phase::Ended {
+                return Some(Transmit::control(&Frame::Pong { opaque }));
+            }
         }
         if !self.may_send_stream_frames() {
             return None;
@@ -1333,7 +1423,9 @@ impl Session {
 
     /// Whether [`Session::poll_transmit`] has something now.
     pub fn has_transmit(&self) -> bool {
-        !self.control.is_empty() || (self.may_send_stream_frames() && !self.sendable.is_empty())
+        !self.control.is_empty()
+            || self.pending_pong.is_some()
+            || (self.may_send_stream_frames() && !self.sendable.is_empty())
     }
 
     // ---- internals ----------------------------------------------------------------------

@@ -38,7 +38,7 @@ pub const ALPN_API: &[u8] = b"remoteler-api/1";
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// Join: an agent trades a join token for a node certificate on its own key.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct JoinRequest {
     /// The join token (secret; never logged).
@@ -47,6 +47,15 @@ pub struct JoinRequest {
     pub node: String,
     /// The agent's public key, SubjectPublicKeyInfo DER, hex.
     pub public_key: String,
+}
+
+impl std::fmt::Debug for JoinRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinRequest")
+            .field("node", &self.node)
+            .field("token", &"MASKED")
+            .finish()
+    }
 }
 
 impl JoinRequest {
