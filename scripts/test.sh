@@ -42,6 +42,6 @@ step "end to end: real proxy, agents, sshd and ssh (scripts/e2e.sh)"
 bash scripts/e2e.sh
 
 step "fuzz smoke run"
-FUZZ_SECONDS="${FUZZ_SECONDS:-20}" bash .ci/fuzz-smoke.sh
+REMOTELER_FUZZ_STRICT="${REMOTELER_FUZZ_STRICT:-1}" FUZZ_SECONDS="${FUZZ_SECONDS:-20}" bash .ci/fuzz-smoke.sh
 
 step "all checks passed"

@@ -382,7 +382,7 @@ const RULES: &[(&str, &str, &str, &str)] = &[
     (
         "[limits]\nmax_streams_per_tunnel = 0",
         "limits.max_streams_per_tunnel",
-        "an integer from 1 to 65536",
+        "an integer from 1 to 65535",
         "0",
     ),
     (
