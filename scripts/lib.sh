@@ -7,7 +7,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN="$ROOT/target/${PROFILE_DIR:-debug}"
 WORK=${WORK:-$(mktemp -d /tmp/remoteler.XXXXXX)}
-PIDS=()
+mkdir -p "$WORK"
 NETNS=()
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
@@ -15,7 +15,10 @@ fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
 
 cleanup() {
   local pid ns
-  for pid in "${PIDS[@]:-}"; do [ -n "$pid" ] && kill "$pid" 2>/dev/null || true; done
+  # `bg` often runs in a command substitution (a subshell), so pids go through a file.
+  if [ -f "$WORK/pids" ]; then
+    while read -r pid; do kill "$pid" 2>/dev/null || true; done <"$WORK/pids"
+  fi
   for f in "$WORK"/*/sshd.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
   for ns in "${NETNS[@]:-}"; do [ -n "$ns" ] && ip netns del "$ns" 2>/dev/null || true; done
   wait 2>/dev/null || true
@@ -117,6 +120,6 @@ make_nat_site() {
 bg() {
   local name=$1; shift
   "$@" >"$WORK/$name.log" 2>&1 &
-  PIDS+=($!)
+  echo $! >>"$WORK/pids"
   echo $!
 }

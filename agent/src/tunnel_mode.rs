@@ -45,6 +45,9 @@ pub fn session_config(config: &AgentConfig) -> SessionConfig {
     c.max_frame = config.flow.max_frame();
     c.keepalive_interval = config.keepalive.interval;
     c.keepalive_count = config.keepalive.count;
+    // Each connection starts a new session until the proxy can reattach detached ones; a lost
+    // transport must then end the session and reset its streams, not leave them waiting.
+    c.resume_grace = std::time::Duration::ZERO;
     c
 }
 

@@ -76,6 +76,9 @@ pub struct LsArgs {
 #[derive(FromArgs, Debug, PartialEq)]
 #[argh(subcommand, name = "ssh")]
 pub struct SshArgs {
+    /// an option for ssh, as ssh's own -o (e.g. -o IdentityFile=~/.ssh/id_ed25519); repeatable
+    #[argh(option, short = 'o')]
+    pub option: Vec<String>,
     /// the node, with an optional login: LOGIN@NODE or NODE
     #[argh(positional)]
     pub destination: String,

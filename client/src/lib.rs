@@ -401,11 +401,11 @@ pub async fn proxy_ssh(
     let dest = ssh::Destination::parse(destination, &profile.cluster).map_err(ClientError::msg)?;
     let proxy = net::parse_proxy(&profile.proxy)?;
     let conn = net::connect(&proxy, user_config(home, ALPN_SESSION)?, ALPN_SESSION).await?;
-    let tunnel = Tunnel::new(Session::new(
-        SessionConfig::new(Role::Client, true),
-        random_id()?,
-        Instant::now(),
-    ));
+    // No resumption of the user's leg yet: a lost connection ends the session at once
+    // (a detached session would otherwise keep ssh waiting for the grace period).
+    let mut session_config = SessionConfig::new(Role::Client, true);
+    session_config.resume_grace = std::time::Duration::ZERO;
+    let tunnel = Tunnel::new(Session::new(session_config, random_id()?, Instant::now()));
     let driver = {
         let tunnel = tunnel.clone();
         monoio::spawn(async move { mux::drive(&tunnel, conn, BytesMut::new()).await })
@@ -429,13 +429,27 @@ pub async fn proxy_ssh(
             });
         }
         Err(e) => {
+            // The transport's own error says more (e.g. the proxy refused our certificate).
+            let why = match monoio::time::timeout(CLOSE_WAIT, driver).await {
+                Ok(mux::DriveOutcome::TransportLost(Some(tls))) if tls.is_certificate_error() => {
+                    format!(
+                        "{tls}; the proxy did not accept your certificate: log in again with \
+                         `remoteler login --proxy {} --user {}`",
+                        profile.proxy, profile.user
+                    )
+                }
+                Ok(mux::DriveOutcome::TransportLost(Some(tls))) => tls.to_string(),
+                _ => e.to_string(),
+            };
             return Err(ClientError::msg(format!(
-                "{}: cannot open a session: {e}",
+                "{}: cannot open a session: {why}",
                 dest.node
             )));
         }
     };
-    let result = splice_stdio(stream).await;
+    let result = splice_stdio(stream.clone()).await;
+    // Let the last acknowledgements cross so both ends record a clean close, not a reset.
+    let _ = monoio::time::timeout(CLOSE_WAIT, stream.closed()).await;
     tunnel.close(frame::ErrorCode::NO_ERROR, "session over");
     let _ = monoio::time::timeout(CLOSE_WAIT, driver).await;
     result.map_err(|e| ClientError::msg(format!("{}: {e}", dest.node)))

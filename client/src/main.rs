@@ -83,6 +83,7 @@ fn run(args: Args) -> Result<(), ClientError> {
                 &dest.node,
                 &profile.cluster,
                 &proxy_command,
+                &ssh.option,
                 &ssh.command,
             );
             let err = std::process::Command::new("ssh").args(&args).exec();

@@ -83,6 +83,7 @@ pub fn ssh_args(
     node: &str,
     cluster: &str,
     proxy_command: &str,
+    options: &[String],
     command: &[String],
 ) -> Vec<String> {
     let mut args = vec![
@@ -90,8 +91,11 @@ pub fn ssh_args(
         format!("ProxyCommand={proxy_command}"),
         "-o".to_owned(),
         format!("HostKeyAlias={node}.{cluster}"),
-        destination.to_owned(),
     ];
+    for option in options {
+        args.extend(["-o".to_owned(), option.clone()]);
+    }
+    args.push(destination.to_owned());
     if !command.is_empty() {
         // Everything after the destination is the remote command, even if it looks like an
         // option.
@@ -185,6 +189,7 @@ mod tests {
             "node-r1",
             "example.com",
             &pc,
+            &["BatchMode=yes".into()],
             &["ls".into(), "-la".into()],
         );
         assert_eq!(
@@ -194,6 +199,8 @@ mod tests {
                 "ProxyCommand=\"/usr/bin/remoteler\" proxy ssh %r@%h:%p",
                 "-o",
                 "HostKeyAlias=node-r1.example.com",
+                "-o",
+                "BatchMode=yes",
                 "root@node-r1",
                 "ls",
                 "-la"

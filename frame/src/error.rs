@@ -116,6 +116,7 @@ impl Error {
             Error::Ended(EndReason::ResumeExpired { .. }) => ErrorCode::RESUME_FAILED,
             Error::Ended(EndReason::ClosedLocally { code, .. })
             | Error::Ended(EndReason::ClosedByPeer { code, .. }) => *code,
+            Error::Ended(EndReason::TransportLost) => ErrorCode::NO_ERROR,
             Error::Stream { .. } => ErrorCode::INTERNAL,
         }
     }
@@ -332,6 +333,10 @@ pub enum EndReason {
         /// The grace period.
         grace: Duration,
     },
+    /// The transport was lost and the session does not resume (`resume.grace` is zero, or
+    /// the session was draining).
+    #[error("the connection to the peer was lost and the session does not resume")]
+    TransportLost,
     /// The peer sent GOAWAY with an error code and then closed.
     #[error("peer closed the tunnel: {code}: {reason}")]
     ClosedByPeer {

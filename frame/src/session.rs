@@ -1085,14 +1085,7 @@ impl Session {
             return;
         }
         if self.config.resume_grace.is_zero() || self.goaway_sent.is_some() {
-            self.end(
-                EndReason::ClosedLocally {
-                    code: ErrorCode::NO_ERROR,
-                    reason: "transport closed".into(),
-                }
-                .into(),
-                false,
-            );
+            self.end(EndReason::TransportLost.into(), false);
         } else {
             self.detach(now);
         }

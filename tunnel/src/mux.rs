@@ -567,7 +567,8 @@ impl Drop for MuxStream {
 pub enum DriveOutcome {
     /// The session ended (closed by either side, protocol error, grace expired).
     Ended(FrameError),
-    /// The transport failed or went silent; the session is detached and may be resumed.
+    /// The transport failed or went silent. The session is detached and may be resumed, or,
+    /// without resumption, ended ([`Tunnel::is_ended`]).
     TransportLost(Option<TlsError>),
 }
 
@@ -652,10 +653,14 @@ pub async fn drive(tunnel: &Tunnel, conn: TlsConnection, mut input: BytesMut) ->
         }
     };
     tunnel.transport_lost();
-    if tunnel.is_ended() {
-        return DriveOutcome::Ended(ended_reason(tunnel));
+    // A transport error is the more useful account even when it also ended the session
+    // (no resumption): callers check `Tunnel::is_ended` for the session's fate.
+    match outcome {
+        DriveOutcome::TransportLost(None) if tunnel.is_ended() => {
+            DriveOutcome::Ended(ended_reason(tunnel))
+        }
+        other => other,
     }
-    outcome
 }
 
 fn ended_reason(tunnel: &Tunnel) -> FrameError {

@@ -37,7 +37,7 @@ pub enum TlsError {
 
     /// The TLS protocol failed: a certificate was refused, the peer sent an alert, or bytes
     /// arrived that are not valid TLS. The connection is unusable afterwards.
-    #[error("tls with {peer} failed: {source}")]
+    #[error("tls with {peer} failed: {}", describe(.source))]
     Tls {
         /// Who we were talking to.
         peer: Peer,
@@ -176,5 +176,16 @@ impl Fault {
             Self::WriteAfterClose => TlsError::WriteAfterClose { peer },
             Self::Internal(detail) => TlsError::Internal { peer, detail },
         }
+    }
+}
+
+/// rustls prints a certificate error of our own verifiers (a CA pin mismatch, say) with
+/// `Debug`; print its own message instead, which says what to do.
+fn describe(error: &rustls::Error) -> String {
+    match error {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
+            format!("invalid peer certificate: {other}")
+        }
+        other => other.to_string(),
     }
 }
