@@ -180,10 +180,11 @@ pub async fn run_until(config: AgentConfig, stop: &Stop) -> Result<(), AgentErro
         "identity loaded"
     );
     backoff.reset();
+    let mut detached = None;
     loop {
         let end = match &config.mode {
             AgentMode::Tunnel { proxy } => {
-                tunnel_mode::run_once(&config, proxy, &node, stop).await?
+                tunnel_mode::run_once(&config, proxy, &node, stop, &mut detached).await?
             }
             AgentMode::Direct { auth, ssh_address } => {
                 register::run_once(&config, auth, ssh_address, &node, stop).await?

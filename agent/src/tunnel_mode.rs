@@ -45,9 +45,6 @@ pub fn session_config(config: &AgentConfig) -> SessionConfig {
     c.max_frame = config.flow.max_frame();
     c.keepalive_interval = config.keepalive.interval;
     c.keepalive_count = config.keepalive.count;
-    // Each connection starts a new session until the proxy can reattach detached ones; a lost
-    // transport must then end the session and reset its streams, not leave them waiting.
-    c.resume_grace = std::time::Duration::ZERO;
     c
 }
 
@@ -60,12 +57,31 @@ pub struct TunnelEnd {
     pub reason: String,
 }
 
-/// Connects one tunnel and serves it until it ends or `stop` is given.
+/// A session whose connection was lost, kept for the next connection to resume: its
+/// streams (ssh sessions in progress) carry on where they stopped if the proxy still holds
+/// its side; otherwise they are reset when the proxy answers as a new session.
+pub struct Detached {
+    tunnel: Tunnel,
+    server: monoio::task::JoinHandle<()>,
+    session_id: [u8; 16],
+}
+
+impl std::fmt::Debug for Detached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Detached")
+            .field("session", &short_hex(&self.session_id))
+            .finish()
+    }
+}
+
+/// Connects one tunnel and serves it until it ends or `stop` is given. A session detached by
+/// a lost connection is left in `kept` for the next call to resume.
 pub async fn run_once(
     config: &AgentConfig,
     proxy: &HostPort,
     node: &NodeIdentity,
     stop: &Stop,
+    kept: &mut Option<Detached>,
 ) -> Result<TunnelEnd, AgentError> {
     let tls_config = node.client_config(ALPN_TUNNEL)?;
     let conn = monoio::select! {
@@ -81,20 +97,39 @@ pub async fn run_once(
             });
         }
     };
-    let session_id = random_id()?;
     let started = Instant::now();
-    let tunnel = Tunnel::new(Session::new(session_config(config), session_id, started));
-    if let Err(e) = tunnel.announce(&announcement(config)) {
-        // Names and labels were checked when the configuration was read; a failure here is
-        // a limit of the protocol (for instance the announce size).
-        return Err(AgentError::Announce(e.to_string()));
-    }
+    let resumable = match kept.take() {
+        Some(old) => {
+            old.tunnel.tick(); // ends it if the grace period passed
+            if old.tunnel.is_ended() || old.tunnel.reattach().is_err() {
+                let _ = old.server.await;
+                None
+            } else {
+                info!(session = %short_hex(&old.session_id), "resuming the session over the new connection");
+                Some(old)
+            }
+        }
+        None => None,
+    };
+    let (tunnel, server, session_id) = match resumable {
+        Some(old) => (old.tunnel, old.server, old.session_id),
+        None => {
+            let session_id = random_id()?;
+            let tunnel = Tunnel::new(Session::new(session_config(config), session_id, started));
+            if let Err(e) = tunnel.announce(&announcement(config)) {
+                // Names and labels were checked when the configuration was read; a failure
+                // here is a limit of the protocol (for instance the announce size).
+                return Err(AgentError::Announce(e.to_string()));
+            }
+            let forwards = Rc::new(config.forwards.clone());
+            let server = monoio::spawn(serve(tunnel.clone(), forwards));
+            (tunnel, server, session_id)
+        }
+    };
     let driver = {
         let tunnel = tunnel.clone();
         monoio::spawn(async move { mux::drive(&tunnel, conn, BytesMut::new()).await })
     };
-    let forwards = Rc::new(config.forwards.clone());
-    let server = monoio::spawn(serve(tunnel.clone(), forwards));
     let connected = monoio::select! {
         up = tunnel.connected() => up,
         _ = stop.wait() => false,
@@ -125,12 +160,22 @@ pub async fn run_once(
             "agent shutting down".to_owned()
         }
     };
-    // A new session per connection (resumption across reconnects is not used yet): end this
-    // one so its streams are reset and their tasks finish.
-    if !tunnel.is_ended() {
-        tunnel.close(ErrorCode::CANCELLED, "tunnel connection lost");
+    if tunnel.is_detached() && !stop.is_stopped() {
+        // Keep the session: the next connection resumes it. Its grace timer runs meanwhile,
+        // so streams do not wait forever if the proxy stays out of reach.
+        let expiring = tunnel.clone();
+        monoio::spawn(async move { expiring.expire_while_detached().await });
+        *kept = Some(Detached {
+            tunnel,
+            server,
+            session_id,
+        });
+    } else {
+        if !tunnel.is_ended() {
+            tunnel.close(ErrorCode::CANCELLED, "tunnel connection lost");
+        }
+        let _ = server.await;
     }
-    let _ = server.await;
     Ok(TunnelEnd {
         uptime: if connected {
             started.elapsed()

@@ -1079,12 +1079,14 @@ impl Session {
     }
 
     /// The transport failed. Streams wait up to the grace period for [`Session::reattach`];
-    /// with a zero grace, or while draining, the session ends.
+    /// with a zero grace, or after a GOAWAY either way, the session ends.
     pub fn transport_lost(&mut self, now: Instant) {
         if matches!(self.phase, Phase::Ended | Phase::Detached { .. }) {
             return;
         }
-        if self.config.resume_grace.is_zero() || self.goaway_sent.is_some() {
+        // A side that sent or received GOAWAY is draining: the connection closing is the end.
+        if self.config.resume_grace.is_zero() || self.goaway_sent.is_some() || self.goaway_received
+        {
             self.end(EndReason::TransportLost.into(), false);
         } else {
             self.detach(now);

@@ -373,6 +373,34 @@ impl Tunnel {
         s.session.handle_timeout(Instant::now());
         s.dispatch();
     }
+
+    /// Whether the session waits for a new transport ([`Tunnel::reattach`]).
+    pub fn is_detached(&self) -> bool {
+        self.shared.borrow().session.is_detached()
+    }
+
+    /// The peer's session id (from its HELLO): an acceptor matches a reconnecting peer's
+    /// HELLO against it to find the session to reattach.
+    pub fn peer_id(&self) -> Option<[u8; 16]> {
+        self.shared.borrow().session.peer_id()
+    }
+
+    /// While the session is detached, runs its grace timer: returns once it was reattached or
+    /// the grace period ended it (its streams are then reset).
+    pub async fn expire_while_detached(&self) {
+        loop {
+            let deadline = {
+                let s = self.shared.borrow();
+                if !s.session.is_detached() {
+                    return;
+                }
+                s.session.poll_timeout()
+            };
+            let Some(at) = deadline else { return };
+            monoio::time::sleep_until(monoio::time::Instant::from_std(at)).await;
+            self.tick();
+        }
+    }
 }
 
 /// A stream the peer asked to open.
@@ -651,6 +679,20 @@ pub async fn drive(tunnel: &Tunnel, conn: TlsConnection, mut input: BytesMut) ->
                 s.session.handle_timeout(Instant::now());
             }
         }
+    };
+    // A write that fails (the peer reset the connection) often hides why: a TLS alert (say,
+    // "certificate expired") may already wait in our receive buffer. Read it if it is there.
+    let outcome = match outcome {
+        DriveOutcome::TransportLost(Some(TlsError::Io { .. }))
+        | DriveOutcome::TransportLost(None) => {
+            let mut rest = BytesMut::new();
+            let why = std::time::Duration::from_millis(200);
+            match monoio::time::timeout(why, reader.read(&mut rest)).await {
+                Ok(Err(e @ TlsError::Tls { .. })) => DriveOutcome::TransportLost(Some(e)),
+                _ => outcome,
+            }
+        }
+        other => other,
     };
     tunnel.transport_lost();
     // A transport error is the more useful account even when it also ended the session

@@ -150,6 +150,9 @@ pub struct Context {
     pub shutdown: Shutdown,
     /// Set once draining began: no new tunnels or sessions.
     pub draining: Cell<bool>,
+    /// Agents' tunnels whose connection was lost, by node, waiting for the agent to come back
+    /// within `resume.grace` and resume them.
+    pub detached: RefCell<HashMap<String, Rc<tunnels::Detached>>>,
     /// Users' session connections, for GOAWAY on drain.
     user_tunnels: RefCell<HashMap<u64, Tunnel>>,
     user_tunnel_ids: Cell<u64>,
@@ -179,23 +182,44 @@ impl Context {
         s.max_announce = c.limits.max_announce_bytes;
         s.keepalive_interval = c.keepalive.interval;
         s.keepalive_count = c.keepalive.count;
-        // Resumption needs the proxy to find a detached session when its peer reconnects,
-        // which is not built yet: a lost transport ends the session at once.
+        // The user's leg does not resume yet (`remoteler proxy ssh` does not reconnect);
+        // agents' tunnels do: see `tunnel_session_config`.
         s.resume_grace = Duration::ZERO;
+        s
+    }
+
+    /// Session settings for an agent's tunnel: like `session_config`, but a lost connection
+    /// detaches the session for `resume.grace` so the agent can come back and resume it.
+    pub fn tunnel_session_config(&self) -> SessionConfig {
+        let mut s = self.session_config();
+        s.resume_grace = self.config.resume.grace;
         s
     }
 
     /// A new session with a random id.
     pub fn new_session(&self) -> Session {
-        let id = crate::util::random_bytes::<16>().unwrap_or_else(|_| {
-            // The id only tells sessions apart in logs; the time is unique enough.
+        Session::new(self.session_config(), self.session_id(), Instant::now())
+    }
+
+    /// A new session for an agent's tunnel (resumable).
+    pub fn new_tunnel_session(&self) -> Session {
+        Session::new(
+            self.tunnel_session_config(),
+            self.session_id(),
+            Instant::now(),
+        )
+    }
+
+    fn session_id(&self) -> [u8; 16] {
+        crate::util::random_bytes::<16>().unwrap_or_else(|_| {
+            // The id tells sessions apart in logs and names a tunnel's session when its agent
+            // resumes it (only among that node's own sessions); the time is unique enough.
             let nanos = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos())
                 .unwrap_or(0);
             nanos.to_le_bytes()
-        });
-        Session::new(self.session_config(), id, Instant::now())
+        })
     }
 
     /// The handshake deadline.
@@ -312,6 +336,7 @@ pub async fn run(
         addrs,
         shutdown: shutdown.clone(),
         draining: Cell::new(false),
+        detached: RefCell::new(HashMap::new()),
         user_tunnels: RefCell::new(HashMap::new()),
         user_tunnel_ids: Cell::new(0),
         dummy_hash: dummy_hash(),
@@ -385,6 +410,13 @@ async fn drain(ctx: &Rc<Context>) {
     );
     for t in &tunnels {
         t.goaway("proxy shutting down");
+    }
+    // Tunnels waiting for their agent to resume them will not be resumed by this process.
+    for (_, waiting) in ctx.detached.borrow_mut().drain() {
+        waiting.cancel();
+        waiting
+            .tunnel
+            .close(ErrorCode::GOING_AWAY, "proxy shutting down");
     }
     let users: Vec<Tunnel> = ctx.user_tunnels.borrow().values().cloned().collect();
     for t in &users {

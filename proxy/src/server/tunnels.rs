@@ -1,11 +1,14 @@
 //! ALPN_TUNNEL: an agent's reverse tunnel.
 
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::task::{Poll, Waker};
 use std::time::{Instant, SystemTime};
 
 use bytes::BytesMut;
-use frame::{Announce, ErrorCode};
+use frame::{Announce, ErrorCode, Frame, Hello};
 use tunnel::identity::PeerIdentity;
 use tunnel::mux::{DriveOutcome, Tunnel, drive};
 use tunnel::tls::TlsConnection;
@@ -49,6 +52,89 @@ fn check_announce(
     Ok((info.labels.clone(), info.services.clone()))
 }
 
+/// A new connection handed to the task that owns a detached tunnel.
+type Transport = (TlsConnection, BytesMut, SocketAddr);
+
+/// An agent's tunnel whose connection was lost, waiting (up to `resume.grace`) for the agent
+/// to reconnect and resume it. The task that served the tunnel keeps owning it; the task of
+/// the agent's new connection hands the connection over instead of starting a new session,
+/// so the streams (users' ssh sessions) carry on.
+pub struct Detached {
+    /// The detached tunnel.
+    pub tunnel: Tunnel,
+    slot: RefCell<Option<Transport>>,
+    cancelled: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl std::fmt::Debug for Detached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Detached")
+            .field("tunnel", &self.tunnel)
+            .field("cancelled", &self.cancelled.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Detached {
+    fn new(tunnel: Tunnel) -> Self {
+        Detached {
+            tunnel,
+            slot: RefCell::new(None),
+            cancelled: Cell::new(false),
+            waker: RefCell::new(None),
+        }
+    }
+
+    fn hand_over(&self, transport: Transport) {
+        *self.slot.borrow_mut() = Some(transport);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Stops waiting: the tunnel will not be resumed (replaced, or the proxy drains).
+    pub fn cancel(&self) {
+        self.cancelled.set(true);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    async fn wait(&self) -> Option<Transport> {
+        poll_fn(|cx| {
+            if let Some(t) = self.slot.borrow_mut().take() {
+                return Poll::Ready(Some(t));
+            }
+            if self.cancelled.get() {
+                return Poll::Ready(None);
+            }
+            *self.waker.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// Reads the agent's first frame without consuming it: a HELLO that says RESUMING names the
+/// session the agent wants back. Anything else is left for the session to judge.
+async fn peek_hello(conn: &mut TlsConnection, input: &mut BytesMut) -> Option<Hello> {
+    loop {
+        match frame::decode(&mut input.clone(), &frame::Limits::default()) {
+            Ok(Some(Frame::Hello(hello))) => return Some(hello),
+            Ok(Some(_)) | Err(_) => return None,
+            Ok(None) => {}
+        }
+        if input.len() > frame::codec::MAX_HELLO_PAYLOAD + frame::codec::HEADER_LEN {
+            return None;
+        }
+        match conn.read(input).await {
+            Ok(n) if n > 0 => {}
+            _ => return None,
+        }
+    }
+}
+
 fn outcome_reason(outcome: &DriveOutcome) -> String {
     match outcome {
         DriveOutcome::Ended(e) => e.to_string(),
@@ -61,7 +147,7 @@ fn outcome_reason(outcome: &DriveOutcome) -> String {
 
 pub(super) async fn serve_tunnel(
     ctx: Rc<Context>,
-    conn: TlsConnection,
+    mut conn: TlsConnection,
     peer: SocketAddr,
     identity: PeerIdentity,
 ) {
@@ -93,9 +179,37 @@ pub(super) async fn serve_tunnel(
         return;
     }
 
-    let tunnel = Tunnel::new(ctx.new_session());
+    // A reconnecting agent asks to resume its detached session: hand the connection to the
+    // task that owns it, and the users' sessions through it carry on.
+    let mut input = BytesMut::new();
+    let hello = monoio::time::timeout(ctx.handshake_timeout(), peek_hello(&mut conn, &mut input))
+        .await
+        .ok()
+        .flatten();
+    if let Some(hello) = hello.filter(|h| h.resuming) {
+        let waiting = ctx.detached.borrow().get(&node).cloned();
+        if let Some(waiting) = waiting
+            .filter(|w| w.tunnel.is_detached() && w.tunnel.peer_id() == Some(hello.session_id))
+        {
+            ctx.detached.borrow_mut().remove(&node);
+            tracing::info!(%node, %peer, "agent reconnected; resuming its tunnel");
+            waiting.hand_over((conn, input, peer));
+            return;
+        }
+    }
+    // A new session: a detached one of the same node will not come back.
+    let replaced = ctx.detached.borrow_mut().remove(&node);
+    if let Some(old) = replaced {
+        old.cancel();
+        old.tunnel.close(
+            ErrorCode::GOING_AWAY,
+            &format!("replaced by a new session of node {node} from {peer}"),
+        );
+    }
+
+    let tunnel = Tunnel::new(ctx.new_tunnel_session());
     let driven = tunnel.clone();
-    let driver = monoio::spawn(async move { drive(&driven, conn, BytesMut::new()).await });
+    let driver = monoio::spawn(async move { drive(&driven, conn, input).await });
 
     let _ = monoio::time::timeout(ctx.handshake_timeout(), tunnel.announce_changed(0)).await;
     let (version, announce) = tunnel.peer_announce();
@@ -175,8 +289,73 @@ pub(super) async fn serve_tunnel(
         })
     };
 
-    let outcome = driver.await;
-    let reason = outcome_reason(&outcome);
+    let mut peer = peer;
+    let mut driver = driver;
+    let reason = loop {
+        let outcome = driver.await;
+        let reason = outcome_reason(&outcome);
+        if !tunnel.is_detached() || ctx.draining.get() {
+            break reason;
+        }
+        // The connection is gone but the session waits for the agent: the node is offline
+        // (no new sessions), the sessions through it pause.
+        ctx.directory.detach_tunnel(&node, id);
+        let grace = ctx.config.resume.grace;
+        tracing::info!(
+            %node, %peer, tunnel_id = id, %reason, grace_secs = grace.as_secs(),
+            "tunnel connection lost; waiting for the agent to resume"
+        );
+        ctx.audit.record(
+            "tunnel.detached",
+            serde_json::json!({
+                "node": node, "peer": peer.to_string(), "tunnel_id": id, "reason": reason,
+            }),
+        );
+        let waiting = Rc::new(Detached::new(tunnel.clone()));
+        ctx.detached
+            .borrow_mut()
+            .insert(node.clone(), waiting.clone());
+        let next = monoio::select! {
+            next = waiting.wait() => next,
+            _ = tunnel.expire_while_detached() => None,
+        };
+        {
+            let mut detached = ctx.detached.borrow_mut();
+            if detached.get(&node).is_some_and(|w| Rc::ptr_eq(w, &waiting)) {
+                detached.remove(&node);
+            }
+        }
+        let Some((conn, input, new_peer)) = next else {
+            break format!("{reason}; not resumed within resume.grace ({grace:?})");
+        };
+        if let Err(e) = tunnel.reattach() {
+            break format!("{reason}; cannot resume: {e}");
+        }
+        peer = new_peer;
+        let (labels, services) =
+            check_announce(&ctx, &node, tunnel.peer_announce().1.as_ref()).unwrap_or_default();
+        let entry = TunnelEntry {
+            id,
+            tunnel: tunnel.clone(),
+            peer: Some(peer),
+            since: SystemTime::now(),
+            labels,
+            services,
+        };
+        if let Some(old) = ctx.directory.attach_tunnel(&node, entry) {
+            if old.id != id {
+                old.tunnel
+                    .close(ErrorCode::GOING_AWAY, "replaced by a resumed tunnel");
+            }
+        }
+        tracing::info!(%node, %peer, tunnel_id = id, "tunnel resumed");
+        ctx.audit.record(
+            "tunnel.resumed",
+            serde_json::json!({ "node": node, "peer": peer.to_string(), "tunnel_id": id }),
+        );
+        let driven = tunnel.clone();
+        driver = monoio::spawn(async move { drive(&driven, conn, input).await });
+    };
     if !tunnel.is_ended() {
         tunnel.close(ErrorCode::GOING_AWAY, "transport lost");
     }
