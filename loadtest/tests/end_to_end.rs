@@ -1,0 +1,106 @@
+//! Runs `remoteler-loadtest tunnels` and `sessions` end to end against the real proxy
+//! binary (built by cargo: `target/<profile>/remoteler-proxy`, or `REMOTELER_PROXY_BIN`),
+//! and checks the JSON reports: no tunnel lost, no session failed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+/// `target/<profile>/remoteler-proxy`, built with `cargo build -p proxy` if missing.
+fn proxy_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("REMOTELER_PROXY_BIN") {
+        return PathBuf::from(p);
+    }
+    // The harness binary lives in target/<profile>/; the proxy is built next to it.
+    let harness = PathBuf::from(env!("CARGO_BIN_EXE_remoteler-loadtest"));
+    let dir = harness.parent().expect("target/<profile>");
+    let proxy = dir.join("remoteler-proxy");
+    if !proxy.exists() {
+        let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
+        let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cargo.args(["build", "-p", "proxy"]);
+        if profile != "debug" {
+            cargo.args(["--profile", profile]);
+        }
+        let status = cargo.status().expect("run cargo build -p proxy");
+        assert!(status.success(), "cargo build -p proxy failed");
+    }
+    assert!(proxy.exists(), "no proxy binary at {}", proxy.display());
+    proxy
+}
+
+fn run(args: &[&str], json: &Path) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_remoteler-loadtest"))
+        .args(args)
+        .arg("--proxy-bin")
+        .arg(proxy_bin())
+        .arg("--json")
+        .arg(json)
+        .output()
+        .expect("run remoteler-loadtest");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "remoteler-loadtest {args:?} failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(stdout.contains("remoteler-loadtest"), "no table: {stdout}");
+    let text = std::fs::read_to_string(json).expect("JSON report");
+    serde_json::from_str(&text).expect("JSON report parses")
+}
+
+#[test]
+fn tunnels_and_sessions_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+
+    let tunnels = run(
+        &[
+            "tunnels",
+            "--count",
+            "50",
+            "--hold-rounds",
+            "2",
+            "--keepalive",
+            "500ms",
+        ],
+        &dir.path().join("tunnels.json"),
+    );
+    let result = &tunnels["result"];
+    assert_eq!(result["lost_tunnels"], 0, "{tunnels:#}");
+    assert_eq!(result["disconnects"], 0, "{tunnels:#}");
+    assert_eq!(result["proxy_status_tunnels"], 50, "{tunnels:#}");
+    assert_eq!(tunnels["connect"]["up"], 50, "{tunnels:#}");
+    assert!(
+        tunnels["proxy_memory"]["after_hold"]["rss_kib"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+
+    let sessions = run(
+        &[
+            "sessions",
+            "--tunnels",
+            "5",
+            "--sessions",
+            "20",
+            "--rounds",
+            "10",
+            "--bulk-bytes",
+            "256KiB",
+            "--single-bytes",
+            "4MiB",
+        ],
+        &dir.path().join("sessions.json"),
+    );
+    assert_eq!(sessions["result"]["failed_sessions"], 0, "{sessions:#}");
+    assert_eq!(sessions["setup"]["ok"], 20, "{sessions:#}");
+    assert_eq!(
+        sessions["round_trips"]["latency"]["count"], 200,
+        "{sessions:#}"
+    );
+    assert_eq!(sessions["all_streams"]["streams"], 20, "{sessions:#}");
+    assert!(sessions["one_stream"]["bytes_per_sec"].as_f64().unwrap() > 0.0);
+}
