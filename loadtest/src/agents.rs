@@ -65,8 +65,8 @@ fn session_config(spec: &AgentsSpec) -> SessionConfig {
     let mut c = SessionConfig::new(Role::Agent, true);
     c.keepalive_interval = Duration::from_millis(spec.keepalive_ms);
     c.keepalive_count = spec.keepalive_count;
-    // As the agent: each connection is a new session until the proxy can reattach.
-    c.resume_grace = Duration::ZERO;
+    // resume_grace stays the default, as the agent's: a cut connection's session waits
+    // for the next connection to resume it.
     c
 }
 
@@ -226,6 +226,7 @@ async fn keep_tunnel(fleet: Rc<Fleet>, i: usize, config: Arc<rustls::ClientConfi
     };
     let stop_gen = fleet.stop.generation();
     let mut first = Some(fleet.sem.clone());
+    let mut kept: Option<Tunnel> = None;
     loop {
         let permit = match first.take() {
             Some(sem) => Some(sem.acquire().await),
@@ -233,7 +234,7 @@ async fn keep_tunnel(fleet: Rc<Fleet>, i: usize, config: Arc<rustls::ClientConfi
         };
         let cut_gen = fleet.cut.generation();
         let uptime = monoio::select! {
-            up = one_tunnel(&fleet, &config, &session_config, &announce, permit, cut_gen) => up,
+            up = one_tunnel(&fleet, &config, &session_config, &announce, permit, cut_gen, &mut kept) => up,
             _ = fleet.stop.changed(stop_gen) => return,
         };
         if uptime >= STABLE_AFTER {
@@ -247,7 +248,9 @@ async fn keep_tunnel(fleet: Rc<Fleet>, i: usize, config: Arc<rustls::ClientConfi
     }
 }
 
-/// Connects and serves one tunnel until it ends or is cut; returns how long it was up.
+/// Connects and serves one tunnel until it ends or is cut; returns how long it was up. A
+/// session detached by a lost connection is left in `kept` for the next call to resume, as
+/// `agent::tunnel_mode::run_once` does.
 async fn one_tunnel(
     fleet: &Rc<Fleet>,
     config: &Arc<rustls::ClientConfig>,
@@ -255,6 +258,7 @@ async fn one_tunnel(
     announce: &Announce,
     permit: Option<crate::sync::Permit>,
     cut_gen: u64,
+    kept: &mut Option<Tunnel>,
 ) -> Duration {
     let conn = match net::connect_tls(
         Some(fleet.sources.pick()),
@@ -271,17 +275,28 @@ async fn one_tunnel(
             return Duration::ZERO;
         }
     };
-    let tunnel = Tunnel::new(Session::new(
-        session_config.clone(),
-        random_id(),
-        Instant::now(),
-    ));
-    if let Err(e) = tunnel.announce(announce) {
-        fleet.counters.borrow_mut().failures += 1;
-        fleet.error(format!("announce: {e}"));
-        return Duration::ZERO;
-    }
-    monoio::spawn(serve_echo(tunnel.clone()));
+    let resumable = kept.take().and_then(|old| {
+        old.tick(); // ends it if the grace period passed
+        (!old.is_ended() && old.reattach().is_ok()).then_some(old)
+    });
+    let resuming = resumable.is_some();
+    let tunnel = match resumable {
+        Some(old) => old,
+        None => {
+            let tunnel = Tunnel::new(Session::new(
+                session_config.clone(),
+                random_id(),
+                Instant::now(),
+            ));
+            if let Err(e) = tunnel.announce(announce) {
+                fleet.counters.borrow_mut().failures += 1;
+                fleet.error(format!("announce: {e}"));
+                return Duration::ZERO;
+            }
+            monoio::spawn(serve_echo(tunnel.clone()));
+            tunnel
+        }
+    };
     let up_since: Rc<Cell<Option<Instant>>> = Rc::default();
     {
         let tunnel = tunnel.clone();
@@ -294,6 +309,9 @@ async fn one_tunnel(
                 let mut c = fleet.counters.borrow_mut();
                 c.up += 1;
                 c.connects += 1;
+                if resuming {
+                    c.resumed += 1;
+                }
                 fleet.connect_times.borrow_mut().push(net::mono_ns());
             }
         });
@@ -302,8 +320,15 @@ async fn one_tunnel(
         outcome = mux::drive(&tunnel, conn, BytesMut::new()) => Some(outcome),
         _ = fleet.cut.changed(cut_gen) => None,
     };
-    // A cut dropped the connection with the driver; end the session so its tasks finish.
+    // A cut dropped the connection with the driver: the session detaches (or ends).
     tunnel.transport_lost();
+    if tunnel.is_detached() && fleet.stop.generation() == 0 {
+        let expiring = tunnel.clone();
+        monoio::spawn(async move { expiring.expire_while_detached().await });
+        *kept = Some(tunnel);
+    } else if !tunnel.is_ended() {
+        tunnel.close(frame::ErrorCode::CANCELLED, "tunnel connection lost");
+    }
     let reason = match &outcome {
         Some(DriveOutcome::Ended(e)) => format!("tunnel ended: {e}"),
         Some(DriveOutcome::TransportLost(Some(e))) => format!("connection lost: {e}"),

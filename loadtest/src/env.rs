@@ -393,6 +393,7 @@ pub fn agent_report(pool: &mut Pool) -> anyhow::Result<AgentReport> {
     for (c, times) in answers {
         out.counters.up += c.up;
         out.counters.connects += c.connects;
+        out.counters.resumed += c.resumed;
         out.counters.disconnects += c.disconnects;
         out.counters.failures += c.failures;
         out.counters.joined += c.joined;

@@ -714,6 +714,7 @@ pub fn storm(
         }
     }
     let reconnects = after.counters.connects - c0;
+    let resumed = after.counters.resumed - before.counters.resumed;
     let failed_attempts = after.counters.failures - f0;
     let ok = all_back && status_tunnels == count as u64;
 
@@ -752,7 +753,9 @@ pub fn storm(
     );
     report.row(
         "reconnects",
-        format!("{reconnects} tunnels came up, {failed_attempts} attempts failed"),
+        format!(
+            "{reconnects} tunnels came up ({resumed} resumed their session), {failed_attempts} attempts failed"
+        ),
     );
     report.row("proxy status", format!("{status_tunnels} tunnels up"));
     report.row(
@@ -792,6 +795,7 @@ pub fn storm(
         "result",
         json!({
             "all_back": all_back, "recovery_secs": recovery_secs, "reconnects": reconnects,
+            "resumed": resumed,
             "failed_attempts": failed_attempts, "proxy_status_tunnels": status_tunnels,
             "reconnects_per_second": buckets, "ok": ok,
         }),

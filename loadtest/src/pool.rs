@@ -112,6 +112,7 @@ impl Pool {
         for p in &self.progress {
             t.up += p.up;
             t.connects += p.connects;
+            t.resumed += p.resumed;
             t.disconnects += p.disconnects;
             t.failures += p.failures;
             t.joined += p.joined;

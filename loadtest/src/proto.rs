@@ -218,6 +218,8 @@ pub struct AgentCounters {
     pub up: usize,
     /// Tunnels that came up since the start (first connects and reconnects).
     pub connects: u64,
+    /// Of `connects`, those that resumed a detached session (RESUME) instead of a new one.
+    pub resumed: u64,
     /// Tunnels that went down.
     pub disconnects: u64,
     /// Connection attempts that failed (TCP, TLS, or closed before HELLO).
