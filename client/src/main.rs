@@ -94,6 +94,13 @@ fn run(args: Args) -> Result<(), ClientError> {
         Command::Proxy(proxy) => match proxy.command {
             ProxyCommand::Ssh(p) => {
                 let profile = home.valid_profile(now)?;
+                // When its session is over, ssh closes our stdin and sends SIGHUP at once; the
+                // default action would kill us before the stream is closed cleanly, and the
+                // proxy would record a reset instead of a normal end. The stdin EOF that follows
+                // ends the bridge properly.
+                // SAFETY: setting a signal to SIG_IGN before any other thread exists installs no
+                // handler code and touches no Rust state.
+                unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
                 block_on(client::proxy_ssh(&home, &profile, &p.destination))??;
             }
         },
