@@ -18,6 +18,7 @@ use anyhow::Context as _;
 use bytes::BytesMut;
 use config::BackoffConfig;
 use frame::{Announce, NodeInfo, Role, Session, SessionConfig};
+use hdrhistogram::Histogram;
 use tunnel::control::ALPN_TUNNEL;
 use tunnel::identity::CaPin;
 use tunnel::mux::{self, DriveOutcome, MuxStream, Tunnel};
@@ -26,7 +27,7 @@ use agent::backoff::{Backoff, STABLE_AFTER};
 
 use crate::identity;
 use crate::net::{self, SourcePool};
-use crate::proto::{AgentCounters, AgentsSpec, Command, Message};
+use crate::proto::{AgentCounters, AgentsSpec, Command, Message, buckets};
 use crate::sync::{Inbox, Semaphore, Signal};
 use crate::worker::emit;
 
@@ -41,6 +42,8 @@ struct Fleet {
     sources: SourcePool,
     counters: RefCell<AgentCounters>,
     connect_times: RefCell<Vec<u64>>,
+    join_us: RefCell<Histogram<u64>>,
+    connect_us: RefCell<Histogram<u64>>,
     configs: RefCell<Vec<Option<Arc<rustls::ClientConfig>>>>,
     sem: Semaphore,
     cut: Signal,
@@ -83,6 +86,15 @@ fn announcement(node: &str) -> Announce {
     }
 }
 
+fn histogram() -> anyhow::Result<Histogram<u64>> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).context("histogram")
+}
+
+fn record(h: &RefCell<Histogram<u64>>, since: Instant) {
+    let us = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let _ = h.borrow_mut().record(us.clamp(1, 3_600_000_000));
+}
+
 fn random_id() -> [u8; 16] {
     let mut id = [0u8; 16];
     if getrandom::fill(&mut id).is_err() {
@@ -102,6 +114,8 @@ pub async fn run(spec: AgentsSpec, inbox: Inbox) -> anyhow::Result<()> {
         pin,
         counters: RefCell::default(),
         connect_times: RefCell::default(),
+        join_us: RefCell::new(histogram()?),
+        connect_us: RefCell::new(histogram()?),
         cut: Signal::default(),
         stop: Signal::default(),
         done: Signal::default(),
@@ -132,6 +146,7 @@ pub async fn run(spec: AgentsSpec, inbox: Inbox) -> anyhow::Result<()> {
             Command::Cut => fleet.cut.raise(),
             Command::Report => emit(&Message::Report {
                 counters: fleet.counters.borrow().clone(),
+                connect_us: buckets(&fleet.connect_us.borrow()),
                 connect_times_ns: fleet.connect_times.borrow().clone(),
             }),
             Command::Stop => break,
@@ -167,6 +182,7 @@ async fn join_all(fleet: &Rc<Fleet>) {
         ok: fleet.spec.count - failed,
         failed,
         last_error: fleet.counters.borrow().last_error.clone(),
+        join_us: buckets(&fleet.join_us.borrow()),
     });
 }
 
@@ -180,6 +196,7 @@ async fn join_one(fleet: &Fleet, i: usize) -> bool {
         }
     };
     let mut backoff = Backoff::new(&backoff_config);
+    let started = Instant::now();
     for _ in 0..JOIN_ATTEMPTS {
         let result = {
             let _permit = fleet.sem.acquire().await;
@@ -195,6 +212,7 @@ async fn join_one(fleet: &Fleet, i: usize) -> bool {
         match result.and_then(|creds| creds.client_config(ALPN_TUNNEL)) {
             Ok(config) => {
                 fleet.configs.borrow_mut()[i] = Some(config);
+                record(&fleet.join_us, started);
                 fleet.counters.borrow_mut().joined += 1;
                 return true;
             }
@@ -260,6 +278,7 @@ async fn one_tunnel(
     cut_gen: u64,
     kept: &mut Option<Tunnel>,
 ) -> Duration {
+    let dialled = Instant::now();
     let conn = match net::connect_tls(
         Some(fleet.sources.pick()),
         fleet.spec.tunnel_addr,
@@ -306,6 +325,7 @@ async fn one_tunnel(
             let _permit = permit;
             if tunnel.connected().await {
                 up_since.set(Some(Instant::now()));
+                record(&fleet.connect_us, dialled);
                 let mut c = fleet.counters.borrow_mut();
                 c.up += 1;
                 c.connects += 1;

@@ -116,5 +116,6 @@ async fn connect_all(spec: &PlainSpec, held: &Rc<RefCell<Vec<TcpStream>>>) {
         ok: spec.count - failed.get(),
         failed: failed.get(),
         last_error: last_error.borrow().clone(),
+        join_us: Vec::new(),
     });
 }

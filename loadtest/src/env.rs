@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
 use crate::net::mono_ns;
@@ -15,6 +16,7 @@ use crate::progress::Progress;
 use crate::proto::{self, AgentsSpec, Message, WorkerSpec};
 use crate::proxyproc::{ProxyProcess, ProxySettings};
 use crate::relay::RelaySettings;
+use crate::report;
 
 /// Options every mode takes.
 #[derive(Debug, Clone)]
@@ -203,7 +205,8 @@ impl Env {
                     ok,
                     failed,
                     last_error,
-                } => Some((ok, failed, last_error)),
+                    join_us,
+                } => Some((ok, failed, last_error, join_us)),
                 _ => None,
             },
             |p| {
@@ -215,9 +218,14 @@ impl Env {
         let ok: usize = answers.iter().map(|a| a.0).sum();
         let failed: usize = answers.iter().map(|a| a.1).sum();
         let last_error = answers.iter().find_map(|a| a.2.clone());
+        let mut latency = Histogram::new_with_bounds(1, 3_600_000_000, 3)?;
+        for a in &answers {
+            report::merge(&mut latency, &a.3);
+        }
         self.progress.step(&format!(
-            "joined {ok} nodes in {secs:.1} s ({:.0}/s), {failed} failed",
-            ok as f64 / secs.max(1e-9)
+            "joined {ok} nodes in {secs:.1} s ({:.0}/s), {failed} failed; join time {}",
+            ok as f64 / secs.max(1e-9),
+            report::latency_line(&latency)
         ));
         if let Some(e) = &last_error {
             if failed > 0 {
@@ -229,6 +237,7 @@ impl Env {
             failed,
             secs,
             last_error,
+            latency,
         })
     }
 
@@ -263,14 +272,16 @@ impl Env {
         let secs = (last.saturating_sub(t0)) as f64 / 1e9;
         let up = report.counters.up;
         self.progress.step(&format!(
-            "{up}/{count} tunnels up in {secs:.2} s ({:.0} tunnels/s){}",
+            "{up}/{count} tunnels up in {secs:.2} s ({:.0} tunnels/s){}; connect time {}",
             up as f64 / secs.max(1e-9),
-            if all_up { "" } else { "; TIMED OUT" }
+            if all_up { "" } else { "; TIMED OUT" },
+            report::latency_line(&report.connect_latency)
         ));
         Ok(ConnectResult {
             all_up,
             up,
             secs,
+            latency: report.connect_latency,
             failures: report.counters.failures,
             last_error: report.counters.last_error,
         })
@@ -323,6 +334,8 @@ pub struct JoinResult {
     pub secs: f64,
     /// An error seen.
     pub last_error: Option<String>,
+    /// Time per join (µs), retries included.
+    pub latency: Histogram<u64>,
 }
 
 impl JoinResult {
@@ -331,6 +344,7 @@ impl JoinResult {
         json!({
             "ok": self.ok, "failed": self.failed, "secs": self.secs,
             "per_sec": self.ok as f64 / self.secs.max(1e-9), "last_error": self.last_error,
+            "latency": report::latency(&self.latency),
         })
     }
 }
@@ -348,6 +362,8 @@ pub struct ConnectResult {
     pub failures: u64,
     /// An error seen.
     pub last_error: Option<String>,
+    /// TCP connect → HELLO (µs) of each tunnel up.
+    pub latency: Histogram<u64>,
 }
 
 impl ConnectResult {
@@ -361,18 +377,20 @@ impl ConnectResult {
         json!({
             "all_up": self.all_up, "up": self.up, "secs": self.secs,
             "tunnels_per_sec": self.rate(), "failed_attempts": self.failures,
-            "last_error": self.last_error,
+            "last_error": self.last_error, "latency": report::latency(&self.latency),
         })
     }
 }
 
 /// Summed agent reports.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AgentReport {
     /// Counters.
     pub counters: proto::AgentCounters,
     /// Every connect time.
     pub times: Vec<u64>,
+    /// TCP connect → HELLO (µs) of every tunnel that came up so far.
+    pub connect_latency: Histogram<u64>,
 }
 
 /// Asks every agents worker for its counters and connect times.
@@ -383,14 +401,20 @@ pub fn agent_report(pool: &mut Pool) -> anyhow::Result<AgentReport> {
         |m| match m {
             Message::Report {
                 counters,
+                connect_us,
                 connect_times_ns,
-            } => Some((counters, connect_times_ns)),
+            } => Some((counters, connect_us, connect_times_ns)),
             _ => None,
         },
         |_| {},
     )?;
-    let mut out = AgentReport::default();
-    for (c, times) in answers {
+    let mut out = AgentReport {
+        counters: proto::AgentCounters::default(),
+        times: Vec::new(),
+        connect_latency: Histogram::new_with_bounds(1, 3_600_000_000, 3)?,
+    };
+    for (c, latency, times) in answers {
+        report::merge(&mut out.connect_latency, &latency);
         out.counters.up += c.up;
         out.counters.connects += c.connects;
         out.counters.resumed += c.resumed;

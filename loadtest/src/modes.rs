@@ -35,12 +35,16 @@ pub fn tunnels(
     let mem_start = env.proxy.memory()?;
     let token = env.proxy.node_token(count)?;
     let mut pool = Pool::default();
+    let overflows0 = procfs::listen_overflows();
     let joins = env.spawn_agents(&mut pool, count, &token)?;
+    let overflows_joins = procfs::listen_overflows() - overflows0;
     std::thread::sleep(Duration::from_millis(500));
     let mem_before = env.proxy.memory()?;
     let files_before = env.proxy.open_files();
     let timeout = Duration::from_secs(120 + count as u64 / 10);
+    let overflows1 = procfs::listen_overflows();
     let connect = env.connect_agents(&mut pool, count, timeout)?;
+    let overflows_connect = procfs::listen_overflows() - overflows1;
     // Let the last audit records and handshakes finish before reading memory.
     pool.idle(Duration::from_secs(1), |_| {})?;
     let mem_connected = env.proxy.memory()?;
@@ -83,6 +87,7 @@ pub fn tunnels(
             joins.ok as f64 / joins.secs.max(1e-9)
         ),
     );
+    report.row("join time", latency_line(&joins.latency));
     report.row(
         "connect",
         format!(
@@ -93,6 +98,7 @@ pub fn tunnels(
             connect.failures
         ),
     );
+    report.row("connect time (TCP → HELLO)", latency_line(&connect.latency));
     report.row(
         "hold",
         format!(
@@ -132,6 +138,10 @@ pub fn tunnels(
         format!("{files_before} before, {files_connected} with tunnels up"),
     );
     report.row(
+        "listen queue overflows",
+        format!("{overflows_joins} during joins, {overflows_connect} during connects (TcpExt ListenOverflows, machine-wide)"),
+    );
+    report.row(
         "proxy CPU while idle",
         format!("{idle_cpu_pct:.2} % of one core"),
     );
@@ -169,6 +179,10 @@ pub fn tunnels(
         json!({ "before": files_before, "all_up": files_connected }),
     );
     report.set("proxy_idle_cpu_pct_of_one_core", json!(idle_cpu_pct));
+    report.set(
+        "listen_overflows",
+        json!({ "joins": overflows_joins, "connects": overflows_connect }),
+    );
     let log = proxy_log_evidence(&env);
     report.row("proxy log", log.to_string());
     report.set("proxy_log", log);
@@ -660,6 +674,7 @@ pub fn storm(
     let f0 = before.counters.failures;
     let up0 = before.counters.up;
 
+    let overflows0 = procfs::listen_overflows();
     let t0 = mono_ns();
     let started = Instant::now();
     let (mut stop_secs, mut start_secs) = (0.0, 0.0);
@@ -696,6 +711,7 @@ pub fn storm(
         },
     )?;
     let observed_secs = started.elapsed().as_secs_f64();
+    let overflows = procfs::listen_overflows() - overflows0;
     // Let the proxy register the last ones before asking it.
     pool.idle(Duration::from_millis(500), |_| {})?;
     let after = env::agent_report(&mut pool)?;
@@ -759,6 +775,14 @@ pub fn storm(
     );
     report.row("proxy status", format!("{status_tunnels} tunnels up"));
     report.row(
+        "listen queue overflows",
+        format!("{overflows} (TcpExt ListenOverflows, machine-wide)"),
+    );
+    report.row(
+        "reconnect time (TCP → HELLO)",
+        latency_line(&after.connect_latency),
+    );
+    report.row(
         "per second",
         buckets
             .iter()
@@ -797,7 +821,8 @@ pub fn storm(
             "all_back": all_back, "recovery_secs": recovery_secs, "reconnects": reconnects,
             "resumed": resumed,
             "failed_attempts": failed_attempts, "proxy_status_tunnels": status_tunnels,
-            "reconnects_per_second": buckets, "ok": ok,
+            "reconnects_per_second": buckets, "ok": ok, "listen_overflows": overflows,
+            "connect_latency_all": latency(&after.connect_latency),
         }),
     );
     report.set("last_agent_error", json!(after.counters.last_error));

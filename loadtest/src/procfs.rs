@@ -61,3 +61,25 @@ pub fn open_files(pid: u32) -> u64 {
         .map(|d| d.count() as u64)
         .unwrap_or(0)
 }
+
+/// `TcpExt: ListenOverflows` of /proc/net/netstat: SYNs or ACKs dropped because a listen
+/// queue was full (machine-wide, this network namespace).
+pub fn listen_overflows() -> u64 {
+    let Ok(text) = std::fs::read_to_string("/proc/net/netstat") else {
+        return 0;
+    };
+    let mut lines = text.lines();
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        if !names.starts_with("TcpExt:") {
+            continue;
+        }
+        let names = names.split_whitespace();
+        let values = values.split_whitespace();
+        for (n, v) in names.zip(values) {
+            if n == "ListenOverflows" {
+                return v.parse().unwrap_or(0);
+            }
+        }
+    }
+    0
+}

@@ -150,11 +150,16 @@ pub enum Message {
         failed: usize,
         /// Last error seen.
         last_error: Option<String>,
+        /// Time of each successful join (µs), retries included.
+        #[serde(default)]
+        join_us: Buckets,
     },
     /// Agents: answer to `Report`.
     Report {
         /// Counters.
         counters: AgentCounters,
+        /// Time from TCP connect to the proxy's HELLO of each tunnel that came up (µs).
+        connect_us: Buckets,
         /// CLOCK_MONOTONIC ns of every tunnel that came up, since the start.
         connect_times_ns: Vec<u64>,
     },
