@@ -362,6 +362,7 @@ pub fn sessions(common: Common, args: SessionsArgs) -> anyhow::Result<bool> {
         args.sessions, args.tunnels
     ));
     let started = Instant::now();
+    let overflows0 = procfs::listen_overflows();
     users.broadcast(&proto::Command::Setup)?;
     let setups = users.collect(
         Duration::from_secs(300 + args.sessions as u64 / 10),
@@ -378,6 +379,7 @@ pub fn sessions(common: Common, args: SessionsArgs) -> anyhow::Result<bool> {
         |_| {},
     )?;
     let setup_secs = started.elapsed().as_secs_f64();
+    let setup_overflows = procfs::listen_overflows() - overflows0;
     let mut setup_hist = histogram()?;
     let mut sessions_ok = 0;
     let mut setup_failed = 0;
@@ -571,6 +573,10 @@ pub fn sessions(common: Common, args: SessionsArgs) -> anyhow::Result<bool> {
     table.row("login", format!("{login_ms:.0} ms (slowest worker)"));
     table.row("session setup", latency_line(&setup_hist));
     table.row(
+        "listen queue overflows",
+        format!("{setup_overflows} during setup (TcpExt ListenOverflows, machine-wide)"),
+    );
+    table.row(
         "round trips",
         format!(
             "{} x {} bytes per session, {} in {rounds_secs:.1} s ({:.0}/s), {rounds_failed} sessions failed",
@@ -608,6 +614,7 @@ pub fn sessions(common: Common, args: SessionsArgs) -> anyhow::Result<bool> {
         json!({
             "ok": sessions_ok, "failed": setup_failed, "secs": setup_secs,
             "proxy_sessions_active": active, "login_ms": login_ms,
+            "listen_overflows": setup_overflows,
             "latency": latency(&setup_hist),
         }),
     );
