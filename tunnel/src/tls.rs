@@ -94,10 +94,45 @@
 //! rustls's alert if the socket takes it without waiting, and every later call returns the same
 //! error. A monoio task that panics takes every connection of its core down with it.
 //!
+//! # Moving a connection to another core
+//!
+//! The proxy accepts a user on any core and then serves it on the core that owns the node's
+//! tunnel. [`TlsConnection::into_transferable`] turns an established connection into a
+//! [`TransferableTls`] (`Send`: the socket, the rustls session, the bytes in transit), and
+//! [`TransferableTls::attach`] turns it back into a [`TlsConnection`] inside the destination
+//! thread's runtime. The contract:
+//!
+//! * **When it is legal.** Any time the caller holds the whole connection (reunite split
+//!   halves with [`TlsConnection::reunite`]) and the connection has not failed: between two
+//!   calls, with reads or flushes cancelled or not. No read or flush can be in progress, since
+//!   the move takes the connection by value. Call it inside the source runtime, attach inside
+//!   the destination runtime; either can use either driver.
+//! * **Nothing is lost or duplicated.** Plaintext decrypted but not read, and the start of a
+//!   record only partly received, travel with the connection and come out of the first reads
+//!   on the destination, before anything the socket receives later. Ciphertext committed by
+//!   `queue` but not yet taken by the kernel travels too and is sent first on the destination
+//!   (the move does not wait for a slow peer to read it). Whatever sits in the kernel's queues
+//!   stays there: it is the same socket.
+//! * **The source runtime lets go entirely.** The connection's readiness waits are dropped:
+//!   on io_uring that cancels their `PollAdd`s, on the legacy driver it only forgets a waker.
+//!   monoio's own descriptor is closed by the source runtime (on the legacy driver at once,
+//!   after removing it from that runtime's epoll set, which is why the move must happen inside
+//!   the runtime; on io_uring once the ring has completed the cancelled polls, typically on its
+//!   next turn), and the connection travels with a duplicate made by `F_DUPFD_CLOEXEC`. A poll
+//!   still in the source ring for that short while only observes the socket: it takes no
+//!   bytes, and poll wake-ups reach every waiter, so it cannot steal readiness from the
+//!   destination. The move therefore needs one spare descriptor for a moment; without one it
+//!   fails and hands the connection back.
+//! * **Failures hand the connection back.** [`TransferError`] carries the reason and the
+//!   untouched connection. A connection that has already failed is refused with its failure.
+//!   If the destination runtime cannot register the socket, `attach` closes it and says why.
+//! * A dropped `TransferableTls` closes the connection without a close_notify.
+//!
 //! The runtime must be built with `enable_timer()` (the handshake deadline uses monoio's timer).
 //! Both drivers work: io_uring and the legacy epoll driver (for hosts without io_uring).
 
 mod error;
+mod handoff;
 mod session;
 mod sys;
 
@@ -118,6 +153,7 @@ use rustls_pki_types::{CertificateDer, ServerName};
 
 use error::Fault;
 pub use error::{Peer, TlsError};
+pub use handoff::{ReuniteError, TransferError, TransferableTls};
 use session::{Counting, Encrypt, Outcome, PlainSink, Session, Sink};
 use sys::{Direction, ReadinessWait, Scratch};
 
@@ -185,12 +221,20 @@ pub struct TlsWriter {
     ready: ReadinessWait,
 }
 
-/// What both halves share. Dropping the last half shuts the socket down (see `Drop`).
+/// What both halves share. Dropping the last half shuts the socket down (see [`Socket`]).
 struct Shared {
-    tcp: Rc<TcpStream>,
+    tcp: Socket,
     peer: Peer,
     local: Option<SocketAddr>,
     state: RefCell<State>,
+}
+
+/// The connection's socket. Dropping it shuts the socket down, unless the connection has been
+/// handed to another thread (see [`TlsConnection::into_transferable`]), which then owns the
+/// socket through a descriptor of its own.
+struct Socket {
+    stream: Rc<TcpStream>,
+    handed_off: bool,
 }
 
 struct State {
@@ -234,23 +278,33 @@ impl TlsConnection {
         let local = tcp.local_addr().ok();
         tcp.set_nodelay(true)
             .map_err(|source| TlsError::Io { peer, source })?;
-        let shared = Rc::new(Shared {
-            tcp: Rc::new(tcp),
+        let state = State {
+            session,
+            incoming: Vec::new(),
+            plain: Vec::new(),
+            out: Vec::new(),
+            out_sent: 0,
+            peer_closed: false,
+            close_notify_sent: false,
+            read_fault: None,
+            write_fault: None,
+        };
+        Ok(Self::from_shared(Shared {
+            tcp: Socket::new(tcp),
             peer,
             local,
-            state: RefCell::new(State {
-                session,
-                incoming: Vec::new(),
-                plain: Vec::new(),
-                out: Vec::new(),
-                out_sent: 0,
-                peer_closed: false,
-                close_notify_sent: false,
-                read_fault: None,
-                write_fault: None,
-            }),
-        });
-        Ok(Self {
+            state: RefCell::new(state),
+        }))
+    }
+
+    /// Both halves over `shared`, with no readiness wait in flight. The first read tries
+    /// `recv` before it waits: the socket may hold bytes nobody has looked at yet.
+    fn from_shared(shared: Shared) -> Self {
+        Self::from_rc(Rc::new(shared))
+    }
+
+    fn from_rc(shared: Rc<Shared>) -> Self {
+        Self {
             reader: TlsReader {
                 shared: Rc::clone(&shared),
                 ready: ReadinessWait::new(Direction::Read),
@@ -260,7 +314,7 @@ impl TlsConnection {
                 shared,
                 ready: ReadinessWait::new(Direction::Write),
             },
-        })
+        }
     }
 
     async fn establish(mut self, deadline: Duration) -> Result<Self, TlsError> {
@@ -460,7 +514,7 @@ impl TlsReader {
     }
 
     async fn wait_readable(&mut self) -> Result<(), Fault> {
-        match self.ready.wait(&self.shared.tcp).await {
+        match self.ready.wait(&self.shared.tcp.stream).await {
             Ok(()) => {
                 self.maybe_readable = true;
                 Ok(())
@@ -585,7 +639,7 @@ impl TlsWriter {
 
     /// Sets `TCP_NODELAY` (on by default).
     pub fn set_nodelay(&self, nodelay: bool) -> io::Result<()> {
-        self.shared.tcp.set_nodelay(nodelay)
+        self.shared.tcp.stream.set_nodelay(nodelay)
     }
 
     /// Sets `TCP_NOTSENT_LOWAT`: the socket reports writable only while fewer than `bytes`
@@ -593,7 +647,7 @@ impl TlsWriter {
     /// proxy sends next (a PING, another stream's frame) is not stuck behind megabytes of one
     /// stream's data; [`flush`](Self::flush) then waits in user space instead.
     pub fn set_notsent_lowat(&self, bytes: u32) -> io::Result<()> {
-        sys::with_socket(&self.shared.tcp, |s| s.set_tcp_notsent_lowat(bytes))
+        sys::with_socket(&self.shared.tcp.stream, |s| s.set_tcp_notsent_lowat(bytes))
     }
 
     async fn flush_inner(&mut self) -> Result<(), Fault> {
@@ -610,7 +664,7 @@ impl TlsWriter {
                     Err(fault) => return Err(state.fail_write(fault)),
                 }
             }
-            if let Err(e) = self.ready.wait(&self.shared.tcp).await {
+            if let Err(e) = self.ready.wait(&self.shared.tcp.stream).await {
                 return Err(self.shared.state.borrow_mut().fail_write(Fault::io(&e)));
             }
         }
@@ -619,7 +673,7 @@ impl TlsWriter {
 
 impl Shared {
     fn fd(&self) -> RawFd {
-        self.tcp.as_raw_fd()
+        self.tcp.stream.as_raw_fd()
     }
 
     fn peer_certificates(&self) -> Option<Vec<CertificateDer<'static>>> {
@@ -628,12 +682,26 @@ impl Shared {
     }
 }
 
-impl Drop for Shared {
+impl Socket {
+    fn new(stream: TcpStream) -> Self {
+        Self {
+            stream: Rc::new(stream),
+            handed_off: false,
+        }
+    }
+}
+
+impl Drop for Socket {
     /// Shuts the socket down before it is closed. A readiness wait abandoned in the io_uring
     /// ring (see `sys::ReadinessWait`) keeps the socket open until it completes; `shutdown`
     /// completes it, so the peer sees the close now rather than whenever it next sends.
+    ///
+    /// Not after a hand-off: `shutdown` acts on the socket, not on this descriptor, and the
+    /// socket now lives on in another thread.
     fn drop(&mut self) {
-        sys::shutdown(self.fd(), libc::SHUT_RDWR);
+        if !self.handed_off {
+            sys::shutdown(self.stream.as_raw_fd(), libc::SHUT_RDWR);
+        }
     }
 }
 

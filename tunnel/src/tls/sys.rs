@@ -6,7 +6,7 @@ use std::{
     cell::RefCell,
     future::Future,
     io,
-    os::fd::{AsRawFd, BorrowedFd, RawFd},
+    os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd},
     pin::Pin,
     rc::Rc,
     task::{Context, Poll},
@@ -64,6 +64,15 @@ pub(super) fn shutdown(fd: RawFd, how: libc::c_int) {
     }
 }
 
+/// A second descriptor for the socket behind `fd` (`F_DUPFD_CLOEXEC`): what a connection takes
+/// with it to another thread, while monoio keeps the first one until its ring lets go of it.
+pub(super) fn duplicate(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: `fd` is an open socket owned by the caller's `TcpStream`, which outlives this
+    // call; the borrow ends before the function returns.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    borrowed.try_clone_to_owned()
+}
+
 /// Runs `f` with a `TcpStream`'s descriptor seen as a socket2 socket, for options monoio does
 /// not expose.
 pub(super) fn with_socket<R>(tcp: &TcpStream, f: impl FnOnce(socket2::SockRef<'_>) -> R) -> R {
@@ -84,12 +93,19 @@ pub(super) enum Direction {
 
 /// A readiness wait that outlives the future awaiting it.
 ///
-/// On io_uring a readiness wait is a `PollAdd` in the ring. Dropping monoio's future does not
-/// cancel it (this workspace builds monoio without `async-cancel`): the entry would stay in the
-/// ring until the socket becomes ready, and a read wrapped in a timeout that fires every second
-/// would pile one up per second. So the wait is kept here and resumed by the next caller: a
-/// connection has at most one wait per direction in flight, whatever its callers cancel. It
-/// holds no buffer (a few dozen bytes for the boxed future).
+/// On io_uring a readiness wait is a `PollAdd` in the ring. Dropping monoio's future asks the
+/// ring to cancel it (the workspace enables monoio's `async-cancel`; without it the entry
+/// would stay in the ring until the socket became ready), which costs a cancel entry, two
+/// completions and a fresh `PollAdd` on the next call: a read wrapped in a timeout that fires
+/// every second would pay that every second. So the wait is kept here and resumed by the next
+/// caller: a connection has at most one wait per direction in flight, whatever its callers
+/// cancel. It holds no buffer (a few dozen bytes for the boxed future).
+///
+/// Dropping the `ReadinessWait` itself (a closed connection, or one handed to another thread)
+/// does cancel the `PollAdd`. Until the ring reports it done, monoio keeps the entry's clone of
+/// the descriptor open, which is why a hand-off moves a duplicate descriptor rather than
+/// monoio's own (see `TlsConnection::into_transferable`). A `PollAdd` only observes: whether
+/// it is cancelled or completes, it takes no data and no readiness from other waiters.
 ///
 /// On the legacy (epoll) driver the wait asks for `relaxed = false`: monoio then checks the
 /// socket with `poll(2)` before trusting its edge-triggered readiness flag, which our own
