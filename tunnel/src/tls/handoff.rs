@@ -210,15 +210,14 @@ impl TransferableTls {
             peer,
             local,
         } = self;
-        let stream = TcpStream::from_std(std::net::TcpStream::from(fd)).map_err(|e| {
-            TlsError::Io {
+        let stream =
+            TcpStream::from_std(std::net::TcpStream::from(fd)).map_err(|e| TlsError::Io {
                 peer,
                 source: std::io::Error::new(
                     e.kind(),
                     format!("registering a socket moved from another thread: {e}"),
                 ),
-            }
-        })?;
+            })?;
         let state = State {
             session,
             incoming,
@@ -340,7 +339,11 @@ impl fmt::Debug for TransferError {
 
 impl fmt::Display for TransferError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "cannot move the connection to another thread: {}", self.error)
+        write!(
+            f,
+            "cannot move the connection to another thread: {}",
+            self.error
+        )
     }
 }
 
