@@ -7,8 +7,9 @@
 #   3. installation into a throwaway Debian bookworm root (debootstrap, cached under
 #      target/check-packages/): dpkg -i runs the real maintainer scripts, then the documented
 #      first steps run as the service users with the units' own commands, in a network
-#      namespace: init, start, a token, the agent joining, SIGTERM draining; an upgrade keeps a
-#      locally edited conffile and the data; purging the agent keeps its data directory.
+#      namespace: init, start, a token, the agent joining, backup, SIGTERM draining, restore;
+#      an upgrade keeps a locally edited conffile and the data; purging the agent keeps its
+#      data directory.
 # Without a reachable Debian mirror step 3 falls back to `dpkg -x` (files only, no maintainer
 # scripts), and says so. Needs root. KEEP_WORK=1 keeps the working directory.
 set -euo pipefail
@@ -255,10 +256,27 @@ PIN=$(grep -o 'sha256:[0-9a-f]\{64\}' "$W/init.txt" | head -1)
 check "init as the service user (runuser -u remoteler) creates the cluster it owns" \
   test "$(in_root stat -c %U /var/lib/remoteler/ca.key) $(in_root stat -c %a /var/lib/remoteler/ca.key)" = "remoteler 600"
 check "after init, ExecStartPre passes" as remoteler /bin/sh -c "$PRE"
-ip netns exec "$NS" chroot --userspec=remoteler:remoteler "$R" "${PROXY_CMD[@]}" >"$W/proxy.log" 2>&1 &
-PROXY_PID=$!; PIDS+=("$PROXY_PID")
-for _ in $(seq 150); do [ -f "$R/var/lib/remoteler/proxy.ready" ] && break; kill -0 "$PROXY_PID" 2>/dev/null || break; sleep 0.2; done
-[ -f "$R/var/lib/remoteler/proxy.ready" ] || { cat "$W/proxy.log"; fail "the packaged proxy did not start"; }
+# start_proxy / stop_proxy: the unit's ExecStart as its user; SIGTERM as `systemctl stop` sends.
+start_proxy() {
+  ip netns exec "$NS" chroot --userspec=remoteler:remoteler "$R" "${PROXY_CMD[@]}" >>"$W/proxy.log" 2>&1 &
+  PROXY_PID=$!; PIDS+=("$PROXY_PID")
+  for _ in $(seq 150); do [ -f "$R/var/lib/remoteler/proxy.ready" ] && break; kill -0 "$PROXY_PID" 2>/dev/null || break; sleep 0.2; done
+  [ -f "$R/var/lib/remoteler/proxy.ready" ] || { cat "$W/proxy.log"; fail "the packaged proxy did not start"; }
+}
+stop_proxy() {
+  kill -TERM "$PROXY_PID"
+  for _ in $(seq 225); do kill -0 "$PROXY_PID" 2>/dev/null || break; sleep 0.2; done
+  kill -0 "$PROXY_PID" 2>/dev/null && fail "the proxy did not stop within 45 s (TimeoutStopSec) of SIGTERM"
+  wait "$PROXY_PID"
+}
+start_agent() {
+  ip netns exec "$NS" chroot --userspec=remoteler-agent:remoteler-agent "$R" "${AGENT_CMD[@]}" >>"$W/agent.log" 2>&1 &
+  AGENT_PID=$!; PIDS+=("$AGENT_PID")
+  for _ in $(seq 150); do online && break; kill -0 "$AGENT_PID" 2>/dev/null || break; sleep 0.2; done
+  online || { cat "$W/agent.log"; fail "the packaged agent did not come online"; }
+}
+online() { ip netns exec "$NS" chroot --userspec=remoteler:remoteler "$R" remoteler-proxy nodes ls --config /etc/remoteler/proxy.toml 2>/dev/null | grep -Eq '^node-pkg +tunnel +yes'; }
+start_proxy
 ok "ExecStart as remoteler with the packaged /etc/remoteler/proxy.toml: $(cat "$R/var/lib/remoteler/proxy.ready")"
 
 OUT=$(ip netns exec "$NS" chroot --userspec=remoteler-agent:remoteler-agent "$R" "${AGENT_CMD[@]}" 2>&1) && rc=0 || rc=$?
@@ -270,19 +288,27 @@ sed -i -e 's/^node_name = .*/node_name = "node-pkg"/' -e 's/^proxy = .*/proxy = 
   -e "s/^ca_pin = .*/ca_pin = \"$PIN\"/" "$R/etc/remoteler/agent.toml"
 in_root install -m 0640 -o root -g remoteler-agent /dev/null /etc/remoteler/join-token
 echo "$TOKEN" >"$R/etc/remoteler/join-token"
-ip netns exec "$NS" chroot --userspec=remoteler-agent:remoteler-agent "$R" "${AGENT_CMD[@]}" >"$W/agent.log" 2>&1 &
-AGENT_PID=$!; PIDS+=("$AGENT_PID")
-online() { ip netns exec "$NS" chroot --userspec=remoteler:remoteler "$R" remoteler-proxy nodes ls --config /etc/remoteler/proxy.toml 2>/dev/null | grep -Eq '^node-pkg +tunnel +yes'; }
-for _ in $(seq 150); do online && break; kill -0 "$AGENT_PID" 2>/dev/null || break; sleep 0.2; done
-online || { cat "$W/agent.log"; fail "the packaged agent did not come online"; }
+start_agent
 ok "the packaged agent (remoteler-agent, token file 0640 root:remoteler-agent) joined: node-pkg online"
 check "the agent's identity is in /var/lib/remoteler-agent, owned by remoteler-agent" \
   test "$(in_root stat -c '%U %a' /var/lib/remoteler-agent/node.key)" = "remoteler-agent 600"
-kill -TERM "$PROXY_PID"
-for _ in $(seq 225); do kill -0 "$PROXY_PID" 2>/dev/null || break; sleep 0.2; done
-kill -0 "$PROXY_PID" 2>/dev/null && fail "the proxy did not stop within 45 s (TimeoutStopSec) of SIGTERM"
-wait "$PROXY_PID" && rc=0 || rc=$?
+# docs/operations.md, "Back up and restore", word for word.
+in_root sh -c 'runuser -u remoteler -- flock /var/lib/remoteler/state.lock \
+  tar -C /var/lib --exclude=admin.sock --exclude=proxy.ready -czf - remoteler \
+  > /root/remoteler-backup-$(date +%F).tar.gz
+chmod 0600 /root/remoteler-backup-*.tar.gz' || fail "the documented backup failed"
+check "backup while the proxy runs: the archive holds ca.key and state.json, not the socket" \
+  bash -c "tar -tzf '$R'/root/remoteler-backup-*.tar.gz | sort | tr '\n' ' ' | grep -q 'remoteler/ca.key .*remoteler/state.json' && ! tar -tzf '$R'/root/remoteler-backup-*.tar.gz | grep -q admin.sock"
+stop_proxy && rc=0 || rc=$?
 check "SIGTERM (systemctl stop) drains the proxy and it exits 0" test "$rc" -eq 0
+kill -TERM "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true
+in_root sh -c 'mv /var/lib/remoteler /var/lib/remoteler.before-restore
+tar -C /var/lib -xzpf /root/remoteler-backup-*.tar.gz
+chown -R remoteler:remoteler /var/lib/remoteler && chmod 0700 /var/lib/remoteler' || fail "the documented restore failed"
+start_proxy
+start_agent
+ok "restore: the proxy starts on the restored directory and the agent comes back with nothing changed"
+stop_proxy || fail "the proxy did not exit 0 after SIGTERM"
 kill -TERM "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true
 
 say "3c. upgrade, remove, purge"
