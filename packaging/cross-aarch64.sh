@@ -6,7 +6,8 @@
 # than a committed .cargo/config.toml, so native builds never see them.
 
 AARCH64_TARGET=aarch64-unknown-linux-gnu
-AARCH64_SYSROOT=/usr/aarch64-linux-gnu
+# The aarch64 libc of libc6-dev-arm64-cross (also qemu-aarch64's -L).
+AARCH64_SYSROOT=${AARCH64_SYSROOT:-/usr/aarch64-linux-gnu}
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
 export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
@@ -38,6 +39,12 @@ aarch64_toolchain() {
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"; } \
       >/dev/null 2>&1 || {
       echo "cannot install ${need[*]} with apt-get (no network or no such package)" >&2
+      return 1
+    }
+    command -v aarch64-linux-gnu-gcc >/dev/null && [ -f "$AARCH64_SYSROOT/lib/libc.so.6" ] &&
+      { [ "$want_qemu" != qemu ] || command -v qemu-aarch64 >/dev/null; } || {
+      echo "installed ${need[*]}, but the cross toolchain is still incomplete" \
+        "(aarch64-linux-gnu-gcc, $AARCH64_SYSROOT/lib/libc.so.6, qemu-aarch64)" >&2
       return 1
     }
   fi
