@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by scripts/package.sh and scripts/arm-e2e.sh: cross-building the edge agent for
 # 64-bit ARM boards (aarch64-unknown-linux-gnu) with Debian's cross gcc, and running it here
 # with qemu-user. Defines variables and functions only.
