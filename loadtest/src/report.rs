@@ -161,7 +161,12 @@ pub fn jain(x: &[f64]) -> f64 {
 
 /// Bytes/s as MiB/s text.
 pub fn mibps(bps: f64) -> String {
-    format!("{:.1} MiB/s", bps / (1024.0 * 1024.0))
+    let mib = bps / (1024.0 * 1024.0);
+    if mib < 10.0 {
+        format!("{mib:.3} MiB/s")
+    } else {
+        format!("{mib:.1} MiB/s")
+    }
 }
 
 #[cfg(test)]

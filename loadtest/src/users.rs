@@ -248,7 +248,7 @@ async fn rounds(users: &Rc<Users>) -> anyhow::Result<()> {
     countdown.wait(total).await;
     emit(&Message::RoundsDone {
         rtt_us: buckets(&hist.borrow()),
-        failed: failed.get() + (spec.count - total),
+        failed: failed.get(),
         last_error: users.last_error.borrow().clone(),
     });
     Ok(())
@@ -326,7 +326,7 @@ async fn bulk(users: &Rc<Users>) {
         per_stream_bps,
         start_ns,
         end_ns,
-        failed: failed.get() + (spec.count - total),
+        failed: failed.get(),
         last_error: users.last_error.borrow().clone(),
     });
 }
