@@ -41,6 +41,12 @@ cargo test --workspace --locked
 step "end to end: real proxy, agents, sshd and ssh (scripts/e2e.sh)"
 bash scripts/e2e.sh
 
+step "end to end on ARM: aarch64 agent under qemu-user behind NAT (scripts/arm-e2e.sh)"
+bash scripts/arm-e2e.sh
+
+step "Debian packages: contents, systemd units, install into a throwaway root (scripts/check-packages.sh)"
+bash scripts/check-packages.sh
+
 step "fuzz smoke run"
 REMOTELER_FUZZ_STRICT="${REMOTELER_FUZZ_STRICT:-1}" FUZZ_SECONDS="${FUZZ_SECONDS:-20}" bash .ci/fuzz-smoke.sh
 

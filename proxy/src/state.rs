@@ -14,7 +14,7 @@ use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -325,7 +325,9 @@ impl StateStore {
 }
 
 /// Replaces `path` with `contents`: temporary file in the same directory, `fsync`, `rename`,
-/// `fsync` of the directory.
+/// `fsync` of the directory. The new file gets the owner of the directory: an operator who
+/// runs `remoteler-proxy users add` as root must not leave a file the proxy's service user
+/// can no longer read.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), ProxyError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
@@ -341,6 +343,12 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), Proxy
             .mode(mode)
             .open(&tmp)?;
         f.write_all(contents)?;
+        let (dir_meta, file_meta) = (std::fs::metadata(dir)?, f.metadata()?);
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        if root && (dir_meta.uid(), dir_meta.gid()) != (file_meta.uid(), file_meta.gid()) {
+            std::os::unix::fs::fchown(&f, Some(dir_meta.uid()), Some(dir_meta.gid()))?;
+        }
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
         File::open(dir)?.sync_all()
@@ -353,6 +361,22 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), Proxy
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_file_written_by_root_belongs_to_the_directory_owner() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return; // only root can hand a file to another user
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let nobody = 65534;
+        std::os::unix::fs::chown(dir.path(), Some(nobody), Some(nobody)).unwrap();
+        let path = dir.path().join("state.json");
+        write_atomic(&path, b"{}", 0o600).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (nobody, nobody));
+        assert_eq!(meta.mode() & 0o777, 0o600);
+    }
+
     use super::*;
 
     fn token(secret: &str, expires: u64, uses: u32) -> Token {
