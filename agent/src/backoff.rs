@@ -1,8 +1,10 @@
 //! Jittered exponential backoff between reconnection attempts.
 //!
 //! The wait before attempt `n` (0-based count of failures since the last stable tunnel) is
-//! drawn uniformly from `[min, cap]`, where `cap = min(max, min * 2^n)`: "full jitter" above a
-//! floor of `backoff.min`. The floor keeps a flapping proxy from being hammered; the jitter
+//! drawn uniformly from `[min, cap]`, where `cap = min(max, min * 2^(n+1))`: "full jitter"
+//! above a floor of `backoff.min`. The first retry is jittered too (over `[min, 2 min]`): the
+//! load test showed that without it every agent of a restarted proxy came back in the same
+//! instant and overflowed its listen queue. The floor keeps a flapping proxy from being hammered; the jitter
 //! spreads ten thousand agents that lost the same proxy at the same moment over the whole
 //! window instead of reconnecting in step.
 
@@ -41,7 +43,9 @@ impl Backoff {
 
     /// The largest wait the next call to [`Backoff::next_delay`] can return.
     pub fn cap(&self) -> Duration {
-        let factor = 1u32.checked_shl(self.failures.min(31)).unwrap_or(u32::MAX);
+        let factor = 1u32
+            .checked_shl(self.failures.saturating_add(1).min(31))
+            .unwrap_or(u32::MAX);
         self.min.saturating_mul(factor).min(self.max)
     }
 
@@ -86,9 +90,13 @@ mod tests {
             assert!(d <= Duration::from_millis(5_000), "{d:?} above max");
             caps.push(cap);
         }
-        assert_eq!(caps[0], Duration::from_millis(100));
-        assert_eq!(caps[1], Duration::from_millis(200));
-        assert_eq!(caps[2], Duration::from_millis(400));
+        assert_eq!(
+            caps[0],
+            Duration::from_millis(200),
+            "the first retry is jittered too"
+        );
+        assert_eq!(caps[1], Duration::from_millis(400));
+        assert_eq!(caps[2], Duration::from_millis(800));
         assert_eq!(*caps.last().unwrap(), Duration::from_millis(5_000));
     }
 
@@ -111,7 +119,12 @@ mod tests {
         assert_eq!(b.cap(), Duration::from_millis(60_000));
         b.reset();
         assert_eq!(b.failures(), 0);
-        assert_eq!(b.next_delay(), Duration::from_millis(100));
+        assert_eq!(b.cap(), Duration::from_millis(200));
+        let d = b.next_delay();
+        assert!(
+            (Duration::from_millis(100)..=Duration::from_millis(200)).contains(&d),
+            "{d:?}"
+        );
     }
 
     #[test]

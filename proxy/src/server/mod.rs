@@ -66,12 +66,27 @@ pub struct Listeners {
     admin_path: std::path::PathBuf,
 }
 
+/// Listen queue length: a proxy whose agents all reconnect at once (a restart) must not
+/// drop SYNs (the load test saw thousands of listen overflows with the default of 128, each
+/// costing the agent a 1 s TCP retransmit). The kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// A bound, listening TCP socket with [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
 impl Listeners {
     /// Binds the three TCP listeners of `config.listen` and the admin socket in the data
     /// directory. Refuses to start when another proxy already answers on the admin socket.
     pub fn bind(config: &ProxyConfig) -> Result<Listeners, ProxyError> {
         let bind = |addr: SocketAddr, key: &str| {
-            std::net::TcpListener::bind(addr).map_err(|e| {
+            listen(addr).map_err(|e| {
                 ProxyError::Other(format!(
                     "cannot listen on {addr} (`listen.{key}`): {e}; is another proxy running, \
                      or is the port taken? Pick another address with --{key} or in the config file"
