@@ -179,13 +179,67 @@ impl Fault {
     }
 }
 
-/// rustls prints a certificate error of our own verifiers (a CA pin mismatch, say) with
-/// `Debug`; print its own message instead, which says what to do.
+/// rustls prints certificate errors with `Debug`; say what happened in words, and for the
+/// errors a wrong clock causes (edge devices without a battery-backed clock), what to do.
 fn describe(error: &rustls::Error) -> String {
+    use rustls::CertificateError as C;
+    let secs = |t: &rustls_pki_types::UnixTime| t.as_secs();
+    let clock = "check this machine's clock (NTP) and the peer's";
     match error {
-        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
+        rustls::Error::InvalidCertificate(C::Other(other)) => {
             format!("invalid peer certificate: {other}")
         }
+        rustls::Error::InvalidCertificate(C::ExpiredContext { time, not_after }) => format!(
+            "the peer's certificate expired {} s before this machine's time ({} s after the \
+             Unix epoch); {clock}, or renew the certificate",
+            secs(time).saturating_sub(secs(not_after)),
+            secs(time)
+        ),
+        rustls::Error::InvalidCertificate(C::NotValidYetContext { time, not_before }) => format!(
+            "the peer's certificate is not valid for another {} s by this machine's time ({} s \
+             after the Unix epoch): {clock}",
+            secs(not_before).saturating_sub(secs(time)),
+            secs(time)
+        ),
+        rustls::Error::InvalidCertificate(C::Expired) => {
+            format!("the peer's certificate has expired; {clock}, or renew the certificate")
+        }
+        rustls::Error::InvalidCertificate(C::NotValidYet) => {
+            format!("the peer's certificate is not valid yet: {clock}")
+        }
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wrong_clock_is_named_as_the_likely_cause() {
+        let at =
+            |s| rustls_pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(s));
+        let early = TlsError::Tls {
+            peer: Peer(None),
+            source: rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidYetContext {
+                    time: at(1_000),
+                    not_before: at(4_600),
+                },
+            ),
+        }
+        .to_string();
+        assert!(early.contains("not valid for another 3600 s"), "{early}");
+        assert!(early.contains("clock"), "{early}");
+        let late = TlsError::Tls {
+            peer: Peer(None),
+            source: rustls::Error::InvalidCertificate(rustls::CertificateError::ExpiredContext {
+                time: at(10_000),
+                not_after: at(9_000),
+            }),
+        }
+        .to_string();
+        assert!(late.contains("expired 1000 s before"), "{late}");
+        assert!(!late.contains("ExpiredContext"), "{late}");
     }
 }
