@@ -77,6 +77,8 @@ struct Shared {
     connected: bool,
     connected_waker: Option<Waker>,
     transport_dead: bool,
+    /// Registered with this core's keepalive ticker.
+    ticked: bool,
 }
 
 impl Shared {
@@ -220,6 +222,7 @@ impl Tunnel {
                 connected: false,
                 connected_waker: None,
                 transport_dead: false,
+                ticked: false,
             })),
         }
     }
@@ -605,6 +608,7 @@ pub enum DriveOutcome {
 pub async fn drive(tunnel: &Tunnel, conn: TlsConnection, mut input: BytesMut) -> DriveOutcome {
     let (mut reader, mut writer) = conn.split();
     let shared = &tunnel.shared;
+    ticker::register(shared);
     let outcome = loop {
         // Feed what we have, act on events, queue what the session wants to send.
         let ended = {
@@ -640,13 +644,6 @@ pub async fn drive(tunnel: &Tunnel, conn: TlsConnection, mut input: BytesMut) ->
             let err = ended_reason(tunnel);
             return DriveOutcome::Ended(err);
         }
-        let deadline = shared.borrow().session.poll_timeout();
-        let sleep = async {
-            match deadline {
-                Some(at) => monoio::time::sleep_until(monoio::time::Instant::from_std(at)).await,
-                None => std::future::pending::<()>().await,
-            }
-        };
         let notified = poll_fn(|cx| {
             let mut s = shared.borrow_mut();
             if s.driver_notified {
@@ -674,10 +671,6 @@ pub async fn drive(tunnel: &Tunnel, conn: TlsConnection, mut input: BytesMut) ->
                 break DriveOutcome::TransportLost(Some(e));
             },
             _ = notified => {}
-            _ = sleep => {
-                let mut s = shared.borrow_mut();
-                s.session.handle_timeout(Instant::now());
-            }
         }
     };
     // A write that fails (the peer reset the connection) often hides why: a TLS alert (say,
@@ -715,4 +708,73 @@ fn ended_reason(tunnel: &Tunnel) -> FrameError {
             code: ErrorCode::NO_ERROR,
             reason: "tunnel ended".into(),
         }))
+}
+
+/// One timer per core instead of one per tunnel: every [`ticker::TICK`] a single task runs the
+/// due keepalive and grace timers of every session of its core and wakes the drivers that have
+/// something to send. A tunnel's driver then waits on its socket and its wakeups only, and an
+/// idle tunnel costs no timer entry (and no timer-sized state in its driver's future) between
+/// ticks; keepalive intervals are seconds, so a tick of a tenth of a second is precise enough.
+mod ticker {
+    use std::cell::{Cell, RefCell};
+    use std::rc::{Rc, Weak};
+    use std::time::{Duration, Instant};
+
+    use super::Shared;
+
+    /// Resolution of keepalive and grace timers.
+    pub(super) const TICK: Duration = Duration::from_millis(100);
+
+    thread_local! {
+        static SESSIONS: RefCell<Vec<Weak<RefCell<Shared>>>> = const { RefCell::new(Vec::new()) };
+        static RUNNING: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// Puts a session under this core's ticker (once; a reattached session stays registered).
+    pub(super) fn register(shared: &Rc<RefCell<Shared>>) {
+        {
+            let mut s = shared.borrow_mut();
+            if s.ticked {
+                return;
+            }
+            s.ticked = true;
+        }
+        SESSIONS.with(|all| all.borrow_mut().push(Rc::downgrade(shared)));
+        if !RUNNING.with(|r| r.replace(true)) {
+            monoio::spawn(run());
+        }
+    }
+
+    async fn run() {
+        loop {
+            monoio::time::sleep(TICK).await;
+            let now = Instant::now();
+            // Taken out while ticking: a driver woken below cannot register meanwhile (it
+            // runs only after this task yields), and sessions that are gone drop out.
+            let mut sessions = SESSIONS.with(|all| std::mem::take(&mut *all.borrow_mut()));
+            sessions.retain(|weak| {
+                let Some(shared) = weak.upgrade() else {
+                    return false;
+                };
+                let Ok(mut s) = shared.try_borrow_mut() else {
+                    return true;
+                };
+                if s.session.is_ended() {
+                    s.ticked = false;
+                    return false;
+                }
+                if s.session.poll_timeout().is_some_and(|at| at <= now) {
+                    s.session.handle_timeout(now);
+                    s.dispatch();
+                    s.wake_driver();
+                }
+                true
+            });
+            SESSIONS.with(|all| {
+                let mut all = all.borrow_mut();
+                sessions.append(&mut all);
+                *all = sessions;
+            });
+        }
+    }
 }

@@ -523,7 +523,9 @@ async fn handle_connection(
     kind: ListenerKind,
 ) {
     let slot = HandshakeSlot::take(&ctx.stats);
-    let conn = match tls::accept(tcp, tls, ctx.handshake_timeout()).await {
+    // This task lives as long as its connection (a tunnel: days): everything but the tunnel's
+    // own service is boxed so that the task is not sized for the largest of them.
+    let conn = match Box::pin(tls::accept(tcp, tls, ctx.handshake_timeout())).await {
         Ok(conn) => conn,
         Err(e) => {
             if e.is_certificate_error() {
@@ -543,36 +545,54 @@ async fn handle_connection(
     let protocol = String::from_utf8_lossy(&alpn).into_owned();
     match (kind, alpn.as_slice()) {
         (ListenerKind::Tunnels | ListenerKind::Auth, p) if p == ALPN_JOIN => {
-            control::serve_join(ctx, conn, peer).await;
+            Box::pin(control::serve_join(ctx, conn, peer)).await;
         }
         (ListenerKind::Users, p) if p == ALPN_LOGIN => {
-            control::serve_login(ctx, conn, peer).await;
+            Box::pin(control::serve_login(ctx, conn, peer)).await;
         }
         (ListenerKind::Tunnels, p) if p == ALPN_TUNNEL => {
             match check_identity(&ctx, identity, IdentityKind::Node) {
-                Ok(id) => tunnels::serve_tunnel(ctx, conn, peer, id).await,
-                Err(why) => refuse_frames(&ctx, conn, peer, &protocol, &why).await,
+                // A task of its own, sized for the tunnel only: this one (sized for the
+                // handshake and every other protocol) ends here and frees its memory.
+                Ok(id) => drop(monoio::spawn(tunnels::serve_tunnel(ctx, conn, peer, id))),
+                Err(why) => Box::pin(refuse_frames(&ctx, conn, peer, &protocol, &why)).await,
             }
         }
         (ListenerKind::Users, p) if p == ALPN_SESSION => {
             match check_identity(&ctx, identity, IdentityKind::User) {
-                Ok(id) => sessions::serve_session(ctx, conn, peer, id).await,
-                Err(why) => refuse_frames(&ctx, conn, peer, &protocol, &why).await,
+                Ok(id) => Box::pin(sessions::serve_session(ctx, conn, peer, id)).await,
+                Err(why) => Box::pin(refuse_frames(&ctx, conn, peer, &protocol, &why)).await,
             }
         }
         (ListenerKind::Users, p) if p == ALPN_API => {
             match check_identity(&ctx, identity, IdentityKind::User) {
-                Ok(id) => control::serve_api(ctx, conn, peer, id).await,
+                Ok(id) => Box::pin(control::serve_api(ctx, conn, peer, id)).await,
                 Err(why) => {
-                    control::refuse_line(&ctx, conn, peer, &protocol, "not_allowed", &why).await
+                    Box::pin(control::refuse_line(
+                        &ctx,
+                        conn,
+                        peer,
+                        &protocol,
+                        "not_allowed",
+                        &why,
+                    ))
+                    .await
                 }
             }
         }
         (ListenerKind::Auth, p) if p == ALPN_REGISTER => {
             match check_identity(&ctx, identity, IdentityKind::Node) {
-                Ok(id) => control::serve_register(ctx, conn, peer, id).await,
+                Ok(id) => Box::pin(control::serve_register(ctx, conn, peer, id)).await,
                 Err(why) => {
-                    control::refuse_line(&ctx, conn, peer, &protocol, "not_allowed", &why).await
+                    Box::pin(control::refuse_line(
+                        &ctx,
+                        conn,
+                        peer,
+                        &protocol,
+                        "not_allowed",
+                        &why,
+                    ))
+                    .await
                 }
             }
         }
@@ -584,7 +604,7 @@ async fn handle_connection(
                 "connection without a protocol this listener serves; closing"
             );
             let mut conn = conn;
-            let _ = monoio::time::timeout(Duration::from_secs(1), conn.close()).await;
+            let _ = Box::pin(monoio::time::timeout(Duration::from_secs(1), conn.close())).await;
         }
     }
 }

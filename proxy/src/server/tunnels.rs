@@ -145,6 +145,10 @@ fn outcome_reason(outcome: &DriveOutcome) -> String {
     }
 }
 
+// This future lives as long as the tunnel, tens of thousands at once: every await that only
+// happens for a moment (handshake-time timeouts, the wait of a detached tunnel) is boxed, so
+// that its state is allocated only while it runs instead of sizing this future for its whole
+// life (3 KiB before; `-Zprint-type-sizes` shows it).
 pub(super) async fn serve_tunnel(
     ctx: Rc<Context>,
     mut conn: TlsConnection,
@@ -164,8 +168,11 @@ pub(super) async fn serve_tunnel(
     };
     if ctx.draining.get() {
         let t = refuse("the proxy is shutting down".into(), ErrorCode::GOING_AWAY);
-        let _ =
-            monoio::time::timeout(ctx.handshake_timeout(), drive(&t, conn, BytesMut::new())).await;
+        let _ = Box::pin(monoio::time::timeout(
+            ctx.handshake_timeout(),
+            drive(&t, conn, BytesMut::new()),
+        ))
+        .await;
         return;
     }
     let max = ctx.config.limits.max_tunnels as usize;
@@ -174,18 +181,24 @@ pub(super) async fn serve_tunnel(
             format!("the proxy holds its maximum of {max} tunnels (`limits.max_tunnels`)"),
             ErrorCode::LIMIT_EXCEEDED,
         );
-        let _ =
-            monoio::time::timeout(ctx.handshake_timeout(), drive(&t, conn, BytesMut::new())).await;
+        let _ = Box::pin(monoio::time::timeout(
+            ctx.handshake_timeout(),
+            drive(&t, conn, BytesMut::new()),
+        ))
+        .await;
         return;
     }
 
     // A reconnecting agent asks to resume its detached session: hand the connection to the
     // task that owns it, and the users' sessions through it carry on.
     let mut input = BytesMut::new();
-    let hello = monoio::time::timeout(ctx.handshake_timeout(), peek_hello(&mut conn, &mut input))
-        .await
-        .ok()
-        .flatten();
+    let hello = Box::pin(monoio::time::timeout(
+        ctx.handshake_timeout(),
+        peek_hello(&mut conn, &mut input),
+    ))
+    .await
+    .ok()
+    .flatten();
     if let Some(hello) = hello.filter(|h| h.resuming) {
         let waiting = ctx.detached.borrow().get(&node).cloned();
         if let Some(waiting) = waiting
@@ -211,7 +224,11 @@ pub(super) async fn serve_tunnel(
     let driven = tunnel.clone();
     let driver = monoio::spawn(async move { drive(&driven, conn, input).await });
 
-    let _ = monoio::time::timeout(ctx.handshake_timeout(), tunnel.announce_changed(0)).await;
+    let _ = Box::pin(monoio::time::timeout(
+        ctx.handshake_timeout(),
+        tunnel.announce_changed(0),
+    ))
+    .await;
     let (version, announce) = tunnel.peer_announce();
     let (labels, services) = match check_announce(&ctx, &node, announce.as_ref()) {
         Ok(v) => v,
@@ -315,10 +332,13 @@ pub(super) async fn serve_tunnel(
         ctx.detached
             .borrow_mut()
             .insert(node.clone(), waiting.clone());
-        let next = monoio::select! {
-            next = waiting.wait() => next,
-            _ = tunnel.expire_while_detached() => None,
-        };
+        let next = Box::pin(async {
+            monoio::select! {
+                next = waiting.wait() => next,
+                _ = tunnel.expire_while_detached() => None,
+            }
+        })
+        .await;
         {
             let mut detached = ctx.detached.borrow_mut();
             if detached.get(&node).is_some_and(|w| Rc::ptr_eq(w, &waiting)) {
