@@ -92,47 +92,65 @@ fn reject(
     incoming.reject(code, reason);
 }
 
+/// Where an authorized session goes: the agent's stream, or a TCP connection to the node.
+enum Target {
+    Tunnel(tunnel::mux::MuxStream),
+    Direct(monoio::net::TcpStream),
+}
+
 async fn handle_open(ctx: Rc<Context>, incoming: Incoming, user: PeerIdentity, peer: SocketAddr) {
     let request = incoming.request.clone();
-    let node = request.node.clone();
+    let target = match connect_target(&ctx, &request, &user, peer).await {
+        Ok(target) => target,
+        Err((code, reason)) => {
+            reject(&ctx, incoming, &user.name, peer, code, &reason);
+            return;
+        }
+    };
+    let Ok(user_stream) = incoming.accept() else {
+        return; // the user's connection ended meanwhile; dropping the target closes it
+    };
+    let active = ActiveSession::new(&ctx);
+    let via = match target {
+        Target::Tunnel(_) => "tunnel",
+        Target::Direct(_) => "direct",
+    };
+    let started = session_start(&ctx, &request, &user, peer, via);
+    let (outcome, settle) = match target {
+        Target::Tunnel(agent) => splice::splice_streams(user_stream, agent, ("user", "node")).await,
+        Target::Direct(tcp) => splice::splice_tcp(user_stream, tcp, ("user", "node")).await,
+    };
+    session_end(&ctx, &request, &user, peer, via, started, &outcome);
+    drop(active);
+    settle.wait().await;
+}
+
+/// Authorizes the request and connects to its node, or says why not (code and reason for
+/// the user, who sees them as the session's error).
+async fn connect_target(
+    ctx: &Context,
+    request: &Open,
+    user: &PeerIdentity,
+    peer: SocketAddr,
+) -> Result<Target, (ErrorCode, String)> {
+    let node = &request.node;
     if ctx.draining.get() {
-        reject(
-            &ctx,
-            incoming,
-            &user.name,
-            peer,
+        return Err((
             ErrorCode::GOING_AWAY,
-            "the proxy is shutting down; retry in a moment",
-        );
-        return;
+            "the proxy is shutting down; retry in a moment".into(),
+        ));
     }
     if !request.cluster.is_empty() && request.cluster != ctx.cluster {
-        let reason = format!(
-            "no trusted cluster named {:?}; this proxy serves cluster {:?}",
-            request.cluster, ctx.cluster
-        );
-        reject(
-            &ctx,
-            incoming,
-            &user.name,
-            peer,
+        return Err((
             ErrorCode::CLUSTER_UNKNOWN,
-            &reason,
-        );
-        return;
+            format!(
+                "no trusted cluster named {:?}; this proxy serves cluster {:?}",
+                request.cluster, ctx.cluster
+            ),
+        ));
     }
-    if let Err(denied) = authorize(&user, &node, &request.login) {
-        reject(
-            &ctx,
-            incoming,
-            &user.name,
-            peer,
-            ErrorCode::ACCESS_DENIED,
-            &denied.0,
-        );
-        return;
-    }
-    match ctx.directory.route(&node) {
+    authorize(user, node, &request.login).map_err(|denied| (ErrorCode::ACCESS_DENIED, denied.0))?;
+    match ctx.directory.route(node) {
         Route::Tunnel(entry) => {
             let open = Open {
                 session_id: request.session_id,
@@ -144,142 +162,70 @@ async fn handle_open(ctx: Rc<Context>, incoming: Incoming, user: PeerIdentity, p
                 client_addr: peer.to_string(),
                 credential: Bytes::new(),
             };
-            let agent = match monoio::time::timeout(CONNECT_TIMEOUT, entry.tunnel.open(open)).await
-            {
-                Ok(Ok(stream)) => stream,
+            match monoio::time::timeout(CONNECT_TIMEOUT, entry.tunnel.open(open)).await {
+                Ok(Ok(stream)) => Ok(Target::Tunnel(stream)),
                 Ok(Err(StreamError::Refused { code, reason })) => {
-                    let reason = format!("node {node} refused: {reason}");
-                    reject(&ctx, incoming, &user.name, peer, code, &reason);
-                    return;
+                    Err((code, format!("node {node} refused: {reason}")))
                 }
-                Ok(Err(e)) => {
-                    let reason =
-                        format!("cannot open a stream to node {node} through its tunnel: {e}");
-                    reject(
-                        &ctx,
-                        incoming,
-                        &user.name,
-                        peer,
-                        ErrorCode::CONNECT_FAILED,
-                        &reason,
-                    );
-                    return;
-                }
-                Err(_) => {
-                    let reason = format!(
+                Ok(Err(e)) => Err((
+                    ErrorCode::CONNECT_FAILED,
+                    format!("cannot open a stream to node {node} through its tunnel: {e}"),
+                )),
+                Err(_) => Err((
+                    ErrorCode::CONNECT_FAILED,
+                    format!(
                         "node {node} did not answer within {}s",
                         CONNECT_TIMEOUT.as_secs()
-                    );
-                    reject(
-                        &ctx,
-                        incoming,
-                        &user.name,
-                        peer,
-                        ErrorCode::CONNECT_FAILED,
-                        &reason,
-                    );
-                    return;
-                }
-            };
-            let Ok(user_stream) = incoming.accept() else {
-                return; // the user's connection ended meanwhile; dropping `agent` resets it
-            };
-            let active = ActiveSession::new(&ctx);
-            let started = session_start(&ctx, &request, &user, peer, "tunnel");
-            let (outcome, settle) =
-                splice::splice_streams(user_stream, agent, ("user", "node")).await;
-            session_end(&ctx, &request, &user, peer, "tunnel", started, &outcome);
-            drop(active);
-            settle.wait().await;
+                    ),
+                )),
+            }
         }
         Route::Direct(address) => {
             if request.service != "ssh" {
-                let reason = format!(
-                    "node {node} is dialled directly and offers only the service \"ssh\", not {:?}",
-                    request.service
-                );
-                reject(
-                    &ctx,
-                    incoming,
-                    &user.name,
-                    peer,
+                return Err((
                     ErrorCode::TARGET_NOT_ALLOWED,
-                    &reason,
-                );
-                return;
+                    format!(
+                        "node {node} is dialled directly and offers only the service \"ssh\", not {:?}",
+                        request.service
+                    ),
+                ));
             }
-            let dialled = monoio::time::timeout(CONNECT_TIMEOUT, dial(&address)).await;
-            let tcp = match dialled {
-                Ok(Ok(tcp)) => tcp,
-                Ok(Err(e)) => {
-                    let reason = format!("cannot connect to node {node} at {address}: {e}");
-                    reject(
-                        &ctx,
-                        incoming,
-                        &user.name,
-                        peer,
-                        ErrorCode::CONNECT_FAILED,
-                        &reason,
-                    );
-                    return;
+            match monoio::time::timeout(CONNECT_TIMEOUT, dial(&address)).await {
+                Ok(Ok(tcp)) => {
+                    let _ = tcp.set_nodelay(true);
+                    Ok(Target::Direct(tcp))
                 }
-                Err(_) => {
-                    let reason = format!(
+                Ok(Err(e)) => Err((
+                    ErrorCode::CONNECT_FAILED,
+                    format!("cannot connect to node {node} at {address}: {e}"),
+                )),
+                Err(_) => Err((
+                    ErrorCode::CONNECT_FAILED,
+                    format!(
                         "node {node} at {address} did not accept a connection within {}s",
                         CONNECT_TIMEOUT.as_secs()
-                    );
-                    reject(
-                        &ctx,
-                        incoming,
-                        &user.name,
-                        peer,
-                        ErrorCode::CONNECT_FAILED,
-                        &reason,
-                    );
-                    return;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let Ok(user_stream) = incoming.accept() else {
-                return;
-            };
-            let active = ActiveSession::new(&ctx);
-            let started = session_start(&ctx, &request, &user, peer, "direct");
-            let (outcome, settle) = splice::splice_tcp(user_stream, tcp, ("user", "node")).await;
-            session_end(&ctx, &request, &user, peer, "direct", started, &outcome);
-            drop(active);
-            settle.wait().await;
+                    ),
+                )),
+            }
         }
         Route::Offline { since } => {
             let ago = SystemTime::now().duration_since(since).unwrap_or_default();
-            let reason = format!(
-                "node {node} is known but offline since {} ({} ago); its agent is not connected",
-                util::rfc3339(since),
-                util::human_duration(ago)
-            );
-            reject(
-                &ctx,
-                incoming,
-                &user.name,
-                peer,
+            Err((
                 ErrorCode::NODE_OFFLINE,
-                &reason,
-            );
+                format!(
+                    "node {node} is known but offline since {} ({} ago); its agent is not connected",
+                    util::rfc3339(since),
+                    util::human_duration(ago)
+                ),
+            ))
         }
-        Route::Unknown => {
-            let reason = format!(
+        Route::Unknown => Err((
+            ErrorCode::NODE_UNKNOWN,
+            format!(
                 "no node named {node} in cluster {}; `remoteler ls` lists them",
                 ctx.cluster
-            );
-            reject(
-                &ctx,
-                incoming,
-                &user.name,
-                peer,
-                ErrorCode::NODE_UNKNOWN,
-                &reason,
-            );
-        }
+            ),
+        )),
     }
 }
 
