@@ -214,6 +214,16 @@ impl Transmit {
         }
     }
 
+    /// The stream the frame is for (0 for connection frames).
+    pub fn stream(&self) -> u32 {
+        u32::from_be_bytes([
+            self.header[5],
+            self.header[6],
+            self.header[7],
+            self.header[8],
+        ])
+    }
+
     /// The frame header.
     pub fn header(&self) -> &[u8] {
         &self.header
@@ -855,7 +865,19 @@ impl Session {
             }
         }
         self.phase = Phase::Open;
-        self.control.extend(self.deferred.drain(..));
+        // A stream we opened and reset while waiting for this RESUME, whose OPEN the peer
+        // never saw (its id is above `last_peer_stream`), must stay unknown to the peer: its
+        // deferred RESET (or any other frame) would name a stream that was never opened.
+        let last = resume.last_peer_stream;
+        let deferred: Vec<Transmit> = self.deferred.drain(..).collect();
+        for t in deferred {
+            let id = t.stream();
+            let unseen =
+                id != 0 && self.is_local_id(id) && id > last && !self.ids.contains_key(&id);
+            if !unseen {
+                self.control.push_back(t);
+            }
+        }
         self.events.push_back(Event::Resumed {
             streams: self.streams.len(),
         });
