@@ -11,6 +11,9 @@
 # Environment:
 #   FUZZ_SECONDS           seconds per target (default 30)
 #   FUZZ_TARGETS           space-separated targets to run (default: all of `cargo fuzz list`)
+#   FUZZ_SEED              libFuzzer's random seed (default 1, so that a CI run explores the
+#                          same inputs each time and a landing is not blocked by chance; set
+#                          FUZZ_SEED=0 for a random seed and fuzz longer when hunting bugs)
 #   REMOTELER_FUZZ_STRICT  1: session_pair also fails when two honest sessions accuse each
 #                          other of a protocol violation (see fuzz/fuzz_targets/session_pair.rs)
 #
@@ -20,6 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 
 seconds="${FUZZ_SECONDS:-30}"
+seed="${FUZZ_SEED:-1}"
 case "$seconds" in
   '' | *[!0-9]*) echo "error: FUZZ_SECONDS must be a whole number of seconds, got '$seconds'" >&2; exit 2 ;;
 esac
@@ -48,6 +52,7 @@ for target in $targets; do
   status=0
   cargo fuzz run --debug-assertions "$target" "$work/corpus/$target" -- \
     -max_total_time="$seconds" \
+    -seed="$seed" \
     -timeout=60 \
     -print_final_stats=1 \
     -artifact_prefix="$work/artifacts/$target/" \
