@@ -185,7 +185,7 @@ fn join(ctx: &Context, request: &JoinRequest) -> Result<(JoinResponse, String), 
     Ok((
         JoinResponse {
             cluster: ctx.cluster.clone(),
-            certificate_pem: util::certificates_pem(&chain),
+            certificate_pem: tunnel::identity::certificates_to_pem(&chain),
             ca_pem: ctx.ca.certificate_pem(),
         },
         used.id,
@@ -288,7 +288,7 @@ async fn login(ctx: &Context, request: LoginRequest) -> Result<LoginResponse, Er
     let chain = ctx.ca.chain(leaf);
     Ok(LoginResponse {
         cluster: ctx.cluster.clone(),
-        certificate_pem: util::certificates_pem(&chain),
+        certificate_pem: tunnel::identity::certificates_to_pem(&chain),
         ca_pem: ctx.ca.certificate_pem(),
         expires_unix: util::unix_secs(validity.not_after()),
         roles: user.roles,

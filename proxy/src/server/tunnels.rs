@@ -135,6 +135,26 @@ async fn peek_hello(conn: &mut TlsConnection, input: &mut BytesMut) -> Option<He
     }
 }
 
+/// Lists `node` as online through tunnel `id`; returns the entry it replaces, if any.
+fn put_online(
+    ctx: &Context,
+    node: &str,
+    id: u64,
+    tunnel: &Tunnel,
+    peer: SocketAddr,
+    (labels, services): Inventory,
+) -> Option<TunnelEntry> {
+    let entry = TunnelEntry {
+        id,
+        tunnel: tunnel.clone(),
+        peer: Some(peer),
+        since: SystemTime::now(),
+        labels,
+        services,
+    };
+    ctx.directory.attach_tunnel(node, entry)
+}
+
 fn outcome_reason(outcome: &DriveOutcome) -> String {
     match outcome {
         DriveOutcome::Ended(e) => e.to_string(),
@@ -246,15 +266,7 @@ pub(super) async fn serve_tunnel(
 
     let id = ctx.directory.next_tunnel_id();
     let started = Instant::now();
-    let entry = TunnelEntry {
-        id,
-        tunnel: tunnel.clone(),
-        peer: Some(peer),
-        since: SystemTime::now(),
-        labels,
-        services,
-    };
-    if let Some(old) = ctx.directory.attach_tunnel(&node, entry) {
+    if let Some(old) = put_online(&ctx, &node, id, &tunnel, peer, (labels, services)) {
         tracing::info!(%node, old_peer = ?old.peer, %peer, "a new tunnel replaces the node's old one");
         old.tunnel.close(
             ErrorCode::GOING_AWAY,
@@ -352,17 +364,9 @@ pub(super) async fn serve_tunnel(
             break format!("{reason}; cannot resume: {e}");
         }
         peer = new_peer;
-        let (labels, services) =
+        let inventory =
             check_announce(&ctx, &node, tunnel.peer_announce().1.as_ref()).unwrap_or_default();
-        let entry = TunnelEntry {
-            id,
-            tunnel: tunnel.clone(),
-            peer: Some(peer),
-            since: SystemTime::now(),
-            labels,
-            services,
-        };
-        if let Some(old) = ctx.directory.attach_tunnel(&node, entry) {
+        if let Some(old) = put_online(&ctx, &node, id, &tunnel, peer, inventory) {
             if old.id != id {
                 old.tunnel
                     .close(ErrorCode::GOING_AWAY, "replaced by a resumed tunnel");

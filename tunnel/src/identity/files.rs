@@ -224,8 +224,8 @@ pub fn read_private_key(path: &Path, what: FileRole) -> Result<PrivateKey, Ident
     })
 }
 
-/// PEM text of certificates, in order.
-pub(crate) fn certificates_to_pem(certs: &[CertificateDer<'_>]) -> String {
+/// PEM text of certificates, in order (a chain as the proxy hands it to a node or user).
+pub fn certificates_to_pem(certs: &[CertificateDer<'_>]) -> String {
     let mut out = String::new();
     for cert in certs {
         out.push_str("-----BEGIN CERTIFICATE-----\n");
