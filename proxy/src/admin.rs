@@ -27,7 +27,7 @@ use tunnel::control::{ErrorBody, Reply};
 
 use crate::datadir::DataDir;
 use crate::error::ProxyError;
-use crate::server::Context;
+use crate::server::{Context, Stats};
 
 /// Longest request line.
 pub const MAX_ADMIN_REQUEST: usize = 4096;
@@ -66,6 +66,12 @@ pub struct StatusView {
     pub listeners: ListenersView,
     /// Tunnels up.
     pub tunnels_up: u64,
+    /// Worker threads (cores), and the tunnels each holds.
+    #[serde(default)]
+    pub tunnels_per_core: Vec<u64>,
+    /// Connections moved to their node's owner core since start.
+    #[serde(default)]
+    pub handoffs: u64,
     /// Sessions running.
     pub sessions_active: u64,
     /// Sessions since start.
@@ -165,8 +171,15 @@ fn status(ctx: &Context) -> StatusView {
             auth: ctx.addrs.auth.to_string(),
         },
         tunnels_up: ctx.directory.tunnel_count() as u64,
-        sessions_active: ctx.stats.sessions_active.get(),
-        sessions_total: ctx.stats.sessions_total.get(),
+        tunnels_per_core: ctx
+            .directory
+            .tunnels_per_core()
+            .into_iter()
+            .map(|n| n as u64)
+            .collect(),
+        handoffs: Stats::get(&ctx.stats.handoffs),
+        sessions_active: Stats::get(&ctx.stats.sessions_active),
+        sessions_total: Stats::get(&ctx.stats.sessions_total),
         uptime_secs: ctx.started.elapsed().as_secs(),
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION").into(),

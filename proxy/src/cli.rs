@@ -74,6 +74,9 @@ struct StartArgs {
     /// auth listener address (overrides listen.auth)
     #[argh(option)]
     auth: Option<SocketAddr>,
+    /// worker threads, one monoio runtime each (overrides workers; 0 = one per core)
+    #[argh(option)]
+    workers: Option<u16>,
 }
 
 /// Manage join tokens.
@@ -394,22 +397,16 @@ fn start(args: StartArgs) -> Result<(), ProxyError> {
     if let Some(a) = args.auth {
         config.listen.auth = a;
     }
-    crate::logging::init(&config.log);
-    if let config::Workers::Count(workers) = config.workers {
-        tracing::info!(
-            workers = workers.get(),
-            "this version runs one runtime; `workers` is not used yet"
-        );
+    if let Some(n) = args.workers {
+        config.workers =
+            std::num::NonZeroU16::new(n).map_or(config::Workers::AllCores, config::Workers::Count);
     }
+    crate::logging::init(&config.log);
     let shutdown = crate::Shutdown::new();
     crate::shutdown::install_signal_handler(shutdown.clone())
         .map_err(|e| ProxyError::Other(format!("cannot install the signal handler: {e}")))?;
     let listeners = crate::Listeners::bind(&config)?;
-    let mut runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-        .enable_timer()
-        .build()
-        .map_err(|e| ProxyError::Other(format!("cannot start the monoio runtime: {e}")))?;
-    runtime.block_on(crate::run(config, listeners, shutdown))
+    crate::run(config, listeners, shutdown)
 }
 
 // ---- tokens ---------------------------------------------------------------------------------
@@ -706,6 +703,13 @@ fn status(data: &DataDir) -> Result<(), ProxyError> {
         s.listeners.users, s.listeners.tunnels, s.listeners.auth
     );
     println!("tunnels:   {} up", s.tunnels_up);
+    let per_core: Vec<String> = s.tunnels_per_core.iter().map(u64::to_string).collect();
+    println!(
+        "workers:   {} (tunnels per core: {}; {} connections moved to their node's core)",
+        s.tunnels_per_core.len(),
+        per_core.join(" "),
+        s.handoffs
+    );
     println!(
         "sessions:  {} active ({} since start)",
         s.sessions_active, s.sessions_total

@@ -6,14 +6,20 @@
 //! When a name has several, a live tunnel wins, then a fresh registration, then the static
 //! entry.
 //!
-//! [`NodeDirectory`] is the interface the server uses; [`LocalDirectory`] is the one-core
-//! implementation (a tunnel handle is an `Rc` and lives on the core that accepted it). A
-//! thread-per-core proxy will put a shared *node → (core, tunnel id)* map behind the same
-//! interface.
+//! Thread-per-core: every tunnel of a node lives on the node's *owner core*
+//! ([`NodeDirectory::owner_core`], a hash of the name), so the sessions to it, its
+//! replacement by a newer tunnel and its resumption never cross threads. The
+//! [`NodeDirectory`] is the only structure the cores share: *node → (core, tunnel id,
+//! inventory)* behind one mutex, taken for rare events (a tunnel comes or goes, a session
+//! starts, a listing). Each core's [`CoreDirectory`] adds the tunnel handles it owns (a
+//! [`Tunnel`] is an `Rc` and never leaves its core).
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use config::{HostPort, StaticNode};
@@ -44,6 +50,9 @@ pub enum Route {
     Tunnel(TunnelEntry),
     /// Dial its sshd at this address.
     Direct(HostPort),
+    /// Its tunnel is served by another core of this proxy (a user connection that asks for
+    /// nodes of two cores; see `docs/protocol.md`).
+    OtherCore(usize),
     /// Known, but neither a tunnel nor a fresh registration is up.
     Offline {
         /// Since when.
@@ -70,41 +79,6 @@ pub struct NodeRecord {
     pub since_unix: Option<u64>,
 }
 
-/// The directory interface (see the module documentation).
-pub trait NodeDirectory {
-    /// How to reach `node` now.
-    fn route(&self, node: &str) -> Route;
-    /// Every known node, sorted by name.
-    fn list(&self) -> Vec<NodeRecord>;
-    /// Records a tunnel for `node`; returns the tunnel it replaces, if any.
-    fn attach_tunnel(&self, node: &str, entry: TunnelEntry) -> Option<TunnelEntry>;
-    /// Updates the labels and services of `node`'s tunnel `id`.
-    fn update_tunnel(
-        &self,
-        node: &str,
-        id: u64,
-        labels: Vec<(String, String)>,
-        services: Vec<String>,
-    );
-    /// Marks `node` offline if its tunnel is still tunnel `id` (a reconnect may have replaced
-    /// it); returns whether it did.
-    fn detach_tunnel(&self, node: &str, id: u64) -> bool;
-    /// Records a heartbeat of a directly dialled node.
-    fn register_direct(
-        &self,
-        node: &str,
-        address: HostPort,
-        labels: Vec<(String, String)>,
-        ttl: Duration,
-    );
-    /// Every live tunnel (for draining).
-    fn tunnels(&self) -> Vec<Tunnel>;
-    /// How many tunnels are up.
-    fn tunnel_count(&self) -> usize;
-    /// A new tunnel id.
-    fn next_tunnel_id(&self) -> u64;
-}
-
 #[derive(Debug)]
 struct Registered {
     address: HostPort,
@@ -119,26 +93,6 @@ struct OfflineTunnel {
     labels: Vec<(String, String)>,
 }
 
-/// The one-core directory.
-#[derive(Debug, Default)]
-pub struct LocalDirectory {
-    static_nodes: Vec<StaticNode>,
-    tunnels: RefCell<HashMap<String, TunnelEntry>>,
-    offline: RefCell<HashMap<String, OfflineTunnel>>,
-    registered: RefCell<HashMap<String, Registered>>,
-    ids: Cell<u64>,
-}
-
-impl LocalDirectory {
-    /// A directory that knows the static nodes of the configuration.
-    pub fn new(static_nodes: Vec<StaticNode>) -> Self {
-        LocalDirectory {
-            static_nodes,
-            ..Default::default()
-        }
-    }
-}
-
 fn labels_of(node: &StaticNode) -> Vec<(String, String)> {
     node.labels
         .iter()
@@ -146,34 +100,63 @@ fn labels_of(node: &StaticNode) -> Vec<(String, String)> {
         .collect()
 }
 
-impl NodeDirectory for LocalDirectory {
-    fn route(&self, node: &str) -> Route {
-        if let Some(entry) = self.tunnels.borrow().get(node) {
-            if !entry.tunnel.is_ended() {
-                return Route::Tunnel(entry.clone());
-            }
-        }
-        let now = Instant::now();
-        let mut offline_since = None;
-        if let Some(reg) = self.registered.borrow().get(node) {
-            if reg.expires > now {
-                return Route::Direct(reg.address.clone());
-            }
-            offline_since = Some(reg.last_seen);
-        }
-        if let Some(node) = self.static_nodes.iter().find(|n| n.name.as_str() == node) {
-            return Route::Direct(node.address.clone());
-        }
-        if let Some(off) = self.offline.borrow().get(node) {
-            offline_since = Some(offline_since.map_or(off.since, |s: SystemTime| s.max(off.since)));
-        }
-        match offline_since {
-            Some(since) => Route::Offline { since },
-            None => Route::Unknown,
+/// What every core sees of a live tunnel.
+#[derive(Debug, Clone)]
+struct TunnelInfo {
+    core: usize,
+    id: u64,
+    peer: Option<SocketAddr>,
+    since: SystemTime,
+    labels: Vec<(String, String)>,
+}
+
+#[derive(Debug, Default)]
+struct Entries {
+    tunnels: HashMap<String, TunnelInfo>,
+    offline: HashMap<String, OfflineTunnel>,
+    registered: HashMap<String, Registered>,
+}
+
+/// The directory every core shares (see the module documentation).
+#[derive(Debug)]
+pub struct NodeDirectory {
+    static_nodes: Vec<StaticNode>,
+    cores: usize,
+    entries: Mutex<Entries>,
+    ids: AtomicU64,
+}
+
+impl NodeDirectory {
+    /// A directory for `cores` cores that knows the static nodes of the configuration.
+    pub fn new(static_nodes: Vec<StaticNode>, cores: usize) -> Self {
+        NodeDirectory {
+            static_nodes,
+            cores: cores.max(1),
+            entries: Mutex::new(Entries::default()),
+            ids: AtomicU64::new(0),
         }
     }
 
-    fn list(&self) -> Vec<NodeRecord> {
+    /// The core that serves `node`'s tunnel and the sessions to it. Stable for the life of
+    /// the process (std's `DefaultHasher::new()` has fixed keys).
+    pub fn owner_core(&self, node: &str) -> usize {
+        let mut hasher = std::hash::DefaultHasher::new();
+        node.hash(&mut hasher);
+        (hasher.finish() % self.cores as u64) as usize
+    }
+
+    /// How many cores share it.
+    pub fn cores(&self) -> usize {
+        self.cores
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Entries> {
+        // Every update leaves the maps consistent, so a panic elsewhere cannot leave them torn.
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Every known node, sorted by name.
+    pub fn list(&self) -> Vec<NodeRecord> {
         let mut out: BTreeMap<String, NodeRecord> = BTreeMap::new();
         for node in &self.static_nodes {
             out.insert(
@@ -188,7 +171,8 @@ impl NodeDirectory for LocalDirectory {
                 },
             );
         }
-        for (name, off) in self.offline.borrow().iter() {
+        let entries = self.lock();
+        for (name, off) in &entries.offline {
             out.insert(
                 name.clone(),
                 NodeRecord {
@@ -202,7 +186,7 @@ impl NodeDirectory for LocalDirectory {
             );
         }
         let now = Instant::now();
-        for (name, reg) in self.registered.borrow().iter() {
+        for (name, reg) in &entries.registered {
             let online = reg.expires > now;
             if !online && out.get(name).is_some_and(|r| r.online) {
                 continue;
@@ -219,67 +203,31 @@ impl NodeDirectory for LocalDirectory {
                 },
             );
         }
-        for (name, entry) in self.tunnels.borrow().iter() {
+        for (name, info) in &entries.tunnels {
             out.insert(
                 name.clone(),
                 NodeRecord {
                     name: name.clone(),
                     via: "tunnel".into(),
-                    online: !entry.tunnel.is_ended(),
-                    labels: entry.labels.clone(),
-                    address: entry.peer.map(|p| p.to_string()),
-                    since_unix: Some(crate::util::unix_secs(entry.since)),
+                    online: true,
+                    labels: info.labels.clone(),
+                    address: info.peer.map(|p| p.to_string()),
+                    since_unix: Some(crate::util::unix_secs(info.since)),
                 },
             );
         }
         out.into_values().collect()
     }
 
-    fn attach_tunnel(&self, node: &str, entry: TunnelEntry) -> Option<TunnelEntry> {
-        self.offline.borrow_mut().remove(node);
-        self.tunnels.borrow_mut().insert(node.to_owned(), entry)
-    }
-
-    fn update_tunnel(
-        &self,
-        node: &str,
-        id: u64,
-        labels: Vec<(String, String)>,
-        services: Vec<String>,
-    ) {
-        if let Some(entry) = self.tunnels.borrow_mut().get_mut(node) {
-            if entry.id == id {
-                entry.labels = labels;
-                entry.services = services;
-            }
-        }
-    }
-
-    fn detach_tunnel(&self, node: &str, id: u64) -> bool {
-        let mut tunnels = self.tunnels.borrow_mut();
-        if tunnels.get(node).is_some_and(|e| e.id == id) {
-            if let Some(entry) = tunnels.remove(node) {
-                self.offline.borrow_mut().insert(
-                    node.to_owned(),
-                    OfflineTunnel {
-                        since: SystemTime::now(),
-                        labels: entry.labels,
-                    },
-                );
-            }
-            return true;
-        }
-        false
-    }
-
-    fn register_direct(
+    /// Records a heartbeat of a directly dialled node.
+    pub fn register_direct(
         &self,
         node: &str,
         address: HostPort,
         labels: Vec<(String, String)>,
         ttl: Duration,
     ) {
-        self.registered.borrow_mut().insert(
+        self.lock().registered.insert(
             node.to_owned(),
             Registered {
                 address,
@@ -290,21 +238,191 @@ impl NodeDirectory for LocalDirectory {
         );
     }
 
-    fn tunnels(&self) -> Vec<Tunnel> {
-        self.tunnels
+    /// How many tunnels are up, on every core.
+    pub fn tunnel_count(&self) -> usize {
+        self.lock().tunnels.len()
+    }
+
+    /// Live tunnels per core.
+    pub fn tunnels_per_core(&self) -> Vec<usize> {
+        let mut counts = vec![0; self.cores];
+        for info in self.lock().tunnels.values() {
+            if let Some(c) = counts.get_mut(info.core) {
+                *c += 1;
+            }
+        }
+        counts
+    }
+
+    /// A new tunnel id, unique in the process.
+    pub fn next_tunnel_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// One core's view: the shared directory plus the tunnel handles this core owns.
+#[derive(Debug)]
+pub struct CoreDirectory {
+    shared: Arc<NodeDirectory>,
+    core: usize,
+    local: RefCell<HashMap<String, TunnelEntry>>,
+}
+
+impl std::ops::Deref for CoreDirectory {
+    type Target = NodeDirectory;
+    fn deref(&self) -> &NodeDirectory {
+        &self.shared
+    }
+}
+
+impl CoreDirectory {
+    /// Core `core`'s view of `shared`.
+    pub fn new(shared: Arc<NodeDirectory>, core: usize) -> Self {
+        CoreDirectory {
+            shared,
+            core,
+            local: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// How to reach `node` now, from this core.
+    pub fn route(&self, node: &str) -> Route {
+        let entries = self.shared.lock();
+        if let Some(info) = entries.tunnels.get(node) {
+            if info.core != self.core {
+                return Route::OtherCore(info.core);
+            }
+            if let Some(entry) = self.local.borrow().get(node) {
+                if entry.id == info.id && !entry.tunnel.is_ended() {
+                    return Route::Tunnel(entry.clone());
+                }
+            }
+        }
+        let now = Instant::now();
+        let mut offline_since = None;
+        if let Some(reg) = entries.registered.get(node) {
+            if reg.expires > now {
+                return Route::Direct(reg.address.clone());
+            }
+            offline_since = Some(reg.last_seen);
+        }
+        if let Some(node) = self
+            .shared
+            .static_nodes
+            .iter()
+            .find(|n| n.name.as_str() == node)
+        {
+            return Route::Direct(node.address.clone());
+        }
+        if let Some(off) = entries.offline.get(node) {
+            offline_since = Some(offline_since.map_or(off.since, |s: SystemTime| s.max(off.since)));
+        }
+        match offline_since {
+            Some(since) => Route::Offline { since },
+            None => Route::Unknown,
+        }
+    }
+
+    /// Records a tunnel of this core for `node`; returns the tunnel it replaces, if any.
+    pub fn attach_tunnel(&self, node: &str, entry: TunnelEntry) -> Option<TunnelEntry> {
+        let info = TunnelInfo {
+            core: self.core,
+            id: entry.id,
+            peer: entry.peer,
+            since: entry.since,
+            labels: entry.labels.clone(),
+        };
+        let mut entries = self.shared.lock();
+        entries.offline.remove(node);
+        if let Some(old) = entries.tunnels.insert(node.to_owned(), info) {
+            if old.core != self.core {
+                // Cannot happen while tunnels go to their owner core; said loudly if it does.
+                tracing::error!(%node, old_core = old.core, core = self.core, "a node's tunnels on two cores");
+            }
+        }
+        self.local.borrow_mut().insert(node.to_owned(), entry)
+    }
+
+    /// Updates the labels and services of `node`'s tunnel `id`.
+    pub fn update_tunnel(
+        &self,
+        node: &str,
+        id: u64,
+        labels: Vec<(String, String)>,
+        services: Vec<String>,
+    ) {
+        let mut entries = self.shared.lock();
+        if let Some(info) = entries.tunnels.get_mut(node) {
+            if info.id == id {
+                info.labels = labels.clone();
+            }
+        }
+        if let Some(entry) = self.local.borrow_mut().get_mut(node) {
+            if entry.id == id {
+                entry.labels = labels;
+                entry.services = services;
+            }
+        }
+    }
+
+    /// Marks `node` offline if its tunnel is still tunnel `id` (a reconnect may have replaced
+    /// it); returns whether it did.
+    pub fn detach_tunnel(&self, node: &str, id: u64) -> bool {
+        let mut local = self.local.borrow_mut();
+        if local.get(node).is_some_and(|e| e.id == id) {
+            local.remove(node);
+        }
+        let mut entries = self.shared.lock();
+        if entries.tunnels.get(node).is_some_and(|i| i.id == id) {
+            if let Some(info) = entries.tunnels.remove(node) {
+                entries.offline.insert(
+                    node.to_owned(),
+                    OfflineTunnel {
+                        since: SystemTime::now(),
+                        labels: info.labels,
+                    },
+                );
+            }
+            return true;
+        }
+        false
+    }
+
+    /// This core's live tunnels (for draining).
+    pub fn tunnels(&self) -> Vec<Tunnel> {
+        self.local
             .borrow()
             .values()
             .map(|e| e.tunnel.clone())
             .collect()
     }
 
-    fn tunnel_count(&self) -> usize {
-        self.tunnels.borrow().len()
+    /// How many tunnels this core holds.
+    pub fn local_tunnel_count(&self) -> usize {
+        self.local.borrow().len()
     }
+}
 
-    fn next_tunnel_id(&self) -> u64 {
-        let id = self.ids.get() + 1;
-        self.ids.set(id);
-        id
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_core_is_stable_and_spreads_nodes() {
+        let dir = NodeDirectory::new(Vec::new(), 4);
+        let mut per_core = [0usize; 4];
+        for i in 0..4000 {
+            let name = format!("node-{i}");
+            let core = dir.owner_core(&name);
+            assert_eq!(core, dir.owner_core(&name), "owner of {name} changed");
+            per_core[core] += 1;
+        }
+        for (core, n) in per_core.iter().enumerate() {
+            assert!(
+                (800..1200).contains(n),
+                "core {core} owns {n} of 4000 nodes"
+            );
+        }
+        assert_eq!(NodeDirectory::new(Vec::new(), 1).owner_core("x"), 0);
     }
 }

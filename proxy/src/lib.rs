@@ -6,14 +6,13 @@
 //! socket. Wire formats are `frame` (multiplexed streams) and `tunnel::control` (one-line
 //! JSON requests).
 //!
-//! The library is what tests drive: [`server::Listeners::bind`] then [`server::run`] on a
-//! monoio runtime, stopped with a [`shutdown::Shutdown`]. `main.rs` only parses arguments and
-//! calls [`cli::run`].
+//! The library is what tests drive: [`server::Listeners::bind`] then [`server::run`], which
+//! starts one thread with its own monoio runtime per worker and returns once a
+//! [`shutdown::Shutdown`] has drained them. `main.rs` only parses arguments and calls
+//! [`cli::run`].
 //!
-//! What it does not do yet: one runtime per core (one runtime runs everything; the code
-//! keeps per-core state in a [`server::Context`] and the node directory behind
-//! [`directory::NodeDirectory`]), stream resumption across reconnects, roles-based
-//! authorization ([`server::authorize`] allows every valid user), trusted clusters, metrics.
+//! What it does not do yet: roles-based authorization ([`server::authorize`] allows every
+//! valid user), trusted clusters, metrics, resumption of the user's leg.
 
 pub mod admin;
 pub mod audit;

@@ -433,3 +433,120 @@ fn cli_refuses_what_it_should() {
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&data).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o700);
 }
+
+/// Thread-per-core: with two workers, tunnels live on their node's owner core and user
+/// connections that land on the other core are moved there; every node answers byte-exact,
+/// both cores hold tunnels, and a connection that asks for nodes of two cores gets a clear
+/// refusal for the second instead of crossing threads.
+#[test]
+fn tunnels_and_sessions_on_every_core() {
+    let mut proxy = Proxy::start(Some("workers = 2\n"));
+    proxy.add_user("alice", "correct horse");
+    let token = proxy.token(&["--ttl", "15m", "--uses", "16"]);
+    let nodes: Vec<String> = (0..12).map(|i| format!("node-{i}")).collect();
+
+    block_on(async {
+        let mut agents = Vec::new();
+        for node in &nodes {
+            let cred = join(&proxy, &token, node).await.unwrap();
+            agents.push(agent(&proxy, &cred, node).await);
+        }
+        let user = login(&proxy, "alice", "correct horse").await.unwrap();
+        for node in &nodes {
+            let (_t, stream, _) = open_retrying(&proxy, &user, node).await;
+            let data = random_bytes(64 * 1024);
+            let got = echo_roundtrip(stream, data.clone()).await;
+            assert!(got == data[..], "echo through {node} is not byte-exact");
+        }
+
+        let out = cli(&proxy.data, &["status"]);
+        let text = stdout(&out);
+        assert!(text.contains("tunnels:   12 up"), "{text}");
+        let workers = text.lines().find(|l| l.starts_with("workers:")).unwrap();
+        assert!(workers.starts_with("workers:   2 "), "{text}");
+        let per_core: Vec<u64> = workers
+            .split("tunnels per core: ")
+            .nth(1)
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        assert_eq!(per_core.len(), 2, "{text}");
+        assert!(
+            per_core.iter().all(|&n| n > 0),
+            "a core holds no tunnel: {text}"
+        );
+        assert_eq!(per_core.iter().sum::<u64>(), 12, "{text}");
+        let moved: u64 = workers
+            .split("; ")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        // 24 connections, each landing on either listener: none moved would be a 1 in 2^24.
+        assert!(
+            moved > 0,
+            "no connection was moved to its node's core: {text}"
+        );
+
+        // One connection, nodes of both cores: the second is refused with a clear reason.
+        let (tunnel, stream, _) = open_retrying(&proxy, &user, &nodes[0]).await;
+        let mut refused = None;
+        for node in &nodes[1..] {
+            let request = frame::Open {
+                session_id: rand_id(),
+                cluster: String::new(),
+                node: node.clone(),
+                service: "ssh".into(),
+                user: String::new(),
+                login: "root".into(),
+                client_addr: String::new(),
+                credential: bytes::Bytes::new(),
+            };
+            if let Err(StreamError::Refused { code, reason }) = tunnel.open(request).await {
+                refused = Some((code, reason));
+                break;
+            }
+        }
+        let (code, reason) = refused.expect("every node on one core, or nothing refused");
+        assert_eq!(code, ErrorCode::CONNECT_FAILED);
+        assert!(reason.contains("one connection per node"), "{reason}");
+        let data = random_bytes(4096);
+        let got = echo_roundtrip(stream, data.clone()).await;
+        assert!(
+            got == data[..],
+            "the first stream suffered from the refusal"
+        );
+        drop(agents);
+    });
+    let status = proxy.stop(Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}: {}", proxy.log());
+}
+
+/// `open`, retried while the directory has not yet learnt of the node (and only then).
+async fn open_retrying(
+    proxy: &Proxy,
+    user: &Credential,
+    node: &str,
+) -> (tunnel::mux::Tunnel, tunnel::mux::MuxStream, [u8; 16]) {
+    let mut tries = 0;
+    loop {
+        match open(proxy, user, node).await {
+            Ok(v) => return v,
+            Err(StreamError::Refused { code, .. })
+                if tries < 100
+                    && (code == ErrorCode::NODE_UNKNOWN || code == ErrorCode::NODE_OFFLINE) =>
+            {
+                tries += 1;
+                monoio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("OPEN to {node} failed: {e}"),
+        }
+    }
+}

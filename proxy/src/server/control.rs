@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use argon2::{Argon2, PasswordVerifier};
@@ -245,13 +246,13 @@ async fn login(ctx: &Context, request: LoginRequest) -> Result<LoginResponse, Er
     let hash = user
         .as_ref()
         .map_or_else(|| ctx.dummy_hash.clone(), |u| u.password_hash.clone());
-    if ctx.stats.logins.get() >= MAX_CONCURRENT_LOGINS {
+    if ctx.stats.logins.load(Ordering::Relaxed) >= MAX_CONCURRENT_LOGINS {
         return Err(error(
             "busy",
             "too many logins at once; try again in a moment",
         ));
     }
-    ctx.stats.logins.set(ctx.stats.logins.get() + 1);
+    ctx.stats.logins.fetch_add(1, Ordering::Relaxed);
     let password = request.password;
     let verified = crate::blocking::run(move || {
         Argon2::default()
@@ -260,9 +261,7 @@ async fn login(ctx: &Context, request: LoginRequest) -> Result<LoginResponse, Er
     })
     .await
     .unwrap_or(false);
-    ctx.stats
-        .logins
-        .set(ctx.stats.logins.get().saturating_sub(1));
+    ctx.stats.logins.fetch_sub(1, Ordering::Relaxed);
     let user = match user {
         Some(user) if verified => user,
         _ => {

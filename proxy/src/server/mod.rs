@@ -1,8 +1,12 @@
 //! The running proxy: listeners, TLS, dispatch on ALPN and certificate, draining.
 //!
-//! One [`Context`] per runtime (per core) holds what handlers need. Nothing here is a
-//! global: a later thread-per-core proxy builds one context per core around the same
-//! handlers, with a shared [`NodeDirectory`] implementation.
+//! Thread-per-core: [`run`] starts one thread per worker, each with its own monoio runtime
+//! (io_uring, epoll where io_uring is missing), its own `SO_REUSEPORT` listeners and its own
+//! [`Context`]. A node's tunnel lives on the node's owner core
+//! ([`NodeDirectory::owner_core`]); a connection that lands on another core is moved there
+//! (socket and TLS state together, [`Handoff`]) once it is authenticated and, for a user,
+//! once its first OPEN names the node, so a session's bytes never cross threads. The
+//! [`NodeDirectory`], the counters, the audit log and the state file are what cores share.
 
 mod control;
 mod sessions;
@@ -13,6 +17,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -22,14 +27,14 @@ use monoio::net::{TcpListener, TcpStream};
 use tunnel::control::{ALPN_API, ALPN_JOIN, ALPN_LOGIN, ALPN_REGISTER, ALPN_SESSION, ALPN_TUNNEL};
 use tunnel::identity::{ClientAuth, ClusterCa, IdentityKind, PeerIdentity, TlsIdentity};
 use tunnel::mux::{Tunnel, drive};
-use tunnel::tls::{self, TlsConnection};
+use tunnel::tls::{self, TlsConnection, TransferableTls};
 
 pub use sessions::authorize;
 
 use crate::admin;
 use crate::audit::AuditLog;
 use crate::datadir::DataDir;
-use crate::directory::{LocalDirectory, NodeDirectory};
+use crate::directory::{CoreDirectory, NodeDirectory};
 use crate::error::ProxyError;
 use crate::shutdown::Shutdown;
 use crate::state::StateStore;
@@ -55,13 +60,21 @@ impl std::fmt::Display for ListenAddrs {
     }
 }
 
-/// Sockets bound before the runtime starts, so a caller (a test) can bind port 0 and read
-/// the addresses back, and so "address in use" is reported before anything else happens.
+/// One worker's TCP listeners.
 #[derive(Debug)]
-pub struct Listeners {
+struct WorkerListeners {
     users: std::net::TcpListener,
     tunnels: std::net::TcpListener,
     auth: std::net::TcpListener,
+}
+
+/// Sockets bound before the runtimes start, so a caller (a test) can bind port 0 and read
+/// the addresses back, and so "address in use" is reported before anything else happens.
+/// Each worker gets its own listener of each kind, on the same address (`SO_REUSEPORT`: the
+/// kernel spreads connections over them).
+#[derive(Debug)]
+pub struct Listeners {
+    workers: Vec<WorkerListeners>,
     admin: std::os::unix::net::UnixListener,
     admin_path: std::path::PathBuf,
 }
@@ -71,22 +84,45 @@ pub struct Listeners {
 /// costing the agent a 1 s TCP retransmit). The kernel caps it at `net.core.somaxconn`.
 const LISTEN_BACKLOG: i32 = 4096;
 
-/// A bound, listening TCP socket with [`LISTEN_BACKLOG`].
-fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+fn socket_for(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(LISTEN_BACKLOG)?;
-    Ok(socket.into())
+    Ok(socket)
+}
+
+/// `count` listening sockets on `addr` sharing it with `SO_REUSEPORT`, non-blocking, with
+/// [`LISTEN_BACKLOG`]. `SO_REUSEPORT` would let a second proxy (of the same user) silently
+/// share the port, so the address is first bound once without it: that fails while anyone
+/// listens there.
+fn listen_shared(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    if addr.port() != 0 {
+        let probe = socket_for(addr)?;
+        probe.bind(&addr.into())?;
+    }
+    let mut bound = addr;
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let socket = socket_for(bound)?;
+        socket.set_reuse_port(true)?;
+        socket.bind(&bound.into())?;
+        socket.listen(LISTEN_BACKLOG)?;
+        socket.set_nonblocking(true)?;
+        let listener: std::net::TcpListener = socket.into();
+        bound = listener.local_addr()?; // port 0 resolved by the first
+        out.push(listener);
+    }
+    Ok(out)
 }
 
 impl Listeners {
-    /// Binds the three TCP listeners of `config.listen` and the admin socket in the data
-    /// directory. Refuses to start when another proxy already answers on the admin socket.
+    /// Binds the three TCP listeners of `config.listen` (one of each per worker, see
+    /// `workers`) and the admin socket in the data directory. Refuses to start when another
+    /// process listens on one of the ports or another proxy answers on the admin socket.
     pub fn bind(config: &ProxyConfig) -> Result<Listeners, ProxyError> {
+        let workers = config.workers.resolve().get();
         let bind = |addr: SocketAddr, key: &str| {
-            listen(addr).map_err(|e| {
+            listen_shared(addr, workers).map_err(|e| {
                 ProxyError::Other(format!(
                     "cannot listen on {addr} (`listen.{key}`): {e}; is another proxy running, \
                      or is the port taken? Pick another address with --{key} or in the config file"
@@ -98,15 +134,18 @@ impl Listeners {
         let auth = bind(config.listen.auth, "auth")?;
         let data = DataDir::new(&config.data_dir);
         let (admin, admin_path) = admin::bind(&data)?;
-        for l in [&users, &tunnels, &auth] {
-            l.set_nonblocking(true).map_err(|e| {
-                ProxyError::Other(format!("cannot set a listener non-blocking: {e}"))
-            })?;
-        }
+        let workers = users
+            .into_iter()
+            .zip(tunnels)
+            .zip(auth)
+            .map(|((users, tunnels), auth)| WorkerListeners {
+                users,
+                tunnels,
+                auth,
+            })
+            .collect();
         Ok(Listeners {
-            users,
-            tunnels,
-            auth,
+            workers,
             admin,
             admin_path,
         })
@@ -118,29 +157,88 @@ impl Listeners {
             l.local_addr()
                 .map_err(|e| ProxyError::Other(format!("cannot read a listener's address: {e}")))
         };
+        let first = self
+            .workers
+            .first()
+            .ok_or_else(|| ProxyError::Other("no worker listeners bound".into()))?;
         Ok(ListenAddrs {
-            users: addr(&self.users)?,
-            tunnels: addr(&self.tunnels)?,
-            auth: addr(&self.auth)?,
+            users: addr(&first.users)?,
+            tunnels: addr(&first.tunnels)?,
+            auth: addr(&first.auth)?,
         })
+    }
+
+    /// How many workers the listeners were bound for.
+    pub fn workers(&self) -> usize {
+        self.workers.len()
     }
 }
 
-/// Counters for `status`.
+/// Counters for `status`, shared by every core.
 #[derive(Debug, Default)]
 pub struct Stats {
     /// Sessions (user streams to nodes) running now.
-    pub sessions_active: Cell<u64>,
+    pub sessions_active: AtomicU64,
     /// Sessions since start.
-    pub sessions_total: Cell<u64>,
+    pub sessions_total: AtomicU64,
     /// Connections in the TLS handshake (or the first request) now.
-    pub handshakes: Cell<u32>,
+    pub handshakes: AtomicU32,
     /// Logins verifying a password now.
-    pub logins: Cell<u32>,
+    pub logins: AtomicU32,
+    /// Connections moved to their owner core since start.
+    pub handoffs: AtomicU64,
 }
 
-/// What every handler of one runtime shares.
+impl Stats {
+    /// Reads a counter (they are statistics: no ordering with other memory is needed).
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// A connection on its way to the core that owns its node (see the module documentation).
+pub(crate) enum Handoff {
+    /// An agent's tunnel, authenticated.
+    Tunnel {
+        conn: TransferableTls,
+        peer: SocketAddr,
+        identity: PeerIdentity,
+    },
+    /// A user's connection, authenticated; `input` holds the frames read so far (HELLO and
+    /// the first OPEN), which the session still has to process.
+    Session {
+        conn: TransferableTls,
+        input: BytesMut,
+        peer: SocketAddr,
+        identity: PeerIdentity,
+    },
+}
+
+/// What the cores share, built once by [`run`].
+#[derive(Clone)]
+struct Shared {
+    cluster: String,
+    ca: Arc<ClusterCa>,
+    ca_pin: String,
+    config: Arc<ProxyConfig>,
+    store: StateStore,
+    audit: Arc<AuditLog>,
+    directory: Arc<NodeDirectory>,
+    stats: Arc<Stats>,
+    started: Instant,
+    addrs: ListenAddrs,
+    shutdown: Shutdown,
+    dummy_hash: String,
+    inboxes: Arc<[flume::Sender<Handoff>]>,
+    tls_users: Arc<rustls::ServerConfig>,
+    tls_tunnels: Arc<rustls::ServerConfig>,
+    tls_auth: Arc<rustls::ServerConfig>,
+}
+
+/// What every handler of one runtime (one core) shares.
 pub struct Context {
+    /// This core's index, 0 to `workers - 1`.
+    pub core: usize,
     /// Cluster name.
     pub cluster: String,
     /// The cluster CA.
@@ -148,21 +246,23 @@ pub struct Context {
     /// `sha256:...` of the CA.
     pub ca_pin: String,
     /// The configuration.
-    pub config: ProxyConfig,
+    pub config: Arc<ProxyConfig>,
     /// Tokens and users.
     pub store: StateStore,
     /// The audit log.
     pub audit: Arc<AuditLog>,
-    /// Nodes.
-    pub directory: Rc<dyn NodeDirectory>,
-    /// Counters.
-    pub stats: Stats,
+    /// Nodes: the shared directory and this core's tunnels.
+    pub directory: CoreDirectory,
+    /// Counters of the whole process.
+    pub stats: Arc<Stats>,
     /// When the proxy started.
     pub started: Instant,
     /// Bound addresses.
     pub addrs: ListenAddrs,
     /// Stop request.
     pub shutdown: Shutdown,
+    /// Each core's inbox, for [`Handoff`]s.
+    inboxes: Arc<[flume::Sender<Handoff>]>,
     /// Set once draining began: no new tunnels or sessions.
     pub draining: Cell<bool>,
     /// Agents' tunnels whose connection was lost, by node, waiting for the agent to come back
@@ -179,6 +279,7 @@ pub struct Context {
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context")
+            .field("core", &self.core)
             .field("cluster", &self.cluster)
             .field("addrs", &self.addrs)
             .finish_non_exhaustive()
@@ -252,6 +353,28 @@ impl Context {
     fn remove_user_tunnel(&self, id: u64) {
         self.user_tunnels.borrow_mut().remove(&id);
     }
+
+    /// Moves `conn` to core `core`, wrapped by `wrap`; hands the connection back when it
+    /// cannot move (it failed already, or the process is out of descriptors).
+    fn move_to(
+        &self,
+        core: usize,
+        conn: TlsConnection,
+        wrap: impl FnOnce(TransferableTls) -> Handoff,
+    ) -> Result<(), TlsConnection> {
+        let Some(inbox) = self.inboxes.get(core) else {
+            return Err(conn);
+        };
+        let moving = conn.into_transferable().map_err(|e| {
+            tracing::debug!(core, error = %e.error(), "connection not moved to its owner core");
+            e.into_connection()
+        })?;
+        self.stats.handoffs.fetch_add(1, Ordering::Relaxed);
+        // Fails only once that core has stopped (shutdown): the connection is dropped, the
+        // peer reconnects to the next proxy.
+        let _ = inbox.send(wrap(moving));
+        Ok(())
+    }
 }
 
 fn dummy_hash() -> String {
@@ -292,10 +415,11 @@ impl ListenerKind {
     }
 }
 
-/// Runs the proxy on the current monoio runtime until `shutdown` is triggered and the drain
-/// is over. Prints `ready users=.. tunnels=.. auth=..` on stdout and writes the same line to
-/// `<data_dir>/proxy.ready` once every listener accepts.
-pub async fn run(
+/// Runs the proxy until `shutdown` is triggered and the drain is over: one thread with its
+/// own monoio runtime per worker listener set in `listeners`. Prints
+/// `ready users=.. tunnels=.. auth=..` on stdout and writes the same line to
+/// `<data_dir>/proxy.ready` once every worker accepts.
+pub fn run(
     config: ProxyConfig,
     listeners: Listeners,
     shutdown: Shutdown,
@@ -337,26 +461,179 @@ pub async fn run(
     let store = StateStore::new(data.clone());
     store.read()?; // fail now, not at the first join, if the state file is bad
     let addrs = listeners.addrs()?;
+    let workers = listeners.workers();
 
-    let ctx = Rc::new(Context {
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..workers).map(|_| flume::unbounded()).unzip();
+    let shared = Shared {
         cluster: ca.cluster().to_owned(),
         ca_pin: ca.pin().to_string(),
         ca: Arc::new(ca),
-        directory: Rc::new(LocalDirectory::new(config.nodes.clone())),
-        config,
+        directory: Arc::new(NodeDirectory::new(config.nodes.clone(), workers)),
+        config: Arc::new(config),
         store,
         audit,
-        stats: Stats::default(),
+        stats: Arc::new(Stats::default()),
         started: Instant::now(),
         addrs,
         shutdown: shutdown.clone(),
+        dummy_hash: dummy_hash(),
+        inboxes: senders.into(),
+        tls_users,
+        tls_tunnels,
+        tls_auth,
+    };
+
+    let Listeners {
+        workers: sets,
+        admin,
+        admin_path,
+    } = listeners;
+    let mut admin = Some(admin);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), ProxyError>>();
+    let mut threads = Vec::with_capacity(workers);
+    for (core, (set, inbox)) in sets.into_iter().zip(receivers).enumerate() {
+        let shared = shared.clone();
+        let admin = admin.take();
+        let ready = ready_tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("core-{core}"))
+            .spawn(move || worker(core, shared, set, admin, inbox, ready));
+        match spawned {
+            Ok(handle) => threads.push(handle),
+            Err(e) => {
+                shutdown.trigger();
+                let _ = ready_tx.send(Err(ProxyError::Other(format!(
+                    "cannot start worker thread {core}: {e}"
+                ))));
+                break;
+            }
+        }
+    }
+    drop(ready_tx);
+    let mut result = Ok(());
+    for _ in 0..workers {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                shutdown.trigger();
+                result = Err(e);
+                break;
+            }
+            Err(_) => break, // every sender is gone: a worker ended before it was ready
+        }
+    }
+    if result.is_ok() && !shutdown.is_triggered() {
+        let ready = format!("ready {addrs}");
+        crate::state::write_atomic(&data.ready_file(), format!("{ready}\n").as_bytes(), 0o644)?;
+        {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{ready}");
+            let _ = out.flush();
+        }
+        tracing::info!(
+            cluster = %shared.cluster,
+            users = %addrs.users,
+            tunnels = %addrs.tunnels,
+            auth = %addrs.auth,
+            workers,
+            "proxy ready"
+        );
+    }
+    drop(shared);
+    for thread in threads {
+        match thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+            Err(_) => {
+                if result.is_ok() {
+                    result = Err(ProxyError::Other("a worker thread panicked".into()));
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_file(data.ready_file());
+    let _ = std::fs::remove_file(&admin_path);
+    tracing::info!("proxy stopped");
+    result
+}
+
+/// One worker: its runtime, its listeners, its inbox; the admin socket on core 0.
+fn worker(
+    core: usize,
+    shared: Shared,
+    listeners: WorkerListeners,
+    admin: Option<std::os::unix::net::UnixListener>,
+    inbox: flume::Receiver<Handoff>,
+    ready: std::sync::mpsc::Sender<Result<(), ProxyError>>,
+) -> Result<(), ProxyError> {
+    let runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .build();
+    let mut runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            let message = format!("cannot start the monoio runtime of core {core}: {e}");
+            let _ = ready.send(Err(ProxyError::Other(message.clone())));
+            return Err(ProxyError::Other(message));
+        }
+    };
+    runtime.block_on(async move {
+        let started = serve_core(core, shared, listeners, admin, inbox).await;
+        let (ctx, loops) = match started {
+            Ok(v) => {
+                let _ = ready.send(Ok(()));
+                v
+            }
+            Err(e) => {
+                let message = e.to_string();
+                let _ = ready.send(Err(e));
+                return Err(ProxyError::Other(message));
+            }
+        };
+        ctx.shutdown.wait().await;
+        drain(&ctx).await;
+        for l in loops {
+            l.await;
+        }
+        tracing::debug!(core, "core stopped");
+        Ok(())
+    })
+}
+
+/// Builds core `core`'s context and starts its accept loops, its inbox and (core 0) the
+/// admin socket.
+async fn serve_core(
+    core: usize,
+    shared: Shared,
+    listeners: WorkerListeners,
+    admin: Option<std::os::unix::net::UnixListener>,
+    inbox: flume::Receiver<Handoff>,
+) -> Result<(Rc<Context>, Vec<monoio::task::JoinHandle<()>>), ProxyError> {
+    let ctx = Rc::new(Context {
+        core,
+        cluster: shared.cluster,
+        ca_pin: shared.ca_pin,
+        ca: shared.ca,
+        directory: CoreDirectory::new(shared.directory, core),
+        config: shared.config,
+        store: shared.store,
+        audit: shared.audit,
+        stats: shared.stats,
+        started: shared.started,
+        addrs: shared.addrs,
+        shutdown: shared.shutdown,
+        inboxes: shared.inboxes,
         draining: Cell::new(false),
         detached: RefCell::new(HashMap::new()),
         user_tunnels: RefCell::new(HashMap::new()),
         user_tunnel_ids: Cell::new(0),
-        dummy_hash: dummy_hash(),
+        dummy_hash: shared.dummy_hash,
     });
-
     let to_monoio = |l: std::net::TcpListener| {
         TcpListener::from_std(l).map_err(|e| {
             ProxyError::Other(format!("cannot register a listener with the runtime: {e}"))
@@ -365,52 +642,74 @@ pub async fn run(
     let users = to_monoio(listeners.users)?;
     let tunnels = to_monoio(listeners.tunnels)?;
     let auth = to_monoio(listeners.auth)?;
-    let admin_listener = monoio::net::UnixListener::from_std(listeners.admin)
-        .map_err(|e| ProxyError::Other(format!("cannot register the admin socket: {e}")))?;
-    let admin_path = listeners.admin_path;
-
-    let loops = vec![
+    let mut loops = vec![
         monoio::spawn(accept_loop(
             ctx.clone(),
             users,
-            tls_users,
+            shared.tls_users,
             ListenerKind::Users,
         )),
         monoio::spawn(accept_loop(
             ctx.clone(),
             tunnels,
-            tls_tunnels,
+            shared.tls_tunnels,
             ListenerKind::Tunnels,
         )),
-        monoio::spawn(accept_loop(ctx.clone(), auth, tls_auth, ListenerKind::Auth)),
-        monoio::spawn(admin::serve(ctx.clone(), admin_listener)),
+        monoio::spawn(accept_loop(
+            ctx.clone(),
+            auth,
+            shared.tls_auth,
+            ListenerKind::Auth,
+        )),
+        monoio::spawn(inbox_loop(ctx.clone(), inbox)),
     ];
-
-    let ready = format!("ready {addrs}");
-    crate::state::write_atomic(&data.ready_file(), format!("{ready}\n").as_bytes(), 0o644)?;
-    {
-        use std::io::Write;
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{ready}");
-        let _ = out.flush();
+    if let Some(admin) = admin {
+        let admin = monoio::net::UnixListener::from_std(admin)
+            .map_err(|e| ProxyError::Other(format!("cannot register the admin socket: {e}")))?;
+        loops.push(monoio::spawn(admin::serve(ctx.clone(), admin)));
     }
-    tracing::info!(
-        cluster = %ctx.cluster,
-        users = %addrs.users,
-        tunnels = %addrs.tunnels,
-        auth = %addrs.auth,
-        "proxy ready"
-    );
+    Ok((ctx, loops))
+}
 
-    shutdown.wait().await;
-    drain(&ctx).await;
-    for l in loops {
-        l.await;
+/// Serves the connections other cores move to this one.
+async fn inbox_loop(ctx: Rc<Context>, inbox: flume::Receiver<Handoff>) {
+    loop {
+        let next = monoio::select! {
+            next = inbox.recv_async() => next,
+            _ = ctx.shutdown.wait() => break,
+        };
+        let Ok(handoff) = next else { break };
+        match handoff {
+            Handoff::Tunnel {
+                conn,
+                peer,
+                identity,
+            } => match conn.attach() {
+                Ok(conn) => drop(monoio::spawn(tunnels::serve_tunnel(
+                    ctx.clone(),
+                    conn,
+                    peer,
+                    identity,
+                ))),
+                Err(e) => tracing::debug!(%peer, error = %e, "moved tunnel connection lost"),
+            },
+            Handoff::Session {
+                conn,
+                input,
+                peer,
+                identity,
+            } => match conn.attach() {
+                Ok(conn) => drop(monoio::spawn(sessions::serve_session(
+                    ctx.clone(),
+                    conn,
+                    input,
+                    peer,
+                    identity,
+                ))),
+                Err(e) => tracing::debug!(%peer, error = %e, "moved user connection lost"),
+            },
+        }
     }
-    let _ = std::fs::remove_file(data.ready_file());
-    let _ = std::fs::remove_file(&admin_path);
-    tracing::info!("proxy stopped");
-    Ok(())
 }
 
 async fn drain(ctx: &Rc<Context>) {
@@ -419,7 +718,8 @@ async fn drain(ctx: &Rc<Context>) {
     let tunnels = ctx.directory.tunnels();
     tracing::info!(
         tunnels = tunnels.len(),
-        sessions = ctx.stats.sessions_active.get(),
+        sessions = Stats::get(&ctx.stats.sessions_active),
+        core = ctx.core,
         timeout_secs = ctx.config.drain.timeout.as_secs(),
         "draining: GOAWAY to every tunnel and user connection"
     );
@@ -437,12 +737,13 @@ async fn drain(ctx: &Rc<Context>) {
     for t in &users {
         t.goaway("proxy shutting down");
     }
-    while ctx.stats.sessions_active.get() > 0 && Instant::now() < deadline {
+    while Stats::get(&ctx.stats.sessions_active) > 0 && Instant::now() < deadline {
         monoio::time::sleep(Duration::from_millis(50)).await;
     }
-    if ctx.stats.sessions_active.get() > 0 {
+    if Stats::get(&ctx.stats.sessions_active) > 0 {
         tracing::warn!(
-            sessions = ctx.stats.sessions_active.get(),
+            sessions = Stats::get(&ctx.stats.sessions_active),
+            core = ctx.core,
             "drain timeout (`drain.timeout`) passed; closing the remaining sessions"
         );
     }
@@ -455,7 +756,7 @@ async fn drain(ctx: &Rc<Context>) {
     }
     // Let the drivers flush their GOAWAYs.
     let flush_deadline = Instant::now() + Duration::from_secs(2);
-    while (ctx.directory.tunnel_count() > 0 || !ctx.user_tunnels.borrow().is_empty())
+    while (ctx.directory.local_tunnel_count() > 0 || !ctx.user_tunnels.borrow().is_empty())
         && Instant::now() < flush_deadline
     {
         monoio::time::sleep(Duration::from_millis(20)).await;
@@ -476,7 +777,7 @@ async fn accept_loop(
         match accepted {
             Ok((tcp, peer)) => {
                 let limit = ctx.config.limits.max_handshakes_in_progress;
-                if ctx.stats.handshakes.get() >= limit {
+                if ctx.stats.handshakes.load(Ordering::Relaxed) >= limit {
                     tracing::warn!(
                         %peer,
                         listener = kind.name(),
@@ -502,16 +803,14 @@ struct HandshakeSlot<'a>(&'a Stats);
 
 impl<'a> HandshakeSlot<'a> {
     fn take(stats: &'a Stats) -> Self {
-        stats.handshakes.set(stats.handshakes.get() + 1);
+        stats.handshakes.fetch_add(1, Ordering::Relaxed);
         HandshakeSlot(stats)
     }
 }
 
 impl Drop for HandshakeSlot<'_> {
     fn drop(&mut self) {
-        self.0
-            .handshakes
-            .set(self.0.handshakes.get().saturating_sub(1));
+        self.0.handshakes.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -552,15 +851,52 @@ async fn handle_connection(
         }
         (ListenerKind::Tunnels, p) if p == ALPN_TUNNEL => {
             match check_identity(&ctx, identity, IdentityKind::Node) {
-                // A task of its own, sized for the tunnel only: this one (sized for the
-                // handshake and every other protocol) ends here and frees its memory.
-                Ok(id) => drop(monoio::spawn(tunnels::serve_tunnel(ctx, conn, peer, id))),
+                Ok(id) => {
+                    let owner = ctx.directory.owner_core(&id.name);
+                    if owner != ctx.core {
+                        // A tunnel served on the wrong core would split its node's state;
+                        // a connection that cannot move is dropped and the agent retries.
+                        let _ = ctx.move_to(owner, conn, |conn| Handoff::Tunnel {
+                            conn,
+                            peer,
+                            identity: id,
+                        });
+                        return;
+                    }
+                    // A task of its own, sized for the tunnel only: this one (sized for the
+                    // handshake and every other protocol) ends here and frees its memory.
+                    drop(monoio::spawn(tunnels::serve_tunnel(ctx, conn, peer, id)))
+                }
                 Err(why) => Box::pin(refuse_frames(&ctx, conn, peer, &protocol, &why)).await,
             }
         }
         (ListenerKind::Users, p) if p == ALPN_SESSION => {
             match check_identity(&ctx, identity, IdentityKind::User) {
-                Ok(id) => Box::pin(sessions::serve_session(ctx, conn, peer, id)).await,
+                Ok(id) => {
+                    let mut conn = conn;
+                    let mut input = BytesMut::new();
+                    let node = Box::pin(monoio::time::timeout(
+                        ctx.handshake_timeout(),
+                        sessions::peek_first_open(&mut conn, &mut input),
+                    ))
+                    .await
+                    .ok()
+                    .flatten();
+                    let owner = node.map(|n| ctx.directory.owner_core(&n));
+                    let conn = match owner.filter(|&core| core != ctx.core) {
+                        Some(core) => match ctx.move_to(core, conn, |conn| Handoff::Session {
+                            conn,
+                            input: input.clone(),
+                            peer,
+                            identity: id.clone(),
+                        }) {
+                            Ok(()) => return,
+                            Err(conn) => conn,
+                        },
+                        None => conn,
+                    };
+                    Box::pin(sessions::serve_session(ctx, conn, input, peer, id)).await
+                }
                 Err(why) => Box::pin(refuse_frames(&ctx, conn, peer, &protocol, &why)).await,
             }
         }

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -30,15 +31,51 @@ pub fn authorize(user: &PeerIdentity, node: &str, login: &str) -> Result<(), Den
     Ok(())
 }
 
+/// Most frames read while looking for a user connection's first OPEN: a client sends HELLO
+/// and then its OPEN; anything longer is served where it landed.
+const PEEK_MAX_FRAMES: usize = 4;
+/// Most bytes read while looking for it: a HELLO and an OPEN with the largest credential
+/// (`frame::codec::MAX_CREDENTIAL_LEN`) fit.
+const PEEK_MAX_BYTES: usize = 16 * 1024;
+
+/// Reads a user connection's first frames, up to its first OPEN, into `input` without
+/// consuming them, and returns the node the OPEN names: the connection belongs on that node's
+/// owner core. `None` when the client sends something else first, or nothing.
+pub(super) async fn peek_first_open(
+    conn: &mut TlsConnection,
+    input: &mut BytesMut,
+) -> Option<String> {
+    let limits = frame::Limits::default();
+    loop {
+        let mut view = input.clone();
+        for _ in 0..PEEK_MAX_FRAMES {
+            match frame::decode(&mut view, &limits) {
+                Ok(Some(frame::Frame::Open { open, .. })) => return Some(open.node),
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(_) => return None,
+            }
+        }
+        if input.len() > PEEK_MAX_BYTES {
+            return None;
+        }
+        match conn.read(input).await {
+            Ok(n) if n > 0 => {}
+            _ => return None,
+        }
+    }
+}
+
 pub(super) async fn serve_session(
     ctx: Rc<Context>,
     conn: TlsConnection,
+    input: BytesMut,
     peer: SocketAddr,
     user: PeerIdentity,
 ) {
     let tunnel = tunnel::mux::Tunnel::new(ctx.new_session());
     let driven = tunnel.clone();
-    let driver = monoio::spawn(async move { drive(&driven, conn, BytesMut::new()).await });
+    let driver = monoio::spawn(async move { drive(&driven, conn, input).await });
     let registration = ctx.add_user_tunnel(&tunnel);
     tracing::debug!(%peer, user = %user.name, "user connection up");
     while let Some(incoming) = tunnel.incoming().await {
@@ -55,17 +92,15 @@ struct ActiveSession<'a>(&'a Context);
 impl<'a> ActiveSession<'a> {
     fn new(ctx: &'a Context) -> Self {
         let s = &ctx.stats;
-        s.sessions_active.set(s.sessions_active.get() + 1);
-        s.sessions_total.set(s.sessions_total.get() + 1);
+        s.sessions_active.fetch_add(1, Ordering::Relaxed);
+        s.sessions_total.fetch_add(1, Ordering::Relaxed);
         ActiveSession(ctx)
     }
 }
 
 impl Drop for ActiveSession<'_> {
     fn drop(&mut self) {
-        let s = &self.0.stats;
-        s.sessions_active
-            .set(s.sessions_active.get().saturating_sub(1));
+        self.0.stats.sessions_active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -219,6 +254,13 @@ async fn connect_target(
                 ),
             ))
         }
+        Route::OtherCore(_) => Err((
+            ErrorCode::CONNECT_FAILED,
+            format!(
+                "node {node} is served by another core of this proxy than this connection's \
+                 first node; open one connection per node (remoteler does)"
+            ),
+        )),
         Route::Unknown => Err((
             ErrorCode::NODE_UNKNOWN,
             format!(

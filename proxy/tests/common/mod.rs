@@ -83,7 +83,7 @@ impl Proxy {
         if let Some(extra) = config {
             let path = tmp.path().join("proxy.toml");
             let text = format!(
-                "cluster_name = \"test.example\"\ndata_dir = {:?}\n[keepalive]\ninterval = \"1s\"\n{extra}",
+                "cluster_name = \"test.example\"\ndata_dir = {:?}\n{extra}\n[keepalive]\ninterval = \"1s\"\n",
                 data.display().to_string()
             );
             std::fs::write(&path, text).unwrap();
