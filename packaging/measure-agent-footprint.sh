@@ -48,7 +48,7 @@ make_nat_site fp-r1 10.80.0.1 10.80.0.2
 start_sshd node-fp 2222 fp-r1
 USERS_PORT=$(free_port); TUNNEL_PORT=$(free_port)
 bg proxy "$P" start --data-dir "$WORK/proxy" --users "127.0.0.1:$USERS_PORT" \
-  --tunnels "10.80.0.1:$TUNNEL_PORT" --auth "127.0.0.1:$(free_port)" >/dev/null
+  --tunnels "10.80.0.1:$TUNNEL_PORT" --auth "127.0.0.1:$(free_port)" --metrics off >/dev/null
 wait_for "the proxy" 30 test -f "$WORK/proxy/proxy.ready"
 echo "fp-password" >"$WORK/pw"
 "$P" users add alice --roles dev --logins root --password-file "$WORK/pw" --data-dir "$WORK/proxy" >/dev/null

@@ -38,7 +38,7 @@ make_nat_site arm-r1 10.79.0.1 10.79.0.2
 start_sshd node-arm 2222 arm-r1
 USERS_PORT=$(free_port); TUNNEL_PORT=$(free_port); AUTH_PORT=$(free_port)
 bg proxy "$P" start --data-dir "$WORK/proxy" --users "127.0.0.1:$USERS_PORT" \
-  --tunnels "10.79.0.1:$TUNNEL_PORT" --auth "127.0.0.1:$AUTH_PORT" >/dev/null
+  --tunnels "10.79.0.1:$TUNNEL_PORT" --auth "127.0.0.1:$AUTH_PORT" --metrics off >/dev/null
 wait_for "the proxy to listen" 30 test -f "$WORK/proxy/proxy.ready"
 
 say "the aarch64 agent under qemu-aarch64, inside the site, joins with a token"

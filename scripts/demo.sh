@@ -2,7 +2,7 @@
 # The README's main command: on one machine, start a proxy, join an agent whose node sits
 # behind NAT (a network namespace the proxy cannot dial), log a user in, and reach the node
 # with plain `ssh node-r1` through the reverse tunnel. Run as root on Debian (it installs
-# openssh-server, iproute2 and iptables when missing). Everything is removed at the end;
+# openssh-server, iproute2, iptables and curl when missing). Everything is removed at the end;
 # KEEP_WORK=1 keeps the working directory with every log.
 source "$(dirname "$0")/lib.sh"
 trap cleanup EXIT
@@ -17,10 +17,11 @@ PIN=$(grep -o 'sha256:[0-9a-f]\{64\}' "$WORK/init.txt" | head -1)
 say "2. a NAT'd edge site: namespace demo-r1 (10.77.0.2) can dial out, nothing can dial in"
 make_nat_site demo-r1 10.77.0.1 10.77.0.2
 
-USERS_PORT=$(free_port); TUNNEL_PORT=$(free_port); AUTH_PORT=$(free_port)
-say "3. starting remoteler-proxy: users 127.0.0.1:$USERS_PORT, tunnels 10.77.0.1:$TUNNEL_PORT"
+USERS_PORT=$(free_port); TUNNEL_PORT=$(free_port); AUTH_PORT=$(free_port); METRICS_PORT=$(free_port)
+say "3. starting remoteler-proxy: users 127.0.0.1:$USERS_PORT, tunnels 10.77.0.1:$TUNNEL_PORT, metrics 127.0.0.1:$METRICS_PORT"
 bg proxy "$BIN/remoteler-proxy" start --data-dir "$WORK/proxy" \
-  --users "127.0.0.1:$USERS_PORT" --tunnels "10.77.0.1:$TUNNEL_PORT" --auth "127.0.0.1:$AUTH_PORT" >/dev/null
+  --users "127.0.0.1:$USERS_PORT" --tunnels "10.77.0.1:$TUNNEL_PORT" --auth "127.0.0.1:$AUTH_PORT" \
+  --metrics "127.0.0.1:$METRICS_PORT" >/dev/null
 wait_for "the proxy to listen" 20 test -f "$WORK/proxy/proxy.ready"
 
 say "4. node-r1: a real sshd on 127.0.0.1:2222 inside the site"
@@ -54,5 +55,9 @@ EOF
 
 say "8. ssh node-r1 'echo hello from \$NODE_NAME; uname -n'  (through the reverse tunnel)"
 ssh -F "$WORK/ssh_config" node-r1 'echo "hello from $NODE_NAME"; uname -n'
+
+say "9. the proxy's own view: remoteler-proxy status, and its Prometheus metrics"
+"$BIN/remoteler-proxy" status --data-dir "$WORK/proxy"
+curl -fsS "http://127.0.0.1:$METRICS_PORT/metrics" | grep -E '^remoteler_(tunnels|sessions_total|session_bytes_total)'
 
 say "done: the proxy never dialled the site; the agent's tunnel carried the session"

@@ -158,7 +158,7 @@ echo "ok - a forward the agent does not allow is refused"
 "$P" init --cluster other.test --data-dir "$WORK/other" >/dev/null
 cp -r "$REMOTELER_HOME" "$WORK/home-good"
 OTHER_PORT=$(free_port)
-bg other "$P" start --data-dir "$WORK/other" --users "127.0.0.1:$OTHER_PORT" --tunnels "127.0.0.1:$(free_port)" --auth "127.0.0.1:$(free_port)" >/dev/null
+bg other "$P" start --data-dir "$WORK/other" --users "127.0.0.1:$OTHER_PORT" --tunnels "127.0.0.1:$(free_port)" --auth "127.0.0.1:$(free_port)" --metrics off >/dev/null
 wait_for "the other proxy" 30 test -f "$WORK/other/proxy.ready"
 "$P" users add mallory --roles dev --logins root --password-file "$WORK/alice.pw" --data-dir "$WORK/other"
 OTHER_PIN=$(grep -o 'sha256:[0-9a-f]\{64\}' <("$P" status --data-dir "$WORK/other") | head -1)

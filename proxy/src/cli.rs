@@ -77,6 +77,9 @@ struct StartArgs {
     /// worker threads, one monoio runtime each (overrides workers; 0 = one per core)
     #[argh(option)]
     workers: Option<u16>,
+    /// address for Prometheus metrics, or "off" (overrides listen.metrics)
+    #[argh(option)]
+    metrics: Option<String>,
 }
 
 /// Manage join tokens.
@@ -396,6 +399,16 @@ fn start(args: StartArgs) -> Result<(), ProxyError> {
     }
     if let Some(a) = args.auth {
         config.listen.auth = a;
+    }
+    if let Some(m) = args.metrics {
+        config.listen.metrics = match m.trim() {
+            "off" | "" => config::MetricsListen::Disabled,
+            text => config::MetricsListen::Listen(text.parse().map_err(|e| {
+                ProxyError::Usage(format!(
+                    "--metrics: expected an address such as 127.0.0.1:3026, or \"off\": {e}"
+                ))
+            })?),
+        };
     }
     if let Some(n) = args.workers {
         config.workers =

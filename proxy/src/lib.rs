@@ -12,7 +12,7 @@
 //! [`cli::run`].
 //!
 //! What it does not do yet: roles-based authorization ([`server::authorize`] allows every
-//! valid user), trusted clusters, metrics, resumption of the user's leg.
+//! valid user), trusted clusters, resumption of the user's leg.
 
 pub mod admin;
 pub mod audit;
@@ -22,6 +22,7 @@ pub mod datadir;
 pub mod directory;
 pub mod error;
 pub mod logging;
+pub mod metrics;
 pub mod server;
 pub mod shutdown;
 mod splice;

@@ -495,6 +495,35 @@ fn tunnels_and_sessions_on_every_core() {
             "no connection was moved to its node's core: {text}"
         );
 
+        // The same figures, and more, for Prometheus.
+        let (status, body) = proxy.http_get("/metrics");
+        assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+        let sample = |name: &str| -> u64 {
+            body.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or_else(|| panic!("no sample {name} in:\n{body}"))
+        };
+        assert_eq!(
+            sample("remoteler_tunnels{core=\"0\"}") + sample("remoteler_tunnels{core=\"1\"}"),
+            12
+        );
+        assert_eq!(sample("remoteler_tunnel_connects_total"), 12);
+        assert_eq!(sample("remoteler_sessions_total"), 12);
+        assert_eq!(
+            sample("remoteler_session_bytes_total{direction=\"from_user\"}"),
+            12 * 64 * 1024
+        );
+        assert_eq!(sample("remoteler_core_handoffs_total"), moved);
+        assert!(sample("remoteler_handshakes_total{result=\"ok\"}") >= 24);
+        assert!(sample("remoteler_core_cpu_ticks_total{core=\"0\"}") < 1_000_000);
+        assert!(sample("process_open_fds") > 24);
+        assert!(
+            body.contains("# TYPE remoteler_sessions_total counter"),
+            "{body}"
+        );
+        let (status, _) = proxy.http_get("/other");
+        assert_eq!(status, "HTTP/1.1 404 Not Found");
+
         // One connection, nodes of both cores: the second is refused with a clear reason.
         let (tunnel, stream, _) = open_retrying(&proxy, &user, &nodes[0]).await;
         let mut refused = None;
@@ -517,6 +546,11 @@ fn tunnels_and_sessions_on_every_core() {
         let (code, reason) = refused.expect("every node on one core, or nothing refused");
         assert_eq!(code, ErrorCode::CONNECT_FAILED);
         assert!(reason.contains("one connection per node"), "{reason}");
+        let (_, body) = proxy.http_get("/metrics");
+        assert!(
+            body.contains("remoteler_sessions_refused_total{code=\"connect_failed\"} 1"),
+            "{body}"
+        );
         let data = random_bytes(4096);
         let got = echo_roundtrip(stream, data.clone()).await;
         assert!(

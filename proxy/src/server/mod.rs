@@ -48,6 +48,8 @@ pub struct ListenAddrs {
     pub tunnels: SocketAddr,
     /// Auth listener.
     pub auth: SocketAddr,
+    /// Prometheus metrics, unless `listen.metrics = "off"`.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl std::fmt::Display for ListenAddrs {
@@ -56,7 +58,11 @@ impl std::fmt::Display for ListenAddrs {
             f,
             "users={} tunnels={} auth={}",
             self.users, self.tunnels, self.auth
-        )
+        )?;
+        if let Some(metrics) = self.metrics {
+            write!(f, " metrics={metrics}")?;
+        }
+        Ok(())
     }
 }
 
@@ -75,6 +81,7 @@ struct WorkerListeners {
 #[derive(Debug)]
 pub struct Listeners {
     workers: Vec<WorkerListeners>,
+    metrics: Option<std::net::TcpListener>,
     admin: std::os::unix::net::UnixListener,
     admin_path: std::path::PathBuf,
 }
@@ -132,6 +139,15 @@ impl Listeners {
         let users = bind(config.listen.users, "users")?;
         let tunnels = bind(config.listen.tunnels, "tunnels")?;
         let auth = bind(config.listen.auth, "auth")?;
+        let metrics = match config.listen.metrics.addr() {
+            None => None,
+            Some(addr) => Some(listen_shared(addr, 1).map_err(|e| {
+                ProxyError::Other(format!(
+                    "cannot listen on {addr} (`listen.metrics`): {e}; pick another address with \
+                     --metrics or `listen.metrics`, or turn metrics off with `--metrics off`"
+                ))
+            })?.remove(0)),
+        };
         let data = DataDir::new(&config.data_dir);
         let (admin, admin_path) = admin::bind(&data)?;
         let workers = users
@@ -146,6 +162,7 @@ impl Listeners {
             .collect();
         Ok(Listeners {
             workers,
+            metrics,
             admin,
             admin_path,
         })
@@ -165,6 +182,7 @@ impl Listeners {
             users: addr(&first.users)?,
             tunnels: addr(&first.tunnels)?,
             auth: addr(&first.auth)?,
+            metrics: self.metrics.as_ref().map(addr).transpose()?,
         })
     }
 
@@ -174,7 +192,8 @@ impl Listeners {
     }
 }
 
-/// Counters for `status`, shared by every core.
+/// Counters for `status` and the metrics, shared by every core. Relaxed atomics: they are
+/// statistics, ordered with nothing else.
 #[derive(Debug, Default)]
 pub struct Stats {
     /// Sessions (user streams to nodes) running now.
@@ -187,12 +206,114 @@ pub struct Stats {
     pub logins: AtomicU32,
     /// Connections moved to their owner core since start.
     pub handoffs: AtomicU64,
+    /// TLS handshakes completed.
+    pub handshakes_ok: AtomicU64,
+    /// TLS handshakes refused for the client's certificate.
+    pub handshakes_bad_certificate: AtomicU64,
+    /// TLS handshakes failed otherwise (timeout, garbage, connection lost).
+    pub handshakes_failed: AtomicU64,
+    /// Connections dropped at accept: `limits.max_handshakes_in_progress`.
+    pub dropped_handshake_limit: AtomicU64,
+    /// Tunnels refused: `limits.max_tunnels`.
+    pub dropped_tunnel_limit: AtomicU64,
+    /// Tunnels and sessions refused while draining.
+    pub dropped_draining: AtomicU64,
+    /// Connections refused for their certificate's identity, or a tunnel's ANNOUNCE.
+    pub dropped_access_denied: AtomicU64,
+    /// Failed accepts (out of descriptors, mostly).
+    pub accept_errors: AtomicU64,
+    /// Tunnels connected (not counting resumptions).
+    pub tunnels_connected: AtomicU64,
+    /// Tunnels resumed.
+    pub tunnels_resumed: AtomicU64,
+    /// Tunnels ended.
+    pub tunnels_disconnected: AtomicU64,
+    /// Bytes from users, counted when their sessions end.
+    pub bytes_from_users: AtomicU64,
+    /// Bytes to users, counted when their sessions end.
+    pub bytes_to_users: AtomicU64,
+    /// Session requests refused, by error code name.
+    refusals: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Each core's thread id, for its CPU time in `/proc`.
+    core_threads: Vec<std::sync::atomic::AtomicI32>,
 }
 
 impl Stats {
-    /// Reads a counter (they are statistics: no ordering with other memory is needed).
+    /// Counters for `workers` cores.
+    pub fn new(workers: usize) -> Self {
+        Stats {
+            core_threads: (0..workers)
+                .map(|_| std::sync::atomic::AtomicI32::new(0))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Reads a counter.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// Adds one to a counter.
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a refused session request.
+    pub fn refused(&self, code: frame::ErrorCode) {
+        let mut map = self
+            .refusals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // "connect failed" -> "connect_failed": a label value a query can type.
+        *map.entry(code.name().replace(' ', "_")).or_default() += 1;
+    }
+
+    /// Refused session requests by code name.
+    pub fn refusals(&self) -> Vec<(String, u64)> {
+        let map = self
+            .refusals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
+    /// Records the calling thread as core `core`'s.
+    fn register_core_thread(&self, core: usize) {
+        if let Some(slot) = self.core_threads.get(core) {
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            slot.store(tid, Ordering::Relaxed);
+        }
+    }
+
+    /// User + system CPU time of core `core`'s thread, in clock ticks; 0 when unknown.
+    pub fn core_cpu_ticks(&self, core: usize) -> u64 {
+        let Some(tid) = self
+            .core_threads
+            .get(core)
+            .map(|t| t.load(Ordering::Relaxed))
+        else {
+            return 0;
+        };
+        if tid == 0 {
+            return 0;
+        }
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")) else {
+            return 0;
+        };
+        // Fields after the parenthesised name: state is field 3; utime and stime are 14, 15.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            return 0;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let field = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        field(11) + field(12)
     }
 }
 
@@ -472,7 +593,7 @@ pub fn run(
         config: Arc::new(config),
         store,
         audit,
-        stats: Arc::new(Stats::default()),
+        stats: Arc::new(Stats::new(workers)),
         started: Instant::now(),
         addrs,
         shutdown: shutdown.clone(),
@@ -485,10 +606,11 @@ pub fn run(
 
     let Listeners {
         workers: sets,
+        metrics,
         admin,
         admin_path,
     } = listeners;
-    let mut admin = Some(admin);
+    let mut admin = Some((admin, metrics));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), ProxyError>>();
     let mut threads = Vec::with_capacity(workers);
     for (core, (set, inbox)) in sets.into_iter().zip(receivers).enumerate() {
@@ -562,12 +684,18 @@ pub fn run(
     result
 }
 
+/// The admin socket and the metrics listener, served by core 0.
+type CoreZeroListeners = (
+    std::os::unix::net::UnixListener,
+    Option<std::net::TcpListener>,
+);
+
 /// One worker: its runtime, its listeners, its inbox; the admin socket on core 0.
 fn worker(
     core: usize,
     shared: Shared,
     listeners: WorkerListeners,
-    admin: Option<std::os::unix::net::UnixListener>,
+    admin: Option<CoreZeroListeners>,
     inbox: flume::Receiver<Handoff>,
     ready: std::sync::mpsc::Sender<Result<(), ProxyError>>,
 ) -> Result<(), ProxyError> {
@@ -582,6 +710,7 @@ fn worker(
             return Err(ProxyError::Other(message));
         }
     };
+    shared.stats.register_core_thread(core);
     runtime.block_on(async move {
         let started = serve_core(core, shared, listeners, admin, inbox).await;
         let (ctx, loops) = match started {
@@ -611,7 +740,7 @@ async fn serve_core(
     core: usize,
     shared: Shared,
     listeners: WorkerListeners,
-    admin: Option<std::os::unix::net::UnixListener>,
+    admin: Option<CoreZeroListeners>,
     inbox: flume::Receiver<Handoff>,
 ) -> Result<(Rc<Context>, Vec<monoio::task::JoinHandle<()>>), ProxyError> {
     let ctx = Rc::new(Context {
@@ -663,10 +792,14 @@ async fn serve_core(
         )),
         monoio::spawn(inbox_loop(ctx.clone(), inbox)),
     ];
-    if let Some(admin) = admin {
+    if let Some((admin, metrics)) = admin {
         let admin = monoio::net::UnixListener::from_std(admin)
             .map_err(|e| ProxyError::Other(format!("cannot register the admin socket: {e}")))?;
         loops.push(monoio::spawn(admin::serve(ctx.clone(), admin)));
+        if let Some(metrics) = metrics {
+            let metrics = to_monoio(metrics)?;
+            loops.push(monoio::spawn(crate::metrics::serve(ctx.clone(), metrics)));
+        }
     }
     Ok((ctx, loops))
 }
@@ -778,6 +911,7 @@ async fn accept_loop(
             Ok((tcp, peer)) => {
                 let limit = ctx.config.limits.max_handshakes_in_progress;
                 if ctx.stats.handshakes.load(Ordering::Relaxed) >= limit {
+                    Stats::bump(&ctx.stats.dropped_handshake_limit);
                     tracing::warn!(
                         %peer,
                         listener = kind.name(),
@@ -790,6 +924,7 @@ async fn accept_loop(
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
+                Stats::bump(&ctx.stats.accept_errors);
                 tracing::warn!(listener = kind.name(), error = %e, "accept failed");
                 monoio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -825,11 +960,16 @@ async fn handle_connection(
     // This task lives as long as its connection (a tunnel: days): everything but the tunnel's
     // own service is boxed so that the task is not sized for the largest of them.
     let conn = match Box::pin(tls::accept(tcp, tls, ctx.handshake_timeout())).await {
-        Ok(conn) => conn,
+        Ok(conn) => {
+            Stats::bump(&ctx.stats.handshakes_ok);
+            conn
+        }
         Err(e) => {
             if e.is_certificate_error() {
+                Stats::bump(&ctx.stats.handshakes_bad_certificate);
                 tracing::warn!(%peer, listener = kind.name(), error = %e, "tls handshake refused: bad client certificate");
             } else {
+                Stats::bump(&ctx.stats.handshakes_failed);
                 tracing::debug!(%peer, listener = kind.name(), error = %e, "tls handshake failed");
             }
             return;
@@ -991,6 +1131,7 @@ async fn refuse_frames(
     protocol: &str,
     why: &str,
 ) {
+    Stats::bump(&ctx.stats.dropped_access_denied);
     tracing::warn!(%peer, alpn = %protocol, reason = %why, "connection refused");
     ctx.audit.record(
         "access.denied",

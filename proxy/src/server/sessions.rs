@@ -114,6 +114,7 @@ fn reject(
 ) {
     let session_id = util::to_hex(&incoming.request.session_id);
     let node = incoming.request.node.clone();
+    ctx.stats.refused(code);
     tracing::info!(%session_id, %user, %node, %peer, code = code.name(), %reason, "session refused");
     if code == ErrorCode::ACCESS_DENIED {
         ctx.audit.record(
@@ -306,6 +307,13 @@ fn session_end(
     let session_id = util::to_hex(&request.session_id);
     let reason = outcome.error.clone().unwrap_or_else(|| "closed".into());
     let duration = started.elapsed();
+    let stats = &ctx.stats;
+    stats
+        .bytes_from_users
+        .fetch_add(outcome.forward, Ordering::Relaxed);
+    stats
+        .bytes_to_users
+        .fetch_add(outcome.backward, Ordering::Relaxed);
     tracing::info!(
         %session_id, user = %user.name, node = %request.node, %via, %peer,
         bytes_from_user = outcome.forward, bytes_to_user = outcome.backward,

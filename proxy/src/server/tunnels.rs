@@ -13,7 +13,7 @@ use tunnel::identity::PeerIdentity;
 use tunnel::mux::{DriveOutcome, Tunnel, drive};
 use tunnel::tls::TlsConnection;
 
-use super::Context;
+use super::{Context, Stats};
 use crate::directory::TunnelEntry;
 
 /// Labels and services of an announced node.
@@ -187,6 +187,7 @@ pub(super) async fn serve_tunnel(
         tunnel
     };
     if ctx.draining.get() {
+        Stats::bump(&ctx.stats.dropped_draining);
         let t = refuse("the proxy is shutting down".into(), ErrorCode::GOING_AWAY);
         let _ = Box::pin(monoio::time::timeout(
             ctx.handshake_timeout(),
@@ -197,6 +198,7 @@ pub(super) async fn serve_tunnel(
     }
     let max = ctx.config.limits.max_tunnels as usize;
     if ctx.directory.tunnel_count() >= max {
+        Stats::bump(&ctx.stats.dropped_tunnel_limit);
         let t = refuse(
             format!("the proxy holds its maximum of {max} tunnels (`limits.max_tunnels`)"),
             ErrorCode::LIMIT_EXCEEDED,
@@ -253,6 +255,7 @@ pub(super) async fn serve_tunnel(
     let (labels, services) = match check_announce(&ctx, &node, announce.as_ref()) {
         Ok(v) => v,
         Err(why) => {
+            Stats::bump(&ctx.stats.dropped_access_denied);
             tracing::warn!(%peer, %node, reason = %why, "tunnel refused");
             ctx.audit.record(
                 "tunnel.refused",
@@ -273,6 +276,7 @@ pub(super) async fn serve_tunnel(
             &format!("replaced by a newer tunnel for node {node} from {peer}"),
         );
     }
+    Stats::bump(&ctx.stats.tunnels_connected);
     tracing::info!(%node, %peer, tunnel_id = id, serial = %identity.serial, "tunnel connected");
     ctx.audit.record(
         "tunnel.connect",
@@ -372,6 +376,7 @@ pub(super) async fn serve_tunnel(
                     .close(ErrorCode::GOING_AWAY, "replaced by a resumed tunnel");
             }
         }
+        Stats::bump(&ctx.stats.tunnels_resumed);
         tracing::info!(%node, %peer, tunnel_id = id, "tunnel resumed");
         ctx.audit.record(
             "tunnel.resumed",
@@ -386,6 +391,7 @@ pub(super) async fn serve_tunnel(
     watcher.await;
     rejecter.await;
     let was_current = ctx.directory.detach_tunnel(&node, id);
+    Stats::bump(&ctx.stats.tunnels_disconnected);
     let duration = started.elapsed();
     tracing::info!(
         %node, %peer, tunnel_id = id, %reason, replaced = !was_current,

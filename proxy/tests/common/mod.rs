@@ -54,6 +54,7 @@ pub struct Proxy {
     pub users: SocketAddr,
     pub tunnels: SocketAddr,
     pub auth: SocketAddr,
+    pub metrics: SocketAddr,
     pub pin: CaPin,
     pub ca: CertificateDer<'static>,
 }
@@ -98,6 +99,8 @@ impl Proxy {
             "127.0.0.1:0",
             "--auth",
             "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
         ]);
         let log = std::fs::File::create(tmp.path().join("proxy.log")).unwrap();
         cmd.stdout(Stdio::piped()).stderr(log).stdin(Stdio::null());
@@ -129,12 +132,24 @@ impl Proxy {
             users: addr("users"),
             tunnels: addr("tunnels"),
             auth: addr("auth"),
+            metrics: addr("metrics"),
             child,
             tmp,
             data,
             pin,
             ca,
         }
+    }
+
+    /// `GET path` on the metrics listener: the status line and the body.
+    pub fn http_get(&self, path: &str) -> (String, String) {
+        use std::io::{Read, Write};
+        let mut tcp = std::net::TcpStream::connect(self.metrics).unwrap();
+        write!(tcp, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+        let mut text = String::new();
+        tcp.read_to_string(&mut text).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        (head.lines().next().unwrap().to_owned(), body.to_owned())
     }
 
     pub fn log(&self) -> String {
