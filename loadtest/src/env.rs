@@ -41,6 +41,8 @@ pub struct Common {
     pub keepalive_count: u32,
     /// The proxy's log level.
     pub log_level: String,
+    /// The proxy's `workers` (0: one per core).
+    pub proxy_workers: u16,
     /// Relay settings, if a relay is wanted.
     pub relay: Option<RelaySettings>,
     /// Put the relay on the users' leg.
@@ -89,6 +91,7 @@ impl Env {
             keepalive_count: common.keepalive_count,
             log_level: common.log_level.clone(),
             max_streams_per_tunnel: 65_535,
+            workers: common.proxy_workers,
         };
         let mut proxy = ProxyProcess::create(&common.proxy_bin, &work_path, &settings)?;
         let took = proxy.start()?;

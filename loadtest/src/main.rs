@@ -102,6 +102,9 @@ macro_rules! common_options {
             /// the proxy's log level (default info)
             #[argh(option, default = "String::from(\"info\")")]
             proxy_log_level: String,
+            /// the proxy's worker threads, one runtime each (default 0: one per core)
+            #[argh(option, default = "0")]
+            proxy_workers: u16,
             /// relay: one-way delay added between users/agents and the proxy, e.g. 10ms
             #[argh(option)]
             relay_delay: Option<String>,
@@ -155,6 +158,7 @@ macro_rules! common_options {
                     keepalive: duration(&self.keepalive, "--keepalive")?,
                     keepalive_count: self.keepalive_count,
                     log_level: self.proxy_log_level.clone(),
+                    proxy_workers: self.proxy_workers,
                     relay,
                     relay_users,
                     relay_tunnels,

@@ -26,6 +26,8 @@ pub struct ProxySettings {
     pub log_level: String,
     /// `[limits] max_streams_per_tunnel`.
     pub max_streams_per_tunnel: u32,
+    /// `workers` (0: one per core).
+    pub workers: u16,
 }
 
 /// A proxy process and its cluster.
@@ -101,10 +103,12 @@ impl ProxyProcess {
         let config = format!(
             "cluster_name = \"loadtest.local\"\n\
              data_dir = {data:?}\n\
+             workers = {}\n\
              \n[listen]\nusers = \"{users}\"\ntunnels = \"{tunnels}\"\nauth = \"{auth}\"\nmetrics = \"off\"\n\
              \n[keepalive]\ninterval = \"{}ms\"\ncount = {}\n\
              \n[limits]\nmax_streams_per_tunnel = {}\n\
              \n[log]\nlevel = {:?}\n",
+            settings.workers,
             settings.keepalive.as_millis(),
             settings.keepalive_count,
             settings.max_streams_per_tunnel,

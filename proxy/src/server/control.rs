@@ -122,7 +122,25 @@ pub(super) async fn serve_join(ctx: Rc<Context>, conn: TlsConnection, peer: Sock
             return;
         }
     };
-    match join(&ctx, &request) {
+    // The token's use is a locked read-modify-write of the state file with fsyncs, and
+    // another core may hold the lock: a helper thread waits for it, not this core.
+    let joined = {
+        let (store, ca, cluster, request) = (
+            ctx.store.clone(),
+            ctx.ca.clone(),
+            ctx.cluster.clone(),
+            request.clone(),
+        );
+        crate::blocking::run(move || join(&store, &ca, &cluster, &request))
+            .await
+            .unwrap_or_else(|| {
+                Err(JoinFailure::Refused(error(
+                    "internal",
+                    "the join could not be processed (helper thread failed); try again",
+                )))
+            })
+    };
+    match joined {
         Ok((response, token_id)) => {
             tracing::info!(%peer, node = %request.node, token = %token_id, "node joined");
             ctx.audit.record(
@@ -153,13 +171,18 @@ pub(super) async fn serve_join(ctx: Rc<Context>, conn: TlsConnection, peer: Sock
     }
 }
 
-fn join(ctx: &Context, request: &JoinRequest) -> Result<(JoinResponse, String), JoinFailure> {
+fn join(
+    store: &crate::state::StateStore,
+    ca: &tunnel::identity::ClusterCa,
+    cluster: &str,
+    request: &JoinRequest,
+) -> Result<(JoinResponse, String), JoinFailure> {
     config::NodeName::new(request.node.as_str())
         .map_err(|e| JoinFailure::Refused(error("bad_node_name", format!("node name: {e}"))))?;
     tunnel::identity::validate_name("node name", &request.node)
         .map_err(|e| JoinFailure::Refused(error("bad_node_name", e.to_string())))?;
     let key = public_key(&request.public_key).map_err(JoinFailure::Refused)?;
-    let used = ctx.store.update(|state| {
+    let used = store.update(|state| {
         state
             .consume_token(&request.token, util::unix_now())
             .map_err(JoinFailure::Token)
@@ -178,16 +201,15 @@ fn join(ctx: &Context, request: &JoinRequest) -> Result<(JoinResponse, String), 
         ))
     };
     let validity = Validity::for_ttl(SystemTime::now(), NODE_CERT_TTL).map_err(internal)?;
-    let leaf = ctx
-        .ca
+    let leaf = ca
         .issue_node(&request.node, &key, validity)
         .map_err(internal)?;
-    let chain = ctx.ca.chain(leaf);
+    let chain = ca.chain(leaf);
     Ok((
         JoinResponse {
-            cluster: ctx.cluster.clone(),
+            cluster: cluster.to_owned(),
             certificate_pem: tunnel::identity::certificates_to_pem(&chain),
-            ca_pem: ctx.ca.certificate_pem(),
+            ca_pem: ca.certificate_pem(),
         },
         used.id,
     ))

@@ -662,6 +662,7 @@ pub fn run(
             "proxy ready"
         );
     }
+    let audit = shared.audit.clone();
     drop(shared);
     for thread in threads {
         match thread.join() {
@@ -678,6 +679,7 @@ pub fn run(
             }
         }
     }
+    audit.close(); // every record written and synced before the process exits
     let _ = std::fs::remove_file(data.ready_file());
     let _ = std::fs::remove_file(&admin_path);
     tracing::info!("proxy stopped");
