@@ -12,8 +12,8 @@
 //!
 //! What it does not do yet: one runtime per core (one runtime runs everything; the code
 //! keeps per-core state in a [`server::Context`] and the node directory behind
-//! [`directory::NodeDirectory`]), stream resumption across reconnects, roles-based
-//! authorization ([`server::authorize`] allows every valid user), trusted clusters, metrics.
+//! [`directory::NodeDirectory`]), stream resumption across reconnects, trusted clusters,
+//! metrics. Who may reach which node as which login is decided by [`roles::Policy`].
 
 pub mod admin;
 pub mod audit;
@@ -23,9 +23,11 @@ pub mod datadir;
 pub mod directory;
 pub mod error;
 pub mod logging;
+pub mod roles;
 pub mod server;
 pub mod shutdown;
 mod splice;
+pub mod sshca;
 pub mod state;
 pub mod util;
 

@@ -19,17 +19,6 @@ use crate::util;
 /// How long the agent has to answer an OPEN, and a direct dial to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Why access was denied.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Denied(pub String);
-
-/// Whether `user` may reach `node` as `login` (`""` when only listing). For now any valid
-/// user certificate of this cluster may reach any node; roles will decide here.
-pub fn authorize(user: &PeerIdentity, node: &str, login: &str) -> Result<(), Denied> {
-    let _ = (user, node, login);
-    Ok(())
-}
-
 pub(super) async fn serve_session(
     ctx: Rc<Context>,
     conn: TlsConnection,
@@ -72,20 +61,21 @@ impl Drop for ActiveSession<'_> {
 fn reject(
     ctx: &Context,
     incoming: Incoming,
-    user: &str,
+    user: &PeerIdentity,
     peer: SocketAddr,
     code: ErrorCode,
     reason: &str,
 ) {
     let session_id = util::to_hex(&incoming.request.session_id);
     let node = incoming.request.node.clone();
-    tracing::info!(%session_id, %user, %node, %peer, code = code.name(), %reason, "session refused");
+    let login = incoming.request.login.clone();
+    tracing::info!(%session_id, user = %user.name, %node, %login, %peer, code = code.name(), %reason, "session refused");
     if code == ErrorCode::ACCESS_DENIED {
         ctx.audit.record(
             "access.denied",
             serde_json::json!({
-                "session_id": session_id, "user": user, "node": node,
-                "client_addr": peer.to_string(), "reason": reason,
+                "session_id": session_id, "user": user.name, "roles": user.roles, "node": node,
+                "login": login, "client_addr": peer.to_string(), "reason": reason,
             }),
         );
     }
@@ -103,7 +93,7 @@ async fn handle_open(ctx: Rc<Context>, incoming: Incoming, user: PeerIdentity, p
     let target = match connect_target(&ctx, &request, &user, peer).await {
         Ok(target) => target,
         Err((code, reason)) => {
-            reject(&ctx, incoming, &user.name, peer, code, &reason);
+            reject(&ctx, incoming, &user, peer, code, &reason);
             return;
         }
     };
@@ -149,8 +139,13 @@ async fn connect_target(
             ),
         ));
     }
-    authorize(user, node, &request.login).map_err(|denied| (ErrorCode::ACCESS_DENIED, denied.0))?;
-    match ctx.directory.route(node) {
+    let route = ctx.directory.route(node);
+    if let Some(labels) = route.labels() {
+        ctx.policy
+            .check(user, node, labels, &request.login)
+            .map_err(|denied| (ErrorCode::ACCESS_DENIED, denied.0))?;
+    }
+    match route {
         Route::Tunnel(entry) => {
             let open = Open {
                 session_id: request.session_id,
@@ -180,7 +175,7 @@ async fn connect_target(
                 )),
             }
         }
-        Route::Direct(address) => {
+        Route::Direct { address, .. } => {
             if request.service != "ssh" {
                 return Err((
                     ErrorCode::TARGET_NOT_ALLOWED,
@@ -208,7 +203,7 @@ async fn connect_target(
                 )),
             }
         }
-        Route::Offline { since } => {
+        Route::Offline { since, .. } => {
             let ago = SystemTime::now().duration_since(since).unwrap_or_default();
             Err((
                 ErrorCode::NODE_OFFLINE,
@@ -244,8 +239,8 @@ fn session_start(
     ctx.audit.record(
         "session.start",
         serde_json::json!({
-            "session_id": session_id, "user": user.name, "node": request.node,
-            "login": request.login, "service": request.service, "via": via,
+            "session_id": session_id, "user": user.name, "roles": user.roles,
+            "node": request.node, "login": request.login, "service": request.service, "via": via,
             "client_addr": peer.to_string(),
         }),
     );
