@@ -248,7 +248,7 @@ impl ProxyProcess {
                 "add",
                 name,
                 "--roles",
-                "dev",
+                "access",
                 "--logins",
                 "root",
                 "--password-file",

@@ -90,6 +90,10 @@ pub struct LoginRequest {
     /// Requested lifetime in seconds; the proxy caps it.
     #[serde(default)]
     pub ttl_secs: Option<u64>,
+    /// The client's SSH public key, an OpenSSH line (`ssh-ed25519 AAAA...`), for an SSH user
+    /// certificate; absent, none is issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_public_key: Option<String>,
 }
 
 impl std::fmt::Debug for LoginRequest {
@@ -98,6 +102,7 @@ impl std::fmt::Debug for LoginRequest {
             .field("user", &self.user)
             .field("password", &"MASKED")
             .field("ttl_secs", &self.ttl_secs)
+            .field("ssh_public_key", &self.ssh_public_key)
             .finish()
     }
 }
@@ -116,6 +121,16 @@ pub struct LoginResponse {
     pub expires_unix: u64,
     /// The user's roles.
     pub roles: Vec<String>,
+    /// The OpenSSH user certificate for the request's `ssh_public_key` (a `*-cert.pub` line),
+    /// signed by the cluster's SSH user CA; same validity as the X.509 certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_certificate: Option<String>,
+    /// Its principals: the SSH logins the user's roles permit.
+    #[serde(default)]
+    pub ssh_logins: Vec<String>,
+    /// Why no SSH certificate was issued although one was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_note: Option<String>,
 }
 
 /// A heartbeat of a node the proxy dials directly (agent given the auth address).

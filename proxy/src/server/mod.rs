@@ -24,14 +24,14 @@ use tunnel::identity::{ClientAuth, ClusterCa, IdentityKind, PeerIdentity, TlsIde
 use tunnel::mux::{Tunnel, drive};
 use tunnel::tls::{self, TlsConnection};
 
-pub use sessions::authorize;
-
 use crate::admin;
 use crate::audit::AuditLog;
 use crate::datadir::DataDir;
 use crate::directory::{LocalDirectory, NodeDirectory};
 use crate::error::ProxyError;
+use crate::roles::Policy;
 use crate::shutdown::Shutdown;
+use crate::sshca::SshUserCa;
 use crate::state::StateStore;
 
 /// The addresses the proxy listens on, as bound (port 0 resolved).
@@ -153,6 +153,10 @@ pub struct Context {
     pub store: StateStore,
     /// The audit log.
     pub audit: Arc<AuditLog>,
+    /// The roles: who may reach which node as which login.
+    pub policy: Policy,
+    /// The SSH user CA, for the SSH certificates issued at login.
+    pub ssh_ca: Arc<SshUserCa>,
     /// Nodes.
     pub directory: Rc<dyn NodeDirectory>,
     /// Counters.
@@ -338,7 +342,18 @@ pub async fn run(
     store.read()?; // fail now, not at the first join, if the state file is bad
     let addrs = listeners.addrs()?;
 
+    let policy = Policy::new(&config.roles);
+    let (ssh_ca, created) = SshUserCa::load_or_create(data.root(), ca.cluster())?;
+    if created {
+        tracing::info!(
+            path = %SshUserCa::path(data.root()).display(),
+            "created the SSH user CA (this data directory predates SSH certificates); \
+             `remoteler-proxy export ssh-user-ca` prints the line for sshd's TrustedUserCAKeys"
+        );
+    }
     let ctx = Rc::new(Context {
+        policy,
+        ssh_ca: Arc::new(ssh_ca),
         cluster: ca.cluster().to_owned(),
         ca_pin: ca.pin().to_string(),
         ca: Arc::new(ca),

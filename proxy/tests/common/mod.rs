@@ -162,7 +162,7 @@ impl Proxy {
                 "add",
                 name,
                 "--roles",
-                "dev",
+                "access",
                 "--logins",
                 "root",
                 "--password-file",
@@ -294,11 +294,12 @@ pub async fn login(proxy: &Proxy, user: &str, password: &str) -> Result<Credenti
         password: password.into(),
         public_key: control::to_hex(&key.public_key().to_spki_der()),
         ttl_secs: Some(3600),
+        ssh_public_key: None,
     };
     control::write_line(&mut writer, &request).await?;
     let mut buf = BytesMut::new();
     let response: LoginResponse = control::read_reply(&mut reader, &mut buf).await?;
-    assert_eq!(response.roles, vec!["dev".to_string()]);
+    assert_eq!(response.roles, vec!["access".to_string()]);
     Ok(Credential {
         chain: parse_chain(&response.certificate_pem),
         key,
