@@ -10,14 +10,13 @@
 //! mode 0600. `remoteler-proxy init` creates it; for a data directory made by an older version,
 //! the proxy creates it on its first start ([`SshUserCa::load_or_create`]).
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ssh_key::certificate::{Builder, CertType};
 use ssh_key::private::Ed25519Keypair;
 use ssh_key::{LineEnding, PrivateKey, PublicKey};
+use tunnel::identity::FileRole;
 
 use crate::error::ProxyError;
 use crate::util;
@@ -63,30 +62,26 @@ impl SshUserCa {
         data_dir.join(SSH_USER_CA_FILE)
     }
 
-    /// Writes the key to `data_dir` (mode 0600); refuses to overwrite an existing one.
+    /// Writes the key to `data_dir` atomically with mode 0600; refuses to overwrite an
+    /// existing one.
     pub fn save(&self, data_dir: &Path) -> Result<(), ProxyError> {
-        let path = Self::path(data_dir);
         let text = self
             .key
             .to_openssh(LineEnding::LF)
             .map_err(|e| ssh_error("cannot encode the SSH user CA key", e))?;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| ProxyError::io("cannot create the SSH user CA key", &path, e))?;
-        file.write_all(text.as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(|e| ProxyError::io("cannot write the SSH user CA key", &path, e))
+        tunnel::identity::create_private_file(
+            &Self::path(data_dir),
+            text.as_bytes(),
+            FileRole::SshCaKey,
+        )?;
+        Ok(())
     }
 
-    /// Reads the key from `data_dir`.
+    /// Reads the key from `data_dir`; refuses a file that others may read.
     pub fn load(data_dir: &Path, cluster: &str) -> Result<SshUserCa, ProxyError> {
         let path = Self::path(data_dir);
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| ProxyError::io("cannot read the SSH user CA key", &path, e))?;
-        let key = PrivateKey::from_openssh(text).map_err(|e| {
+        let bytes = tunnel::identity::read_private_file(&path, FileRole::SshCaKey)?;
+        let key = PrivateKey::from_openssh(bytes).map_err(|e| {
             ProxyError::Other(format!(
                 "{} is not an OpenSSH private key ({e}); restore it from a backup",
                 path.display()
@@ -255,6 +250,60 @@ mod tests {
                 .unwrap()
                 .ends_with(" remoteler-user-ca@example.com")
         );
+    }
+
+    /// OpenSSH's own parser reads what we sign (scripts/test.sh installs openssh-client;
+    /// scripts/e2e-roles.sh then has a real sshd accept it).
+    #[test]
+    fn ssh_keygen_reads_the_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = SshUserCa::generate("example.com").unwrap();
+        let now = SystemTime::now();
+        let line = ca
+            .issue(
+                &user_key(),
+                "alice",
+                &["root".into(), "ubuntu".into()],
+                now,
+                now + Duration::from_secs(600),
+            )
+            .unwrap();
+        let path = dir.path().join("ssh_key-cert.pub");
+        std::fs::write(&path, format!("{line}\n")).unwrap();
+        let out = std::process::Command::new("ssh-keygen")
+            .arg("-L")
+            .arg("-f")
+            .arg(&path)
+            .output()
+            .expect("ssh-keygen runs (install openssh-client)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("Type: ssh-ed25519-cert-v01@openssh.com user certificate"),
+            "{text}"
+        );
+        assert!(text.contains("Key ID: \"alice\""), "{text}");
+        assert!(
+            text.contains("Principals: \n                root\n                ubuntu\n"),
+            "{text}"
+        );
+        assert!(text.contains("permit-pty"), "{text}");
+        assert!(!text.contains("permit-X11-forwarding"), "{text}");
+    }
+
+    #[test]
+    fn a_key_file_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        SshUserCa::generate("c").unwrap().save(dir.path()).unwrap();
+        let path = SshUserCa::path(dir.path());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = SshUserCa::load(dir.path(), "c").unwrap_err().to_string();
+        assert!(err.contains("SSH user CA key"), "{err}");
     }
 
     #[test]
