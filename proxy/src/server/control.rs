@@ -313,8 +313,12 @@ async fn login(ctx: &Context, request: LoginRequest) -> Result<LoginResponse, Er
         ca_pem: ctx.ca.certificate_pem(),
         expires_unix: util::unix_secs(validity.not_after()),
         roles: user.roles,
+        ssh_logins: if ssh_certificate.is_some() {
+            ssh_logins
+        } else {
+            Vec::new()
+        },
         ssh_certificate,
-        ssh_logins,
         ssh_note,
     })
 }
