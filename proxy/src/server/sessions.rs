@@ -267,9 +267,9 @@ fn session_end(
     ctx.audit.record(
         "session.end",
         serde_json::json!({
-            "session_id": session_id, "user": user.name, "node": request.node,
-            "login": request.login, "via": via, "client_addr": peer.to_string(),
-            "bytes_from_user": outcome.forward, "bytes_to_user": outcome.backward,
+            "session_id": session_id, "user": user.name, "roles": user.roles,
+            "node": request.node, "login": request.login, "via": via,
+            "client_addr": peer.to_string(), "bytes_from_user": outcome.forward, "bytes_to_user": outcome.backward,
             "duration_ms": duration.as_millis() as u64, "reason": reason,
         }),
     );
