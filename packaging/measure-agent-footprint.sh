@@ -51,7 +51,7 @@ bg proxy "$P" start --data-dir "$WORK/proxy" --users "127.0.0.1:$USERS_PORT" \
   --tunnels "10.80.0.1:$TUNNEL_PORT" --auth "127.0.0.1:$(free_port)" --metrics off >/dev/null
 wait_for "the proxy" 30 test -f "$WORK/proxy/proxy.ready"
 echo "fp-password" >"$WORK/pw"
-"$P" users add alice --roles dev --logins root --password-file "$WORK/pw" --data-dir "$WORK/proxy" >/dev/null
+"$P" users add alice --roles access --logins root --password-file "$WORK/pw" --data-dir "$WORK/proxy" >/dev/null
 "$C" login --proxy "127.0.0.1:$USERS_PORT" --user alice --password-file "$WORK/pw" --ca-pin "$PIN" >/dev/null
 "$C" config >"$WORK/ssh_config"
 cat >>"$WORK/ssh_config" <<EOF

@@ -58,7 +58,7 @@ check "the proxy cannot dial into the site (as behind NAT)" \
 
 say "a user logs in and reaches node-arm with plain ssh"
 echo "arm-e2e-password" >"$WORK/alice.pw"
-"$P" users add alice --roles dev --logins root --password-file "$WORK/alice.pw" --data-dir "$WORK/proxy"
+"$P" users add alice --roles access --logins root --password-file "$WORK/alice.pw" --data-dir "$WORK/proxy"
 "$C" login --proxy "127.0.0.1:$USERS_PORT" --user alice --password-file "$WORK/alice.pw" --ca-pin "$PIN"
 "$C" config >"$WORK/ssh_config"
 cat >>"$WORK/ssh_config" <<EOF

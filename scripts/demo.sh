@@ -39,7 +39,7 @@ wait_for "node-r1 to come online" 30 sh -c "'$BIN/remoteler-proxy' nodes ls --da
 
 say "6. user alice, and her login"
 echo "correct horse battery staple" >"$WORK/alice.password"
-"$BIN/remoteler-proxy" users add alice --roles dev --logins root --password-file "$WORK/alice.password" --data-dir "$WORK/proxy"
+"$BIN/remoteler-proxy" users add alice --roles access --logins root --password-file "$WORK/alice.password" --data-dir "$WORK/proxy"
 "$BIN/remoteler" login --proxy "127.0.0.1:$USERS_PORT" --user alice --password-file "$WORK/alice.password" --ca-pin "$PIN"
 "$BIN/remoteler" ls
 

@@ -74,7 +74,7 @@ check "10.78.0.2:2222 is unreachable from the host" \
 
 say "user login and listing"
 echo "s3cret-e2e-password" >"$WORK/alice.pw"
-"$P" users add alice --roles dev --logins root --password-file "$WORK/alice.pw" --data-dir "$WORK/proxy"
+"$P" users add alice --roles access --logins root --password-file "$WORK/alice.pw" --data-dir "$WORK/proxy"
 "$C" login --proxy "127.0.0.1:$USERS_PORT" --user alice --password-file "$WORK/alice.pw" --ca-pin "$PIN"
 LS=$("$C" ls)
 contains "$LS" "node-r1"; contains "$LS" "node-a"; contains "$LS" "node-b"
@@ -160,7 +160,7 @@ cp -r "$REMOTELER_HOME" "$WORK/home-good"
 OTHER_PORT=$(free_port)
 bg other "$P" start --data-dir "$WORK/other" --users "127.0.0.1:$OTHER_PORT" --tunnels "127.0.0.1:$(free_port)" --auth "127.0.0.1:$(free_port)" --metrics off >/dev/null
 wait_for "the other proxy" 30 test -f "$WORK/other/proxy.ready"
-"$P" users add mallory --roles dev --logins root --password-file "$WORK/alice.pw" --data-dir "$WORK/other"
+"$P" users add mallory --roles access --logins root --password-file "$WORK/alice.pw" --data-dir "$WORK/other"
 OTHER_PIN=$(grep -o 'sha256:[0-9a-f]\{64\}' <("$P" status --data-dir "$WORK/other") | head -1)
 REMOTELER_HOME="$WORK/home-other" "$C" login --proxy "127.0.0.1:$OTHER_PORT" --user mallory --password-file "$WORK/alice.pw" --ca-pin "$OTHER_PIN"
 cp "$WORK/home-other/user.crt" "$WORK/home-other/user.key" "$REMOTELER_HOME/"

@@ -41,6 +41,9 @@ cargo test --workspace --locked
 step "end to end: real proxy, agents, sshd and ssh (scripts/e2e.sh)"
 bash scripts/e2e.sh
 
+step "end to end: roles and SSH certificates, sshd with TrustedUserCAKeys only (scripts/e2e-roles.sh)"
+bash scripts/e2e-roles.sh
+
 step "end to end on ARM: aarch64 agent under qemu-user behind NAT (scripts/arm-e2e.sh)"
 bash scripts/arm-e2e.sh
 

@@ -6,6 +6,9 @@
 //! | `user.key` | the user's private key, PKCS#8 PEM | 0600 |
 //! | `user.crt` | the user certificate chain (leaf, CA), PEM | 0644 |
 //! | `ca.crt` | the cluster CA certificate, PEM | 0644 |
+//! | `ssh_key` | the user's SSH key (ed25519, OpenSSH format), made at the first login | 0600 |
+//! | `ssh_key.pub` | its public key | 0644 |
+//! | `ssh_key-cert.pub` | the OpenSSH user certificate of the last login | 0644 |
 //!
 //! The directory is created with mode 0700.
 
@@ -27,6 +30,12 @@ pub const USER_KEY_FILE: &str = "user.key";
 pub const USER_CERT_FILE: &str = "user.crt";
 /// Cluster CA file name.
 pub const CA_FILE: &str = "ca.crt";
+/// SSH private key file name.
+pub const SSH_KEY_FILE: &str = "ssh_key";
+/// SSH public key file name.
+pub const SSH_PUBLIC_KEY_FILE: &str = "ssh_key.pub";
+/// SSH certificate file name: ssh's own convention for the key's certificate.
+pub const SSH_CERT_FILE: &str = "ssh_key-cert.pub";
 
 /// Where the profile lives.
 #[derive(Debug, Clone)]
@@ -50,6 +59,9 @@ pub struct Profile {
     /// OS logins the user may use.
     #[serde(default)]
     pub logins: Vec<String>,
+    /// The principals of the SSH certificate: the logins the user's roles permit.
+    #[serde(default)]
+    pub ssh_logins: Vec<String>,
     /// End of the certificate's validity, seconds since the Unix epoch.
     pub expires_unix: u64,
 }
@@ -178,10 +190,78 @@ impl Home {
             .map_err(ClientError::from)
     }
 
-    /// Deletes the key and certificate; true if anything was there.
+    /// The SSH public key line to have certified, making the key pair (once) if there is
+    /// none yet.
+    pub fn ssh_public_key(&self) -> Result<String, ClientError> {
+        let path = self.file(SSH_KEY_FILE);
+        let encode =
+            |e: ssh_key::Error| ClientError::msg(format!("cannot encode the SSH key: {e}"));
+        let key = match std::fs::read_to_string(&path) {
+            Ok(text) => ssh_key::PrivateKey::from_openssh(text).map_err(|e| {
+                ClientError::msg(format!(
+                    "{} is not an OpenSSH private key ({e}); delete it and log in again",
+                    path.display()
+                ))
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut seed = [0u8; 32];
+                getrandom::fill(&mut seed).map_err(|e| {
+                    ClientError::msg(format!("no random bytes for the SSH key: {e}"))
+                })?;
+                let mut key =
+                    ssh_key::PrivateKey::from(ssh_key::private::Ed25519Keypair::from_seed(&seed));
+                key.set_comment("remoteler");
+                let text = key.to_openssh(ssh_key::LineEnding::LF).map_err(encode)?;
+                write_atomic(&path, text.as_bytes(), 0o600)?;
+                key
+            }
+            Err(e) => {
+                return Err(ClientError::msg(format!(
+                    "cannot read {}: {e}",
+                    path.display()
+                )));
+            }
+        };
+        let mut line = key.public_key().to_openssh().map_err(encode)?;
+        line.push('\n');
+        write_atomic(&self.file(SSH_PUBLIC_KEY_FILE), line.as_bytes(), 0o644)?;
+        Ok(line.trim_end().to_owned())
+    }
+
+    /// Stores the SSH certificate of a login, or removes the previous one when the login
+    /// brought none (so ssh never offers a certificate of older roles).
+    pub fn save_ssh_certificate(&self, certificate: Option<&str>) -> Result<(), ClientError> {
+        let path = self.file(SSH_CERT_FILE);
+        match certificate {
+            Some(line) => write_atomic(&path, format!("{}\n", line.trim_end()).as_bytes(), 0o644),
+            None => match std::fs::remove_file(&path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(ClientError::msg(format!(
+                    "cannot remove {}: {e}",
+                    path.display()
+                ))),
+            },
+        }
+    }
+
+    /// The SSH key and certificate files, when a login stored a certificate.
+    pub fn ssh_identity(&self) -> Option<(PathBuf, PathBuf)> {
+        let key = self.file(SSH_KEY_FILE);
+        let cert = self.file(SSH_CERT_FILE);
+        (key.exists() && cert.exists()).then_some((key, cert))
+    }
+
+    /// Deletes the keys and certificates; true if anything was there.
     pub fn remove_credentials(&self) -> Result<bool, ClientError> {
         let mut removed = false;
-        for name in [USER_KEY_FILE, USER_CERT_FILE] {
+        for name in [
+            USER_KEY_FILE,
+            USER_CERT_FILE,
+            SSH_KEY_FILE,
+            SSH_PUBLIC_KEY_FILE,
+            SSH_CERT_FILE,
+        ] {
             let path = self.file(name);
             match std::fs::remove_file(&path) {
                 Ok(()) => removed = true,
@@ -228,6 +308,7 @@ mod tests {
             cluster: "example.com".into(),
             roles: vec!["dev".into()],
             logins: vec!["root".into()],
+            ssh_logins: vec!["root".into()],
             expires_unix,
         }
     }

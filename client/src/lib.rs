@@ -183,6 +183,7 @@ pub async fn login(
         password,
         public_key: control::to_hex(&key.public_key().to_spki_der()),
         ttl_secs: Some(ttl.as_secs()),
+        ssh_public_key: Some(home_ssh_key(home)?),
     };
     let conn = net::connect(&proxy, Arc::new(config), ALPN_LOGIN).await?;
     let (mut reader, mut writer) = conn.split();
@@ -238,6 +239,10 @@ pub async fn login(
         FileRole::Certificate,
     )?;
     tls.save(&home.file(USER_CERT_FILE), &home.file(USER_KEY_FILE))?;
+    home.save_ssh_certificate(response.ssh_certificate.as_deref())?;
+    if let Some(note) = &response.ssh_note {
+        eprintln!("no SSH certificate: {note}");
+    }
     let expires_unix = peer
         .not_after
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -253,10 +258,21 @@ pub async fn login(
             peer.roles.clone()
         },
         logins: peer.logins.clone(),
+        ssh_logins: if response.ssh_certificate.is_some() {
+            response.ssh_logins.clone()
+        } else {
+            Vec::new()
+        },
         expires_unix,
     };
     home.save_profile(&profile)?;
     Ok(profile)
+}
+
+/// The SSH public key to send at login (made once in the home directory).
+fn home_ssh_key(home: &Home) -> Result<String, ClientError> {
+    home.create()?;
+    home.ssh_public_key()
 }
 
 /// Human-readable remaining time.
@@ -290,12 +306,17 @@ pub fn status_text(profile: &Profile, now: SystemTime, has_key: bool) -> String 
         }
     };
     let mut out = format!(
-        "user:    {}\ncluster: {}\nproxy:   {}\nroles:   {}\nlogins:  {}\nexpires: {}\n",
+        "user:    {}\ncluster: {}\nproxy:   {}\nroles:   {}\nlogins:  {}\nssh:     {}\nexpires: {}\n",
         profile.user,
         profile.cluster,
         profile.proxy,
         none(&profile.roles),
         none(&profile.logins),
+        if profile.ssh_logins.is_empty() {
+            "(no certificate)".to_owned()
+        } else {
+            format!("certificate for {}", profile.ssh_logins.join(", "))
+        },
         remaining(profile, now)
     );
     if !has_key {

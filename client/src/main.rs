@@ -78,12 +78,19 @@ fn run(args: Args) -> Result<(), ClientError> {
                 .map_err(ClientError::msg)?;
             let proxy_command =
                 client::ssh::proxy_command(&current_exe()?, remoteler_home().as_deref());
+            let mut options = match home.ssh_identity() {
+                Some((key, cert)) => {
+                    client::ssh::identity_options(&absolute(&key), &absolute(&cert))
+                }
+                None => Vec::new(),
+            };
+            options.extend(ssh.option.iter().cloned());
             let args = client::ssh::ssh_args(
                 &ssh.destination,
                 &dest.node,
                 &profile.cluster,
                 &proxy_command,
-                &ssh.option,
+                &options,
                 &ssh.command,
             );
             let err = std::process::Command::new("ssh").args(&args).exec();
@@ -114,13 +121,27 @@ fn run(args: Args) -> Result<(), ClientError> {
                 Some(dir) => dir.display().to_string(),
                 None => "~/.remoteler".to_owned(),
             };
+            let identity = home
+                .ssh_identity()
+                .map(|(key, cert)| (absolute(&key), absolute(&cert)));
             print!(
                 "{}",
-                client::ssh::ssh_config(&profile.cluster, &names, &proxy_command, &hint)
+                client::ssh::ssh_config(
+                    &profile.cluster,
+                    &names,
+                    &proxy_command,
+                    &hint,
+                    identity.as_ref().map(|(k, c)| (k.as_path(), c.as_path()))
+                )
             );
         }
     }
     Ok(())
+}
+
+/// ssh resolves relative identity paths against its own working directory, which may differ.
+fn absolute(path: &std::path::Path) -> std::path::PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
 }
 
 fn current_exe() -> Result<std::path::PathBuf, ClientError> {

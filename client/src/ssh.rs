@@ -77,6 +77,20 @@ pub fn proxy_command(exe: &Path, home: Option<&Path>) -> String {
     }
 }
 
+/// A path for an ssh_config line or a `-o` option: double-quoted, `%` escaped.
+fn quote_for_ssh_config(path: &Path) -> String {
+    format!("\"{}\"", path.to_string_lossy().replace('%', "%%"))
+}
+
+/// The `-o` options that make ssh use the login's SSH key and certificate, and only them.
+pub fn identity_options(key: &Path, cert: &Path) -> Vec<String> {
+    vec![
+        format!("IdentityFile={}", quote_for_ssh_config(key)),
+        format!("CertificateFile={}", quote_for_ssh_config(cert)),
+        "IdentitiesOnly=yes".to_owned(),
+    ]
+}
+
 /// The arguments for `ssh` (without the program name) for `remoteler ssh`.
 pub fn ssh_args(
     destination: &str,
@@ -105,7 +119,14 @@ pub fn ssh_args(
 }
 
 /// The ssh_config block printed by `remoteler config`.
-pub fn ssh_config(cluster: &str, nodes: &[String], proxy_command: &str, home_hint: &str) -> String {
+/// `identity` is the SSH key and certificate of the login, when it has one.
+pub fn ssh_config(
+    cluster: &str,
+    nodes: &[String],
+    proxy_command: &str,
+    home_hint: &str,
+    identity: Option<(&Path, &Path)>,
+) -> String {
     let mut hosts: Vec<String> = nodes.to_vec();
     hosts.push(format!("*.{cluster}"));
     let mut out = String::new();
@@ -119,6 +140,13 @@ pub fn ssh_config(cluster: &str, nodes: &[String], proxy_command: &str, home_hin
     ));
     out.push_str(&format!("Host {}\n", hosts.join(" ")));
     out.push_str(&format!("    ProxyCommand {proxy_command}\n"));
+    if let Some((key, cert)) = identity {
+        out.push_str(&format!(
+            "    IdentityFile {}\n    CertificateFile {}\n    IdentitiesOnly yes\n",
+            quote_for_ssh_config(key),
+            quote_for_ssh_config(cert)
+        ));
+    }
     for node in nodes {
         // The same known_hosts entry as `remoteler ssh NODE`.
         out.push_str(&format!(
@@ -216,6 +244,14 @@ mod tests {
             &["node-a".into(), "node-r1".into()],
             &pc,
             "~/.remoteler",
+            Some((
+                Path::new("/tmp/h/ssh_key"),
+                Path::new("/tmp/h/ssh_key-cert.pub"),
+            )),
+        );
+        assert!(
+            text.contains("    IdentityFile \"/tmp/h/ssh_key\"\n    CertificateFile \"/tmp/h/ssh_key-cert.pub\"\n    IdentitiesOnly yes\n"),
+            "{text}"
         );
         assert!(text.contains("\nHost node-a node-r1 *.example.com\n    ProxyCommand env REMOTELER_HOME=\"/tmp/h\" \"/usr/bin/remoteler\" proxy ssh %r@%h:%p\n"), "{text}");
         assert!(

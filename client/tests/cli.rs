@@ -150,6 +150,9 @@ async fn serve_login(conn: tls::TlsConnection, ca: &ClusterCa) {
                 .unwrap()
                 .as_secs(),
             roles: vec!["dev".into()],
+            ssh_certificate: None,
+            ssh_logins: Vec::new(),
+            ssh_note: None,
         })
     };
     control::write_line(&mut writer, &reply).await.unwrap();

@@ -120,3 +120,20 @@ pub const MAX_TOKEN_LEN: usize = 512;
 
 /// Log filter when `log.level` is absent.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+// ---- proxy: roles ---------------------------------------------------------------------------
+
+/// The role every cluster has without a `[[roles]]` entry: every node, the user's own logins.
+/// A `[[roles]]` entry with this name replaces it.
+pub const BUILTIN_ROLE: &str = "access";
+/// In a role's `logins`: the logins set on the user (`remoteler-proxy users add --logins`).
+pub const USER_LOGINS_TEMPLATE: &str = "{{user.logins}}";
+/// `max_cert_ttl` of a role that does not set one (and of the built-in role): the default
+/// lifetime of a user certificate.
+pub const DEFAULT_ROLE_MAX_CERT_TTL: Duration = Duration::from_secs(12 * 3600);
+/// Shortest `max_cert_ttl`.
+pub const MIN_ROLE_MAX_CERT_TTL: Duration = Duration::from_secs(60);
+/// Longest `max_cert_ttl`: a user certificate cannot be revoked, only outlived.
+pub const MAX_ROLE_MAX_CERT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Most `[[roles]]` entries, and most patterns or logins in one role.
+pub const MAX_ROLES: usize = 256;

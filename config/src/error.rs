@@ -213,6 +213,11 @@ impl KeyPath {
         Self(vec![Segment::Key(key.to_owned())])
     }
 
+    /// The document itself; a parent's `within` names it.
+    pub(crate) fn root() -> Self {
+        Self(Vec::new())
+    }
+
     pub(crate) fn child(&self, segment: Segment) -> Self {
         let mut segments = self.0.clone();
         segments.push(segment);
@@ -272,6 +277,12 @@ impl FieldError {
             key,
             InvalidValue::new(expected, "nothing (the key is required)"),
         )
+    }
+
+    /// `logins` becomes `logins[2]`: the error is about one element of an array.
+    pub(crate) fn with_index(mut self, index: usize) -> Self {
+        self.key.0.push(Segment::Index(index));
+        self
     }
 
     fn prefixed(mut self, segment: Segment) -> Self {

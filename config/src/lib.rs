@@ -38,9 +38,9 @@ pub use defaults::*;
 pub use error::{ConfigError, InvalidValue, Location};
 pub use proxy::{
     AuditConfig, DrainConfig, LimitsConfig, ListenConfig, MetricsListen, ProxyConfig, ResumeConfig,
-    StaticNode, Workers,
+    RoleConfig, RoleLogin, RoleRules, StaticNode, Workers,
 };
 pub use value::{
     CaPin, ClusterName, HostPort, Labels, MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN, MAX_LABELS,
-    NodeName, Secret, ServiceName, parse_duration, parse_size,
+    NodeName, RoleName, Secret, ServiceName, parse_duration, parse_size,
 };

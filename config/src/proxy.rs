@@ -13,8 +13,8 @@ use crate::defaults::*;
 use crate::document::Document;
 use crate::error::{ConfigError, FieldError, ForKey, InvalidValue, WithinKey};
 use crate::value::{
-    ClusterName, HostPort, Labels, NodeName, RawDuration, RawSize, duration_in, integer_in,
-    listen_address, parse_key, quoted, size_in,
+    ClusterName, HostPort, Labels, NodeName, RawDuration, RawSize, RoleName, duration_in,
+    integer_in, listen_address, parse_key, quoted, size_in,
 };
 
 /// Everything `remoteler-proxy` reads from its file, every default filled in.
@@ -48,6 +48,9 @@ pub struct ProxyConfig {
     pub log: LogConfig,
     /// `[[nodes]]`: regular nodes the proxy dials directly; names are unique.
     pub nodes: Vec<StaticNode>,
+    /// `[[roles]]`: what users may reach, and as which logins; names are unique. The built-in
+    /// role [`BUILTIN_ROLE`] exists besides these unless one of them has its name.
+    pub roles: Vec<RoleConfig>,
 }
 
 impl ProxyConfig {
@@ -90,6 +93,7 @@ impl ProxyConfig {
             drain: DrainConfig::default(),
             log: LogConfig::default(),
             nodes: Vec::new(),
+            roles: Vec::new(),
         }
     }
 }
@@ -251,6 +255,54 @@ pub struct StaticNode {
     pub labels: Labels,
 }
 
+/// One `[[roles]]` entry: which nodes a user holding the role may reach, and as which logins.
+///
+/// A node is allowed when `allow` matches it and no `deny` of any of the user's roles does:
+/// deny wins. The proxy's `roles` module applies these rules; this is only their checked form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleConfig {
+    /// `name`: what `remoteler-proxy users add --roles` names.
+    pub name: RoleName,
+    /// `logins`: the SSH logins (OS user names) the role may use on the nodes it allows;
+    /// they become the principals of the user's SSH certificate.
+    pub logins: Vec<RoleLogin>,
+    /// `max_cert_ttl`: the longest user certificate a holder of this role gets,
+    /// [`MIN_ROLE_MAX_CERT_TTL`] to [`MAX_ROLE_MAX_CERT_TTL`]; default
+    /// [`DEFAULT_ROLE_MAX_CERT_TTL`].
+    pub max_cert_ttl: Duration,
+    /// `allow`: the nodes the role reaches.
+    pub allow: RoleRules,
+    /// `deny`: the nodes no holder of the role reaches, whatever another role allows.
+    pub deny: RoleRules,
+}
+
+/// One entry of a role's `logins`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoleLogin {
+    /// [`USER_LOGINS_TEMPLATE`]: the logins set on the user.
+    UserLogins,
+    /// This login.
+    Name(String),
+}
+
+/// `allow` or `deny` of a role. A node matches when its name matches one of `nodes`, or when
+/// `labels` is not empty and every one of its labels matches the node's label of that key.
+/// Patterns and label values are exact, or globs where `*` stands for any characters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoleRules {
+    /// `nodes`: node name patterns, e.g. `"node-*"`; `"*"` is every node.
+    pub nodes: Vec<String>,
+    /// `labels`: label key = value pattern, e.g. `{ env = "prod" }` or `{ team = "*" }`.
+    pub labels: Labels,
+}
+
+impl RoleRules {
+    /// Whether the rules match nothing at all.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty() && self.labels.is_empty()
+    }
+}
+
 // ---- raw file structure ---------------------------------------------------------------------
 
 #[derive(Debug, Deserialize)]
@@ -277,6 +329,27 @@ pub(crate) struct RawProxyConfig {
     log: RawLog,
     #[serde(default)]
     nodes: Vec<RawNode>,
+    #[serde(default)]
+    roles: Vec<RawRole>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRole {
+    name: Option<String>,
+    logins: Option<Vec<String>>,
+    max_cert_ttl: Option<RawDuration>,
+    #[serde(default)]
+    allow: RawRules,
+    #[serde(default)]
+    deny: RawRules,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRules {
+    nodes: Option<Vec<String>>,
+    labels: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -381,6 +454,7 @@ impl TryFrom<RawProxyConfig> for ProxyConfig {
             audit,
             log: LogConfig::try_from(raw.log).within("log")?,
             nodes: static_nodes(raw.nodes).within("nodes")?,
+            roles: roles(raw.roles).within("roles")?,
         })
     }
 }
@@ -534,6 +608,133 @@ fn static_node(raw: RawNode) -> Result<StaticNode, FieldError> {
         address,
         labels: Labels::from_raw(raw.labels)?,
     })
+}
+
+fn roles(raw: Vec<RawRole>) -> Result<Vec<RoleConfig>, FieldError> {
+    if raw.len() > MAX_ROLES {
+        return Err(FieldError {
+            key: crate::error::KeyPath::root(),
+            value: InvalidValue::new(
+                format!("at most {MAX_ROLES} roles"),
+                format!("{} roles", raw.len()),
+            ),
+        });
+    }
+    let mut roles: Vec<RoleConfig> = Vec::with_capacity(raw.len());
+    for (index, raw) in raw.into_iter().enumerate() {
+        let role = role(raw).at_index(index)?;
+        if let Some(first) = roles.iter().position(|other| other.name == role.name) {
+            return Err(FieldError::new(
+                "name",
+                InvalidValue::new(
+                    format!("a role name not already used by `roles[{first}].name`"),
+                    quoted(role.name.as_str()),
+                ),
+            ))
+            .at_index(index);
+        }
+        roles.push(role);
+    }
+    Ok(roles)
+}
+
+fn role(raw: RawRole) -> Result<RoleConfig, FieldError> {
+    let name = parse_key::<RoleName>(raw.name.as_deref(), "name")?
+        .ok_or_else(|| FieldError::missing("name", "a role name such as \"dev\""))?;
+    let raw_logins = raw.logins.unwrap_or_default();
+    if raw_logins.len() > MAX_ROLES {
+        return Err(FieldError::new(
+            "logins",
+            InvalidValue::new(
+                format!("at most {MAX_ROLES} logins"),
+                format!("{} logins", raw_logins.len()),
+            ),
+        ));
+    }
+    let mut logins = Vec::with_capacity(raw_logins.len());
+    for (index, text) in raw_logins.into_iter().enumerate() {
+        let login = if text == USER_LOGINS_TEMPLATE {
+            RoleLogin::UserLogins
+        } else {
+            check_login(&text)
+                .for_key("logins")
+                .map_err(|e| e.with_index(index))?;
+            RoleLogin::Name(text)
+        };
+        if !logins.contains(&login) {
+            logins.push(login);
+        }
+    }
+    Ok(RoleConfig {
+        name,
+        logins,
+        max_cert_ttl: duration_in(
+            raw.max_cert_ttl,
+            DEFAULT_ROLE_MAX_CERT_TTL,
+            MIN_ROLE_MAX_CERT_TTL,
+            MAX_ROLE_MAX_CERT_TTL,
+        )
+        .for_key("max_cert_ttl")?,
+        allow: rules(raw.allow).within("allow")?,
+        deny: rules(raw.deny).within("deny")?,
+    })
+}
+
+fn rules(raw: RawRules) -> Result<RoleRules, FieldError> {
+    let nodes = raw.nodes.unwrap_or_default();
+    if nodes.len() > MAX_ROLES {
+        return Err(FieldError::new(
+            "nodes",
+            InvalidValue::new(
+                format!("at most {MAX_ROLES} patterns"),
+                format!("{} patterns", nodes.len()),
+            ),
+        ));
+    }
+    for (index, pattern) in nodes.iter().enumerate() {
+        check_node_pattern(pattern)
+            .for_key("nodes")
+            .map_err(|e| e.with_index(index))?;
+    }
+    Ok(RoleRules {
+        nodes,
+        labels: Labels::from_raw(raw.labels)?,
+    })
+}
+
+/// A node name pattern: a node name in which `*` may stand for any characters.
+fn check_node_pattern(text: &str) -> Result<(), InvalidValue> {
+    let ok = (1..=63).contains(&text.len())
+        && text.chars().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.' | '_' | '*')
+        });
+    if ok {
+        return Ok(());
+    }
+    Err(InvalidValue::new(
+        "a node name pattern of 1 to 63 characters: lowercase letters, digits, '-', '.', '_', \
+         and '*' for any characters (\"*\" is every node)",
+        quoted(text),
+    ))
+}
+
+/// A login: what `users add --logins` accepts (it goes into the user's certificates).
+fn check_login(text: &str) -> Result<(), InvalidValue> {
+    let ok = (1..=63).contains(&text.len())
+        && !text.starts_with(['.', '-'])
+        && text
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.' | '_'));
+    if ok {
+        return Ok(());
+    }
+    Err(InvalidValue::new(
+        format!(
+            "a login of 1 to 63 characters (lowercase letters, digits, '-', '.', '_', not \
+             starting with '.' or '-'), or {USER_LOGINS_TEMPLATE:?} for the user's own logins"
+        ),
+        quoted(text),
+    ))
 }
 
 #[cfg(test)]

@@ -381,6 +381,14 @@ name_type!(
 );
 
 name_type!(
+    /// A role's name, e.g. `dev`: same rules as a node name (so it is also a valid name in a
+    /// user certificate).
+    RoleName,
+    "a role name",
+    ['-', '.', '_']
+);
+
+name_type!(
     /// The name of a service an agent forwards to, e.g. `ssh`: same rules as a node name.
     ServiceName,
     "a service name",

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use config::{
     AgentConfig, AgentMode, BackoffConfig, ClusterName, FlowConfig, KeepaliveConfig, LogConfig,
-    ProxyConfig,
+    ProxyConfig, RoleLogin,
 };
 
 fn examples_dir() -> PathBuf {
@@ -51,10 +51,23 @@ fn commented_proxy_example_shows_the_defaults() {
         ClusterName::new("example.com").unwrap(),
         config::DEFAULT_PROXY_DATA_DIR,
     );
-    // The example lists two nodes to show their shape; every other value must be the default.
+    // The example lists two nodes and two roles to show their shape; every other value must be
+    // the default.
     assert_eq!(loaded.nodes.len(), 2);
+    assert_eq!(loaded.roles.len(), 2);
+    assert_eq!(loaded.roles[0].name.as_str(), "dev");
+    assert_eq!(
+        loaded.roles[0].logins,
+        vec![RoleLogin::UserLogins, RoleLogin::Name("ubuntu".into())]
+    );
+    assert_eq!(loaded.roles[0].deny.labels.get("env"), Some("prod"));
+    assert_eq!(
+        loaded.roles[1].max_cert_ttl,
+        std::time::Duration::from_secs(3600)
+    );
     let loaded = ProxyConfig {
         nodes: Vec::new(),
+        roles: Vec::new(),
         ..loaded
     };
     assert_eq!(loaded, defaults);

@@ -648,3 +648,89 @@ fn quick_start_matches_a_minimal_file() {
     let file = parse("cluster_name = \"c\"\ndata_dir = \"/tmp/remoteler\"\n").unwrap();
     assert_eq!(quick, file);
 }
+
+#[test]
+fn roles_are_read_with_their_defaults() {
+    let text = r#"
+cluster_name = "c"
+[[roles]]
+name = "dev"
+logins = ["{{user.logins}}", "ubuntu", "ubuntu"]
+allow = { nodes = ["dev-*"], labels = { env = "dev", team = "*" } }
+deny = { nodes = ["dev-db"] }
+[[roles]]
+name = "nothing"
+"#;
+    let config = parse(text).unwrap();
+    assert_eq!(config.roles.len(), 2);
+    let dev = &config.roles[0];
+    assert_eq!(dev.name.as_str(), "dev");
+    // Repeated logins are kept once.
+    assert_eq!(
+        dev.logins,
+        vec![
+            config::RoleLogin::UserLogins,
+            config::RoleLogin::Name("ubuntu".into())
+        ]
+    );
+    assert_eq!(dev.max_cert_ttl, config::DEFAULT_ROLE_MAX_CERT_TTL);
+    assert_eq!(dev.allow.nodes, vec!["dev-*".to_owned()]);
+    assert_eq!(dev.allow.labels.get("team"), Some("*"));
+    assert_eq!(dev.deny.nodes, vec!["dev-db".to_owned()]);
+    let nothing = &config.roles[1];
+    assert!(nothing.logins.is_empty());
+    assert!(nothing.allow.is_empty() && nothing.deny.is_empty());
+}
+
+#[test]
+fn bad_roles_name_the_key() {
+    let cases = [
+        (
+            "[[roles]]\nlogins = []\n",
+            "roles[0].name",
+            "a role name such as",
+        ),
+        (
+            "[[roles]]\nname = \"a\"\n[[roles]]\nname = \"a\"\n",
+            "roles[1].name",
+            "not already used by `roles[0].name`",
+        ),
+        (
+            "[[roles]]\nname = \"a\"\nlogins = [\"root\", \"Bad User\"]\n",
+            "roles[0].logins[1]",
+            "{{user.logins}}",
+        ),
+        (
+            "[[roles]]\nname = \"a\"\nlogins = [\"{{user.login}}\"]\n",
+            "roles[0].logins[0]",
+            "a login of 1 to 63",
+        ),
+        (
+            "[[roles]]\nname = \"a\"\nmax_cert_ttl = \"10s\"\n",
+            "roles[0].max_cert_ttl",
+            "1m",
+        ),
+        (
+            "[[roles]]\nname = \"a\"\nallow = { nodes = [\"node a\"] }\n",
+            "roles[0].allow.nodes[0]",
+            "node name pattern",
+        ),
+        (
+            "[[roles]]\nname = \"a\"\ndeny = { labels = { \"Env\" = \"x\" } }\n",
+            "roles[0].deny.labels.Env",
+            "label key",
+        ),
+        (
+            "[[roles]]\nname = \"a\"\nallow = { node = [\"x\"] }\n",
+            "roles[0].allow.node",
+            "",
+        ),
+    ];
+    for (body, key, expected) in cases {
+        let text = format!("cluster_name = \"c\"\n{body}");
+        let err = error(&text);
+        assert_eq!(err.key(), Some(key), "{text}\n{err}");
+        assert!(err.to_string().contains(expected), "{text}\n{err}");
+        assert!(err.to_string().starts_with(PATH), "{err}");
+    }
+}

@@ -241,7 +241,7 @@ impl ProxyProcess {
             .to_owned())
     }
 
-    /// `users add NAME --roles dev --logins root --password-file F`.
+    /// `users add NAME --roles access --logins root --password-file F`.
     pub fn add_user(&self, name: &str, password: &str) -> anyhow::Result<()> {
         let file = self.data_dir.join(format!("{name}.password"));
         std::fs::write(&file, format!("{password}\n")).context("write the password file")?;
@@ -252,7 +252,7 @@ impl ProxyProcess {
                 "add",
                 name,
                 "--roles",
-                "dev",
+                "access",
                 "--logins",
                 "root",
                 "--password-file",

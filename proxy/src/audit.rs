@@ -170,3 +170,264 @@ fn append(file: &mut File, batch: &[u8]) -> std::io::Result<()> {
     }
     file.sync_data()
 }
+
+// ---- reading --------------------------------------------------------------------------------
+
+/// Which records [`read`] keeps.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Only records at or after this time.
+    pub since: Option<SystemTime>,
+    /// Only records of this event.
+    pub event: Option<String>,
+    /// Only records whose `user` is this.
+    pub user: Option<String>,
+}
+
+/// One record read back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// Its `time`.
+    pub time: SystemTime,
+    /// Its `event`.
+    pub event: String,
+    /// Every field, `time` and `event` included.
+    pub fields: Map<String, Value>,
+    /// The line as written.
+    pub line: String,
+}
+
+/// A line that could not be read; [`read`] skips it and goes on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// 1-based line number.
+    pub line: usize,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// Parses one line of the log.
+pub fn parse_line(line: &str) -> Result<Record, String> {
+    let value: Value =
+        serde_json::from_str(line).map_err(|e| format!("not a JSON record ({e})"))?;
+    let Value::Object(fields) = value else {
+        return Err("not a JSON object".into());
+    };
+    let text = |key: &str| fields.get(key).and_then(Value::as_str);
+    let time = text("time").ok_or("no \"time\" field")?;
+    let time = humantime::parse_rfc3339_weak(time)
+        .map_err(|e| format!("\"time\" is not an RFC 3339 time ({e})"))?;
+    let event = text("event").ok_or("no \"event\" field")?.to_owned();
+    Ok(Record {
+        time,
+        event,
+        fields,
+        line: line.to_owned(),
+    })
+}
+
+/// Reads every record of `reader` that `filter` keeps. A line that does not parse (a torn
+/// last line after a power loss, a hand edit) is skipped and reported, never fatal.
+pub fn read(
+    reader: impl std::io::BufRead,
+    filter: &Filter,
+) -> std::io::Result<(Vec<Record>, Vec<Skipped>)> {
+    let mut records = Vec::new();
+    let mut skipped = Vec::new();
+    for (index, line) in reader.split(b'\n').enumerate() {
+        let line = line?;
+        let number = index + 1;
+        let Ok(line) = String::from_utf8(line) else {
+            skipped.push(Skipped {
+                line: number,
+                reason: "not UTF-8".into(),
+            });
+            continue;
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record = match parse_line(&line) {
+            Ok(record) => record,
+            Err(reason) => {
+                skipped.push(Skipped {
+                    line: number,
+                    reason,
+                });
+                continue;
+            }
+        };
+        let keep = filter.since.is_none_or(|since| record.time >= since)
+            && filter.event.as_ref().is_none_or(|e| *e == record.event)
+            && filter.user.as_ref().is_none_or(|u| {
+                record.fields.get("user").and_then(Value::as_str) == Some(u.as_str())
+            });
+        if keep {
+            records.push(record);
+        }
+    }
+    Ok((records, skipped))
+}
+
+/// `--since`: a duration back from `now` (`1h`, `30m`) or an RFC 3339 time.
+pub fn parse_since(text: &str, now: SystemTime) -> Result<SystemTime, String> {
+    if let Ok(ago) = config::parse_duration(text) {
+        let epoch = SystemTime::UNIX_EPOCH;
+        return Ok(now
+            .checked_sub(ago)
+            .filter(|t| *t >= epoch)
+            .unwrap_or(epoch));
+    }
+    humantime::parse_rfc3339_weak(text).map_err(|_| {
+        format!(
+            "expected a duration such as \"1h\" or \"30m\", or an RFC 3339 time such as \
+             \"2026-11-26T04:00:00Z\", found {text:?}"
+        )
+    })
+}
+
+/// One record as a table row: time, event, user, node, then the other fields as `key=value`.
+pub fn table_row(record: &Record) -> String {
+    let get = |key: &str| match record.fields.get(key) {
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+        None => "-".into(),
+    };
+    let mut rest = Vec::new();
+    for (key, value) in &record.fields {
+        if matches!(key.as_str(), "time" | "event" | "user" | "node") {
+            continue;
+        }
+        let value = match value {
+            Value::String(s) if s.contains(' ') || s.is_empty() => format!("{s:?}"),
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        rest.push(format!("{key}={value}"));
+    }
+    format!(
+        "{:<24} {:<17} {:<12} {:<16} {}",
+        get("time"),
+        record.event,
+        get("user"),
+        get("node"),
+        rest.join(" ")
+    )
+}
+
+/// The header of [`table_row`]'s table.
+pub const TABLE_HEADER: &str =
+    "TIME                     EVENT             USER         NODE             DETAILS";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOG: &str = concat!(
+        r#"{"time":"2026-11-26T04:00:00.000Z","event":"login","user":"alice","success":true}"#,
+        "\n",
+        r#"{"time":"2026-11-26T04:01:00.000Z","event":"session.start","user":"alice","node":"node-a","roles":["dev"]}"#,
+        "\n",
+        "garbage\n",
+        "\n",
+        r#"{"time":"2026-11-26T04:02:00.000Z","event":"access.denied","user":"bob","node":"db","reason":"role x denies"}"#,
+        "\n",
+        r#"{"event":"login"}"#,
+        "\n",
+        r#"[1,2]"#,
+        "\n",
+        r#"{"time":"2026-11-26T04:03:00.000Z","event":"session.end","user":"alice","node":"node-a","bytes_to_user":5}"#,
+        "\n",
+        r#"{"time":"2026-11-26T04:04:00.000Z","event":"session.st"#,
+    );
+
+    fn at(text: &str) -> SystemTime {
+        humantime::parse_rfc3339(text).unwrap()
+    }
+
+    #[test]
+    fn reads_every_good_line_and_names_the_bad_ones() {
+        let (records, skipped) = read(LOG.as_bytes(), &Filter::default()).unwrap();
+        let events: Vec<&str> = records.iter().map(|r| r.event.as_str()).collect();
+        assert_eq!(
+            events,
+            ["login", "session.start", "access.denied", "session.end"]
+        );
+        let lines: Vec<usize> = skipped.iter().map(|s| s.line).collect();
+        assert_eq!(lines, [3, 6, 7, 9], "{skipped:?}");
+        assert!(
+            skipped[0].reason.contains("not a JSON record"),
+            "{skipped:?}"
+        );
+        assert!(skipped[1].reason.contains("no \"time\""), "{skipped:?}");
+        assert!(
+            skipped[2].reason.contains("not a JSON object"),
+            "{skipped:?}"
+        );
+        assert_eq!(records[1].line, LOG.lines().nth(1).unwrap());
+    }
+
+    #[test]
+    fn filters_by_time_event_and_user() {
+        let filter = Filter {
+            since: Some(at("2026-11-26T04:01:00Z")),
+            event: None,
+            user: Some("alice".into()),
+        };
+        let (records, _) = read(LOG.as_bytes(), &filter).unwrap();
+        let events: Vec<&str> = records.iter().map(|r| r.event.as_str()).collect();
+        assert_eq!(events, ["session.start", "session.end"]);
+        let filter = Filter {
+            event: Some("access.denied".into()),
+            ..Filter::default()
+        };
+        let (records, _) = read(LOG.as_bytes(), &filter).unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].fields["user"], "bob");
+    }
+
+    #[test]
+    fn since_takes_a_duration_or_a_time() {
+        let now = at("2026-11-26T05:00:00Z");
+        assert_eq!(parse_since("1h", now), Ok(at("2026-11-26T04:00:00Z")));
+        assert_eq!(
+            parse_since("2026-11-26T04:30:00Z", now),
+            Ok(at("2026-11-26T04:30:00Z"))
+        );
+        assert_eq!(parse_since("1000000d", now), Ok(SystemTime::UNIX_EPOCH));
+        assert!(
+            parse_since("yesterday", now)
+                .unwrap_err()
+                .contains("RFC 3339")
+        );
+    }
+
+    #[test]
+    fn table_rows_show_the_main_columns_then_the_rest() {
+        let record = parse_line(LOG.lines().nth(4).unwrap()).unwrap();
+        let row = table_row(&record);
+        assert!(
+            row.starts_with("2026-11-26T04:02:00.000Z access.denied"),
+            "{row}"
+        );
+        assert!(row.contains(" bob "), "{row}");
+        assert!(row.ends_with("reason=\"role x denies\""), "{row}");
+    }
+
+    #[test]
+    fn what_the_writer_writes_the_reader_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path).unwrap();
+        log.record(
+            "session.start",
+            serde_json::json!({"user": "alice", "node": "n"}),
+        );
+        log.close(); // the writer thread has written and synced it
+        let file = std::io::BufReader::new(File::open(&path).unwrap());
+        let (records, skipped) = read(file, &Filter::default()).unwrap();
+        assert!(skipped.is_empty());
+        assert_eq!(records[0].event, "session.start");
+        assert!(records[0].time <= SystemTime::now());
+    }
+}

@@ -1,4 +1,4 @@
-//! The command line: `init`, `start`, `tokens`, `users`, `nodes`, `status`.
+//! The command line: `init`, `start`, `tokens`, `users`, `nodes`, `status`, `export`, `audit`.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
@@ -14,6 +14,8 @@ use crate::admin::{self, AdminClientError, AdminRequest, StatusView};
 use crate::datadir::DataDir;
 use crate::directory::NodeRecord;
 use crate::error::ProxyError;
+use crate::roles::Policy;
+use crate::sshca::SshUserCa;
 use crate::state::{StateStore, Token, TokenKind, User};
 use crate::util;
 
@@ -38,6 +40,48 @@ enum Command {
     Users(UsersArgs),
     Nodes(NodesArgs),
     Status(StatusArgs),
+    Export(ExportArgs),
+    Audit(AuditArgs),
+}
+
+/// Print the cluster's public keys for other programs: ssh-user-ca (the line for sshd's
+/// TrustedUserCAKeys).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "export")]
+struct ExportArgs {
+    /// what to print: ssh-user-ca
+    #[argh(positional)]
+    what: String,
+    /// data directory (default /var/lib/remoteler)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+    /// configuration file to take data_dir from
+    #[argh(option)]
+    config: Option<PathBuf>,
+}
+
+/// Read the audit log: a table, or the raw JSON lines with --json.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "audit")]
+struct AuditArgs {
+    /// only records since then: a duration back from now (1h, 30m) or an RFC 3339 time
+    #[argh(option)]
+    since: Option<String>,
+    /// only this event: login, session.start, session.end, access.denied, join, ...
+    #[argh(option)]
+    event: Option<String>,
+    /// only records of this user
+    #[argh(option)]
+    user: Option<String>,
+    /// print the records as they are in the log, one JSON object per line
+    #[argh(switch)]
+    json: bool,
+    /// data directory whose audit.log to read (default /var/lib/remoteler)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+    /// configuration file: its audit.path is read
+    #[argh(option)]
+    config: Option<PathBuf>,
 }
 
 /// Create a cluster: data directory, CA, the proxy's certificate, an empty state file.
@@ -274,6 +318,8 @@ pub fn run(args: Args) -> Result<(), ProxyError> {
             NodesCommand::Ls(a) => nodes_ls(a),
         },
         Command::Status(a) => status(&data_dir(a.data_dir, a.config.as_deref())?),
+        Command::Export(a) => export(a),
+        Command::Audit(a) => audit(a),
     }
 }
 
@@ -351,15 +397,19 @@ fn init(args: InitArgs) -> Result<(), ProxyError> {
         key,
     };
     identity.save(&data.proxy_cert(), &data.proxy_key())?;
+    SshUserCa::generate(cluster.as_str())?.save(data.root())?;
     StateStore::new(data.clone()).create(cluster.as_str(), &args.host)?;
 
     let dir = data.root().display();
     println!("Created cluster {cluster} in {dir}");
     println!("CA pin: {}", ca.pin());
+    println!(
+        "SSH user CA (for sshd's TrustedUserCAKeys): remoteler-proxy export ssh-user-ca --data-dir {dir}"
+    );
     println!();
     println!("Next steps:");
     println!("  remoteler-proxy start --data-dir {dir}");
-    println!("  remoteler-proxy users add alice --roles dev --logins root --data-dir {dir}");
+    println!("  remoteler-proxy users add alice --roles access --logins root --data-dir {dir}");
     println!("  remoteler-proxy tokens add --kind node --ttl 15m --data-dir {dir}");
     Ok(())
 }
@@ -570,6 +620,7 @@ fn users_add(args: UsersAdd) -> Result<(), ProxyError> {
     tunnel::identity::validate_name("user name", &args.name)?;
     let roles = list(&args.roles, "role")?;
     let logins = list(&args.logins, "login")?;
+    check_roles(&roles, args.config.as_deref())?;
     // Fail before asking for a password if the cluster or the user is not right.
     let store = StateStore::new(data);
     if store.read()?.user(&args.name).is_some() {
@@ -610,6 +661,49 @@ fn users_add(args: UsersAdd) -> Result<(), ProxyError> {
             logins.join(",")
         }
     );
+    Ok(())
+}
+
+/// Roles are defined in the configuration file: with `--config`, a role it does not define is
+/// refused (such a user would get nothing); without it, only the built-in role can be checked,
+/// and any other is accepted with a warning.
+fn check_roles(roles: &[String], config: Option<&Path>) -> Result<(), ProxyError> {
+    if roles.is_empty() {
+        return Err(ProxyError::Usage(format!(
+            "--roles: no role given; a user without roles can reach nothing. The built-in role \
+             {:?} reaches every node with the user's --logins",
+            config::BUILTIN_ROLE
+        )));
+    }
+    match config {
+        Some(path) => {
+            let policy = Policy::new(&ProxyConfig::load(path)?.roles);
+            let unknown: Vec<&str> = roles
+                .iter()
+                .map(String::as_str)
+                .filter(|r| !policy.knows(r))
+                .collect();
+            if !unknown.is_empty() {
+                return Err(ProxyError::Usage(format!(
+                    "--roles: {} not defined in {} (roles there: {}); add a [[roles]] entry \
+                     first, or the user would get no access",
+                    unknown.join(", "),
+                    path.display(),
+                    policy.names().join(", ")
+                )));
+            }
+        }
+        None => {
+            for role in roles.iter().filter(|r| *r != config::BUILTIN_ROLE) {
+                eprintln!(
+                    "warning: role {role:?} is not the built-in role {:?}, and without --config \
+                     it cannot be checked; unless the proxy's configuration defines it in \
+                     [[roles]], it gives no access",
+                    config::BUILTIN_ROLE
+                );
+            }
+        }
+    }
     Ok(())
 }
 
@@ -735,6 +829,76 @@ fn status(data: &DataDir) -> Result<(), ProxyError> {
     println!("version:   {}", s.version);
     if s.draining {
         println!("state:     draining");
+    }
+    Ok(())
+}
+
+// ---- export, audit --------------------------------------------------------------------------
+
+fn export(args: ExportArgs) -> Result<(), ProxyError> {
+    let data = data_dir(args.data_dir, args.config.as_deref())?;
+    match args.what.as_str() {
+        "ssh-user-ca" => {
+            if !SshUserCa::path(data.root()).exists() {
+                return Err(ProxyError::Other(format!(
+                    "{} has no SSH user CA yet ({} is missing); this data directory predates SSH \
+                     certificates: start the proxy once, it creates the key",
+                    data.root().display(),
+                    SshUserCa::path(data.root()).display()
+                )));
+            }
+            let ca = ClusterCa::load(data.root())?;
+            println!(
+                "{}",
+                SshUserCa::load(data.root(), ca.cluster())?.public_line()?
+            );
+            Ok(())
+        }
+        other => Err(ProxyError::Usage(format!(
+            "export: unknown item {other:?}; this version exports: ssh-user-ca"
+        ))),
+    }
+}
+
+fn audit(args: AuditArgs) -> Result<(), ProxyError> {
+    let path = match (&args.config, &args.data_dir) {
+        (Some(config), None) => ProxyConfig::load(config)?.audit.path,
+        _ => data_dir(args.data_dir, None)?
+            .root()
+            .join(config::DEFAULT_AUDIT_FILE),
+    };
+    let since = args
+        .since
+        .as_deref()
+        .map(|text| crate::audit::parse_since(text, SystemTime::now()))
+        .transpose()
+        .map_err(|e| ProxyError::Usage(format!("--since: {e}")))?;
+    let filter = crate::audit::Filter {
+        since,
+        event: args.event,
+        user: args.user,
+    };
+    let file = std::fs::File::open(&path)
+        .map_err(|e| ProxyError::io("cannot open the audit log", &path, e))?;
+    let (records, skipped) = crate::audit::read(std::io::BufReader::new(file), &filter)
+        .map_err(|e| ProxyError::io("cannot read the audit log", &path, e))?;
+    for s in &skipped {
+        eprintln!(
+            "warning: {}:{}: skipped: {}",
+            path.display(),
+            s.line,
+            s.reason
+        );
+    }
+    if args.json {
+        for r in &records {
+            println!("{}", r.line);
+        }
+    } else {
+        println!("{}", crate::audit::TABLE_HEADER);
+        for r in &records {
+            println!("{}", crate::audit::table_row(r));
+        }
     }
     Ok(())
 }

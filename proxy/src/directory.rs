@@ -49,17 +49,42 @@ pub enum Route {
     /// Through the agent's tunnel.
     Tunnel(TunnelEntry),
     /// Dial its sshd at this address.
-    Direct(HostPort),
+    Direct {
+        /// Its sshd.
+        address: HostPort,
+        /// Labels from the configuration or the registration.
+        labels: Vec<(String, String)>,
+    },
     /// Its tunnel is served by another core of this proxy (a user connection that asks for
     /// nodes of two cores; see `docs/protocol.md`).
-    OtherCore(usize),
+    OtherCore {
+        /// That core.
+        core: usize,
+        /// The node's labels.
+        labels: Vec<(String, String)>,
+    },
     /// Known, but neither a tunnel nor a fresh registration is up.
     Offline {
         /// Since when.
         since: SystemTime,
+        /// The labels it had when it was last seen.
+        labels: Vec<(String, String)>,
     },
     /// No node of that name.
     Unknown,
+}
+
+impl Route {
+    /// The node's labels, which roles match on; `None` for an unknown node.
+    pub fn labels(&self) -> Option<&[(String, String)]> {
+        match self {
+            Route::Tunnel(entry) => Some(&entry.labels),
+            Route::Direct { labels, .. }
+            | Route::Offline { labels, .. }
+            | Route::OtherCore { labels, .. } => Some(labels),
+            Route::Unknown => None,
+        }
+    }
 }
 
 /// One node as `nodes ls` and the user API show it.
@@ -290,7 +315,10 @@ impl CoreDirectory {
         let entries = self.shared.lock();
         if let Some(info) = entries.tunnels.get(node) {
             if info.core != self.core {
-                return Route::OtherCore(info.core);
+                return Route::OtherCore {
+                    core: info.core,
+                    labels: info.labels.clone(),
+                };
             }
             if let Some(entry) = self.local.borrow().get(node) {
                 if entry.id == info.id && !entry.tunnel.is_ended() {
@@ -300,11 +328,16 @@ impl CoreDirectory {
         }
         let now = Instant::now();
         let mut offline_since = None;
+        let mut offline_labels = Vec::new();
         if let Some(reg) = entries.registered.get(node) {
             if reg.expires > now {
-                return Route::Direct(reg.address.clone());
+                return Route::Direct {
+                    address: reg.address.clone(),
+                    labels: reg.labels.clone(),
+                };
             }
             offline_since = Some(reg.last_seen);
+            offline_labels = reg.labels.clone();
         }
         if let Some(node) = self
             .shared
@@ -312,13 +345,22 @@ impl CoreDirectory {
             .iter()
             .find(|n| n.name.as_str() == node)
         {
-            return Route::Direct(node.address.clone());
+            return Route::Direct {
+                address: node.address.clone(),
+                labels: labels_of(node),
+            };
         }
         if let Some(off) = entries.offline.get(node) {
+            if offline_since.is_none_or(|s| off.since > s) {
+                offline_labels = off.labels.clone();
+            }
             offline_since = Some(offline_since.map_or(off.since, |s: SystemTime| s.max(off.since)));
         }
         match offline_since {
-            Some(since) => Route::Offline { since },
+            Some(since) => Route::Offline {
+                since,
+                labels: offline_labels,
+            },
             None => Route::Unknown,
         }
     }

@@ -11,8 +11,8 @@
 //! [`shutdown::Shutdown`] has drained them. `main.rs` only parses arguments and calls
 //! [`cli::run`].
 //!
-//! What it does not do yet: roles-based authorization ([`server::authorize`] allows every
-//! valid user), trusted clusters, resumption of the user's leg.
+//! What it does not do yet: trusted clusters, resumption of the user's leg. Who may reach
+//! which node as which login is decided by [`roles::Policy`].
 
 pub mod admin;
 pub mod audit;
@@ -23,9 +23,11 @@ pub mod directory;
 pub mod error;
 pub mod logging;
 pub mod metrics;
+pub mod roles;
 pub mod server;
 pub mod shutdown;
 mod splice;
+pub mod sshca;
 pub mod state;
 pub mod util;
 

@@ -11,7 +11,8 @@ use std::time::Duration;
 use common::*;
 use frame::{ErrorCode, Role};
 use tunnel::control::{
-    self, ALPN_REGISTER, ALPN_SESSION, ALPN_TUNNEL, Ack, ControlError, RegisterRequest,
+    self, ALPN_API, ALPN_REGISTER, ALPN_SESSION, ALPN_TUNNEL, Ack, ApiRequest, ApiResponse,
+    ControlError, RegisterRequest,
 };
 use tunnel::identity::{ClusterCa, PrivateKey, Validity};
 use tunnel::mux::{DriveOutcome, StreamError};
@@ -369,7 +370,12 @@ fn tokens_logins_and_certificates_are_checked() {
         ));
     });
 
-    let audit = proxy.audit();
+    let audit = proxy.audit_when(|records| {
+        records.iter().any(|r| r["event"] == "tunnel.refused")
+            && records
+                .iter()
+                .any(|r| r["event"] == "tunnel.disconnect" && r["replaced"] == true)
+    });
     for code in ["token_used_up", "token_invalid", "token_expired"] {
         assert!(
             audit
@@ -432,6 +438,177 @@ fn cli_refuses_what_it_should() {
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&data).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o700);
+}
+
+/// Roles against the real binary: deny by label wins over allow-all, logins are checked, the
+/// API lists only reachable nodes, `max_cert_ttl` caps the certificate, the SSH certificate
+/// carries the roles' logins, undefined roles get nothing, and the audit records the roles.
+#[test]
+fn roles_decide_sessions_listing_and_certificates() {
+    let echo = tcp_echo_server();
+    let mut proxy = Proxy::start(Some(&format!(
+        r#"
+[[nodes]]
+name = "node-a"
+address = "{echo}"
+labels = {{ env = "lab" }}
+[[nodes]]
+name = "node-p"
+address = "{echo}"
+labels = {{ env = "prod" }}
+[[roles]]
+name = "dev"
+logins = ["{{{{user.logins}}}}", "ubuntu"]
+max_cert_ttl = "10m"
+allow = {{ nodes = ["*"] }}
+deny = {{ labels = {{ env = "prod" }} }}
+"#
+    )));
+    let config = proxy.config_path();
+    let config = config.to_str().unwrap();
+    // A role the file does not define is refused when the file is given.
+    let out = proxy.users_add("eve", "pw", &["--roles", "devs", "--config", config]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--roles: devs not defined in"),
+        "{}",
+        stderr(&out)
+    );
+    let out = proxy.users_add(
+        "alice",
+        "pw",
+        &["--roles", "dev", "--logins", "root", "--config", config],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = proxy.users_add("carol", "pw", &["--roles", "intern", "--logins", "root"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("warning: role \"intern\""),
+        "{}",
+        stderr(&out)
+    );
+
+    let ssh_key = {
+        let seed: [u8; 32] = rand_id().repeat(2).try_into().unwrap();
+        ssh_key::PrivateKey::from(ssh_key::private::Ed25519Keypair::from_seed(&seed))
+            .public_key()
+            .to_openssh()
+            .unwrap()
+    };
+    block_on(async {
+        let (alice, response) = login_with(&proxy, "alice", "pw", Some(ssh_key.clone()))
+            .await
+            .unwrap();
+        // Asked for 1h; the role allows 10 minutes.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let left = response.expires_unix - now;
+        assert!(left <= 600, "{left}s");
+        assert_eq!(response.ssh_logins, vec!["root", "ubuntu"]);
+        let cert = ssh_key::Certificate::from_openssh(response.ssh_certificate.as_deref().unwrap())
+            .unwrap();
+        assert_eq!(cert.key_id(), "alice");
+        assert_eq!(
+            cert.valid_principals(),
+            &["root".to_owned(), "ubuntu".to_owned()]
+        );
+        assert_eq!(cert.valid_before(), response.expires_unix);
+
+        let (_t, stream, _) = open_as(&proxy, &alice, "node-a", "ubuntu").await.unwrap();
+        let data = random_bytes(4096);
+        assert!(echo_roundtrip(stream, data.clone()).await == data[..]);
+        for (node, login, code, wanted) in [
+            (
+                "node-p",
+                "root",
+                ErrorCode::ACCESS_DENIED,
+                "role dev of user alice denies node node-p (labels match env=prod)",
+            ),
+            (
+                "node-a",
+                "admin",
+                ErrorCode::ACCESS_DENIED,
+                "may reach node node-a but not as login \"admin\"",
+            ),
+            ("node-zz", "root", ErrorCode::NODE_UNKNOWN, "node-zz"),
+        ] {
+            match open_as(&proxy, &alice, node, login).await {
+                Err(StreamError::Refused { code: got, reason }) => {
+                    assert_eq!(got, code, "{reason}");
+                    assert!(reason.contains(wanted), "{reason}");
+                }
+                Err(e) => panic!("{node}: expected a refusal, got {e}"),
+                Ok(_) => panic!("{node} as {login}: expected a refusal, got a stream"),
+            }
+        }
+        assert_eq!(list_nodes(&proxy, &alice).await, vec!["node-a"]);
+
+        // carol's only role is not defined: no node, no SSH certificate.
+        let (carol, response) = login_with(&proxy, "carol", "pw", Some(ssh_key.clone()))
+            .await
+            .unwrap();
+        assert!(response.ssh_certificate.is_none());
+        assert!(response.ssh_note.unwrap().contains("permit no SSH login"));
+        assert!(list_nodes(&proxy, &carol).await.is_empty());
+        match open(&proxy, &carol, "node-a").await {
+            Err(StreamError::Refused { code, reason }) => {
+                assert_eq!(code, ErrorCode::ACCESS_DENIED);
+                assert!(
+                    reason.contains("roles (intern) are not defined"),
+                    "{reason}"
+                );
+            }
+            _ => panic!("carol reached node-a"),
+        }
+    });
+    let audit = proxy.audit_when(|records| {
+        records
+            .iter()
+            .filter(|r| r["event"] == "access.denied")
+            .count()
+            >= 3
+    });
+    assert!(audit.iter().any(|r| r["event"] == "session.start"
+        && r["user"] == "alice"
+        && r["roles"] == serde_json::json!(["dev"])
+        && r["login"] == "ubuntu"));
+    let denied: Vec<_> = audit
+        .iter()
+        .filter(|r| r["event"] == "access.denied")
+        .collect();
+    assert_eq!(denied.len(), 3, "{denied:?}");
+    assert!(denied.iter().any(|r| r["node"] == "node-p"
+        && r["roles"] == serde_json::json!(["dev"])
+        && r["reason"].as_str().unwrap().contains("deny wins")));
+
+    // The audit command reads what the proxy wrote.
+    let out = cli(
+        &proxy.data,
+        &["audit", "--event", "access.denied", "--user", "carol"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(text.contains("carol") && text.contains("node-a"), "{text}");
+    let status = proxy.stop(Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}: {}", proxy.log());
+}
+
+async fn list_nodes(proxy: &Proxy, cred: &Credential) -> Vec<String> {
+    let conn = connect(proxy.users, cred.config(&proxy.ca), ALPN_API)
+        .await
+        .unwrap();
+    let (mut reader, mut writer) = conn.split();
+    control::write_line(&mut writer, &ApiRequest::ListNodes { cluster: None })
+        .await
+        .unwrap();
+    let mut buf = bytes::BytesMut::new();
+    match control::read_reply(&mut reader, &mut buf).await.unwrap() {
+        ApiResponse::Nodes(nodes) => nodes.into_iter().map(|n| n.name).collect(),
+        other => panic!("expected nodes, got {other:?}"),
+    }
 }
 
 /// Thread-per-core: with two workers, tunnels live on their node's owner core and user

@@ -90,6 +90,10 @@ pub struct LoginRequest {
     /// Requested lifetime in seconds; the proxy caps it.
     #[serde(default)]
     pub ttl_secs: Option<u64>,
+    /// The client's SSH public key, an OpenSSH line (`ssh-ed25519 AAAA...`), for an SSH user
+    /// certificate; absent, none is issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_public_key: Option<String>,
 }
 
 impl std::fmt::Debug for LoginRequest {
@@ -98,6 +102,7 @@ impl std::fmt::Debug for LoginRequest {
             .field("user", &self.user)
             .field("password", &"MASKED")
             .field("ttl_secs", &self.ttl_secs)
+            .field("ssh_public_key", &self.ssh_public_key)
             .finish()
     }
 }
@@ -116,6 +121,18 @@ pub struct LoginResponse {
     pub expires_unix: u64,
     /// The user's roles.
     pub roles: Vec<String>,
+    /// The OpenSSH user certificate for the request's `ssh_public_key` (a `*-cert.pub` line),
+    /// signed by the cluster's SSH user CA; same validity as the X.509 certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_certificate: Option<String>,
+    /// Its principals: the SSH logins the user's roles permit (empty without a certificate).
+    /// Like the other `ssh_*` fields, absent from the JSON when empty, so a client that asks
+    /// for no SSH certificate gets the answer it knew before SSH certificates existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_logins: Vec<String>,
+    /// Why no SSH certificate was issued although one was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_note: Option<String>,
 }
 
 /// A heartbeat of a node the proxy dials directly (agent given the auth address).
@@ -279,4 +296,42 @@ pub fn from_hex(text: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A login that asks for no SSH certificate gets the JSON a client from before SSH
+    /// certificates can read (its `LoginResponse` denies unknown fields).
+    #[test]
+    fn a_login_without_ssh_fields_keeps_the_old_shape() {
+        let response = LoginResponse {
+            cluster: "c".into(),
+            certificate_pem: String::new(),
+            ca_pem: String::new(),
+            expires_unix: 1,
+            roles: vec!["access".into()],
+            ssh_certificate: None,
+            ssh_logins: Vec::new(),
+            ssh_note: None,
+        };
+        let json = serde_json::to_value(&response).unwrap();
+        let keys: Vec<&String> = json.as_object().unwrap().keys().collect();
+        assert_eq!(
+            keys,
+            [
+                "ca_pem",
+                "certificate_pem",
+                "cluster",
+                "expires_unix",
+                "roles"
+            ]
+        );
+        let request: LoginRequest =
+            serde_json::from_str(r#"{"user":"a","password":"p","public_key":"00","ttl_secs":60}"#)
+                .unwrap();
+        assert_eq!(request.ssh_public_key, None);
+    }
 }

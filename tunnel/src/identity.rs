@@ -112,7 +112,8 @@ mod tls_config;
 pub use ca::{CA_CERT_FILE, CA_KEY_FILE, CA_TTL, ClusterCa, DEFAULT_USER_TTL, Validity};
 pub use error::{FileRole, IdentityError};
 pub use files::{
-    certificates_to_pem, read_certificates, read_private_key, write_private_file, write_public_file,
+    certificates_to_pem, create_private_file, read_certificates, read_private_file,
+    read_private_key, write_private_file, write_public_file,
 };
 pub use keys::{PrivateKey, PublicKey};
 pub use names::{IdentityKind, MAX_LIST_LEN, MAX_NAME_LEN, validate_name};

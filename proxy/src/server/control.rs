@@ -13,11 +13,12 @@ use tunnel::control::{
     Ack, ApiRequest, ApiResponse, ControlError, ErrorBody, JoinRequest, JoinResponse, LoginRequest,
     LoginResponse, NodeView, RegisterRequest, Reply, from_hex, read_line, write_line,
 };
-use tunnel::identity::{DEFAULT_USER_TTL, PeerIdentity, PublicKey, Validity};
+use tunnel::identity::{PeerIdentity, PublicKey, Validity};
 use tunnel::tls::{TlsConnection, TlsReader, TlsWriter};
 
 use super::Context;
 use crate::error::ProxyError;
+use crate::sshca::SshCertError;
 use crate::state::{TokenError, TokenKind};
 use crate::util;
 
@@ -236,6 +237,8 @@ pub(super) async fn serve_login(ctx: Rc<Context>, conn: TlsConnection, peer: Soc
                 serde_json::json!({
                     "success": true, "user": user, "peer": peer.to_string(),
                     "roles": response.roles, "expires": util::rfc3339_unix(response.expires_unix),
+                    "ssh_certificate": response.ssh_certificate.is_some(),
+                    "ssh_logins": response.ssh_logins,
                 }),
             );
             reply(&mut writer, &Reply::Ok(response)).await;
@@ -293,10 +296,11 @@ async fn login(ctx: &Context, request: LoginRequest) -> Result<LoginResponse, Er
             ));
         }
     };
-    let requested = request
-        .ttl_secs
-        .map_or(DEFAULT_USER_TTL, Duration::from_secs);
-    let ttl = requested.min(DEFAULT_USER_TTL).max(MIN_USER_TTL);
+    // The strictest `max_cert_ttl` of the user's roles caps what the client asks for; without
+    // a request the user gets that cap (the default lifetime unless a role is stricter).
+    let cap = ctx.policy.max_cert_ttl(&user.roles);
+    let requested = request.ttl_secs.map_or(cap, Duration::from_secs);
+    let ttl = requested.min(cap).max(MIN_USER_TTL);
     let internal = |e: tunnel::identity::IdentityError| {
         tracing::error!(error = %e, "cannot issue a user certificate");
         error("internal", format!("cannot issue the certificate: {e}"))
@@ -307,12 +311,36 @@ async fn login(ctx: &Context, request: LoginRequest) -> Result<LoginResponse, Er
         .issue_user(&user.name, &user.roles, &user.logins, &key, validity)
         .map_err(internal)?;
     let chain = ctx.ca.chain(leaf);
+    let ssh_logins = ctx.policy.logins_for(&user.roles, &user.logins);
+    let (ssh_certificate, ssh_note) = match &request.ssh_public_key {
+        None => (None, None),
+        Some(key) => match ctx.ssh_ca.issue(
+            key,
+            &user.name,
+            &ssh_logins,
+            validity.not_before(),
+            validity.not_after(),
+        ) {
+            Ok(cert) => (Some(cert), None),
+            Err(e @ SshCertError::BadPublicKey(_)) => {
+                return Err(error("bad_public_key", e.to_string()));
+            }
+            Err(e) => (None, Some(e.to_string())),
+        },
+    };
     Ok(LoginResponse {
         cluster: ctx.cluster.clone(),
         certificate_pem: tunnel::identity::certificates_to_pem(&chain),
         ca_pem: ctx.ca.certificate_pem(),
         expires_unix: util::unix_secs(validity.not_after()),
         roles: user.roles,
+        ssh_logins: if ssh_certificate.is_some() {
+            ssh_logins
+        } else {
+            Vec::new()
+        },
+        ssh_certificate,
+        ssh_note,
     })
 }
 
@@ -437,7 +465,7 @@ pub(super) async fn serve_api(
                 ctx.directory
                     .list()
                     .into_iter()
-                    .filter(|n| super::authorize(&user, &n.name, "").is_ok())
+                    .filter(|n| ctx.policy.check(&user, &n.name, &n.labels, "").is_ok())
                     .map(|n| NodeView {
                         name: n.name,
                         via: n.via,

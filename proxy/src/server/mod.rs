@@ -29,14 +29,14 @@ use tunnel::identity::{ClientAuth, ClusterCa, IdentityKind, PeerIdentity, TlsIde
 use tunnel::mux::{Tunnel, drive};
 use tunnel::tls::{self, TlsConnection, TransferableTls};
 
-pub use sessions::authorize;
-
 use crate::admin;
 use crate::audit::AuditLog;
 use crate::datadir::DataDir;
 use crate::directory::{CoreDirectory, NodeDirectory};
 use crate::error::ProxyError;
+use crate::roles::Policy;
 use crate::shutdown::Shutdown;
+use crate::sshca::SshUserCa;
 use crate::state::StateStore;
 
 /// The addresses the proxy listens on, as bound (port 0 resolved).
@@ -344,6 +344,8 @@ struct Shared {
     config: Arc<ProxyConfig>,
     store: StateStore,
     audit: Arc<AuditLog>,
+    policy: Arc<Policy>,
+    ssh_ca: Arc<SshUserCa>,
     directory: Arc<NodeDirectory>,
     stats: Arc<Stats>,
     started: Instant,
@@ -372,6 +374,10 @@ pub struct Context {
     pub store: StateStore,
     /// The audit log.
     pub audit: Arc<AuditLog>,
+    /// The roles: who may reach which node as which login.
+    pub policy: Arc<Policy>,
+    /// The SSH user CA, for the SSH certificates issued at login.
+    pub ssh_ca: Arc<SshUserCa>,
     /// Nodes: the shared directory and this core's tunnels.
     pub directory: CoreDirectory,
     /// Counters of the whole process.
@@ -584,8 +590,19 @@ pub fn run(
     let addrs = listeners.addrs()?;
     let workers = listeners.workers();
 
+    let policy = Policy::new(&config.roles);
+    let (ssh_ca, created) = SshUserCa::load_or_create(data.root(), ca.cluster())?;
+    if created {
+        tracing::info!(
+            path = %SshUserCa::path(data.root()).display(),
+            "created the SSH user CA (this data directory predates SSH certificates); \
+             `remoteler-proxy export ssh-user-ca` prints the line for sshd's TrustedUserCAKeys"
+        );
+    }
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..workers).map(|_| flume::unbounded()).unzip();
     let shared = Shared {
+        policy: Arc::new(policy),
+        ssh_ca: Arc::new(ssh_ca),
         cluster: ca.cluster().to_owned(),
         ca_pin: ca.pin().to_string(),
         ca: Arc::new(ca),
@@ -754,6 +771,8 @@ async fn serve_core(
         config: shared.config,
         store: shared.store,
         audit: shared.audit,
+        policy: shared.policy,
+        ssh_ca: shared.ssh_ca,
         stats: shared.stats,
         started: shared.started,
         addrs: shared.addrs,

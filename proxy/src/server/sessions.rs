@@ -20,17 +20,6 @@ use crate::util;
 /// How long the agent has to answer an OPEN, and a direct dial to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Why access was denied.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Denied(pub String);
-
-/// Whether `user` may reach `node` as `login` (`""` when only listing). For now any valid
-/// user certificate of this cluster may reach any node; roles will decide here.
-pub fn authorize(user: &PeerIdentity, node: &str, login: &str) -> Result<(), Denied> {
-    let _ = (user, node, login);
-    Ok(())
-}
-
 /// Most frames read while looking for a user connection's first OPEN: a client sends HELLO
 /// and then its OPEN; anything longer is served where it landed.
 const PEEK_MAX_FRAMES: usize = 4;
@@ -107,7 +96,7 @@ impl Drop for ActiveSession<'_> {
 fn reject(
     ctx: &Context,
     incoming: Incoming,
-    user: &str,
+    user: &PeerIdentity,
     peer: SocketAddr,
     code: ErrorCode,
     reason: &str,
@@ -115,13 +104,14 @@ fn reject(
     let session_id = util::to_hex(&incoming.request.session_id);
     let node = incoming.request.node.clone();
     ctx.stats.refused(code);
-    tracing::info!(%session_id, %user, %node, %peer, code = code.name(), %reason, "session refused");
+    let login = incoming.request.login.clone();
+    tracing::info!(%session_id, user = %user.name, %node, %login, %peer, code = code.name(), %reason, "session refused");
     if code == ErrorCode::ACCESS_DENIED {
         ctx.audit.record(
             "access.denied",
             serde_json::json!({
-                "session_id": session_id, "user": user, "node": node,
-                "client_addr": peer.to_string(), "reason": reason,
+                "session_id": session_id, "user": user.name, "roles": user.roles, "node": node,
+                "login": login, "client_addr": peer.to_string(), "reason": reason,
             }),
         );
     }
@@ -139,7 +129,7 @@ async fn handle_open(ctx: Rc<Context>, incoming: Incoming, user: PeerIdentity, p
     let target = match connect_target(&ctx, &request, &user, peer).await {
         Ok(target) => target,
         Err((code, reason)) => {
-            reject(&ctx, incoming, &user.name, peer, code, &reason);
+            reject(&ctx, incoming, &user, peer, code, &reason);
             return;
         }
     };
@@ -185,8 +175,13 @@ async fn connect_target(
             ),
         ));
     }
-    authorize(user, node, &request.login).map_err(|denied| (ErrorCode::ACCESS_DENIED, denied.0))?;
-    match ctx.directory.route(node) {
+    let route = ctx.directory.route(node);
+    if let Some(labels) = route.labels() {
+        ctx.policy
+            .check(user, node, labels, &request.login)
+            .map_err(|denied| (ErrorCode::ACCESS_DENIED, denied.0))?;
+    }
+    match route {
         Route::Tunnel(entry) => {
             let open = Open {
                 session_id: request.session_id,
@@ -216,7 +211,7 @@ async fn connect_target(
                 )),
             }
         }
-        Route::Direct(address) => {
+        Route::Direct { address, .. } => {
             if request.service != "ssh" {
                 return Err((
                     ErrorCode::TARGET_NOT_ALLOWED,
@@ -244,7 +239,7 @@ async fn connect_target(
                 )),
             }
         }
-        Route::Offline { since } => {
+        Route::Offline { since, .. } => {
             let ago = SystemTime::now().duration_since(since).unwrap_or_default();
             Err((
                 ErrorCode::NODE_OFFLINE,
@@ -255,7 +250,7 @@ async fn connect_target(
                 ),
             ))
         }
-        Route::OtherCore(_) => Err((
+        Route::OtherCore { .. } => Err((
             ErrorCode::CONNECT_FAILED,
             format!(
                 "node {node} is served by another core of this proxy than this connection's \
@@ -287,8 +282,8 @@ fn session_start(
     ctx.audit.record(
         "session.start",
         serde_json::json!({
-            "session_id": session_id, "user": user.name, "node": request.node,
-            "login": request.login, "service": request.service, "via": via,
+            "session_id": session_id, "user": user.name, "roles": user.roles,
+            "node": request.node, "login": request.login, "service": request.service, "via": via,
             "client_addr": peer.to_string(),
         }),
     );
@@ -322,9 +317,9 @@ fn session_end(
     ctx.audit.record(
         "session.end",
         serde_json::json!({
-            "session_id": session_id, "user": user.name, "node": request.node,
-            "login": request.login, "via": via, "client_addr": peer.to_string(),
-            "bytes_from_user": outcome.forward, "bytes_to_user": outcome.backward,
+            "session_id": session_id, "user": user.name, "roles": user.roles,
+            "node": request.node, "login": request.login, "via": via,
+            "client_addr": peer.to_string(), "bytes_from_user": outcome.forward, "bytes_to_user": outcome.backward,
             "duration_ms": duration.as_millis() as u64, "reason": reason,
         }),
     );

@@ -168,23 +168,48 @@ impl Proxy {
     }
 
     pub fn add_user(&self, name: &str, password: &str) {
+        let out = self.users_add(name, password, &["--roles", "access", "--logins", "root"]);
+        assert!(out.status.success(), "users add: {}", stderr(&out));
+    }
+
+    /// `users add NAME --password-file F` with `extra` arguments.
+    pub fn users_add(&self, name: &str, password: &str, extra: &[&str]) -> Output {
         let file = self.tmp.path().join(format!("{name}.pw"));
         std::fs::write(&file, format!("{password}\n")).unwrap();
-        let out = cli(
-            &self.data,
-            &[
-                "users",
-                "add",
-                name,
-                "--roles",
-                "dev",
-                "--logins",
-                "root",
-                "--password-file",
-                file.to_str().unwrap(),
-            ],
-        );
-        assert!(out.status.success(), "users add: {}", stderr(&out));
+        let mut args = vec![
+            "users",
+            "add",
+            name,
+            "--password-file",
+            file.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        cli(&self.data, &args)
+    }
+
+    /// The configuration file, when the proxy was started with one.
+    pub fn config_path(&self) -> PathBuf {
+        self.tmp.path().join("proxy.toml")
+    }
+
+    /// The audit records once `done` holds for them (the proxy's writer thread appends a moment
+    /// after the event); panics after 10 s.
+    pub fn audit_when(
+        &self,
+        done: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let records = self.audit();
+            if done(&records) {
+                return records;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the audit log never reached the expected state: {records:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn audit(&self) -> Vec<serde_json::Value> {
@@ -301,6 +326,18 @@ pub async fn join(proxy: &Proxy, token: &str, node: &str) -> Result<Credential, 
 }
 
 pub async fn login(proxy: &Proxy, user: &str, password: &str) -> Result<Credential, ControlError> {
+    let (credential, response) = login_with(proxy, user, password, None).await?;
+    assert_eq!(response.roles, vec!["access".to_string()]);
+    Ok(credential)
+}
+
+/// A login that may send an SSH public key; returns the whole answer too.
+pub async fn login_with(
+    proxy: &Proxy,
+    user: &str,
+    password: &str,
+    ssh_public_key: Option<String>,
+) -> Result<(Credential, LoginResponse), ControlError> {
     let key = PrivateKey::generate().unwrap();
     let conn = connect(proxy.users, pinned(proxy.pin), ALPN_LOGIN).await?;
     let (mut reader, mut writer) = conn.split();
@@ -309,15 +346,18 @@ pub async fn login(proxy: &Proxy, user: &str, password: &str) -> Result<Credenti
         password: password.into(),
         public_key: control::to_hex(&key.public_key().to_spki_der()),
         ttl_secs: Some(3600),
+        ssh_public_key,
     };
     control::write_line(&mut writer, &request).await?;
     let mut buf = BytesMut::new();
     let response: LoginResponse = control::read_reply(&mut reader, &mut buf).await?;
-    assert_eq!(response.roles, vec!["dev".to_string()]);
-    Ok(Credential {
-        chain: parse_chain(&response.certificate_pem),
-        key,
-    })
+    Ok((
+        Credential {
+            chain: parse_chain(&response.certificate_pem),
+            key,
+        },
+        response,
+    ))
 }
 
 /// Runs a session over `conn` (as agent or client, the dialer); returns the tunnel and the
@@ -392,11 +432,21 @@ async fn echo(stream: MuxStream) {
     }
 }
 
-/// The user's side: a session connection and one OPEN to `node`.
+/// The user's side: a session connection and one OPEN to `node` as root.
 pub async fn open(
     proxy: &Proxy,
     cred: &Credential,
     node: &str,
+) -> Result<(Tunnel, MuxStream, [u8; 16]), tunnel::mux::StreamError> {
+    open_as(proxy, cred, node, "root").await
+}
+
+/// The user's side: a session connection and one OPEN to `node` as `login`.
+pub async fn open_as(
+    proxy: &Proxy,
+    cred: &Credential,
+    node: &str,
+    login: &str,
 ) -> Result<(Tunnel, MuxStream, [u8; 16]), tunnel::mux::StreamError> {
     let conn = connect(
         proxy.users,
@@ -414,7 +464,7 @@ pub async fn open(
             node: node.into(),
             service: "ssh".into(),
             user: "mallory".into(),
-            login: "root".into(),
+            login: login.into(),
             client_addr: String::new(),
             credential: Bytes::new(),
         })

@@ -263,6 +263,8 @@ pub enum FileRole {
     PrivateKey,
     /// A directory that holds identity files.
     Directory,
+    /// The cluster's SSH user CA key (`ssh_user_ca.key`, OpenSSH format).
+    SshCaKey,
 }
 
 impl fmt::Display for FileRole {
@@ -273,6 +275,7 @@ impl fmt::Display for FileRole {
             FileRole::Certificate => "certificate",
             FileRole::PrivateKey => "private key",
             FileRole::Directory => "directory",
+            FileRole::SshCaKey => "SSH user CA key",
         })
     }
 }
@@ -298,6 +301,11 @@ fn explain_io(err: &io::Error, what: FileRole, path: &Path) -> String {
                     .to_owned()
             }
             FileRole::Directory => "no such directory".to_owned(),
+            FileRole::SshCaKey => {
+                "no such file; the proxy creates it on its first start (or `remoteler-proxy init` \
+                 for a new cluster)"
+                    .to_owned()
+            }
         },
         _ => err.to_string(),
     }

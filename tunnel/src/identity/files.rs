@@ -43,6 +43,36 @@ pub fn write_public_file(
     write_atomic(path, contents, PUBLIC_MODE, Replace::Yes, what)
 }
 
+/// Creates a private file (mode 0600) atomically from `contents`, for keys in other formats
+/// (the proxy's OpenSSH SSH user CA); refuses to replace an existing file.
+pub fn create_private_file(
+    path: &Path,
+    contents: &[u8],
+    what: FileRole,
+) -> Result<(), IdentityError> {
+    write_atomic(path, contents, PRIVATE_MODE, Replace::No, what)
+}
+
+/// Reads a private file written by [`create_private_file`], refusing one that other users may
+/// read or write, as [`read_private_key`] does.
+pub fn read_private_file(path: &Path, what: FileRole) -> Result<Vec<u8>, IdentityError> {
+    let (file, contents) = read_small(path, what)?;
+    let meta = file.metadata().map_err(|source| IdentityError::ReadFile {
+        what,
+        path: path.to_owned(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(IdentityError::KeyFileTooOpen {
+            what,
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    Ok(contents)
+}
+
 /// Whether [`write_atomic`] may replace an existing file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Replace {
