@@ -73,6 +73,11 @@ pub const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_MAX_HANDSHAKES_IN_PROGRESS: u32 = 1024;
 /// Upper bound for `limits.max_handshakes_in_progress`.
 pub const MAX_MAX_HANDSHAKES_IN_PROGRESS: u32 = 65_536;
+/// Most connections in TLS/HELLO at once from one source address: a quarter of the
+/// proxy-wide default, so one address that opens connections and sends nothing cannot take
+/// every handshake slot, while a site whose agents share one NAT address still reconnects
+/// hundreds at a time.
+pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: u32 = 256;
 /// Largest ANNOUNCE (an agent's or leaf cluster's inventory) the proxy accepts.
 pub const DEFAULT_MAX_ANNOUNCE_BYTES: u32 = 1 << 20;
 /// Smallest `limits.max_announce_bytes`.

@@ -181,6 +181,9 @@ pub struct LimitsConfig {
     /// Connections in TLS/HELLO at once, 1 to [`MAX_MAX_HANDSHAKES_IN_PROGRESS`]; default
     /// [`DEFAULT_MAX_HANDSHAKES_IN_PROGRESS`]. Bounds the cost of a reconnect storm.
     pub max_handshakes_in_progress: u32,
+    /// Of those, from one source address, 1 to [`MAX_MAX_HANDSHAKES_IN_PROGRESS`]; default
+    /// [`DEFAULT_MAX_HANDSHAKES_PER_SOURCE`]. One address cannot starve everyone else.
+    pub max_handshakes_per_source: u32,
     /// Time to finish TLS and HELLO, [`MIN_HANDSHAKE_TIMEOUT`] to [`MAX_HANDSHAKE_TIMEOUT`];
     /// default [`DEFAULT_HANDSHAKE_TIMEOUT`].
     pub handshake_timeout: Duration,
@@ -198,6 +201,7 @@ impl Default for LimitsConfig {
             max_streams_per_tunnel: DEFAULT_MAX_STREAMS_PER_TUNNEL,
             max_pending_opens: DEFAULT_MAX_PENDING_OPENS,
             max_handshakes_in_progress: DEFAULT_MAX_HANDSHAKES_IN_PROGRESS,
+            max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_announce_bytes: DEFAULT_MAX_ANNOUNCE_BYTES,
             max_tunnels: DEFAULT_MAX_TUNNELS,
@@ -367,6 +371,7 @@ struct RawLimits {
     max_streams_per_tunnel: Option<i64>,
     max_pending_opens: Option<i64>,
     max_handshakes_in_progress: Option<i64>,
+    max_handshakes_per_source: Option<i64>,
     handshake_timeout: Option<RawDuration>,
     max_announce_bytes: Option<RawSize>,
     max_tunnels: Option<i64>,
@@ -555,6 +560,13 @@ impl TryFrom<RawLimits> for LimitsConfig {
                 MAX_MAX_HANDSHAKES_IN_PROGRESS,
             )
             .for_key("max_handshakes_in_progress")?,
+            max_handshakes_per_source: integer_in(
+                raw.max_handshakes_per_source,
+                DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+                1,
+                MAX_MAX_HANDSHAKES_IN_PROGRESS,
+            )
+            .for_key("max_handshakes_per_source")?,
             handshake_timeout: duration_in(
                 raw.handshake_timeout,
                 DEFAULT_HANDSHAKE_TIMEOUT,

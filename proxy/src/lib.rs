@@ -21,6 +21,7 @@ pub mod cli;
 pub mod datadir;
 pub mod directory;
 pub mod error;
+pub mod guard;
 pub mod logging;
 pub mod metrics;
 pub mod roles;

@@ -224,11 +224,22 @@ pub(crate) fn render(ctx: &Context) -> String {
                 "reason=\"handshake_limit\"",
                 get(&s.dropped_handshake_limit),
             ),
+            (
+                "reason=\"source_handshake_limit\"",
+                get(&s.dropped_source_handshake_limit),
+            ),
             ("reason=\"tunnel_limit\"", get(&s.dropped_tunnel_limit)),
             ("reason=\"draining\"", get(&s.dropped_draining)),
             ("reason=\"access_denied\"", get(&s.dropped_access_denied)),
             ("reason=\"accept_error\"", get(&s.accept_errors)),
         ],
+    );
+    family(
+        &mut out,
+        "remoteler_auth_sources_blocked_total",
+        "counter",
+        "Times an address was refused joins and logins after too many failures.",
+        &[("", get(&s.auth_sources_blocked))],
     );
     family(
         &mut out,

@@ -761,3 +761,92 @@ async fn open_retrying(
         }
     }
 }
+
+/// Hostile sources: an address that opens connections and sends nothing holds at most
+/// `limits.max_handshakes_per_source` of the handshake slots, so others are still served;
+/// an address that guesses tokens is refused after ten failures, even with a valid token,
+/// while other addresses join normally; both show in the metrics and the audit log.
+#[test]
+fn hostile_sources_are_limited_per_address() {
+    let proxy = Proxy::start(Some(
+        "[limits]\nmax_handshakes_per_source = 8\nhandshake_timeout = \"30s\"\n",
+    ));
+    let token = proxy.token(&["--ttl", "15m", "--uses", "4"]);
+    let flooder: std::net::IpAddr = [127, 0, 0, 2].into();
+    let guesser: std::net::IpAddr = [127, 0, 0, 3].into();
+    let honest: std::net::IpAddr = [127, 0, 0, 4].into();
+
+    // 40 silent connections from one address: 8 get a slot, the rest are closed at once.
+    let silent: Vec<std::net::TcpStream> =
+        (0..40).map(|_| tcp_from(flooder, proxy.tunnels)).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let closed = loop {
+        let closed = silent
+            .iter()
+            .filter(|c| {
+                c.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+                matches!((&**c).read(&mut [0u8; 1]), Ok(0))
+            })
+            .count();
+        if closed >= 32 || std::time::Instant::now() > deadline {
+            break closed;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        closed, 32,
+        "connections beyond the per-address limit must be closed"
+    );
+
+    block_on(async {
+        // The silent connections hold their slots; an honest address still joins.
+        join_from(&proxy, honest, &token, "node-h1").await.unwrap();
+        // A flooder's new connection is refused outright.
+        assert!(join_from(&proxy, flooder, &token, "node-f1").await.is_err());
+
+        // Ten wrong tokens from one address, then even the right one is refused.
+        for i in 0..10 {
+            let refused = join_from(&proxy, guesser, &format!("{i:064x}"), "node-g").await;
+            assert_eq!(refusal_code(refused), "token_invalid", "guess {i}");
+        }
+        let refused = join_from(&proxy, guesser, &token, "node-g").await;
+        match refused {
+            Err(ControlError::Refused(body)) => {
+                assert_eq!(body.code, "rate_limited");
+                assert!(body.message.contains("127.0.0.3"), "{}", body.message);
+                assert!(
+                    body.message.contains("refused for another"),
+                    "{}",
+                    body.message
+                );
+            }
+            other => panic!("expected rate_limited, got {:?}", other.map(|_| ())),
+        }
+        // Another address is not affected.
+        join_from(&proxy, honest, &token, "node-h2").await.unwrap();
+    });
+
+    let (_, body) = proxy.http_get("/metrics");
+    assert!(
+        body.contains("remoteler_connections_dropped_total{reason=\"source_handshake_limit\"} 33"),
+        "{body}"
+    );
+    assert!(
+        body.contains("remoteler_auth_sources_blocked_total 1"),
+        "{body}"
+    );
+    let audit = proxy.audit_when(|records| {
+        records
+            .iter()
+            .any(|r| r["event"] == "join" && r["code"] == "rate_limited")
+    });
+    let blocked = audit
+        .iter()
+        .filter(|r| r["event"] == "join" && r["source_blocked"] == true)
+        .count();
+    assert_eq!(
+        blocked, 2,
+        "the 10th failure and the refused 11th: {audit:#?}"
+    );
+    drop(silent);
+}

@@ -16,7 +16,7 @@ use tunnel::control::{
 use tunnel::identity::{PeerIdentity, PublicKey, Validity};
 use tunnel::tls::{TlsConnection, TlsReader, TlsWriter};
 
-use super::Context;
+use super::{Context, Stats};
 use crate::error::ProxyError;
 use crate::sshca::SshCertError;
 use crate::state::{TokenError, TokenKind};
@@ -65,6 +65,48 @@ async fn read_request<T: DeserializeOwned>(
             ),
         )),
     }
+}
+
+/// The refusal for an address that used up its failed joins and logins
+/// ([`crate::guard::AUTH_FAILURE_LIMIT`] per [`crate::guard::AUTH_FAILURE_WINDOW`]); `what`
+/// is "joins" or "logins".
+fn rate_limited(ctx: &Context, peer: SocketAddr, what: &str) -> Option<ErrorBody> {
+    let left = ctx
+        .guard
+        .auth_blocked(peer.ip(), std::time::Instant::now())?;
+    Some(error(
+        "rate_limited",
+        format!(
+            "too many failed joins and logins from {} ({} within {}s); {what} from this \
+             address are refused for another {}s without being checked",
+            peer.ip(),
+            crate::guard::AUTH_FAILURE_LIMIT,
+            crate::guard::AUTH_FAILURE_WINDOW.as_secs(),
+            left.as_secs().max(1)
+        ),
+    ))
+}
+
+/// Counts a failed join or login against its address (not an answer that was itself a
+/// rate-limit refusal, nor "busy"); returns whether the address is blocked now.
+fn count_failure(ctx: &Context, peer: SocketAddr, body: &ErrorBody) -> bool {
+    if matches!(body.code.as_str(), "rate_limited" | "busy" | "internal") {
+        return ctx
+            .guard
+            .auth_blocked(peer.ip(), std::time::Instant::now())
+            .is_some();
+    }
+    let blocked = ctx.guard.auth_failed(peer.ip(), std::time::Instant::now());
+    if blocked {
+        Stats::bump(&ctx.stats.auth_sources_blocked);
+        tracing::warn!(
+            source = %peer.ip(),
+            limit = crate::guard::AUTH_FAILURE_LIMIT,
+            window_secs = crate::guard::AUTH_FAILURE_WINDOW.as_secs(),
+            "too many failed joins and logins from one address; refusing it for the rest of the window"
+        );
+    }
+    blocked
 }
 
 /// Answers a line-protocol connection that may not proceed.
@@ -125,7 +167,9 @@ pub(super) async fn serve_join(ctx: Rc<Context>, conn: TlsConnection, peer: Sock
     };
     // The token's use is a locked read-modify-write of the state file with fsyncs, and
     // another core may hold the lock: a helper thread waits for it, not this core.
-    let joined = {
+    let joined = if let Some(body) = rate_limited(&ctx, peer, "joins") {
+        Err(JoinFailure::Refused(body))
+    } else {
         let (store, ca, cluster, request) = (
             ctx.store.clone(),
             ctx.ca.clone(),
@@ -158,12 +202,13 @@ pub(super) async fn serve_join(ctx: Rc<Context>, conn: TlsConnection, peer: Sock
                 JoinFailure::Token(e) => error(e.code(), e.to_string()),
                 JoinFailure::Refused(body) => body,
             };
+            let blocked = count_failure(&ctx, peer, &body);
             tracing::info!(%peer, node = %request.node, code = %body.code, "join refused");
             ctx.audit.record(
                 "join",
                 serde_json::json!({
                     "success": false, "node": request.node, "peer": peer.to_string(),
-                    "code": body.code, "reason": body.message,
+                    "code": body.code, "reason": body.message, "source_blocked": blocked,
                 }),
             );
             monoio::time::sleep(FAILURE_DELAY).await;
@@ -229,7 +274,11 @@ pub(super) async fn serve_login(ctx: Rc<Context>, conn: TlsConnection, peer: Soc
         }
     };
     let user = request.user.clone();
-    match login(&ctx, request).await {
+    let outcome = match rate_limited(&ctx, peer, "logins") {
+        Some(body) => Err(body),
+        None => login(&ctx, request).await,
+    };
+    match outcome {
         Ok(response) => {
             tracing::info!(%peer, %user, "user logged in");
             ctx.audit.record(
@@ -244,11 +293,13 @@ pub(super) async fn serve_login(ctx: Rc<Context>, conn: TlsConnection, peer: Soc
             reply(&mut writer, &Reply::Ok(response)).await;
         }
         Err(body) => {
+            let blocked = count_failure(&ctx, peer, &body);
             tracing::info!(%peer, %user, code = %body.code, "login refused");
             ctx.audit.record(
                 "login",
                 serde_json::json!({
                     "success": false, "user": user, "peer": peer.to_string(), "code": body.code,
+                    "source_blocked": blocked,
                 }),
             );
             monoio::time::sleep(FAILURE_DELAY).await;

@@ -214,6 +214,10 @@ pub struct Stats {
     pub handshakes_failed: AtomicU64,
     /// Connections dropped at accept: `limits.max_handshakes_in_progress`.
     pub dropped_handshake_limit: AtomicU64,
+    /// Connections dropped at accept: `limits.max_handshakes_per_source`.
+    pub dropped_source_handshake_limit: AtomicU64,
+    /// Addresses refused joins and logins after too many failures.
+    pub auth_sources_blocked: AtomicU64,
     /// Tunnels refused: `limits.max_tunnels`.
     pub dropped_tunnel_limit: AtomicU64,
     /// Tunnels and sessions refused while draining.
@@ -344,6 +348,7 @@ struct Shared {
     config: Arc<ProxyConfig>,
     store: StateStore,
     audit: Arc<AuditLog>,
+    guard: Arc<crate::guard::SourceGuard>,
     policy: Arc<Policy>,
     ssh_ca: Arc<SshUserCa>,
     directory: Arc<NodeDirectory>,
@@ -374,6 +379,8 @@ pub struct Context {
     pub store: StateStore,
     /// The audit log.
     pub audit: Arc<AuditLog>,
+    /// Per-address limits: handshakes, failed joins and logins.
+    pub guard: Arc<crate::guard::SourceGuard>,
     /// The roles: who may reach which node as which login.
     pub policy: Arc<Policy>,
     /// The SSH user CA, for the SSH certificates issued at login.
@@ -601,6 +608,9 @@ pub fn run(
     }
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..workers).map(|_| flume::unbounded()).unzip();
     let shared = Shared {
+        guard: Arc::new(crate::guard::SourceGuard::new(
+            config.limits.max_handshakes_per_source,
+        )),
         policy: Arc::new(policy),
         ssh_ca: Arc::new(ssh_ca),
         cluster: ca.cluster().to_owned(),
@@ -771,6 +781,7 @@ async fn serve_core(
         config: shared.config,
         store: shared.store,
         audit: shared.audit,
+        guard: shared.guard,
         policy: shared.policy,
         ssh_ca: shared.ssh_ca,
         stats: shared.stats,
@@ -941,7 +952,26 @@ async fn accept_loop(
                     );
                     continue;
                 }
-                monoio::spawn(handle_connection(ctx.clone(), tcp, peer, tls.clone(), kind));
+                let Some(source) = ctx.guard.enter(peer.ip()) else {
+                    // Debug only: a flood from one address must not become a flood of log lines;
+                    // the metric counts them.
+                    Stats::bump(&ctx.stats.dropped_source_handshake_limit);
+                    tracing::debug!(
+                        %peer,
+                        listener = kind.name(),
+                        "too many handshakes in progress from this address (`limits.max_handshakes_per_source`); dropping the connection"
+                    );
+                    continue;
+                };
+                let slot = HandshakeSlot::take(ctx.stats.clone(), source);
+                monoio::spawn(handle_connection(
+                    ctx.clone(),
+                    tcp,
+                    peer,
+                    tls.clone(),
+                    kind,
+                    slot,
+                ));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -954,19 +984,26 @@ async fn accept_loop(
     tracing::debug!(listener = kind.name(), "stopped accepting");
 }
 
-/// Holds one of `limits.max_handshakes_in_progress` while alive.
-struct HandshakeSlot<'a>(&'a Stats);
+/// Holds one of `limits.max_handshakes_in_progress`, and one of its address's
+/// `limits.max_handshakes_per_source`, while alive.
+struct HandshakeSlot {
+    stats: Arc<Stats>,
+    _source: crate::guard::SourceSlot,
+}
 
-impl<'a> HandshakeSlot<'a> {
-    fn take(stats: &'a Stats) -> Self {
+impl HandshakeSlot {
+    fn take(stats: Arc<Stats>, source: crate::guard::SourceSlot) -> Self {
         stats.handshakes.fetch_add(1, Ordering::Relaxed);
-        HandshakeSlot(stats)
+        HandshakeSlot {
+            stats,
+            _source: source,
+        }
     }
 }
 
-impl Drop for HandshakeSlot<'_> {
+impl Drop for HandshakeSlot {
     fn drop(&mut self) {
-        self.0.handshakes.fetch_sub(1, Ordering::Relaxed);
+        self.stats.handshakes.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -976,8 +1013,8 @@ async fn handle_connection(
     peer: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
     kind: ListenerKind,
+    slot: HandshakeSlot,
 ) {
-    let slot = HandshakeSlot::take(&ctx.stats);
     // This task lives as long as its connection (a tunnel: days): everything but the tunnel's
     // own service is boxed so that the task is not sized for the largest of them.
     let conn = match Box::pin(tls::accept(tcp, tls, ctx.handshake_timeout())).await {

@@ -277,6 +277,43 @@ pub async fn connect(
     tls::connect(tcp, Arc::new(config), server_name(), DEADLINE).await
 }
 
+/// A TCP connection to `addr` from the loopback address `source` (127.0.0.0/8).
+pub fn tcp_from(source: std::net::IpAddr, addr: SocketAddr) -> std::net::TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&SocketAddr::new(source, 0).into()).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    socket.into()
+}
+
+/// `join`, from the loopback address `source`.
+pub async fn join_from(
+    proxy: &Proxy,
+    source: std::net::IpAddr,
+    token: &str,
+    node: &str,
+) -> Result<Credential, ControlError> {
+    let key = PrivateKey::generate().unwrap();
+    let tcp = tcp_from(source, proxy.tunnels);
+    tcp.set_nonblocking(true).unwrap();
+    let tcp = TcpStream::from_std(tcp).unwrap();
+    let mut config = pinned(proxy.pin);
+    config.alpn_protocols = vec![ALPN_JOIN.to_vec()];
+    let conn = tls::connect(tcp, Arc::new(config), server_name(), DEADLINE).await?;
+    let (mut reader, mut writer) = conn.split();
+    let request = JoinRequest {
+        token: token.into(),
+        node: node.into(),
+        public_key: control::to_hex(&key.public_key().to_spki_der()),
+    };
+    control::write_line(&mut writer, &request).await?;
+    let mut buf = BytesMut::new();
+    let response: JoinResponse = control::read_reply(&mut reader, &mut buf).await?;
+    Ok(Credential {
+        chain: parse_chain(&response.certificate_pem),
+        key,
+    })
+}
+
 pub fn pinned(pin: CaPin) -> rustls::ClientConfig {
     identity::client_config_pinned(pin).unwrap().0
 }
