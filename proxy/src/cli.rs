@@ -273,6 +273,23 @@ struct NodesArgs {
 #[argh(subcommand)]
 enum NodesCommand {
     Ls(NodesLs),
+    Rm(NodesRm),
+}
+
+/// Remove a node: its certificate is refused from now on, a running proxy closes its tunnel
+/// within a second and forgets it. It can join again with a new token.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "rm")]
+struct NodesRm {
+    /// the node's name
+    #[argh(positional)]
+    name: String,
+    /// data directory (default /var/lib/remoteler)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+    /// configuration file to take data_dir from
+    #[argh(option)]
+    config: Option<PathBuf>,
 }
 
 /// List nodes: name, via, online, labels, address.
@@ -316,6 +333,7 @@ pub fn run(args: Args) -> Result<(), ProxyError> {
         },
         Command::Nodes(n) => match n.command {
             NodesCommand::Ls(a) => nodes_ls(a),
+            NodesCommand::Rm(a) => nodes_rm(a),
         },
         Command::Status(a) => status(&data_dir(a.data_dir, a.config.as_deref())?),
         Command::Export(a) => export(a),
@@ -760,6 +778,28 @@ fn print_nodes(nodes: &[NodeRecord]) {
             n.since_unix.map_or_else(|| "-".into(), util::rfc3339_unix)
         );
     }
+}
+
+fn nodes_rm(args: NodesRm) -> Result<(), ProxyError> {
+    let name = config::NodeName::new(args.name.as_str())
+        .map_err(|e| ProxyError::Usage(format!("node name: {e}")))?;
+    let data = data_dir(args.data_dir, args.config.as_deref())?;
+    let store = crate::state::StateStore::new(data);
+    let now = util::unix_now();
+    store.update(|state| {
+        state.revoked_nodes.retain(|r| r.name != name.as_str());
+        state.revoked_nodes.push(crate::state::RevokedNode {
+            name: name.to_string(),
+            revoked_unix: now,
+        });
+        Ok::<(), ProxyError>(())
+    })?;
+    println!(
+        "node {name} removed: its certificate is refused from now on; a running proxy closes its \
+         tunnel within a second and forgets it. To bring it back, join it again with a new token \
+         (remoteler-proxy tokens add --kind node)."
+    );
+    Ok(())
 }
 
 fn nodes_ls(args: NodesLs) -> Result<(), ProxyError> {

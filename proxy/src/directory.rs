@@ -140,6 +140,8 @@ struct Entries {
     tunnels: HashMap<String, TunnelInfo>,
     offline: HashMap<String, OfflineTunnel>,
     registered: HashMap<String, Registered>,
+    /// Removed nodes whose tunnel may still be closing: not listed offline when it ends.
+    forgotten: std::collections::HashSet<String>,
 }
 
 /// The directory every core shares (see the module documentation).
@@ -263,6 +265,17 @@ impl NodeDirectory {
         );
     }
 
+    /// Forgets `node`'s offline record and registration (a removed node). Its live tunnel, if
+    /// any, is closed by its core and then leaves the directory as usual.
+    pub fn forget(&self, node: &str) {
+        let mut entries = self.lock();
+        entries.offline.remove(node);
+        entries.registered.remove(node);
+        if entries.tunnels.contains_key(node) {
+            entries.forgotten.insert(node.to_owned());
+        }
+    }
+
     /// How many tunnels are up, on every core.
     pub fn tunnel_count(&self) -> usize {
         self.lock().tunnels.len()
@@ -376,6 +389,7 @@ impl CoreDirectory {
         };
         let mut entries = self.shared.lock();
         entries.offline.remove(node);
+        entries.forgotten.remove(node);
         if let Some(old) = entries.tunnels.insert(node.to_owned(), info) {
             if old.core != self.core {
                 // Cannot happen while tunnels go to their owner core; said loudly if it does.
@@ -417,6 +431,9 @@ impl CoreDirectory {
         let mut entries = self.shared.lock();
         if entries.tunnels.get(node).is_some_and(|i| i.id == id) {
             if let Some(info) = entries.tunnels.remove(node) {
+                if entries.forgotten.remove(node) {
+                    return true;
+                }
                 entries.offline.insert(
                     node.to_owned(),
                     OfflineTunnel {
@@ -437,6 +454,11 @@ impl CoreDirectory {
             .values()
             .map(|e| e.tunnel.clone())
             .collect()
+    }
+
+    /// `node`'s tunnel, if this core holds it.
+    pub fn local_tunnel(&self, node: &str) -> Option<Tunnel> {
+        self.local.borrow().get(node).map(|e| e.tunnel.clone())
     }
 
     /// How many tunnels this core holds.

@@ -24,6 +24,7 @@ pub mod error;
 pub mod guard;
 pub mod logging;
 pub mod metrics;
+pub mod revocation;
 pub mod roles;
 pub mod server;
 pub mod shutdown;

@@ -47,6 +47,20 @@ pub struct State {
     /// Users.
     #[serde(default)]
     pub users: Vec<User>,
+    /// Nodes removed with `remoteler-proxy nodes rm`: their certificates issued up to then
+    /// are refused.
+    #[serde(default)]
+    pub revoked_nodes: Vec<RevokedNode>,
+}
+
+/// A node whose certificates issued at or before `revoked_unix` are refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokedNode {
+    /// The node name.
+    pub name: String,
+    /// Unix seconds of `nodes rm`.
+    pub revoked_unix: u64,
 }
 
 /// What a token lets its bearer do.
@@ -254,8 +268,7 @@ impl StateStore {
             version: STATE_VERSION,
             cluster: cluster.to_owned(),
             hosts: hosts.to_vec(),
-            tokens: Vec::new(),
-            users: Vec::new(),
+            ..State::default()
         };
         self.write(&state)
     }

@@ -850,3 +850,79 @@ fn hostile_sources_are_limited_per_address() {
     );
     drop(silent);
 }
+
+/// `nodes rm` while the proxy runs: the node's tunnel is closed within seconds, its old
+/// certificate is refused (audited), other nodes carry on, and a new join brings it back.
+#[test]
+fn removed_node_is_refused_and_its_tunnel_closed() {
+    let proxy = Proxy::start(Some("workers = 2\n"));
+    proxy.add_user("alice", "correct horse");
+    let token = proxy.token(&["--ttl", "15m", "--uses", "3"]);
+    block_on(async {
+        let cred = join(&proxy, &token, "node-gone").await.unwrap();
+        let keep_cred = join(&proxy, &token, "node-keep").await.unwrap();
+        let gone = agent(&proxy, &cred, "node-gone").await;
+        let _keep = agent(&proxy, &keep_cred, "node-keep").await;
+        let user = login(&proxy, "alice", "correct horse").await.unwrap();
+        let (_t, stream, _) = open_retrying(&proxy, &user, "node-gone").await;
+        let data = random_bytes(4096);
+        assert!(echo_roundtrip(stream, data.clone()).await == data[..]);
+
+        let out = cli(&proxy.data, &["nodes", "rm", "node-gone"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(stdout(&out).contains("join it again"), "{}", stdout(&out));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !gone.is_ended() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the removed node's tunnel is still up"
+            );
+            monoio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Gone from the listing, refused as a session target, its old certificate refused.
+        let out = cli(&proxy.data, &["nodes", "ls"]);
+        assert!(!stdout(&out).contains("node-gone"), "{}", stdout(&out));
+        match open(&proxy, &user, "node-gone").await {
+            Err(StreamError::Refused { code, .. }) => assert_eq!(code, ErrorCode::NODE_UNKNOWN),
+            _ => panic!("a session to a removed node was not refused"),
+        }
+        let again = agent_unchecked(&proxy, &cred).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !again.is_ended() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the removed node's certificate was accepted"
+            );
+            monoio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Another node was not touched.
+        let (_t, stream, _) = open_retrying(&proxy, &user, "node-keep").await;
+        assert!(echo_roundtrip(stream, data.clone()).await == data[..]);
+        // Joined again with the token: back.
+        let fresh = join(&proxy, &token, "node-gone").await.unwrap();
+        let _back = agent(&proxy, &fresh, "node-gone").await;
+        let (_t, stream, _) = open_retrying(&proxy, &user, "node-gone").await;
+        assert!(echo_roundtrip(stream, data.clone()).await == data[..]);
+    });
+    let audit = proxy.audit_when(|records| {
+        records.iter().any(|r| {
+            r["event"] == "access.denied"
+                && r["reason"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("node-gone was removed"))
+        })
+    });
+    assert!(
+        audit
+            .iter()
+            .any(|r| r["event"] == "node.removed" && r["node"] == "node-gone")
+    );
+}
+
+/// A tunnel connection with `cred`, without waiting for it to be accepted.
+async fn agent_unchecked(proxy: &Proxy, cred: &Credential) -> tunnel::mux::Tunnel {
+    let conn = connect(proxy.tunnels, cred.config(&proxy.ca), ALPN_TUNNEL)
+        .await
+        .unwrap();
+    run_session(conn, Role::Agent).0
+}

@@ -426,7 +426,11 @@ pub(super) async fn serve_register(
                 break;
             }
         };
-        let checked = check_register(&request);
+        // A node removed while registered stops here, at its next heartbeat.
+        let checked = match ctx.revocations.check(&node) {
+            Ok(()) => check_register(&request),
+            Err(why) => Err(error("not_allowed", why)),
+        };
         let (address, labels, ttl) = match checked {
             Ok(v) => v,
             Err(body) => {

@@ -321,8 +321,11 @@ impl Stats {
     }
 }
 
-/// A connection on its way to the core that owns its node (see the module documentation).
+/// A connection on its way to the core that owns its node (see the module documentation), or
+/// an order for that core.
 pub(crate) enum Handoff {
+    /// Close the node's tunnel: the node was removed.
+    CloseNode { node: String, reason: String },
     /// An agent's tunnel, authenticated.
     Tunnel {
         conn: TransferableTls,
@@ -349,6 +352,7 @@ struct Shared {
     store: StateStore,
     audit: Arc<AuditLog>,
     guard: Arc<crate::guard::SourceGuard>,
+    revocations: Arc<crate::revocation::Revocations>,
     policy: Arc<Policy>,
     ssh_ca: Arc<SshUserCa>,
     directory: Arc<NodeDirectory>,
@@ -361,6 +365,8 @@ struct Shared {
     tls_users: Arc<rustls::ServerConfig>,
     tls_tunnels: Arc<rustls::ServerConfig>,
     tls_auth: Arc<rustls::ServerConfig>,
+    /// The state file's modification time when it was read at start.
+    state_modified: Option<std::time::SystemTime>,
 }
 
 /// What every handler of one runtime (one core) shares.
@@ -381,6 +387,8 @@ pub struct Context {
     pub audit: Arc<AuditLog>,
     /// Per-address limits: handshakes, failed joins and logins.
     pub guard: Arc<crate::guard::SourceGuard>,
+    /// Removed nodes.
+    pub revocations: Arc<crate::revocation::Revocations>,
     /// The roles: who may reach which node as which login.
     pub policy: Arc<Policy>,
     /// The SSH user CA, for the SSH certificates issued at login.
@@ -593,7 +601,10 @@ pub fn run(
     let tls_auth = server(ListenerKind::Auth)?;
     let audit = Arc::new(AuditLog::open(&config.audit.path)?);
     let store = StateStore::new(data.clone());
-    store.read()?; // fail now, not at the first join, if the state file is bad
+    // Fail now, not at the first join, if the state file is bad.
+    let state_modified = crate::revocation::modified(&data.state());
+    let revocations = crate::revocation::Revocations::default();
+    revocations.load(&store.read()?);
     let addrs = listeners.addrs()?;
     let workers = listeners.workers();
 
@@ -608,6 +619,7 @@ pub fn run(
     }
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..workers).map(|_| flume::unbounded()).unzip();
     let shared = Shared {
+        revocations: Arc::new(revocations),
         guard: Arc::new(crate::guard::SourceGuard::new(
             config.limits.max_handshakes_per_source,
         )),
@@ -629,6 +641,7 @@ pub fn run(
         tls_users,
         tls_tunnels,
         tls_auth,
+        state_modified,
     };
 
     let Listeners {
@@ -782,6 +795,7 @@ async fn serve_core(
         store: shared.store,
         audit: shared.audit,
         guard: shared.guard,
+        revocations: shared.revocations,
         policy: shared.policy,
         ssh_ca: shared.ssh_ca,
         stats: shared.stats,
@@ -828,12 +842,74 @@ async fn serve_core(
         let admin = monoio::net::UnixListener::from_std(admin)
             .map_err(|e| ProxyError::Other(format!("cannot register the admin socket: {e}")))?;
         loops.push(monoio::spawn(admin::serve(ctx.clone(), admin)));
+        loops.push(monoio::spawn(watch_removals(
+            ctx.clone(),
+            shared.state_modified,
+        )));
         if let Some(metrics) = metrics {
             let metrics = to_monoio(metrics)?;
             loops.push(monoio::spawn(crate::metrics::serve(ctx.clone(), metrics)));
         }
     }
     Ok((ctx, loops))
+}
+
+/// Closes a removed node's tunnel on this core (live, or waiting to be resumed).
+fn close_node(ctx: &Context, node: &str, reason: &str) {
+    if let Some(waiting) = ctx.detached.borrow_mut().remove(node) {
+        waiting.cancel();
+        waiting.tunnel.close(ErrorCode::ACCESS_DENIED, reason);
+    }
+    if let Some(tunnel) = ctx.directory.local_tunnel(node) {
+        tracing::info!(%node, reason, "closing the tunnel of a removed node");
+        tunnel.close(ErrorCode::ACCESS_DENIED, reason);
+    }
+}
+
+/// Core 0: applies `nodes rm` made while the proxy runs (see [`crate::revocation`]).
+async fn watch_removals(ctx: Rc<Context>, mut seen: Option<std::time::SystemTime>) {
+    let path = DataDir::new(&ctx.config.data_dir).state();
+    loop {
+        monoio::select! {
+            _ = monoio::time::sleep(crate::revocation::CHECK_INTERVAL) => {}
+            _ = ctx.shutdown.wait() => break,
+        }
+        let modified = crate::revocation::modified(&path);
+        if modified == seen {
+            continue;
+        }
+        seen = modified;
+        let store = ctx.store.clone();
+        let Some(read) = crate::blocking::run(move || store.read()).await else {
+            continue;
+        };
+        let state = match read {
+            Ok(state) => state,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the state file to apply node removals");
+                continue;
+            }
+        };
+        for node in ctx.revocations.load(&state) {
+            let Some(revoked) = state.revoked_nodes.iter().find(|r| r.name == node) else {
+                continue;
+            };
+            let reason = format!(
+                "node {node} was removed (`remoteler-proxy nodes rm`) at {}",
+                crate::util::rfc3339_unix(revoked.revoked_unix)
+            );
+            tracing::info!(%node, "node removed; refusing its certificate from now on");
+            ctx.audit.record(
+                "node.removed",
+                serde_json::json!({ "node": node, "revoked_unix": revoked.revoked_unix }),
+            );
+            ctx.directory.forget(&node);
+            let owner = ctx.directory.owner_core(&node);
+            if let Some(inbox) = ctx.inboxes.get(owner) {
+                let _ = inbox.send(Handoff::CloseNode { node, reason });
+            }
+        }
+    }
 }
 
 /// Serves the connections other cores move to this one.
@@ -845,6 +921,7 @@ async fn inbox_loop(ctx: Rc<Context>, inbox: flume::Receiver<Handoff>) {
         };
         let Ok(handoff) = next else { break };
         match handoff {
+            Handoff::CloseNode { node, reason } => close_node(&ctx, &node, &reason),
             Handoff::Tunnel {
                 conn,
                 peer,
@@ -1177,6 +1254,9 @@ fn check_identity(
             identity.name,
             identity.kind.as_str()
         ));
+    }
+    if kind == IdentityKind::Node {
+        ctx.revocations.check(&identity)?;
     }
     Ok(identity)
 }
