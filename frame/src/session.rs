@@ -436,6 +436,10 @@ pub struct Session {
     goaway_received: bool,
     next_keepalive: Instant,
     heard_since_tick: bool,
+    /// A PING arrived since the last keepalive tick: our PONG to it already shows the peer
+    /// we are alive, so this tick sends no PING of its own (one PING and one PONG per
+    /// interval per tunnel instead of two of each, once the two sides' ticks settle).
+    pinged_since_tick: bool,
     missed: u32,
     ping_counter: u64,
     ping_sent: Option<(u64, Instant)>,
@@ -474,6 +478,7 @@ impl Session {
             goaway_sent: None,
             goaway_received: false,
             heard_since_tick: false,
+            pinged_since_tick: false,
             missed: 0,
             ping_counter: 0,
             ping_sent: None,
@@ -594,6 +599,7 @@ impl Session {
                 Frame::Resume(resume) => self.handle_resume(resume),
                 Frame::Ping { opaque } => {
                     self.pending_pong = Some(opaque);
+                    self.pinged_since_tick = true;
                     Ok(())
                 }
                 Frame::Pong { opaque } => {
@@ -627,6 +633,7 @@ impl Session {
             }
             Frame::Ping { opaque } => {
                 self.pending_pong = Some(opaque);
+                self.pinged_since_tick = true;
                 Ok(())
             }
             Frame::Pong { opaque } => {
@@ -1078,11 +1085,13 @@ impl Session {
                     }
                     return;
                 }
-                self.ping_counter += 1;
-                self.ping_sent = Some((self.ping_counter, now));
-                self.push_control(&Frame::Ping {
-                    opaque: self.ping_counter,
-                });
+                if !std::mem::take(&mut self.pinged_since_tick) {
+                    self.ping_counter += 1;
+                    self.ping_sent = Some((self.ping_counter, now));
+                    self.push_control(&Frame::Ping {
+                        opaque: self.ping_counter,
+                    });
+                }
                 self.flush_credit();
                 while self.next_keepalive <= now {
                     self.next_keepalive += self.config.keepalive_interval;
@@ -1152,6 +1161,7 @@ impl Session {
         self.next_keepalive = now + self.config.keepalive_interval;
         self.missed = 0;
         self.heard_since_tick = false;
+        self.pinged_since_tick = false;
         self.queue_hello(true);
         if let Some(announce) = self.last_announce.clone() {
             self.control.push_back(announce);

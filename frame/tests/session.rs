@@ -468,6 +468,31 @@ fn keepalive_pings_keep_an_idle_tunnel_alive() {
 }
 
 #[test]
+fn an_idle_tunnel_costs_one_ping_and_one_pong_per_interval() {
+    let mut pair = Pair::standard();
+    pair.settle(Duration::from_secs(1));
+    let interval = config(Role::Agent, true).keepalive_interval;
+    let before = pair.written[0] + pair.written[1];
+    let rounds = 20;
+    pair.run_for(interval * rounds);
+    let bytes = pair.written[0] + pair.written[1] - before;
+    // A PING or a PONG is a 9-byte header and 8 bytes of payload. Both sides pinging on every
+    // tick would be 4 frames (68 bytes) per interval; a side that was pinged since its last
+    // tick only answers, so an idle tunnel settles at 2 frames (34 bytes).
+    let per_interval = bytes as f64 / f64::from(rounds);
+    assert!(
+        per_interval <= 34.0 * 1.25,
+        "{per_interval:.1} bytes of keepalive per interval; expected about 34"
+    );
+    assert!(
+        per_interval >= 34.0 * 0.75,
+        "{per_interval:.1} bytes: no keepalive at all?"
+    );
+    assert!(!pair.a.saw(|e| *e == Event::TransportDead));
+    assert!(!pair.b.saw(|e| *e == Event::TransportDead));
+}
+
+#[test]
 fn a_silent_link_is_declared_dead_within_interval_times_count() {
     let mut cfg_a = config(Role::Agent, true);
     cfg_a.resume_grace = Duration::ZERO;
