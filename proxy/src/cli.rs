@@ -146,7 +146,7 @@ enum TokensCommand {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "add")]
 struct TokensAdd {
-    /// what the token is for: node
+    /// what the token is for: node, or trusted-cluster (a leaf cluster's proxy joining)
     #[argh(option)]
     kind: String,
     /// lifetime, e.g. 15m, 1h (default 15m)
@@ -478,9 +478,10 @@ fn tokens_add(args: TokensAdd) -> Result<(), ProxyError> {
     let data = data_dir(args.data_dir, args.config.as_deref())?;
     let kind = match args.kind.as_str() {
         "node" => TokenKind::Node,
+        "trusted-cluster" => TokenKind::TrustedCluster,
         other => {
             return Err(ProxyError::Usage(format!(
-                "--kind: unknown token kind {other:?}; this version knows: node"
+                "--kind: unknown token kind {other:?}; this version knows: node, trusted-cluster"
             )));
         }
     };
@@ -508,9 +509,9 @@ fn tokens_add(args: TokensAdd) -> Result<(), ProxyError> {
         uses_left: args.uses,
     };
     let store = StateStore::new(data.clone());
-    let hosts = store.update(|state| {
+    let (hosts, cluster) = store.update(|state| {
         state.tokens.push(token);
-        Ok::<_, ProxyError>(state.hosts.clone())
+        Ok::<_, ProxyError>((state.hosts.clone(), state.cluster.clone()))
     })?;
     let pin = ca_pin(&data)?;
     let proxy = args.proxy.unwrap_or_else(|| match hosts.first() {
@@ -529,6 +530,17 @@ fn tokens_add(args: TokensAdd) -> Result<(), ProxyError> {
     );
     println!("ca pin: {pin}");
     println!();
+    if kind == TokenKind::TrustedCluster {
+        println!("The token is shown only now. In the leaf cluster's proxy configuration, add:");
+        println!("  [[trusted_clusters]]");
+        println!("  name = \"{}\"", cluster);
+        println!("  proxy = \"{proxy}\"");
+        println!("  token = \"{secret}\"");
+        println!("  ca_pin = \"{pin}\"");
+        println!("  role_map = [{{ remote = \"*\", local = [\"access\"] }}]");
+        println!("and restart the leaf proxy; it joins once and keeps a tunnel to this proxy.");
+        return Ok(());
+    }
     println!("The token is shown only now. On the node, run:");
     println!(
         "  remoteler-agent start --proxy {proxy} --ca-pin {pin} --token {secret} --node-name NODE_NAME"

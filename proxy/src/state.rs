@@ -47,6 +47,24 @@ pub struct State {
     /// Users.
     #[serde(default)]
     pub users: Vec<User>,
+    /// Leaf clusters that joined this (root) cluster with a `trusted-cluster` token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_leaves: Vec<TrustedLeaf>,
+}
+
+/// A leaf cluster that joined this one: its proxy may hold cluster tunnels here.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedLeaf {
+    /// The leaf's cluster name (the name in its cluster certificate).
+    pub name: String,
+    /// The leaf's CA certificate, PEM, as it sent it at the join (kept for the record and
+    /// for operators; the root never trusts it for anything).
+    pub ca_pem: String,
+    /// When it joined, Unix seconds.
+    pub joined_unix: u64,
+    /// The id of the token it joined with.
+    pub token_id: String,
 }
 
 /// What a token lets its bearer do.
@@ -55,6 +73,8 @@ pub struct State {
 pub enum TokenKind {
     /// Join as a node (agent).
     Node,
+    /// Join as a trusted leaf cluster (`--kind trusted-cluster`).
+    TrustedCluster,
 }
 
 impl TokenKind {
@@ -62,6 +82,7 @@ impl TokenKind {
     pub fn as_str(self) -> &'static str {
         match self {
             TokenKind::Node => "node",
+            TokenKind::TrustedCluster => "trusted-cluster",
         }
     }
 }
@@ -256,6 +277,7 @@ impl StateStore {
             hosts: hosts.to_vec(),
             tokens: Vec::new(),
             users: Vec::new(),
+            trusted_leaves: Vec::new(),
         };
         self.write(&state)
     }
