@@ -39,6 +39,7 @@ enum Command {
     Tokens(TokensArgs),
     Users(UsersArgs),
     Nodes(NodesArgs),
+    Clusters(ClustersArgs),
     Status(StatusArgs),
     Export(ExportArgs),
     Audit(AuditArgs),
@@ -287,6 +288,35 @@ struct NodesLs {
     config: Option<PathBuf>,
 }
 
+/// Trusted leaf clusters, as the running (root) proxy sees them.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "clusters")]
+struct ClustersArgs {
+    #[argh(subcommand)]
+    command: ClustersCommand,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+enum ClustersCommand {
+    Ls(ClustersLs),
+}
+
+/// List trusted leaf clusters: name, online, connected since, last heartbeat, nodes.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "ls")]
+struct ClustersLs {
+    /// print JSON instead of a table
+    #[argh(switch)]
+    json: bool,
+    /// data directory (default /var/lib/remoteler)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+    /// configuration file to take data_dir from
+    #[argh(option)]
+    config: Option<PathBuf>,
+}
+
 /// The running proxy's state: cluster, CA pin, listeners, tunnels, sessions, uptime.
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "status")]
@@ -316,6 +346,9 @@ pub fn run(args: Args) -> Result<(), ProxyError> {
         },
         Command::Nodes(n) => match n.command {
             NodesCommand::Ls(a) => nodes_ls(a),
+        },
+        Command::Clusters(c) => match c.command {
+            ClustersCommand::Ls(a) => clusters_ls(a),
         },
         Command::Status(a) => status(&data_dir(a.data_dir, a.config.as_deref())?),
         Command::Export(a) => export(a),
@@ -810,6 +843,40 @@ fn nodes_ls(args: NodesLs) -> Result<(), ProxyError> {
         }
         Err(e) => Err(ProxyError::Other(e.to_string())),
     }
+}
+
+fn clusters_ls(args: ClustersLs) -> Result<(), ProxyError> {
+    let data = data_dir(args.data_dir, args.config.as_deref())?;
+    let clusters: Vec<crate::directory::ClusterRecord> =
+        admin::ask(&data, AdminRequest::Clusters).map_err(|e| ProxyError::Other(e.to_string()))?;
+    if args.json {
+        let text = serde_json::to_string_pretty(&clusters)
+            .map_err(|e| ProxyError::Other(format!("cannot encode the cluster list: {e}")))?;
+        println!("{text}");
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<7} {:<7} {:<7} {:<20} {:<20} PEER",
+        "NAME", "ONLINE", "NODES", "TUNNELS", "SINCE", "LAST HEARTBEAT"
+    );
+    for c in clusters {
+        println!(
+            "{:<24} {:<7} {:<7} {:<7} {:<20} {:<20} {}",
+            c.name,
+            if c.online { "yes" } else { "no" },
+            c.nodes,
+            c.tunnels,
+            c.since_unix.map_or_else(|| "-".into(), util::rfc3339_unix),
+            c.last_heartbeat_unix
+                .map_or_else(|| "-".into(), util::rfc3339_unix),
+            if c.peers.is_empty() {
+                "-".to_owned()
+            } else {
+                c.peers.join(",")
+            }
+        );
+    }
+    Ok(())
 }
 
 fn status(data: &DataDir) -> Result<(), ProxyError> {

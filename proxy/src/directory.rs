@@ -152,6 +152,9 @@ struct ClusterTunnelInfo {
     peer: SocketAddr,
     since: SystemTime,
     nodes: Vec<frame::NodeInfo>,
+    /// Last time the tunnel was seen alive (its keepalive closes it after missed pings).
+    heartbeat: SystemTime,
+    rtt: Option<Duration>,
 }
 
 /// A trusted leaf cluster's tunnels (root side).
@@ -191,6 +194,10 @@ pub struct ClusterRecord {
     pub since_unix: Option<u64>,
     /// The leaf's proxy address(es).
     pub peers: Vec<String>,
+    /// Last time a tunnel of it was seen alive, Unix seconds.
+    pub last_heartbeat_unix: Option<u64>,
+    /// Round-trip time of its newest tunnel's last keepalive, milliseconds.
+    pub rtt_ms: Option<u64>,
 }
 
 /// The directory every core shares (see the module documentation).
@@ -369,6 +376,19 @@ impl NodeDirectory {
                         p.dedup();
                         p
                     },
+                    last_heartbeat_unix: leaf
+                        .tunnels
+                        .iter()
+                        .map(|t| t.heartbeat)
+                        .max()
+                        .or(leaf.last_seen)
+                        .map(crate::util::unix_secs),
+                    rtt_ms: leaf
+                        .tunnels
+                        .iter()
+                        .max_by_key(|t| t.id)
+                        .and_then(|t| t.rtt)
+                        .map(|d| d.as_millis() as u64),
                 }
             })
             .collect();
@@ -494,7 +514,22 @@ impl CoreDirectory {
                 peer,
                 since: SystemTime::now(),
                 nodes,
+                heartbeat: SystemTime::now(),
+                rtt: None,
             });
+    }
+
+    /// Records that cluster tunnel `id` of `leaf` is alive, with its round-trip time.
+    pub fn cluster_heartbeat(&self, leaf: &str, id: u64, rtt: Option<Duration>) {
+        let mut entries = self.shared.lock();
+        if let Some(t) = entries
+            .clusters
+            .get_mut(leaf)
+            .and_then(|l| l.tunnels.iter_mut().find(|t| t.id == id))
+        {
+            t.heartbeat = SystemTime::now();
+            t.rtt = rtt;
+        }
     }
 
     /// Replaces what cluster tunnel `id` of `leaf` announced.

@@ -318,6 +318,19 @@ pub(super) async fn serve_cluster_tunnel(
             "cluster": leaf, "peer": peer.to_string(), "tunnel_id": id, "nodes": count,
         }),
     );
+    // Ends by itself within one interval of the tunnel; not waited for.
+    drop({
+        let (ctx, tunnel, leaf) = (ctx.clone(), tunnel.clone(), leaf.clone());
+        monoio::spawn(async move {
+            while !tunnel.is_ended() {
+                monoio::time::sleep(ctx.config.keepalive.interval).await;
+                if !tunnel.is_ended() {
+                    let rtt = tunnel.with_session(|s| s.rtt());
+                    ctx.directory.cluster_heartbeat(&leaf, id, rtt);
+                }
+            }
+        })
+    });
     let watcher = {
         let (ctx, tunnel, leaf) = (ctx.clone(), tunnel.clone(), leaf.clone());
         monoio::spawn(async move {
