@@ -284,7 +284,7 @@ mod tests {
         assert_eq!(map.map(&roles(&["admin"])), ["ops", "viewer"]);
         assert_eq!(
             map.map(&roles(&["team-blue", "team-red"])),
-            ["blue-dev", "red-dev", "viewer"]
+            ["blue-dev", "viewer", "red-dev"]
         );
         assert_eq!(map.map(&roles(&[])), Vec::<String>::new());
         let strict = role_map(vec![rule("admin", &["ops"])]).unwrap();

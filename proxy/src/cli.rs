@@ -585,7 +585,7 @@ fn tokens_ls(data: &DataDir) -> Result<(), ProxyError> {
     let state = StateStore::new(data.clone()).read()?;
     let now = util::unix_now();
     println!(
-        "{:<10} {:<6} {:<26} {:<9} STATUS",
+        "{:<10} {:<15} {:<26} {:<9} STATUS",
         "ID", "KIND", "EXPIRES", "USES-LEFT"
     );
     for t in &state.tokens {
@@ -597,7 +597,7 @@ fn tokens_ls(data: &DataDir) -> Result<(), ProxyError> {
             "valid"
         };
         println!(
-            "{:<10} {:<6} {:<26} {:<9} {status}",
+            "{:<10} {:<15} {:<26} {:<9} {status}",
             t.id,
             t.kind.as_str(),
             util::rfc3339_unix(t.expires_unix),
