@@ -1,4 +1,5 @@
-//! The command line: `init`, `start`, `tokens`, `users`, `nodes`, `status`, `export`, `audit`.
+//! The command line: `init`, `start`, `tokens`, `users`, `nodes`, `clusters`, `status`,
+//! `export`, `audit`.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
