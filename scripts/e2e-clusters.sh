@@ -288,4 +288,18 @@ check "the leaf logged that the trust is disabled" grep -q "trusted cluster disa
 check "the root recorded cluster.disconnect" grep -q '"cluster.disconnect"' "$ROOT_AUDIT"
 check "the root's own node-a still works" test "$(S node-a 'echo $NODE_NAME')" = root-node-a
 
+say "re-enabling needs no new token; the root can revoke the leaf itself"
+write_leaf_config true
+rm -f "$WORK/leaf-token" # the stored certificate is enough now
+kill "$LEAF_PID"; while kill -0 "$LEAF_PID" 2>/dev/null; do sleep 0.1; done
+start_leaf 3
+wait_for "leaf back online after re-enabling, without a token" 40 leaf_up_with 2
+check "ssh node-r.leaf after re-enabling" test "$(S node-r.leaf 'echo $NODE_NAME')" = leaf-node-r
+"$P" clusters rm leaf --data-dir "$WORK/root"
+wait_for "the root to close the revoked leaf's tunnels" 20 bash -c "\"$P\" clusters ls --data-dir \"$WORK/root\" | grep -Eq '^leaf +no '"
+OUT=$(S node-r.leaf true 2>&1 || true); contains "$OUT" "trusted cluster leaf is not connected"
+echo "ok - after clusters rm on the root, its users are refused"
+wait_for "the leaf's reconnects to be refused as untrusted" 30 grep -q '"cluster.refused".*not a trusted leaf' "$ROOT_AUDIT"
+echo "ok - the revoked leaf cannot connect again"
+
 say "end-to-end (trusted clusters): all checks passed"

@@ -301,6 +301,23 @@ struct ClustersArgs {
 #[argh(subcommand)]
 enum ClustersCommand {
     Ls(ClustersLs),
+    Rm(ClustersRm),
+}
+
+/// Stop trusting a leaf cluster: its tunnels are closed within seconds, and it cannot connect
+/// again without a new join (a new trusted-cluster token).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "rm")]
+struct ClustersRm {
+    /// the leaf cluster's name
+    #[argh(positional)]
+    name: String,
+    /// data directory (default /var/lib/remoteler)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+    /// configuration file to take data_dir from
+    #[argh(option)]
+    config: Option<PathBuf>,
 }
 
 /// List trusted leaf clusters: name, online, connected since, last heartbeat, nodes.
@@ -350,6 +367,9 @@ pub fn run(args: Args) -> Result<(), ProxyError> {
         },
         Command::Clusters(c) => match c.command {
             ClustersCommand::Ls(a) => clusters_ls(a),
+            ClustersCommand::Rm(a) => {
+                clusters_rm(&data_dir(a.data_dir, a.config.as_deref())?, &a.name)
+            }
         },
         Command::Status(a) => status(&data_dir(a.data_dir, a.config.as_deref())?),
         Command::Export(a) => export(a),
@@ -844,6 +864,21 @@ fn nodes_ls(args: NodesLs) -> Result<(), ProxyError> {
         }
         Err(e) => Err(ProxyError::Other(e.to_string())),
     }
+}
+
+fn clusters_rm(data: &DataDir, name: &str) -> Result<(), ProxyError> {
+    StateStore::new(data.clone()).update(|state| {
+        let before = state.trusted_leaves.len();
+        state.trusted_leaves.retain(|l| l.name != name);
+        if state.trusted_leaves.len() == before {
+            return Err(ProxyError::Usage(format!(
+                "no trusted leaf cluster named {name:?}; `remoteler-proxy clusters ls` lists them"
+            )));
+        }
+        Ok(())
+    })?;
+    println!("trusted cluster {name} removed; a running proxy closes its tunnels within seconds");
+    Ok(())
 }
 
 fn clusters_ls(args: ClustersLs) -> Result<(), ProxyError> {

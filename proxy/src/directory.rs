@@ -714,4 +714,97 @@ mod tests {
         }
         assert_eq!(NodeDirectory::new(Vec::new(), 1).owner_core("x"), 0);
     }
+
+    fn leaf_node(name: &str, online: bool) -> frame::NodeInfo {
+        frame::NodeInfo {
+            name: name.into(),
+            online,
+            tunnel: false,
+            labels: Vec::new(),
+            services: vec!["ssh".into()],
+        }
+    }
+
+    fn tunnel() -> Tunnel {
+        let config = frame::SessionConfig::new(frame::Role::Proxy, false);
+        Tunnel::new(frame::Session::new(config, [0; 16], Instant::now()))
+    }
+
+    #[test]
+    fn leaf_nodes_route_to_the_core_of_the_tunnel_that_announced_them() {
+        let shared = Arc::new(NodeDirectory::new(Vec::new(), 2));
+        let (core0, core1) = (
+            CoreDirectory::new(shared.clone(), 0),
+            CoreDirectory::new(shared.clone(), 1),
+        );
+        let peer: SocketAddr = "10.0.0.2:5000".parse().unwrap();
+        assert!(matches!(
+            core0.cluster_route("leaf", "node-a"),
+            ClusterRoute::ClusterOffline(None)
+        ));
+        let (t0, t1) = (tunnel(), tunnel());
+        core0.attach_cluster_tunnel("leaf", 1, peer, &t0, vec![leaf_node("node-a", true)]);
+        core1.attach_cluster_tunnel(
+            "leaf",
+            2,
+            peer,
+            &t1,
+            vec![leaf_node("node-b", true), leaf_node("node-c", false)],
+        );
+        assert_eq!(shared.cluster_owner("leaf", "node-a"), Some(0));
+        assert_eq!(shared.cluster_owner("leaf", "node-b"), Some(1));
+        assert_eq!(shared.cluster_owner("leaf", "node-z"), None);
+        assert_eq!(shared.cluster_owner("other", "node-a"), None);
+        assert!(matches!(
+            core0.cluster_route("leaf", "node-a"),
+            ClusterRoute::Tunnel(_)
+        ));
+        assert!(matches!(
+            core0.cluster_route("leaf", "node-b"),
+            ClusterRoute::OtherCore(1)
+        ));
+        assert!(matches!(
+            core1.cluster_route("leaf", "node-b"),
+            ClusterRoute::Tunnel(_)
+        ));
+        assert!(matches!(
+            core1.cluster_route("leaf", "node-c"),
+            ClusterRoute::NodeOffline
+        ));
+        assert!(matches!(
+            core1.cluster_route("leaf", "node-z"),
+            ClusterRoute::NodeUnknown
+        ));
+        // A leaf's node-a is not this cluster's node-a.
+        assert!(matches!(core0.route("node-a"), Route::Unknown));
+        let names: Vec<String> = shared
+            .cluster_nodes("leaf")
+            .unwrap()
+            .into_iter()
+            .map(|n| n.name)
+            .collect();
+        assert_eq!(names, ["node-a", "node-b", "node-c"]);
+        let [record] = shared.clusters().try_into().unwrap();
+        assert_eq!((record.online, record.tunnels, record.nodes), (true, 2, 3));
+
+        core1.update_cluster_tunnel("leaf", 2, vec![leaf_node("node-c", true)]);
+        assert!(matches!(
+            core1.cluster_route("leaf", "node-c"),
+            ClusterRoute::Tunnel(_)
+        ));
+        assert!(matches!(
+            core1.cluster_route("leaf", "node-b"),
+            ClusterRoute::NodeUnknown
+        ));
+
+        core0.detach_cluster_tunnel("leaf", 1);
+        core1.detach_cluster_tunnel("leaf", 2);
+        assert!(matches!(
+            core0.cluster_route("leaf", "node-a"),
+            ClusterRoute::ClusterOffline(Some(_))
+        ));
+        assert!(shared.cluster_nodes("leaf").is_none());
+        assert!(!shared.clusters()[0].online);
+        assert_eq!(core0.local_tunnel_count() + core1.local_tunnel_count(), 0);
+    }
 }

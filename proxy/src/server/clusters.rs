@@ -50,6 +50,8 @@ const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// A tunnel up this long resets the backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
+/// How often the root checks that a connected leaf is still trusted (state file).
+const TRUST_RECHECK: Duration = Duration::from_secs(5);
 /// Time a closing tunnel gets to send its GOAWAY.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
@@ -318,15 +320,40 @@ pub(super) async fn serve_cluster_tunnel(
             "cluster": leaf, "peer": peer.to_string(), "tunnel_id": id, "nodes": count,
         }),
     );
-    // Ends by itself within one interval of the tunnel; not waited for.
+    // Heartbeat for `clusters ls`, and the trust check: a leaf removed with `clusters rm` loses
+    // its tunnels within TRUST_RECHECK. Ends by itself within one interval of the tunnel; not
+    // waited for.
     drop({
         let (ctx, tunnel, leaf) = (ctx.clone(), tunnel.clone(), leaf.clone());
         monoio::spawn(async move {
+            let mut checked = Instant::now();
             while !tunnel.is_ended() {
-                monoio::time::sleep(ctx.config.keepalive.interval).await;
-                if !tunnel.is_ended() {
-                    let rtt = tunnel.with_session(|s| s.rtt());
-                    ctx.directory.cluster_heartbeat(&leaf, id, rtt);
+                monoio::time::sleep(ctx.config.keepalive.interval.min(TRUST_RECHECK)).await;
+                if tunnel.is_ended() {
+                    break;
+                }
+                let rtt = tunnel.with_session(|s| s.rtt());
+                ctx.directory.cluster_heartbeat(&leaf, id, rtt);
+                if checked.elapsed() < TRUST_RECHECK {
+                    continue;
+                }
+                checked = Instant::now();
+                let store = ctx.store.clone();
+                let name = leaf.clone();
+                let trusted = crate::blocking::run(move || {
+                    store
+                        .read()
+                        .map(|s| s.trusted_leaves.iter().any(|l| l.name == name))
+                })
+                .await;
+                if let Some(Ok(false)) = trusted {
+                    let why = format!(
+                        "cluster {leaf:?} is no longer a trusted leaf of cluster {:?} \
+                         (`remoteler-proxy clusters rm`)",
+                        ctx.cluster
+                    );
+                    tracing::warn!(cluster = %leaf, tunnel_id = id, "cluster tunnel closed: trust removed");
+                    tunnel.close(ErrorCode::ACCESS_DENIED, &why);
                 }
             }
         })

@@ -170,32 +170,30 @@ pub(super) async fn handle_open(
         return; // the user's connection ended meanwhile; dropping the target closes it
     };
     let active = ActiveSession::new(&ctx);
-    if let Target::Leaf(leaf) = target {
-        // The session is the leaf's: it writes session.start and session.end to its own audit
-        // log; this cluster's log has no record of it (only the program log does).
-        let session_id = util::to_hex(&request.session_id);
-        tracing::info!(%session_id, user = %user.name, cluster = %request.cluster, node = %request.node, %client_addr, "session passed to trusted cluster");
-        let (outcome, settle) =
-            splice::splice_streams(user_stream, leaf, ("user", "cluster")).await;
-        tracing::info!(
-            %session_id, user = %user.name, cluster = %request.cluster, node = %request.node,
-            bytes_from_user = outcome.forward, bytes_to_user = outcome.backward,
-            reason = outcome.error.as_deref().unwrap_or("closed"), "session through trusted cluster ended"
-        );
-        drop(active);
-        settle.wait().await;
-        return;
-    }
-    let via = match target {
-        Target::Tunnel(_) => "tunnel",
-        Target::Direct(_) | Target::Leaf(_) => "direct",
+    let (via, node) = match target {
+        Target::Leaf(leaf) => {
+            // The session is the leaf's: it writes session.start and session.end to its own
+            // audit log; this cluster's log has no record of it (only the program log does).
+            let session_id = util::to_hex(&request.session_id);
+            tracing::info!(%session_id, user = %user.name, cluster = %request.cluster, node = %request.node, %client_addr, "session passed to trusted cluster");
+            let (outcome, settle) =
+                splice::splice_streams(user_stream, leaf, ("user", "cluster")).await;
+            tracing::info!(
+                %session_id, user = %user.name, cluster = %request.cluster, node = %request.node,
+                bytes_from_user = outcome.forward, bytes_to_user = outcome.backward,
+                reason = outcome.error.as_deref().unwrap_or("closed"), "session through trusted cluster ended"
+            );
+            drop(active);
+            settle.wait().await;
+            return;
+        }
+        Target::Tunnel(agent) => ("tunnel", Ok(agent)),
+        Target::Direct(tcp) => ("direct", Err(tcp)),
     };
     let started = session_start(&ctx, &request, &user, &client_addr, via);
-    let (outcome, settle) = match target {
-        Target::Tunnel(agent) | Target::Leaf(agent) => {
-            splice::splice_streams(user_stream, agent, ("user", "node")).await
-        }
-        Target::Direct(tcp) => splice::splice_tcp(user_stream, tcp, ("user", "node")).await,
+    let (outcome, settle) = match node {
+        Ok(agent) => splice::splice_streams(user_stream, agent, ("user", "node")).await,
+        Err(tcp) => splice::splice_tcp(user_stream, tcp, ("user", "node")).await,
     };
     session_end(&ctx, &request, &user, &client_addr, via, started, &outcome);
     drop(active);
