@@ -4,7 +4,7 @@
 //! (io_uring, epoll where io_uring is missing), its own `SO_REUSEPORT` listeners and its own
 //! [`Context`]. A node's tunnel lives on the node's owner core
 //! ([`NodeDirectory::owner_core`]); a connection that lands on another core is moved there
-//! (socket and TLS state together, [`Handoff`]) once it is authenticated and, for a user,
+//! (socket and TLS state together, `Handoff`) once it is authenticated and, for a user,
 //! once its first OPEN names the node, so a session's bytes never cross threads. The
 //! [`NodeDirectory`], the counters, the audit log and the state file are what cores share.
 
