@@ -795,6 +795,16 @@ async fn tunnel_once(
     let reason = match outcome {
         Some(outcome) => outcome_reason(&outcome),
         None => {
+            // Drain like the proxy's own listeners: GOAWAY (the root opens nothing new here),
+            // then the root users' sessions get up to `drain.timeout` to finish.
+            tunnel.goaway("leaf proxy shutting down");
+            let deadline = Instant::now() + config.drain.timeout;
+            while tunnel.with_session(|s| s.stream_count()) > 0
+                && !tunnel.is_ended()
+                && Instant::now() < deadline
+            {
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
             tunnel.close(ErrorCode::GOING_AWAY, "leaf proxy shutting down");
             let _ = monoio::time::timeout(CLOSE_GRACE, driver).await;
             "leaf proxy shutting down".to_owned()
