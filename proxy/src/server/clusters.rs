@@ -217,12 +217,17 @@ fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
 
 // ---- root: cluster tunnels ----------------------------------------------------------------------
 
-/// Whether `leaf` joined this cluster (and was not removed since).
-fn is_trusted_leaf(ctx: &Context, leaf: &str) -> Result<bool, String> {
-    let state = ctx.store.read().map_err(|e| {
-        tracing::error!(error = %e, "cannot read the state file for a cluster tunnel");
-        "the proxy cannot read its state".to_owned()
-    })?;
+/// Whether `leaf` joined this cluster (and was not removed since). The state file is read on
+/// a helper thread: another core or the CLI may hold its lock.
+async fn is_trusted_leaf(ctx: &Context, leaf: &str) -> Result<bool, String> {
+    let (store, leaf) = (ctx.store.clone(), leaf.to_owned());
+    let state = crate::blocking::run(move || store.read())
+        .await
+        .ok_or_else(|| "the state file could not be read (helper thread failed)".to_owned())?
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot read the state file for a cluster tunnel");
+            "the proxy cannot read its state".to_owned()
+        })?;
     Ok(state.trusted_leaves.iter().any(|l| l.name == leaf))
 }
 
@@ -262,7 +267,7 @@ pub(super) async fn serve_cluster_tunnel(
             "the proxy is shutting down".to_owned(),
         ))
     } else {
-        match is_trusted_leaf(&ctx, &leaf) {
+        match is_trusted_leaf(&ctx, &leaf).await {
             Ok(true) => None,
             Ok(false) => Some((
                 ErrorCode::ACCESS_DENIED,
@@ -338,15 +343,8 @@ pub(super) async fn serve_cluster_tunnel(
                     continue;
                 }
                 checked = Instant::now();
-                let store = ctx.store.clone();
-                let name = leaf.clone();
-                let trusted = crate::blocking::run(move || {
-                    store
-                        .read()
-                        .map(|s| s.trusted_leaves.iter().any(|l| l.name == name))
-                })
-                .await;
-                if let Some(Ok(false)) = trusted {
+                let trusted = is_trusted_leaf(&ctx, &leaf).await;
+                if let Ok(false) = trusted {
                     let why = format!(
                         "cluster {leaf:?} is no longer a trusted leaf of cluster {:?} \
                          (`remoteler-proxy clusters rm`)",
