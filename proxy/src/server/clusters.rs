@@ -834,18 +834,18 @@ async fn tunnel_once(
 /// Checks the root user's certificate of an OPEN and maps its roles; the user as this cluster
 /// sees them (home cluster = the root, roles = the mapped ones).
 fn root_user(
-    ctx: &Context,
+    cluster: &str,
     trust: &RootTrust,
-    incoming: &Incoming,
+    request: &frame::Open,
+    now: SystemTime,
 ) -> Result<PeerIdentity, (ErrorCode, String)> {
-    let request = &incoming.request;
     let denied = |why: String| (ErrorCode::ACCESS_DENIED, why);
-    if request.cluster != ctx.cluster {
+    if request.cluster != cluster {
         return Err((
             ErrorCode::CLUSTER_UNKNOWN,
             format!(
                 "cluster {} serves only its own nodes, not cluster {:?}",
-                ctx.cluster, request.cluster
+                cluster, request.cluster
             ),
         ));
     }
@@ -859,7 +859,7 @@ fn root_user(
     let user = tunnel::identity::verify_client_chain(
         std::slice::from_ref(&trust.root_ca),
         &[cert],
-        SystemTime::now(),
+        now,
     )
     .map_err(|e| {
         denied(format!(
@@ -895,7 +895,7 @@ fn root_user(
             } else {
                 user.roles.join(", ")
             },
-            ctx.cluster
+            cluster
         )));
     }
     Ok(PeerIdentity {
@@ -907,7 +907,7 @@ fn root_user(
 /// An OPEN a root passed through its cluster tunnel: verified, mapped, then served like a local
 /// user's, with this cluster's audit log.
 async fn handle_cluster_open(ctx: Rc<Context>, incoming: Incoming, trust: Rc<RootTrust>) {
-    match root_user(&ctx, &trust, &incoming) {
+    match root_user(&ctx.cluster, &trust, &incoming.request, SystemTime::now()) {
         Ok(user) => {
             let client_addr = incoming.request.client_addr.clone();
             super::sessions::handle_open(ctx, incoming, user, client_addr, Bytes::new()).await
@@ -961,5 +961,124 @@ pub(super) fn list_leaf_nodes(
                 ctx.cluster
             ),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use tunnel::identity::ClusterCa;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    struct Setup {
+        root: ClusterCa,
+        trust: RootTrust,
+    }
+
+    fn setup() -> Setup {
+        let root = ClusterCa::generate("root.test").unwrap();
+        let text = "cluster_name = \"leaf\"\n[[trusted_clusters]]\nname = \"root.test\"\n\
+                    proxy = \"r:3024\"\nca_pin = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\"\n\
+                    role_map = [{ remote = \"dev\", local = [\"leaf-dev\"] }, { remote = \"^team-(.+)$\", local = [\"$1\"] }]\n";
+        let config = config::ProxyConfig::from_toml_str(text, "/t/proxy.toml").unwrap();
+        let trust = RootTrust {
+            root: "root.test".into(),
+            root_ca: root.certificate().clone(),
+            role_map: config.trusted_clusters[0].role_map.clone(),
+        };
+        Setup { root, trust }
+    }
+
+    fn user_cert(ca: &ClusterCa, name: &str, roles: &[&str], validity: Validity) -> Bytes {
+        let key = PrivateKey::generate().unwrap();
+        let roles: Vec<String> = roles.iter().map(|r| (*r).to_owned()).collect();
+        let cert = ca
+            .issue_user(name, &roles, &["root".into()], &key.public_key(), validity)
+            .unwrap();
+        Bytes::copy_from_slice(cert.as_ref())
+    }
+
+    fn open(user: &str, credential: Bytes) -> frame::Open {
+        frame::Open {
+            cluster: "leaf".into(),
+            node: "node-a".into(),
+            service: "ssh".into(),
+            user: user.into(),
+            login: "root".into(),
+            client_addr: "10.0.0.9:5555".into(),
+            credential,
+            ..frame::Open::default()
+        }
+    }
+
+    fn valid() -> Validity {
+        Validity::for_ttl(SystemTime::now(), HOUR).unwrap()
+    }
+
+    #[test]
+    fn a_root_user_is_verified_and_mapped() {
+        let s = setup();
+        let cert = user_cert(&s.root, "alice", &["team-blue", "dev", "intern"], valid());
+        let user = root_user("leaf", &s.trust, &open("alice", cert), SystemTime::now()).unwrap();
+        assert_eq!(user.name, "alice");
+        assert_eq!(user.cluster, "root.test", "the home cluster stays the root");
+        assert_eq!(user.roles, ["leaf-dev", "blue"]);
+        assert_eq!(user.logins, ["root"]);
+    }
+
+    #[test]
+    fn refusals() {
+        let s = setup();
+        let now = SystemTime::now();
+        let denied = |request: frame::Open, expected: &str| {
+            let (code, why) = root_user("leaf", &s.trust, &request, now).unwrap_err();
+            assert_eq!(code, ErrorCode::ACCESS_DENIED, "{why}");
+            assert!(why.contains(expected), "expected {expected:?} in {why:?}");
+        };
+        let alice = user_cert(&s.root, "alice", &["dev"], valid());
+        // No credential.
+        denied(open("alice", Bytes::new()), "sent no user certificate");
+        // Garbage.
+        denied(
+            open("alice", Bytes::from_static(b"not der")),
+            "does not verify",
+        );
+        // The certificate of another CA that calls itself root.test.
+        let impostor = ClusterCa::generate("root.test").unwrap();
+        denied(
+            open("alice", user_cert(&impostor, "alice", &["dev"], valid())),
+            "does not verify",
+        );
+        // Expired.
+        let past = SystemTime::now() - 10 * HOUR;
+        let old = Validity::between(past, past + HOUR).unwrap();
+        denied(
+            open("alice", user_cert(&s.root, "alice", &["dev"], old)),
+            "does not verify",
+        );
+        // Not a user: the root's cluster certificate for some leaf.
+        let key = PrivateKey::generate().unwrap();
+        let cluster_cert = s
+            .root
+            .issue_cluster("leaf", &key.public_key(), valid())
+            .unwrap();
+        denied(
+            open("alice", Bytes::copy_from_slice(cluster_cert.as_ref())),
+            "not a user",
+        );
+        // Someone else's certificate.
+        denied(open("mallory", alice.clone()), "names user \"mallory\"");
+        // No role maps.
+        denied(
+            open("carol", user_cert(&s.root, "carol", &["intern"], valid())),
+            "maps to a role of cluster leaf",
+        );
+        // Another cluster than this leaf.
+        let mut other = open("alice", alice);
+        other.cluster = "elsewhere".into();
+        let (code, _) = root_user("leaf", &s.trust, &other, now).unwrap_err();
+        assert_eq!(code, ErrorCode::CLUSTER_UNKNOWN);
     }
 }
