@@ -86,6 +86,11 @@ fn run(args: Args) -> Result<(), ClientError> {
         }
         Command::Ssh(ssh) => {
             let profile = home.valid_profile(now)?;
+            if let Some(cluster) = &ssh.cluster {
+                // It goes into the ProxyCommand, which ssh runs with a shell.
+                config::ClusterName::new(cluster.as_str())
+                    .map_err(|e| ClientError::msg(format!("--cluster: {e}")))?;
+            }
             let leaf = ssh.cluster.as_deref().filter(|c| *c != profile.cluster);
             let cluster = leaf.unwrap_or(&profile.cluster);
             let dest = client::ssh::Destination::parse(&ssh.destination, cluster)
@@ -147,6 +152,14 @@ fn run(args: Args) -> Result<(), ClientError> {
                 if !leaf.online {
                     continue;
                 }
+                // Names from the proxy go into a ProxyCommand (run by a shell) and Host lines.
+                if config::ClusterName::new(leaf.name.as_str()).is_err() {
+                    eprintln!(
+                        "remoteler: skipping trusted cluster {:?}: not a valid cluster name",
+                        leaf.name
+                    );
+                    continue;
+                }
                 let nodes = match block_on(client::list_nodes(&home, &profile, Some(&leaf.name)))? {
                     Ok(nodes) => nodes,
                     Err(e) => {
@@ -160,7 +173,11 @@ fn run(args: Args) -> Result<(), ClientError> {
                         remoteler_home().as_deref(),
                         Some(&leaf.name),
                     ),
-                    nodes: nodes.into_iter().map(|n| n.name).collect(),
+                    nodes: nodes
+                        .into_iter()
+                        .map(|n| n.name)
+                        .filter(|n| config::NodeName::new(n.as_str()).is_ok())
+                        .collect(),
                     cluster: leaf.name,
                 });
             }
