@@ -920,8 +920,8 @@ async fn handle_cluster_open(ctx: Rc<Context>, incoming: Incoming, trust: Rc<Roo
             ctx.audit.record(
                 "access.denied",
                 serde_json::json!({
-                    "session_id": session_id, "user": request.user, "cluster": trust.root,
-                    "node": request.node, "login": request.login,
+                    "session_id": session_id, "user": request.user, "user_cluster": trust.root,
+                    "cluster": request.cluster, "node": request.node, "login": request.login,
                     "client_addr": request.client_addr, "reason": reason,
                 }),
             );
