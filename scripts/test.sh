@@ -44,6 +44,9 @@ bash scripts/e2e.sh
 step "end to end: roles and SSH certificates, sshd with TrustedUserCAKeys only (scripts/e2e-roles.sh)"
 bash scripts/e2e-roles.sh
 
+step "end to end: trusted clusters, root and leaf proxies in their own namespaces (scripts/e2e-clusters.sh)"
+bash scripts/e2e-clusters.sh
+
 step "end to end on ARM: aarch64 agent under qemu-user behind NAT (scripts/arm-e2e.sh)"
 bash scripts/arm-e2e.sh
 

@@ -24,6 +24,8 @@ pub enum Command {
     Logout(LogoutArgs),
     /// List nodes.
     Ls(LsArgs),
+    /// List trusted leaf clusters.
+    Clusters(ClustersArgs),
     /// Run ssh.
     Ssh(SshArgs),
     /// Bridges for other programs.
@@ -70,12 +72,27 @@ pub struct LsArgs {
     /// print JSON instead of a table
     #[argh(switch)]
     pub json: bool,
+    /// list the nodes of this trusted leaf cluster instead
+    #[argh(option)]
+    pub cluster: Option<String>,
+}
+
+/// List the trusted leaf clusters you may reach through this cluster's proxy.
+#[derive(FromArgs, Debug, PartialEq)]
+#[argh(subcommand, name = "clusters")]
+pub struct ClustersArgs {
+    /// print JSON instead of a table
+    #[argh(switch)]
+    pub json: bool,
 }
 
 /// Run the system ssh to a node through the proxy.
 #[derive(FromArgs, Debug, PartialEq)]
 #[argh(subcommand, name = "ssh")]
 pub struct SshArgs {
+    /// the node is in this trusted leaf cluster
+    #[argh(option)]
+    pub cluster: Option<String>,
     /// an option for ssh, as ssh's own -o (e.g. -o IdentityFile=~/.ssh/id_ed25519); repeatable
     #[argh(option, short = 'o')]
     pub option: Vec<String>,
@@ -108,6 +125,9 @@ pub enum ProxyCommand {
 #[derive(FromArgs, Debug, PartialEq)]
 #[argh(subcommand, name = "ssh")]
 pub struct ProxySshArgs {
+    /// the node is in this trusted leaf cluster
+    #[argh(option)]
+    pub cluster: Option<String>,
     /// LOGIN@NODE:PORT (login and port optional), as ssh's %r@%h:%p
     #[argh(positional)]
     pub destination: String,
@@ -178,13 +198,39 @@ mod tests {
             parse(&["proxy", "ssh", "root@node-r1:22"]).unwrap(),
             Command::Proxy(ProxyArgs {
                 command: ProxyCommand::Ssh(ProxySshArgs {
+                    cluster: None,
                     destination: "root@node-r1:22".into()
                 })
             })
         );
         assert_eq!(
             parse(&["ls", "--json"]).unwrap(),
-            Command::Ls(LsArgs { json: true })
+            Command::Ls(LsArgs {
+                json: true,
+                cluster: None
+            })
+        );
+        let Command::Ls(ls) = parse(&["ls", "--cluster", "leaf"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(ls.cluster.as_deref(), Some("leaf"));
+        let Command::Ssh(s) = parse(&["ssh", "--cluster", "leaf", "node-a", "id"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (s.cluster.as_deref(), s.destination.as_str()),
+            (Some("leaf"), "node-a")
+        );
+        let Command::Proxy(ProxyArgs {
+            command: ProxyCommand::Ssh(p),
+        }) = parse(&["proxy", "ssh", "--cluster", "leaf", "root@node-a.leaf:22"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(p.cluster.as_deref(), Some("leaf"));
+        assert_eq!(
+            parse(&["clusters"]).unwrap(),
+            Command::Clusters(ClustersArgs { json: false })
         );
         assert_eq!(parse(&["config"]).unwrap(), Command::Config(ConfigArgs {}));
         assert!(parse(&["proxy"]).is_err());

@@ -5,8 +5,12 @@
 //! The bytes of an ssh session travel `ssh` ⇄ `remoteler proxy ssh` (stdio) ⇄ TLS with the
 //! user certificate ⇄ proxy ⇄ node. The SSH session itself stays end-to-end.
 //!
-//! What it does not do (yet): trusted (leaf) clusters, several profiles at once, resuming a
-//! session after the laptop changes networks.
+//! Nodes of a trusted leaf cluster are reached through the same proxy: `remoteler ls --cluster
+//! LEAF`, `remoteler ssh --cluster LEAF NODE`, or plain `ssh NODE.LEAF` after `remoteler
+//! config`; the leaf decides who may reach them.
+//!
+//! What it does not do (yet): several profiles at once, resuming a session after the laptop
+//! changes networks.
 
 pub mod cli;
 pub mod home;
@@ -26,8 +30,8 @@ use frame::{Open, Role, Session, SessionConfig};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tunnel::control::{
-    self, ALPN_API, ALPN_LOGIN, ALPN_SESSION, ApiRequest, ApiResponse, ControlError, LoginRequest,
-    LoginResponse, NodeView,
+    self, ALPN_API, ALPN_LOGIN, ALPN_SESSION, ApiRequest, ApiResponse, ClusterView, ControlError,
+    LoginRequest, LoginResponse, NodeView,
 };
 use tunnel::identity::{self, CaPin, FileRole, IdentityError, PrivateKey, TlsIdentity};
 use tunnel::mux::{self, StreamError, Tunnel};
@@ -356,14 +360,54 @@ pub async fn api(
     Ok(response)
 }
 
-/// The nodes of the cluster.
-pub async fn list_nodes(home: &Home, profile: &Profile) -> Result<Vec<NodeView>, ClientError> {
-    match api(home, profile, &ApiRequest::ListNodes { cluster: None }).await? {
+/// The nodes of the cluster, or of trusted leaf cluster `cluster`.
+pub async fn list_nodes(
+    home: &Home,
+    profile: &Profile,
+    cluster: Option<&str>,
+) -> Result<Vec<NodeView>, ClientError> {
+    let request = ApiRequest::ListNodes {
+        cluster: cluster.map(str::to_owned),
+    };
+    match api(home, profile, &request).await? {
         ApiResponse::Nodes(nodes) => Ok(nodes),
         other => Err(ClientError::msg(format!(
             "the proxy answered {other:?} to a node list request"
         ))),
     }
+}
+
+/// The trusted leaf clusters the user may reach.
+pub async fn list_clusters(
+    home: &Home,
+    profile: &Profile,
+) -> Result<Vec<ClusterView>, ClientError> {
+    match api(home, profile, &ApiRequest::ListClusters).await? {
+        ApiResponse::Clusters(clusters) => Ok(clusters),
+        other => Err(ClientError::msg(format!(
+            "the proxy answered {other:?} to a cluster list request"
+        ))),
+    }
+}
+
+/// The `remoteler clusters` table.
+pub fn clusters_table(clusters: &[ClusterView]) -> String {
+    let width = clusters
+        .iter()
+        .map(|c| c.name.len())
+        .max()
+        .unwrap_or(0)
+        .max("NAME".len());
+    let mut out = format!("{:width$}  ONLINE  NODES\n", "NAME");
+    for c in clusters {
+        out.push_str(&format!(
+            "{:width$}  {:6}  {}\n",
+            c.name,
+            if c.online { "yes" } else { "no" },
+            c.nodes
+        ));
+    }
+    out
 }
 
 /// The `remoteler ls` table.
@@ -418,8 +462,11 @@ pub async fn proxy_ssh(
     home: &Home,
     profile: &Profile,
     destination: &str,
+    cluster: Option<&str>,
 ) -> Result<(), ClientError> {
-    let dest = ssh::Destination::parse(destination, &profile.cluster).map_err(ClientError::msg)?;
+    let leaf = cluster.filter(|c| *c != profile.cluster);
+    let dest = ssh::Destination::parse(destination, leaf.unwrap_or(&profile.cluster))
+        .map_err(ClientError::msg)?;
     let proxy = net::parse_proxy(&profile.proxy)?;
     let conn = net::connect(&proxy, user_config(home, ALPN_SESSION)?, ALPN_SESSION).await?;
     // No resumption of the user's leg yet: a lost connection ends the session at once
@@ -433,7 +480,7 @@ pub async fn proxy_ssh(
     };
     let request = Open {
         session_id: random_id()?,
-        cluster: String::new(),
+        cluster: leaf.unwrap_or_default().to_owned(),
         node: dest.node.clone(),
         service: "ssh".to_owned(),
         user: profile.user.clone(),

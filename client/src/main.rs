@@ -63,7 +63,7 @@ fn run(args: Args) -> Result<(), ClientError> {
         }
         Command::Ls(ls) => {
             let profile = home.valid_profile(now)?;
-            let nodes = block_on(client::list_nodes(&home, &profile))??;
+            let nodes = block_on(client::list_nodes(&home, &profile, ls.cluster.as_deref()))??;
             if ls.json {
                 let text = serde_json::to_string_pretty(&nodes)
                     .map_err(|e| ClientError::msg(format!("cannot encode the node list: {e}")))?;
@@ -72,12 +72,31 @@ fn run(args: Args) -> Result<(), ClientError> {
                 print!("{}", client::nodes_table(&nodes));
             }
         }
+        Command::Clusters(c) => {
+            let profile = home.valid_profile(now)?;
+            let clusters = block_on(client::list_clusters(&home, &profile))??;
+            if c.json {
+                let text = serde_json::to_string_pretty(&clusters).map_err(|e| {
+                    ClientError::msg(format!("cannot encode the cluster list: {e}"))
+                })?;
+                println!("{text}");
+            } else {
+                print!("{}", client::clusters_table(&clusters));
+            }
+        }
         Command::Ssh(ssh) => {
             let profile = home.valid_profile(now)?;
-            let dest = client::ssh::Destination::parse(&ssh.destination, &profile.cluster)
+            if let Some(cluster) = &ssh.cluster {
+                // It goes into the ProxyCommand, which ssh runs with a shell.
+                config::ClusterName::new(cluster.as_str())
+                    .map_err(|e| ClientError::msg(format!("--cluster: {e}")))?;
+            }
+            let leaf = ssh.cluster.as_deref().filter(|c| *c != profile.cluster);
+            let cluster = leaf.unwrap_or(&profile.cluster);
+            let dest = client::ssh::Destination::parse(&ssh.destination, cluster)
                 .map_err(ClientError::msg)?;
             let proxy_command =
-                client::ssh::proxy_command(&current_exe()?, remoteler_home().as_deref());
+                client::ssh::proxy_command(&current_exe()?, remoteler_home().as_deref(), leaf);
             let mut options = match home.ssh_identity() {
                 Some((key, cert)) => {
                     client::ssh::identity_options(&absolute(&key), &absolute(&cert))
@@ -88,7 +107,7 @@ fn run(args: Args) -> Result<(), ClientError> {
             let args = client::ssh::ssh_args(
                 &ssh.destination,
                 &dest.node,
-                &profile.cluster,
+                cluster,
                 &proxy_command,
                 &options,
                 &ssh.command,
@@ -108,15 +127,60 @@ fn run(args: Args) -> Result<(), ClientError> {
                 // SAFETY: setting a signal to SIG_IGN before any other thread exists installs no
                 // handler code and touches no Rust state.
                 unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
-                block_on(client::proxy_ssh(&home, &profile, &p.destination))??;
+                block_on(client::proxy_ssh(
+                    &home,
+                    &profile,
+                    &p.destination,
+                    p.cluster.as_deref(),
+                ))??;
             }
         },
         Command::Config(_) => {
             let profile = home.valid_profile(now)?;
-            let nodes = block_on(client::list_nodes(&home, &profile))??;
+            let nodes = block_on(client::list_nodes(&home, &profile, None))??;
             let names: Vec<String> = nodes.into_iter().map(|n| n.name).collect();
-            let proxy_command =
-                client::ssh::proxy_command(&current_exe()?, remoteler_home().as_deref());
+            let exe = current_exe()?;
+            let proxy_command = client::ssh::proxy_command(&exe, remoteler_home().as_deref(), None);
+            // Every trusted leaf cluster that is online now, with its nodes.
+            let mut leaves = Vec::new();
+            // A proxy from before trusted clusters does not know the request: no leaves then.
+            let clusters = block_on(client::list_clusters(&home, &profile))?.unwrap_or_else(|e| {
+                eprintln!("remoteler: no trusted clusters listed: {e}");
+                Vec::new()
+            });
+            for leaf in clusters {
+                if !leaf.online {
+                    continue;
+                }
+                // Names from the proxy go into a ProxyCommand (run by a shell) and Host lines.
+                if config::ClusterName::new(leaf.name.as_str()).is_err() {
+                    eprintln!(
+                        "remoteler: skipping trusted cluster {:?}: not a valid cluster name",
+                        leaf.name
+                    );
+                    continue;
+                }
+                let nodes = match block_on(client::list_nodes(&home, &profile, Some(&leaf.name)))? {
+                    Ok(nodes) => nodes,
+                    Err(e) => {
+                        eprintln!("remoteler: skipping trusted cluster {}: {e}", leaf.name);
+                        continue;
+                    }
+                };
+                leaves.push(client::ssh::LeafHosts {
+                    proxy_command: client::ssh::proxy_command(
+                        &exe,
+                        remoteler_home().as_deref(),
+                        Some(&leaf.name),
+                    ),
+                    nodes: nodes
+                        .into_iter()
+                        .map(|n| n.name)
+                        .filter(|n| config::NodeName::new(n.as_str()).is_ok())
+                        .collect(),
+                    cluster: leaf.name,
+                });
+            }
             let hint = match remoteler_home() {
                 Some(dir) => dir.display().to_string(),
                 None => "~/.remoteler".to_owned(),
@@ -131,7 +195,8 @@ fn run(args: Args) -> Result<(), ClientError> {
                     &names,
                     &proxy_command,
                     &hint,
-                    identity.as_ref().map(|(k, c)| (k.as_path(), c.as_path()))
+                    identity.as_ref().map(|(k, c)| (k.as_path(), c.as_path())),
+                    &leaves,
                 )
             );
         }

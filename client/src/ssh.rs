@@ -65,16 +65,30 @@ pub fn quote_for_proxy_command(path: &str) -> String {
 
 /// The ProxyCommand that runs this program as the bridge. `home` is passed along when the
 /// user chose a non-default directory (REMOTELER_HOME), since ssh may run with another
-/// environment.
-pub fn proxy_command(exe: &Path, home: Option<&Path>) -> String {
+/// environment; `cluster` names a trusted leaf cluster whose nodes it reaches.
+pub fn proxy_command(exe: &Path, home: Option<&Path>, cluster: Option<&str>) -> String {
     let exe = quote_for_proxy_command(&exe.to_string_lossy());
+    // Cluster names are [a-z0-9.-]: nothing to quote.
+    let cluster = cluster.map_or_else(String::new, |c| format!(" --cluster {c}"));
     match home {
         Some(home) => format!(
-            "env REMOTELER_HOME={} {exe} proxy ssh %r@%h:%p",
+            "env REMOTELER_HOME={} {exe} proxy ssh{cluster} %r@%h:%p",
             quote_for_proxy_command(&home.to_string_lossy())
         ),
-        None => format!("{exe} proxy ssh %r@%h:%p"),
+        None => format!("{exe} proxy ssh{cluster} %r@%h:%p"),
     }
+}
+
+/// The nodes of one trusted leaf cluster for [`ssh_config`]: its name, its nodes, and the
+/// ProxyCommand (with `--cluster`) that reaches them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeafHosts {
+    /// The leaf cluster's name.
+    pub cluster: String,
+    /// Its nodes.
+    pub nodes: Vec<String>,
+    /// `proxy_command(.., Some(cluster))`.
+    pub proxy_command: String,
 }
 
 /// A path for an ssh_config line or a `-o` option: double-quoted, `%` escaped.
@@ -120,13 +134,23 @@ pub fn ssh_args(
 
 /// The ssh_config block printed by `remoteler config`.
 /// `identity` is the SSH key and certificate of the login, when it has one.
+/// Nodes of trusted leaf clusters come first as `NODE.LEAF` (ssh takes the first value it
+/// finds for an option, and a leaf's name may end in the root's).
 pub fn ssh_config(
     cluster: &str,
     nodes: &[String],
     proxy_command: &str,
     home_hint: &str,
     identity: Option<(&Path, &Path)>,
+    leaves: &[LeafHosts],
 ) -> String {
+    let identity_lines = identity.map_or_else(String::new, |(key, cert)| {
+        format!(
+            "    IdentityFile {}\n    CertificateFile {}\n    IdentitiesOnly yes\n",
+            quote_for_ssh_config(key),
+            quote_for_ssh_config(cert)
+        )
+    });
     let mut hosts: Vec<String> = nodes.to_vec();
     hosts.push(format!("*.{cluster}"));
     let mut out = String::new();
@@ -138,15 +162,25 @@ pub fn ssh_config(
          # (Include must come before any `Host` line of ~/.ssh/config.) Then `ssh NODE` works.\n\
          # Run `remoteler config` again when nodes are added.\n"
     ));
+    for leaf in leaves {
+        let mut names: Vec<String> = leaf
+            .nodes
+            .iter()
+            .map(|n| format!("{n}.{}", leaf.cluster))
+            .collect();
+        names.push(format!("*.{}", leaf.cluster));
+        out.push_str(&format!(
+            "# Trusted cluster {}: `ssh NODE.{}`.\n",
+            leaf.cluster, leaf.cluster
+        ));
+        out.push_str(&format!("Host {}\n", names.join(" ")));
+        out.push_str(&format!("    ProxyCommand {}\n", leaf.proxy_command));
+        out.push_str(&identity_lines);
+        out.push('\n');
+    }
     out.push_str(&format!("Host {}\n", hosts.join(" ")));
     out.push_str(&format!("    ProxyCommand {proxy_command}\n"));
-    if let Some((key, cert)) = identity {
-        out.push_str(&format!(
-            "    IdentityFile {}\n    CertificateFile {}\n    IdentitiesOnly yes\n",
-            quote_for_ssh_config(key),
-            quote_for_ssh_config(cert)
-        ));
-    }
+    out.push_str(&identity_lines);
     for node in nodes {
         // The same known_hosts entry as `remoteler ssh NODE`.
         out.push_str(&format!(
@@ -210,7 +244,7 @@ mod tests {
 
     #[test]
     fn ssh_arguments() {
-        let pc = proxy_command(Path::new("/usr/bin/remoteler"), None);
+        let pc = proxy_command(Path::new("/usr/bin/remoteler"), None, None);
         assert_eq!(pc, "\"/usr/bin/remoteler\" proxy ssh %r@%h:%p");
         let args = ssh_args(
             "root@node-r1",
@@ -238,7 +272,20 @@ mod tests {
 
     #[test]
     fn config_block() {
-        let pc = proxy_command(Path::new("/usr/bin/remoteler"), Some(Path::new("/tmp/h")));
+        let pc = proxy_command(
+            Path::new("/usr/bin/remoteler"),
+            Some(Path::new("/tmp/h")),
+            None,
+        );
+        let leaf_pc = proxy_command(
+            Path::new("/usr/bin/remoteler"),
+            Some(Path::new("/tmp/h")),
+            Some("leaf.example.com"),
+        );
+        assert_eq!(
+            leaf_pc,
+            "env REMOTELER_HOME=\"/tmp/h\" \"/usr/bin/remoteler\" proxy ssh --cluster leaf.example.com %r@%h:%p"
+        );
         let text = ssh_config(
             "example.com",
             &["node-a".into(), "node-r1".into()],
@@ -248,6 +295,23 @@ mod tests {
                 Path::new("/tmp/h/ssh_key"),
                 Path::new("/tmp/h/ssh_key-cert.pub"),
             )),
+            &[LeafHosts {
+                cluster: "leaf.example.com".into(),
+                nodes: vec!["node-a".into()],
+                proxy_command: leaf_pc.clone(),
+            }],
+        );
+        // The leaf's block comes before `*.example.com`, which its names also match.
+        let leaf_block = text
+            .find("\nHost node-a.leaf.example.com *.leaf.example.com\n")
+            .unwrap();
+        assert!(
+            leaf_block < text.find("\nHost node-a node-r1").unwrap(),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("    ProxyCommand {leaf_pc}\n")),
+            "{text}"
         );
         assert!(
             text.contains("    IdentityFile \"/tmp/h/ssh_key\"\n    CertificateFile \"/tmp/h/ssh_key-cert.pub\"\n    IdentitiesOnly yes\n"),

@@ -183,6 +183,7 @@ async fn serve_api(conn: tls::TlsConnection) {
             cluster: CLUSTER.into(),
             roles: vec![],
         }),
+        ApiRequest::ListClusters => Reply::Ok(ApiResponse::Clusters(vec![])),
     };
     control::write_line(&mut writer, &reply).await.unwrap();
     let _ = writer.close().await;

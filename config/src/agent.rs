@@ -355,10 +355,10 @@ pub(crate) struct RawAgentConfig {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawJoin {
-    token: Option<Secret>,
-    token_file: Option<PathBuf>,
-    ca_pin: Option<String>,
+pub(crate) struct RawJoin {
+    pub(crate) token: Option<Secret>,
+    pub(crate) token_file: Option<PathBuf>,
+    pub(crate) ca_pin: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

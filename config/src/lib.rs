@@ -30,6 +30,7 @@ pub mod defaults;
 mod document;
 mod error;
 mod proxy;
+mod trust;
 mod value;
 
 pub use agent::{AgentConfig, AgentMode, BackoffConfig, Forward, Forwards, JoinConfig, JoinToken};
@@ -39,6 +40,9 @@ pub use error::{ConfigError, InvalidValue, Location};
 pub use proxy::{
     AuditConfig, DrainConfig, LimitsConfig, ListenConfig, MetricsListen, ProxyConfig, ResumeConfig,
     RoleConfig, RoleLogin, RoleRules, StaticNode, Workers,
+};
+pub use trust::{
+    MAX_ROLE_MAP_RULES, MAX_TRUSTED_CLUSTERS, RoleMap, RoleMapRule, RolePattern, TrustedCluster,
 };
 pub use value::{
     CaPin, ClusterName, HostPort, Labels, MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN, MAX_LABELS,

@@ -12,6 +12,7 @@ use crate::common::{FlowConfig, KeepaliveConfig, LogConfig, RawFlow, RawKeepaliv
 use crate::defaults::*;
 use crate::document::Document;
 use crate::error::{ConfigError, FieldError, ForKey, InvalidValue, WithinKey};
+use crate::trust::{RawTrustedCluster, TrustedCluster, trusted_clusters};
 use crate::value::{
     ClusterName, HostPort, Labels, NodeName, RawDuration, RawSize, RoleName, duration_in,
     integer_in, listen_address, parse_key, quoted, size_in,
@@ -51,6 +52,9 @@ pub struct ProxyConfig {
     /// `[[roles]]`: what users may reach, and as which logins; names are unique. The built-in
     /// role [`BUILTIN_ROLE`] exists besides these unless one of them has its name.
     pub roles: Vec<RoleConfig>,
+    /// `[[trusted_clusters]]`: root clusters this (leaf) cluster joins and keeps a tunnel to;
+    /// names are unique.
+    pub trusted_clusters: Vec<TrustedCluster>,
 }
 
 impl ProxyConfig {
@@ -69,6 +73,11 @@ impl ProxyConfig {
         if let Some(base) = document.base_dir() {
             config.data_dir = base.join(&config.data_dir);
             config.audit.path = base.join(&config.audit.path);
+            for trusted in &mut config.trusted_clusters {
+                if let crate::JoinToken::File(token_file) = &mut trusted.join.token {
+                    *token_file = base.join(&*token_file);
+                }
+            }
         }
         Ok(config)
     }
@@ -94,6 +103,7 @@ impl ProxyConfig {
             log: LogConfig::default(),
             nodes: Vec::new(),
             roles: Vec::new(),
+            trusted_clusters: Vec::new(),
         }
     }
 }
@@ -298,12 +308,15 @@ pub struct RoleRules {
     pub nodes: Vec<String>,
     /// `labels`: label key = value pattern, e.g. `{ env = "prod" }` or `{ team = "*" }`.
     pub labels: Labels,
+    /// `clusters`: trusted leaf cluster name patterns, e.g. `["leaf-*"]`; `"*"` is every
+    /// leaf. Without an allow here a role reaches no leaf cluster.
+    pub clusters: Vec<String>,
 }
 
 impl RoleRules {
     /// Whether the rules match nothing at all.
     pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty() && self.labels.is_empty()
+        self.nodes.is_empty() && self.labels.is_empty() && self.clusters.is_empty()
     }
 }
 
@@ -335,6 +348,8 @@ pub(crate) struct RawProxyConfig {
     nodes: Vec<RawNode>,
     #[serde(default)]
     roles: Vec<RawRole>,
+    #[serde(default)]
+    trusted_clusters: Vec<RawTrustedCluster>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -354,6 +369,7 @@ struct RawRole {
 struct RawRules {
     nodes: Option<Vec<String>>,
     labels: Option<BTreeMap<String, String>>,
+    clusters: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -460,6 +476,7 @@ impl TryFrom<RawProxyConfig> for ProxyConfig {
             log: LogConfig::try_from(raw.log).within("log")?,
             nodes: static_nodes(raw.nodes).within("nodes")?,
             roles: roles(raw.roles).within("roles")?,
+            trusted_clusters: trusted_clusters(raw.trusted_clusters).within("trusted_clusters")?,
         })
     }
 }
@@ -708,9 +725,32 @@ fn rules(raw: RawRules) -> Result<RoleRules, FieldError> {
             .for_key("nodes")
             .map_err(|e| e.with_index(index))?;
     }
+    let clusters = raw.clusters.unwrap_or_default();
+    if clusters.len() > MAX_ROLES {
+        return Err(FieldError::new(
+            "clusters",
+            InvalidValue::new(
+                format!("at most {MAX_ROLES} patterns"),
+                format!("{} patterns", clusters.len()),
+            ),
+        ));
+    }
+    for (index, pattern) in clusters.iter().enumerate() {
+        check_node_pattern(pattern)
+            .map_err(|_| {
+                InvalidValue::new(
+                    "a cluster name pattern of 1 to 63 characters: lowercase letters, digits, \
+                     '-', '.', and '*' for any characters (\"*\" is every trusted cluster)",
+                    quoted(pattern),
+                )
+            })
+            .for_key("clusters")
+            .map_err(|e| e.with_index(index))?;
+    }
     Ok(RoleRules {
         nodes,
         labels: Labels::from_raw(raw.labels)?,
+        clusters,
     })
 }
 

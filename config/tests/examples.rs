@@ -103,3 +103,19 @@ fn agent_examples_show_the_defaults_and_their_mode() {
         other => panic!("expected auth mode, found {other:?}"),
     }
 }
+
+#[test]
+fn leaf_proxy_example_trusts_one_root() {
+    let loaded = ProxyConfig::load(&examples_dir().join("proxy-leaf.toml")).unwrap();
+    let [root] = loaded.trusted_clusters.as_slice() else {
+        panic!(
+            "expected one trusted cluster: {:?}",
+            loaded.trusted_clusters
+        );
+    };
+    assert_eq!(root.name.as_str(), "root.example.com");
+    assert!(root.enabled);
+    assert_eq!(root.role_map.map(&["admin".into()]), ["lab-ops"]);
+    assert_eq!(root.role_map.map(&["team-x".into()]), ["viewer"]);
+    assert!(root.role_map.map(&["intern".into()]).is_empty());
+}

@@ -734,3 +734,122 @@ fn bad_roles_name_the_key() {
         assert!(err.to_string().starts_with(PATH), "{err}");
     }
 }
+
+#[test]
+fn trusted_clusters_are_read_with_their_defaults() {
+    let pin = format!("sha256:{}", "ab".repeat(32));
+    let text = format!(
+        r#"
+cluster_name = "leaf"
+[[trusted_clusters]]
+name = "root.example.com"
+proxy = "root.example.com:3024"
+token_file = "root.token"
+ca_pin = "{pin}"
+role_map = [{{ remote = "^team-(.+)$", local = ["$1", "base"] }}, {{ remote = "*", local = ["base"] }}]
+[[trusted_clusters]]
+name = "other"
+proxy = "10.0.0.1:3024"
+token = "secret-token"
+ca_pin = "{pin}"
+enabled = false
+[[roles]]
+name = "r"
+allow = {{ clusters = ["leaf-*", "*"] }}
+deny = {{ clusters = ["leaf-9"] }}
+"#
+    );
+    let config = parse(&text).unwrap();
+    let [root, other] = config.trusted_clusters.as_slice() else {
+        panic!("{:?}", config.trusted_clusters)
+    };
+    assert!(root.enabled, "enabled defaults to true");
+    assert!(!other.enabled);
+    assert_eq!(root.join.ca_pin.to_string(), pin);
+    // A relative token file is relative to the configuration file.
+    assert_eq!(
+        root.join.token,
+        config::JoinToken::File("/etc/remoteler/root.token".into())
+    );
+    assert!(format!("{other:?}").contains("MASKED"), "{other:?}");
+    assert!(!format!("{other:?}").contains("secret-token"));
+    assert_eq!(
+        root.role_map.map(&["team-blue".into(), "x".into()]),
+        ["blue", "base"]
+    );
+    assert_eq!(config.roles[0].allow.clusters, ["leaf-*", "*"]);
+    assert_eq!(config.roles[0].deny.clusters, ["leaf-9"]);
+    assert!(
+        parse("cluster_name = \"c\"\n")
+            .unwrap()
+            .trusted_clusters
+            .is_empty()
+    );
+}
+
+#[test]
+fn bad_trusted_clusters_name_the_key() {
+    let pin = format!("sha256:{}", "ab".repeat(32));
+    let entry = |extra: &str| {
+        format!(
+            "cluster_name = \"c\"\n[[trusted_clusters]]\nname = \"root\"\nproxy = \"r:3024\"\nca_pin = \"{pin}\"\n{extra}"
+        )
+    };
+    let cases = [
+        (
+            "cluster_name = \"c\"\n[[trusted_clusters]]\nproxy = \"r:3024\"\n".to_owned(),
+            "trusted_clusters[0].name",
+            "root cluster's name",
+        ),
+        (
+            "cluster_name = \"c\"\n[[trusted_clusters]]\nname = \"root\"\nproxy = \"r:3024\"\n"
+                .to_owned(),
+            "trusted_clusters[0].ca_pin",
+            "pin",
+        ),
+        (
+            entry("token = \"a\"\ntoken_file = \"/t\"\n"),
+            "trusted_clusters[0].token_file",
+            "not both",
+        ),
+        (
+            entry("role_map = [{ remote = \"^team-($\", local = [\"x\"] }]\n"),
+            "trusted_clusters[0].role_map[0].remote",
+            "anchored",
+        ),
+        (
+            entry("role_map = [{ remote = \"dev\", local = [\"Not A Role\"] }]\n"),
+            "trusted_clusters[0].role_map[0].local[0]",
+            "role name",
+        ),
+        (
+            entry("role_map = [{ remote = \"dev\" }]\n"),
+            "trusted_clusters[0].role_map[0].local",
+            "role names",
+        ),
+        (
+            entry("enabled = \"yes\"\n"),
+            "trusted_clusters[0].enabled",
+            "",
+        ),
+        (
+            format!(
+                "{}[[trusted_clusters]]\nname = \"root\"\nproxy = \"r:3024\"\nca_pin = \"{pin}\"\n",
+                entry("")
+            ),
+            "trusted_clusters[1].name",
+            "not already used",
+        ),
+        (
+            "cluster_name = \"c\"\n[[roles]]\nname = \"a\"\nallow = { clusters = [\"Leaf\"] }\n"
+                .to_owned(),
+            "roles[0].allow.clusters[0]",
+            "cluster name pattern",
+        ),
+    ];
+    for (text, key, expected) in cases {
+        let err = error(&text);
+        assert_eq!(err.key(), Some(key), "{text}\n{err}");
+        assert!(err.to_string().contains(expected), "{text}\n{err}");
+    }
+}

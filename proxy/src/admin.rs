@@ -8,6 +8,7 @@
 //! |---|---|
 //! | `{"request":"status"}` | `{"ok":`[`StatusView`]`}` |
 //! | `{"request":"nodes"}` | `{"ok":[...]}`, a list of [`crate::directory::NodeRecord`] |
+//! | `{"request":"clusters"}` | `{"ok":[...]}`, a list of [`crate::directory::ClusterRecord`]: the trusted leaf clusters |
 //!
 //! A refusal is `{"error":{"code":"...","message":"..."}}` (the envelope of
 //! `tunnel::control::Reply`). Requests are at most [`MAX_ADMIN_REQUEST`] bytes. The socket's
@@ -42,6 +43,8 @@ pub enum AdminRequest {
     Status,
     /// Every node.
     Nodes,
+    /// Trusted leaf clusters: every leaf that joined, online or not.
+    Clusters,
 }
 
 /// The listeners, as bound.
@@ -187,6 +190,29 @@ fn status(ctx: &Context) -> StatusView {
     }
 }
 
+/// The leaves with tunnels (or seen) in this run, plus those that joined and never connected.
+fn clusters(ctx: &Context) -> Vec<crate::directory::ClusterRecord> {
+    let mut out = ctx.directory.clusters();
+    if let Ok(state) = ctx.store.read() {
+        for leaf in state.trusted_leaves {
+            if !out.iter().any(|c| c.name == leaf.name) {
+                out.push(crate::directory::ClusterRecord {
+                    name: leaf.name,
+                    online: false,
+                    tunnels: 0,
+                    nodes: 0,
+                    since_unix: None,
+                    peers: Vec::new(),
+                    last_heartbeat_unix: None,
+                    rtt_ms: None,
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
 async fn answer(ctx: Rc<Context>, mut stream: monoio::net::UnixStream) {
     let request = monoio::time::timeout(REQUEST_TIMEOUT, read_request(&mut stream))
         .await
@@ -199,6 +225,7 @@ async fn answer(ctx: Rc<Context>, mut stream: monoio::net::UnixStream) {
     let body = match request {
         Ok(AdminRequest::Status) => serde_json::to_vec(&Reply::Ok(status(&ctx))),
         Ok(AdminRequest::Nodes) => serde_json::to_vec(&Reply::Ok(ctx.directory.list())),
+        Ok(AdminRequest::Clusters) => serde_json::to_vec(&Reply::Ok(clusters(&ctx))),
         Err(e) => serde_json::to_vec(&Reply::<()>::Error(e)),
     };
     let Ok(mut body) = body else { return };

@@ -1,4 +1,5 @@
-//! The command line: `init`, `start`, `tokens`, `users`, `nodes`, `status`, `export`, `audit`.
+//! The command line: `init`, `start`, `tokens`, `users`, `nodes`, `clusters`, `status`,
+//! `export`, `audit`.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
@@ -39,6 +40,7 @@ enum Command {
     Tokens(TokensArgs),
     Users(UsersArgs),
     Nodes(NodesArgs),
+    Clusters(ClustersArgs),
     Status(StatusArgs),
     Export(ExportArgs),
     Audit(AuditArgs),
@@ -146,7 +148,7 @@ enum TokensCommand {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "add")]
 struct TokensAdd {
-    /// what the token is for: node
+    /// what the token is for: node, or trusted-cluster (a leaf cluster's proxy joining)
     #[argh(option)]
     kind: String,
     /// lifetime, e.g. 15m, 1h (default 15m)
@@ -304,6 +306,52 @@ struct NodesLs {
     config: Option<PathBuf>,
 }
 
+/// Trusted leaf clusters, as the running (root) proxy sees them.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "clusters")]
+struct ClustersArgs {
+    #[argh(subcommand)]
+    command: ClustersCommand,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+enum ClustersCommand {
+    Ls(ClustersLs),
+    Rm(ClustersRm),
+}
+
+/// Stop trusting a leaf cluster: its tunnels are closed within seconds, and it cannot connect
+/// again without a new join (a new trusted-cluster token).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "rm")]
+struct ClustersRm {
+    /// the leaf cluster's name
+    #[argh(positional)]
+    name: String,
+    /// data directory (default /var/lib/remoteler)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+    /// configuration file to take data_dir from
+    #[argh(option)]
+    config: Option<PathBuf>,
+}
+
+/// List trusted leaf clusters: name, online, connected since, last heartbeat, nodes.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "ls")]
+struct ClustersLs {
+    /// print JSON instead of a table
+    #[argh(switch)]
+    json: bool,
+    /// data directory (default /var/lib/remoteler)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+    /// configuration file to take data_dir from
+    #[argh(option)]
+    config: Option<PathBuf>,
+}
+
 /// The running proxy's state: cluster, CA pin, listeners, tunnels, sessions, uptime.
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "status")]
@@ -334,6 +382,12 @@ pub fn run(args: Args) -> Result<(), ProxyError> {
         Command::Nodes(n) => match n.command {
             NodesCommand::Ls(a) => nodes_ls(a),
             NodesCommand::Rm(a) => nodes_rm(a),
+        },
+        Command::Clusters(c) => match c.command {
+            ClustersCommand::Ls(a) => clusters_ls(a),
+            ClustersCommand::Rm(a) => {
+                clusters_rm(&data_dir(a.data_dir, a.config.as_deref())?, &a.name)
+            }
         },
         Command::Status(a) => status(&data_dir(a.data_dir, a.config.as_deref())?),
         Command::Export(a) => export(a),
@@ -496,9 +550,10 @@ fn tokens_add(args: TokensAdd) -> Result<(), ProxyError> {
     let data = data_dir(args.data_dir, args.config.as_deref())?;
     let kind = match args.kind.as_str() {
         "node" => TokenKind::Node,
+        "trusted-cluster" => TokenKind::TrustedCluster,
         other => {
             return Err(ProxyError::Usage(format!(
-                "--kind: unknown token kind {other:?}; this version knows: node"
+                "--kind: unknown token kind {other:?}; this version knows: node, trusted-cluster"
             )));
         }
     };
@@ -526,9 +581,9 @@ fn tokens_add(args: TokensAdd) -> Result<(), ProxyError> {
         uses_left: args.uses,
     };
     let store = StateStore::new(data.clone());
-    let hosts = store.update(|state| {
+    let (hosts, cluster) = store.update(|state| {
         state.tokens.push(token);
-        Ok::<_, ProxyError>(state.hosts.clone())
+        Ok::<_, ProxyError>((state.hosts.clone(), state.cluster.clone()))
     })?;
     let pin = ca_pin(&data)?;
     let proxy = args.proxy.unwrap_or_else(|| match hosts.first() {
@@ -547,6 +602,17 @@ fn tokens_add(args: TokensAdd) -> Result<(), ProxyError> {
     );
     println!("ca pin: {pin}");
     println!();
+    if kind == TokenKind::TrustedCluster {
+        println!("The token is shown only now. In the leaf cluster's proxy configuration, add:");
+        println!("  [[trusted_clusters]]");
+        println!("  name = \"{}\"", cluster);
+        println!("  proxy = \"{proxy}\"");
+        println!("  token = \"{secret}\"");
+        println!("  ca_pin = \"{pin}\"");
+        println!("  role_map = [{{ remote = \"*\", local = [\"access\"] }}]");
+        println!("and restart the leaf proxy; it joins once and keeps a tunnel to this proxy.");
+        return Ok(());
+    }
     println!("The token is shown only now. On the node, run:");
     println!(
         "  remoteler-agent start --proxy {proxy} --ca-pin {pin} --token {secret} --node-name NODE_NAME"
@@ -558,7 +624,7 @@ fn tokens_ls(data: &DataDir) -> Result<(), ProxyError> {
     let state = StateStore::new(data.clone()).read()?;
     let now = util::unix_now();
     println!(
-        "{:<10} {:<6} {:<26} {:<9} STATUS",
+        "{:<10} {:<15} {:<26} {:<9} STATUS",
         "ID", "KIND", "EXPIRES", "USES-LEFT"
     );
     for t in &state.tokens {
@@ -570,7 +636,7 @@ fn tokens_ls(data: &DataDir) -> Result<(), ProxyError> {
             "valid"
         };
         println!(
-            "{:<10} {:<6} {:<26} {:<9} {status}",
+            "{:<10} {:<15} {:<26} {:<9} {status}",
             t.id,
             t.kind.as_str(),
             util::rfc3339_unix(t.expires_unix),
@@ -838,6 +904,55 @@ fn nodes_ls(args: NodesLs) -> Result<(), ProxyError> {
         }
         Err(e) => Err(ProxyError::Other(e.to_string())),
     }
+}
+
+fn clusters_rm(data: &DataDir, name: &str) -> Result<(), ProxyError> {
+    StateStore::new(data.clone()).update(|state| {
+        let before = state.trusted_leaves.len();
+        state.trusted_leaves.retain(|l| l.name != name);
+        if state.trusted_leaves.len() == before {
+            return Err(ProxyError::Usage(format!(
+                "no trusted leaf cluster named {name:?}; `remoteler-proxy clusters ls` lists them"
+            )));
+        }
+        Ok(())
+    })?;
+    println!("trusted cluster {name} removed; a running proxy closes its tunnels within seconds");
+    Ok(())
+}
+
+fn clusters_ls(args: ClustersLs) -> Result<(), ProxyError> {
+    let data = data_dir(args.data_dir, args.config.as_deref())?;
+    let clusters: Vec<crate::directory::ClusterRecord> =
+        admin::ask(&data, AdminRequest::Clusters).map_err(|e| ProxyError::Other(e.to_string()))?;
+    if args.json {
+        let text = serde_json::to_string_pretty(&clusters)
+            .map_err(|e| ProxyError::Other(format!("cannot encode the cluster list: {e}")))?;
+        println!("{text}");
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<7} {:<7} {:<7} {:<20} {:<20} PEER",
+        "NAME", "ONLINE", "NODES", "TUNNELS", "SINCE", "LAST HEARTBEAT"
+    );
+    for c in clusters {
+        println!(
+            "{:<24} {:<7} {:<7} {:<7} {:<20} {:<20} {}",
+            c.name,
+            if c.online { "yes" } else { "no" },
+            c.nodes,
+            c.tunnels,
+            c.since_unix.map_or_else(|| "-".into(), util::rfc3339_unix),
+            c.last_heartbeat_unix
+                .map_or_else(|| "-".into(), util::rfc3339_unix),
+            if c.peers.is_empty() {
+                "-".to_owned()
+            } else {
+                c.peers.join(",")
+            }
+        );
+    }
+    Ok(())
 }
 
 fn status(data: &DataDir) -> Result<(), ProxyError> {

@@ -142,6 +142,64 @@ struct Entries {
     registered: HashMap<String, Registered>,
     /// Removed nodes whose tunnel may still be closing: not listed offline when it ends.
     forgotten: std::collections::HashSet<String>,
+    clusters: HashMap<String, LeafEntry>,
+}
+
+/// One cluster tunnel of a leaf, as every core sees it. A leaf proxy keeps one per core of
+/// its own, each announcing the leaf nodes that core owns.
+#[derive(Debug, Clone)]
+struct ClusterTunnelInfo {
+    core: usize,
+    id: u64,
+    peer: SocketAddr,
+    since: SystemTime,
+    nodes: Vec<frame::NodeInfo>,
+    /// Last time the tunnel was seen alive (its keepalive closes it after missed pings).
+    heartbeat: SystemTime,
+    rtt: Option<Duration>,
+}
+
+/// A trusted leaf cluster's tunnels (root side).
+#[derive(Debug, Default)]
+struct LeafEntry {
+    tunnels: Vec<ClusterTunnelInfo>,
+    last_seen: Option<SystemTime>,
+}
+
+/// How to reach a node of a trusted leaf cluster (root side).
+#[derive(Debug, Clone)]
+pub enum ClusterRoute {
+    /// Through this core's tunnel of the leaf.
+    Tunnel(Tunnel),
+    /// The tunnel that announced the node is served by another core.
+    OtherCore(usize),
+    /// The leaf announces the node but says it is offline.
+    NodeOffline,
+    /// The leaf is connected but announces no node of that name.
+    NodeUnknown,
+    /// No tunnel of the leaf is up (since when, if it was ever seen by this process).
+    ClusterOffline(Option<SystemTime>),
+}
+
+/// One trusted leaf cluster as `clusters ls` and the user API show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterRecord {
+    /// The leaf's name.
+    pub name: String,
+    /// Whether a tunnel of it is up.
+    pub online: bool,
+    /// Tunnels up (one per core of the leaf proxy).
+    pub tunnels: usize,
+    /// Nodes announced.
+    pub nodes: usize,
+    /// Online: connected since (oldest tunnel); offline: last tunnel gone at; Unix seconds.
+    pub since_unix: Option<u64>,
+    /// The leaf's proxy address(es).
+    pub peers: Vec<String>,
+    /// Last time a tunnel of it was seen alive, Unix seconds.
+    pub last_heartbeat_unix: Option<u64>,
+    /// Round-trip time of its newest tunnel's last keepalive, milliseconds.
+    pub rtt_ms: Option<u64>,
 }
 
 /// The directory every core shares (see the module documentation).
@@ -292,10 +350,107 @@ impl NodeDirectory {
         counts
     }
 
+    /// The core holding the leaf tunnel that announced `node` of cluster `leaf` (the newest
+    /// such tunnel, preferring one that says the node is online).
+    pub fn cluster_owner(&self, leaf: &str, node: &str) -> Option<usize> {
+        let entries = self.lock();
+        best_cluster_tunnel(entries.clusters.get(leaf)?, node).map(|(t, _)| t.core)
+    }
+
+    /// Every leaf cluster with a tunnel now or earlier in this run, sorted by name.
+    pub fn clusters(&self) -> Vec<ClusterRecord> {
+        let entries = self.lock();
+        let mut out: Vec<ClusterRecord> = entries
+            .clusters
+            .iter()
+            .map(|(name, leaf)| {
+                let mut nodes: Vec<&str> = leaf
+                    .tunnels
+                    .iter()
+                    .flat_map(|t| t.nodes.iter().map(|n| n.name.as_str()))
+                    .collect();
+                nodes.sort_unstable();
+                nodes.dedup();
+                let since = if leaf.tunnels.is_empty() {
+                    leaf.last_seen
+                } else {
+                    leaf.tunnels.iter().map(|t| t.since).min()
+                };
+                ClusterRecord {
+                    name: name.clone(),
+                    online: !leaf.tunnels.is_empty(),
+                    tunnels: leaf.tunnels.len(),
+                    nodes: nodes.len(),
+                    since_unix: since.map(crate::util::unix_secs),
+                    peers: {
+                        let mut p: Vec<String> =
+                            leaf.tunnels.iter().map(|t| t.peer.to_string()).collect();
+                        p.sort();
+                        p.dedup();
+                        p
+                    },
+                    last_heartbeat_unix: leaf
+                        .tunnels
+                        .iter()
+                        .map(|t| t.heartbeat)
+                        .max()
+                        .or(leaf.last_seen)
+                        .map(crate::util::unix_secs),
+                    rtt_ms: leaf
+                        .tunnels
+                        .iter()
+                        .max_by_key(|t| t.id)
+                        .and_then(|t| t.rtt)
+                        .map(|d| d.as_millis() as u64),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// The nodes leaf cluster `leaf` announces; `None` when no tunnel of it is up.
+    pub fn cluster_nodes(&self, leaf: &str) -> Option<Vec<NodeRecord>> {
+        let entries = self.lock();
+        let entry = entries
+            .clusters
+            .get(leaf)
+            .filter(|l| !l.tunnels.is_empty())?;
+        let mut out: BTreeMap<String, NodeRecord> = BTreeMap::new();
+        let mut tunnels: Vec<&ClusterTunnelInfo> = entry.tunnels.iter().collect();
+        tunnels.sort_by_key(|t| t.id); // newer tunnels win
+        for t in tunnels {
+            for n in &t.nodes {
+                out.insert(
+                    n.name.clone(),
+                    NodeRecord {
+                        name: n.name.clone(),
+                        via: if n.tunnel { "tunnel" } else { "direct" }.into(),
+                        online: n.online,
+                        labels: n.labels.clone(),
+                        address: None,
+                        since_unix: None,
+                    },
+                );
+            }
+        }
+        Some(out.into_values().collect())
+    }
+
     /// A new tunnel id, unique in the process.
     pub fn next_tunnel_id(&self) -> u64 {
         self.ids.fetch_add(1, Ordering::Relaxed) + 1
     }
+}
+
+fn best_cluster_tunnel<'a>(
+    leaf: &'a LeafEntry,
+    node: &str,
+) -> Option<(&'a ClusterTunnelInfo, &'a frame::NodeInfo)> {
+    leaf.tunnels
+        .iter()
+        .filter_map(|t| t.nodes.iter().find(|n| n.name == node).map(|n| (t, n)))
+        .max_by_key(|(t, n)| (n.online, t.id))
 }
 
 /// One core's view: the shared directory plus the tunnel handles this core owns.
@@ -304,6 +459,8 @@ pub struct CoreDirectory {
     shared: Arc<NodeDirectory>,
     core: usize,
     local: RefCell<HashMap<String, TunnelEntry>>,
+    /// Leaf clusters' tunnels served by this core, by tunnel id.
+    cluster_local: RefCell<HashMap<u64, Tunnel>>,
 }
 
 impl std::ops::Deref for CoreDirectory {
@@ -320,6 +477,93 @@ impl CoreDirectory {
             shared,
             core,
             local: RefCell::new(HashMap::new()),
+            cluster_local: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// How to reach `node` of leaf cluster `leaf` from this core (root side).
+    pub fn cluster_route(&self, leaf: &str, node: &str) -> ClusterRoute {
+        let entries = self.shared.lock();
+        let Some(entry) = entries.clusters.get(leaf) else {
+            return ClusterRoute::ClusterOffline(None);
+        };
+        if entry.tunnels.is_empty() {
+            return ClusterRoute::ClusterOffline(entry.last_seen);
+        }
+        let Some((tunnel, info)) = best_cluster_tunnel(entry, node) else {
+            return ClusterRoute::NodeUnknown;
+        };
+        if !info.online {
+            return ClusterRoute::NodeOffline;
+        }
+        if tunnel.core != self.core {
+            return ClusterRoute::OtherCore(tunnel.core);
+        }
+        match self.cluster_local.borrow().get(&tunnel.id) {
+            Some(t) if !t.is_ended() => ClusterRoute::Tunnel(t.clone()),
+            _ => ClusterRoute::ClusterOffline(Some(tunnel.since)),
+        }
+    }
+
+    /// Records cluster tunnel `id` of leaf `leaf`, served by this core, and what it announced.
+    pub fn attach_cluster_tunnel(
+        &self,
+        leaf: &str,
+        id: u64,
+        peer: SocketAddr,
+        tunnel: &Tunnel,
+        nodes: Vec<frame::NodeInfo>,
+    ) {
+        self.cluster_local.borrow_mut().insert(id, tunnel.clone());
+        let mut entries = self.shared.lock();
+        entries
+            .clusters
+            .entry(leaf.to_owned())
+            .or_default()
+            .tunnels
+            .push(ClusterTunnelInfo {
+                core: self.core,
+                id,
+                peer,
+                since: SystemTime::now(),
+                nodes,
+                heartbeat: SystemTime::now(),
+                rtt: None,
+            });
+    }
+
+    /// Records that cluster tunnel `id` of `leaf` is alive, with its round-trip time.
+    pub fn cluster_heartbeat(&self, leaf: &str, id: u64, rtt: Option<Duration>) {
+        let mut entries = self.shared.lock();
+        if let Some(t) = entries
+            .clusters
+            .get_mut(leaf)
+            .and_then(|l| l.tunnels.iter_mut().find(|t| t.id == id))
+        {
+            t.heartbeat = SystemTime::now();
+            t.rtt = rtt;
+        }
+    }
+
+    /// Replaces what cluster tunnel `id` of `leaf` announced.
+    pub fn update_cluster_tunnel(&self, leaf: &str, id: u64, nodes: Vec<frame::NodeInfo>) {
+        let mut entries = self.shared.lock();
+        if let Some(t) = entries
+            .clusters
+            .get_mut(leaf)
+            .and_then(|l| l.tunnels.iter_mut().find(|t| t.id == id))
+        {
+            t.nodes = nodes;
+        }
+    }
+
+    /// Forgets cluster tunnel `id` of `leaf`.
+    pub fn detach_cluster_tunnel(&self, leaf: &str, id: u64) {
+        self.cluster_local.borrow_mut().remove(&id);
+        let mut entries = self.shared.lock();
+        if let Some(l) = entries.clusters.get_mut(leaf) {
+            l.tunnels.retain(|t| t.id != id);
+            l.last_seen = Some(SystemTime::now());
         }
     }
 
@@ -447,13 +691,16 @@ impl CoreDirectory {
         false
     }
 
-    /// This core's live tunnels (for draining).
+    /// This core's live tunnels, agents' and leaf clusters' (for draining).
     pub fn tunnels(&self) -> Vec<Tunnel> {
-        self.local
+        let mut out: Vec<Tunnel> = self
+            .local
             .borrow()
             .values()
             .map(|e| e.tunnel.clone())
-            .collect()
+            .collect();
+        out.extend(self.cluster_local.borrow().values().cloned());
+        out
     }
 
     /// `node`'s tunnel, if this core holds it.
@@ -463,7 +710,7 @@ impl CoreDirectory {
 
     /// How many tunnels this core holds.
     pub fn local_tunnel_count(&self) -> usize {
-        self.local.borrow().len()
+        self.local.borrow().len() + self.cluster_local.borrow().len()
     }
 }
 
@@ -488,5 +735,98 @@ mod tests {
             );
         }
         assert_eq!(NodeDirectory::new(Vec::new(), 1).owner_core("x"), 0);
+    }
+
+    fn leaf_node(name: &str, online: bool) -> frame::NodeInfo {
+        frame::NodeInfo {
+            name: name.into(),
+            online,
+            tunnel: false,
+            labels: Vec::new(),
+            services: vec!["ssh".into()],
+        }
+    }
+
+    fn tunnel() -> Tunnel {
+        let config = frame::SessionConfig::new(frame::Role::Proxy, false);
+        Tunnel::new(frame::Session::new(config, [0; 16], Instant::now()))
+    }
+
+    #[test]
+    fn leaf_nodes_route_to_the_core_of_the_tunnel_that_announced_them() {
+        let shared = Arc::new(NodeDirectory::new(Vec::new(), 2));
+        let (core0, core1) = (
+            CoreDirectory::new(shared.clone(), 0),
+            CoreDirectory::new(shared.clone(), 1),
+        );
+        let peer: SocketAddr = "10.0.0.2:5000".parse().unwrap();
+        assert!(matches!(
+            core0.cluster_route("leaf", "node-a"),
+            ClusterRoute::ClusterOffline(None)
+        ));
+        let (t0, t1) = (tunnel(), tunnel());
+        core0.attach_cluster_tunnel("leaf", 1, peer, &t0, vec![leaf_node("node-a", true)]);
+        core1.attach_cluster_tunnel(
+            "leaf",
+            2,
+            peer,
+            &t1,
+            vec![leaf_node("node-b", true), leaf_node("node-c", false)],
+        );
+        assert_eq!(shared.cluster_owner("leaf", "node-a"), Some(0));
+        assert_eq!(shared.cluster_owner("leaf", "node-b"), Some(1));
+        assert_eq!(shared.cluster_owner("leaf", "node-z"), None);
+        assert_eq!(shared.cluster_owner("other", "node-a"), None);
+        assert!(matches!(
+            core0.cluster_route("leaf", "node-a"),
+            ClusterRoute::Tunnel(_)
+        ));
+        assert!(matches!(
+            core0.cluster_route("leaf", "node-b"),
+            ClusterRoute::OtherCore(1)
+        ));
+        assert!(matches!(
+            core1.cluster_route("leaf", "node-b"),
+            ClusterRoute::Tunnel(_)
+        ));
+        assert!(matches!(
+            core1.cluster_route("leaf", "node-c"),
+            ClusterRoute::NodeOffline
+        ));
+        assert!(matches!(
+            core1.cluster_route("leaf", "node-z"),
+            ClusterRoute::NodeUnknown
+        ));
+        // A leaf's node-a is not this cluster's node-a.
+        assert!(matches!(core0.route("node-a"), Route::Unknown));
+        let names: Vec<String> = shared
+            .cluster_nodes("leaf")
+            .unwrap()
+            .into_iter()
+            .map(|n| n.name)
+            .collect();
+        assert_eq!(names, ["node-a", "node-b", "node-c"]);
+        let [record] = shared.clusters().try_into().unwrap();
+        assert_eq!((record.online, record.tunnels, record.nodes), (true, 2, 3));
+
+        core1.update_cluster_tunnel("leaf", 2, vec![leaf_node("node-c", true)]);
+        assert!(matches!(
+            core1.cluster_route("leaf", "node-c"),
+            ClusterRoute::Tunnel(_)
+        ));
+        assert!(matches!(
+            core1.cluster_route("leaf", "node-b"),
+            ClusterRoute::NodeUnknown
+        ));
+
+        core0.detach_cluster_tunnel("leaf", 1);
+        core1.detach_cluster_tunnel("leaf", 2);
+        assert!(matches!(
+            core0.cluster_route("leaf", "node-a"),
+            ClusterRoute::ClusterOffline(Some(_))
+        ));
+        assert!(shared.cluster_nodes("leaf").is_none());
+        assert!(!shared.clusters()[0].online);
+        assert_eq!(core0.local_tunnel_count() + core1.local_tunnel_count(), 0);
     }
 }

@@ -129,6 +129,36 @@ pub(crate) fn render(ctx: &Context) -> String {
         "Agents' tunnels up, by the core that serves them.",
         &tunnels,
     );
+    let leaves = ctx.directory.clusters();
+    // Cluster names are [a-z0-9.-]: nothing to escape in a label value.
+    let leaf_labels: Vec<String> = leaves
+        .iter()
+        .map(|c| format!("cluster=\"{}\"", c.name))
+        .collect();
+    let online: Vec<(&str, u64)> = leaf_labels
+        .iter()
+        .zip(&leaves)
+        .map(|(l, c)| (l.as_str(), u64::from(c.online)))
+        .collect();
+    family(
+        &mut out,
+        "remoteler_trusted_cluster_online",
+        "gauge",
+        "Whether a trusted leaf cluster holds a tunnel to this (root) proxy, 1 or 0 (leaves seen since start).",
+        &online,
+    );
+    let nodes: Vec<(&str, u64)> = leaf_labels
+        .iter()
+        .zip(&leaves)
+        .map(|(l, c)| (l.as_str(), c.nodes as u64))
+        .collect();
+    family(
+        &mut out,
+        "remoteler_trusted_cluster_nodes",
+        "gauge",
+        "Nodes a trusted leaf cluster announces.",
+        &nodes,
+    );
     family(
         &mut out,
         "remoteler_tunnel_connects_total",

@@ -57,6 +57,9 @@ fn builtin_role() -> RoleConfig {
         allow: RoleRules {
             nodes: vec!["*".into()],
             labels: config::Labels::new(),
+            // Every trusted leaf too: each leaf's `role_map` still decides what its nodes
+            // allow. A role of the file reaches a leaf only with an `allow.clusters`.
+            clusters: vec!["*".into()],
         },
         deny: RoleRules::default(),
     }
@@ -162,6 +165,39 @@ impl Policy {
                 "no login".to_owned()
             } else {
                 format!("the logins {}", permitted.join(", "))
+            }
+        )))
+    }
+
+    /// Whether `user` may reach trusted leaf cluster `cluster` at all (the leaf then decides
+    /// about its nodes with its own roles). Deny wins, as for nodes; a role reaches a leaf only
+    /// when its `allow.clusters` matches the leaf's name.
+    pub fn check_cluster(&self, user: &PeerIdentity, cluster: &str) -> Result<(), Denied> {
+        let name = &user.name;
+        let known: Vec<&RoleConfig> = self.known(&user.roles).collect();
+        if let Some(role) = known
+            .iter()
+            .find(|role| role.deny.clusters.iter().any(|p| glob(p, cluster)))
+        {
+            return Err(Denied(format!(
+                "access denied: role {} of user {name} denies cluster {cluster} (`deny.clusters`); \
+                 deny wins over any allow",
+                role.name
+            )));
+        }
+        if known
+            .iter()
+            .any(|role| role.allow.clusters.iter().any(|p| glob(p, cluster)))
+        {
+            return Ok(());
+        }
+        Err(Denied(format!(
+            "access denied: none of user {name}'s roles ({}) allows trusted cluster {cluster}; a \
+             role with `allow.clusters = [\"{cluster}\"]` (or \"*\") would",
+            if known.is_empty() {
+                "none defined in this cluster".to_owned()
+            } else {
+                role_names(&known)
             }
         )))
     }
@@ -486,6 +522,31 @@ allow = { labels = { team = "*", tier = "web" } }
         );
         assert_eq!(p.max_cert_ttl(&roles(&["team"])), DEFAULT_ROLE_MAX_CERT_TTL);
         assert_eq!(p.max_cert_ttl(&roles(&["nope"])), DEFAULT_ROLE_MAX_CERT_TTL);
+    }
+
+    #[test]
+    fn clusters_need_an_allow_and_deny_wins() {
+        let p = policy(
+            "[[roles]]\nname = \"dev\"\nallow = { nodes = [\"*\"], clusters = [\"leaf-*\"] }\n\
+             [[roles]]\nname = \"nolf\"\ndeny = { clusters = [\"leaf-2\"] }\n\
+             [[roles]]\nname = \"local\"\nallow = { nodes = [\"*\"] }\n",
+        );
+        assert_eq!(p.check_cluster(&user(&["dev"], &[]), "leaf-1"), Ok(()));
+        assert!(p.check_cluster(&user(&["dev"], &[]), "other").is_err());
+        let err = p
+            .check_cluster(&user(&["dev", "nolf"], &[]), "leaf-2")
+            .unwrap_err();
+        assert!(err.0.contains("role nolf"), "{err}");
+        let err = p
+            .check_cluster(&user(&["local"], &[]), "leaf-1")
+            .unwrap_err();
+        assert!(err.0.contains("allow.clusters"), "{err}");
+        assert!(p.check_cluster(&user(&["nope"], &[]), "leaf-1").is_err());
+        // The built-in role reaches every leaf.
+        assert_eq!(
+            Policy::new(&[]).check_cluster(&user(&["access"], &[]), "x"),
+            Ok(())
+        );
     }
 
     #[test]

@@ -51,6 +51,24 @@ pub struct State {
     /// are refused.
     #[serde(default)]
     pub revoked_nodes: Vec<RevokedNode>,
+    /// Leaf clusters that joined this (root) cluster with a `trusted-cluster` token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_leaves: Vec<TrustedLeaf>,
+}
+
+/// A leaf cluster that joined this one: its proxy may hold cluster tunnels here.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedLeaf {
+    /// The leaf's cluster name (the name in its cluster certificate).
+    pub name: String,
+    /// The leaf's CA certificate, PEM, as it sent it at the join (kept for the record and
+    /// for operators; the root never trusts it for anything).
+    pub ca_pem: String,
+    /// When it joined, Unix seconds.
+    pub joined_unix: u64,
+    /// The id of the token it joined with.
+    pub token_id: String,
 }
 
 /// A node whose certificates issued at or before `revoked_unix` are refused.
@@ -69,6 +87,8 @@ pub struct RevokedNode {
 pub enum TokenKind {
     /// Join as a node (agent).
     Node,
+    /// Join as a trusted leaf cluster (`--kind trusted-cluster`).
+    TrustedCluster,
 }
 
 impl TokenKind {
@@ -76,6 +96,7 @@ impl TokenKind {
     pub fn as_str(self) -> &'static str {
         match self {
             TokenKind::Node => "node",
+            TokenKind::TrustedCluster => "trusted-cluster",
         }
     }
 }

@@ -4,6 +4,7 @@
 //! | ALPN                  | client certificate | then                                         |
 //! |-----------------------|--------------------|----------------------------------------------|
 //! | `remoteler-join/1`    | none               | one [`JoinRequest`] → [`JoinResponse`]       |
+//! | `remoteler-cluster-join/1` | none          | one [`ClusterJoinRequest`] → [`JoinResponse`] |
 //! | `remoteler-login/1`   | none               | one [`LoginRequest`] → [`LoginResponse`]     |
 //! | `remoteler-tunnel/1`  | node (or cluster)  | the frame protocol; the agent is the dialer  |
 //! | `remoteler-session/1` | user               | the frame protocol; one OPEN per connection  |
@@ -22,6 +23,9 @@ use crate::tls::{TlsError, TlsReader, TlsWriter};
 
 /// ALPN of a join (token → node certificate).
 pub const ALPN_JOIN: &[u8] = b"remoteler-join/1";
+/// ALPN of a leaf cluster's join (trusted-cluster token → cluster certificate), on the root's
+/// tunnel listener.
+pub const ALPN_CLUSTER_JOIN: &[u8] = b"remoteler-cluster-join/1";
 /// ALPN of a login (password → user certificate).
 pub const ALPN_LOGIN: &[u8] = b"remoteler-login/1";
 /// ALPN of an agent's (or leaf cluster's) reverse tunnel.
@@ -62,6 +66,30 @@ impl JoinRequest {
     /// For logs: everything but the token.
     pub fn redacted(&self) -> String {
         format!("join request for node {:?} (token MASKED)", self.node)
+    }
+}
+
+/// Cluster join: a leaf cluster's proxy trades a `trusted-cluster` token for a cluster
+/// certificate (kind cluster, named after the leaf) signed by the root's CA, on its own key.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterJoinRequest {
+    /// The join token (secret; never logged).
+    pub token: String,
+    /// The leaf's cluster name.
+    pub cluster: String,
+    /// The leaf's CA certificate, PEM (the root records it).
+    pub ca_pem: String,
+    /// The leaf proxy's public key for the cluster certificate, SubjectPublicKeyInfo DER, hex.
+    pub public_key: String,
+}
+
+impl std::fmt::Debug for ClusterJoinRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterJoinRequest")
+            .field("cluster", &self.cluster)
+            .field("token", &"MASKED")
+            .finish_non_exhaustive()
     }
 }
 
@@ -165,6 +193,20 @@ pub enum ApiRequest {
     },
     /// Who the proxy thinks the caller is.
     WhoAmI,
+    /// The trusted leaf clusters the caller may reach.
+    ListClusters,
+}
+
+/// One trusted leaf cluster as a user sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterView {
+    /// The leaf's name.
+    pub name: String,
+    /// Whether its proxy holds a tunnel to this one now.
+    pub online: bool,
+    /// Nodes it announces.
+    pub nodes: usize,
 }
 
 /// One node as a user sees it.
@@ -196,6 +238,8 @@ pub enum ApiResponse {
         /// Roles.
         roles: Vec<String>,
     },
+    /// The trusted leaf clusters.
+    Clusters(Vec<ClusterView>),
 }
 
 /// A refusal, sent instead of a response.

@@ -25,7 +25,7 @@ use crate::util;
 /// Lifetime of a node certificate issued at join.
 pub const NODE_CERT_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
 /// A refused join or login waits this long before the answer, to slow down guessing.
-const FAILURE_DELAY: Duration = Duration::from_millis(500);
+pub(super) const FAILURE_DELAY: Duration = Duration::from_millis(500);
 /// Password checks running at once (each is a thread and 19 MiB of argon2 memory); more
 /// logins are told to retry.
 const MAX_CONCURRENT_LOGINS: u32 = 8;
@@ -34,19 +34,19 @@ const MIN_USER_TTL: Duration = Duration::from_secs(1);
 /// Longest heartbeat lifetime accepted from a registering node.
 const MAX_REGISTER_TTL_SECS: u64 = 3600;
 
-fn error(code: &str, message: impl Into<String>) -> ErrorBody {
+pub(super) fn error(code: &str, message: impl Into<String>) -> ErrorBody {
     ErrorBody {
         code: code.into(),
         message: message.into(),
     }
 }
 
-async fn reply<T: Serialize>(writer: &mut TlsWriter, reply: &Reply<T>) {
+pub(super) async fn reply<T: Serialize>(writer: &mut TlsWriter, reply: &Reply<T>) {
     let _ = monoio::time::timeout(Duration::from_secs(10), write_line(writer, reply)).await;
     let _ = monoio::time::timeout(Duration::from_secs(5), writer.close()).await;
 }
 
-async fn read_request<T: DeserializeOwned>(
+pub(super) async fn read_request<T: DeserializeOwned>(
     ctx: &Context,
     reader: &mut TlsReader,
     buf: &mut BytesMut,
@@ -70,7 +70,7 @@ async fn read_request<T: DeserializeOwned>(
 /// The refusal for an address that used up its failed joins and logins
 /// ([`crate::guard::AUTH_FAILURE_LIMIT`] per [`crate::guard::AUTH_FAILURE_WINDOW`]); `what`
 /// is "joins" or "logins".
-fn rate_limited(ctx: &Context, peer: SocketAddr, what: &str) -> Option<ErrorBody> {
+pub(super) fn rate_limited(ctx: &Context, peer: SocketAddr, what: &str) -> Option<ErrorBody> {
     let left = ctx
         .guard
         .auth_blocked(peer.ip(), std::time::Instant::now())?;
@@ -89,7 +89,7 @@ fn rate_limited(ctx: &Context, peer: SocketAddr, what: &str) -> Option<ErrorBody
 
 /// Counts a failed join or login against its address (not an answer that was itself a
 /// rate-limit refusal, nor "busy"); returns whether the address is blocked now.
-fn count_failure(ctx: &Context, peer: SocketAddr, body: &ErrorBody) -> bool {
+pub(super) fn count_failure(ctx: &Context, peer: SocketAddr, body: &ErrorBody) -> bool {
     if matches!(body.code.as_str(), "rate_limited" | "busy" | "internal") {
         return ctx
             .guard
@@ -509,13 +509,7 @@ pub(super) async fn serve_api(
     tracing::debug!(%peer, user = %user.name, ?request, "api request");
     let response = match request {
         ApiRequest::ListNodes { cluster } => match cluster {
-            Some(c) if c != ctx.cluster => Reply::Error(error(
-                "cluster_unknown",
-                format!(
-                    "no trusted cluster named {c:?}; this proxy serves cluster {:?}",
-                    ctx.cluster
-                ),
-            )),
+            Some(c) if c != ctx.cluster => super::clusters::list_leaf_nodes(&ctx, &user, &c),
             _ => Reply::Ok(ApiResponse::Nodes(
                 ctx.directory
                     .list()
@@ -530,6 +524,18 @@ pub(super) async fn serve_api(
                     .collect(),
             )),
         },
+        ApiRequest::ListClusters => Reply::Ok(ApiResponse::Clusters(
+            ctx.directory
+                .clusters()
+                .into_iter()
+                .filter(|c| ctx.policy.check_cluster(&user, &c.name).is_ok())
+                .map(|c| tunnel::control::ClusterView {
+                    name: c.name,
+                    online: c.online,
+                    nodes: c.nodes,
+                })
+                .collect(),
+        )),
         ApiRequest::WhoAmI => Reply::Ok(ApiResponse::WhoAmI {
             user: user.name.clone(),
             cluster: user.cluster.clone(),

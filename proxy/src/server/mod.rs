@@ -4,10 +4,11 @@
 //! (io_uring, epoll where io_uring is missing), its own `SO_REUSEPORT` listeners and its own
 //! [`Context`]. A node's tunnel lives on the node's owner core
 //! ([`NodeDirectory::owner_core`]); a connection that lands on another core is moved there
-//! (socket and TLS state together, [`Handoff`]) once it is authenticated and, for a user,
+//! (socket and TLS state together, `Handoff`) once it is authenticated and, for a user,
 //! once its first OPEN names the node, so a session's bytes never cross threads. The
 //! [`NodeDirectory`], the counters, the audit log and the state file are what cores share.
 
+mod clusters;
 mod control;
 mod sessions;
 mod tunnels;
@@ -24,7 +25,9 @@ use bytes::BytesMut;
 use config::ProxyConfig;
 use frame::{ErrorCode, Role, Session, SessionConfig};
 use monoio::net::{TcpListener, TcpStream};
-use tunnel::control::{ALPN_API, ALPN_JOIN, ALPN_LOGIN, ALPN_REGISTER, ALPN_SESSION, ALPN_TUNNEL};
+use tunnel::control::{
+    ALPN_API, ALPN_CLUSTER_JOIN, ALPN_JOIN, ALPN_LOGIN, ALPN_REGISTER, ALPN_SESSION, ALPN_TUNNEL,
+};
 use tunnel::identity::{ClientAuth, ClusterCa, IdentityKind, PeerIdentity, TlsIdentity};
 use tunnel::mux::{Tunnel, drive};
 use tunnel::tls::{self, TlsConnection, TransferableTls};
@@ -550,7 +553,7 @@ impl ListenerKind {
     fn alpn(self) -> Vec<Vec<u8>> {
         let list: &[&[u8]] = match self {
             ListenerKind::Users => &[ALPN_SESSION, ALPN_API, ALPN_LOGIN],
-            ListenerKind::Tunnels => &[ALPN_TUNNEL, ALPN_JOIN],
+            ListenerKind::Tunnels => &[ALPN_TUNNEL, ALPN_JOIN, ALPN_CLUSTER_JOIN],
             ListenerKind::Auth => &[ALPN_REGISTER, ALPN_JOIN],
         };
         list.iter().map(|p| p.to_vec()).collect()
@@ -838,6 +841,25 @@ async fn serve_core(
         )),
         monoio::spawn(inbox_loop(ctx.clone(), inbox)),
     ];
+    for trusted in &ctx.config.trusted_clusters {
+        if !trusted.enabled {
+            if core == 0 {
+                tracing::info!(cluster = %trusted.name, "trusted cluster disabled (`enabled = false`); no tunnel to it");
+            }
+            continue;
+        }
+        if trusted.name.as_str() == ctx.cluster {
+            return Err(ProxyError::Other(format!(
+                "`trusted_clusters` names this cluster itself ({}); a trusted cluster is another \
+                 (root) cluster",
+                ctx.cluster
+            )));
+        }
+        loops.push(monoio::spawn(clusters::run_cluster_agent(
+            ctx.clone(),
+            trusted.clone(),
+        )));
+    }
     if let Some((admin, metrics)) = admin {
         let admin = monoio::net::UnixListener::from_std(admin)
             .map_err(|e| ProxyError::Other(format!("cannot register the admin socket: {e}")))?;
@@ -1121,6 +1143,22 @@ async fn handle_connection(
         (ListenerKind::Tunnels | ListenerKind::Auth, p) if p == ALPN_JOIN => {
             Box::pin(control::serve_join(ctx, conn, peer)).await;
         }
+        (ListenerKind::Tunnels, p) if p == ALPN_CLUSTER_JOIN => {
+            Box::pin(clusters::serve_cluster_join(ctx, conn, peer)).await;
+        }
+        (ListenerKind::Tunnels, p)
+            if p == ALPN_TUNNEL
+                && matches!(&identity, Some(Ok(id)) if id.kind == IdentityKind::Cluster) =>
+        {
+            // A leaf cluster's tunnel: served on any core (the directory says which core holds
+            // the tunnel that announced which leaf node). Its certificate gives nothing else.
+            match check_identity(&ctx, identity, IdentityKind::Cluster) {
+                Ok(id) => drop(monoio::spawn(clusters::serve_cluster_tunnel(
+                    ctx, conn, peer, id,
+                ))),
+                Err(why) => Box::pin(refuse_frames(&ctx, conn, peer, &protocol, &why)).await,
+            }
+        }
         (ListenerKind::Users, p) if p == ALPN_LOGIN => {
             Box::pin(control::serve_login(ctx, conn, peer)).await;
         }
@@ -1157,7 +1195,13 @@ async fn handle_connection(
                     .await
                     .ok()
                     .flatten();
-                    let owner = node.map(|n| ctx.directory.owner_core(&n));
+                    let owner = node.and_then(|(cluster, node)| {
+                        if cluster.is_empty() || cluster == ctx.cluster {
+                            Some(ctx.directory.owner_core(&node))
+                        } else {
+                            ctx.directory.cluster_owner(&cluster, &node)
+                        }
+                    });
                     let conn = match owner.filter(|&core| core != ctx.core) {
                         Some(core) => match ctx.move_to(core, conn, |conn| Handoff::Session {
                             conn,

@@ -1,5 +1,9 @@
 //! ALPN_SESSION: a user's leg. Each OPEN names a node; the proxy authorizes, routes
-//! (tunnel, or a direct TCP dial) and splices.
+//! (tunnel, or a direct TCP dial) and splices. An OPEN naming a trusted leaf cluster is
+//! authorized for the cluster only and passed through the leaf's tunnel with the user's
+//! certificate; the leaf decides and audits it (see `clusters`). A leaf serves the OPENs its
+//! root passes with [`handle_open`] too, once it has checked the certificate and mapped the
+//! roles.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -13,7 +17,7 @@ use tunnel::mux::{Incoming, StreamError, drive};
 use tunnel::tls::TlsConnection;
 
 use super::Context;
-use crate::directory::Route;
+use crate::directory::{ClusterRoute, Route};
 use crate::splice::{self, SpliceOutcome};
 use crate::util;
 
@@ -28,18 +32,21 @@ const PEEK_MAX_FRAMES: usize = 4;
 const PEEK_MAX_BYTES: usize = 16 * 1024;
 
 /// Reads a user connection's first frames, up to its first OPEN, into `input` without
-/// consuming them, and returns the node the OPEN names: the connection belongs on that node's
-/// owner core. `None` when the client sends something else first, or nothing.
+/// consuming them, and returns the cluster and node the OPEN names: the connection belongs on
+/// that node's owner core (for a leaf cluster's node, the core holding the leaf tunnel that
+/// announced it). `None` when the client sends something else first, or nothing.
 pub(super) async fn peek_first_open(
     conn: &mut TlsConnection,
     input: &mut BytesMut,
-) -> Option<String> {
+) -> Option<(String, String)> {
     let limits = frame::Limits::default();
     loop {
         let mut view = input.clone();
         for _ in 0..PEEK_MAX_FRAMES {
             match frame::decode(&mut view, &limits) {
-                Ok(Some(frame::Frame::Open { open, .. })) => return Some(open.node),
+                Ok(Some(frame::Frame::Open { open, .. })) => {
+                    return Some((open.cluster, open.node));
+                }
                 Ok(Some(_)) => {}
                 Ok(None) => break,
                 Err(_) => return None,
@@ -62,13 +69,27 @@ pub(super) async fn serve_session(
     peer: SocketAddr,
     user: PeerIdentity,
 ) {
+    // The leaf of a trusted cluster checks the user's certificate itself: it goes along with
+    // OPENs that name one.
+    let credential = conn
+        .peer_certificates()
+        .and_then(|chain| chain.into_iter().next())
+        .map(|leaf| Bytes::copy_from_slice(leaf.as_ref()))
+        .unwrap_or_default();
+    let client_addr = peer.to_string();
     let tunnel = tunnel::mux::Tunnel::new(ctx.new_session());
     let driven = tunnel.clone();
     let driver = monoio::spawn(async move { drive(&driven, conn, input).await });
     let registration = ctx.add_user_tunnel(&tunnel);
     tracing::debug!(%peer, user = %user.name, "user connection up");
     while let Some(incoming) = tunnel.incoming().await {
-        monoio::spawn(handle_open(ctx.clone(), incoming, user.clone(), peer));
+        monoio::spawn(handle_open(
+            ctx.clone(),
+            incoming,
+            user.clone(),
+            client_addr.clone(),
+            credential.clone(),
+        ));
     }
     let outcome = driver.await;
     ctx.remove_user_tunnel(registration);
@@ -97,7 +118,7 @@ fn reject(
     ctx: &Context,
     incoming: Incoming,
     user: &PeerIdentity,
-    peer: SocketAddr,
+    client_addr: &str,
     code: ErrorCode,
     reason: &str,
 ) {
@@ -105,31 +126,43 @@ fn reject(
     let node = incoming.request.node.clone();
     ctx.stats.refused(code);
     let login = incoming.request.login.clone();
-    tracing::info!(%session_id, user = %user.name, %node, %login, %peer, code = code.name(), %reason, "session refused");
+    let cluster = incoming.request.cluster.clone();
+    tracing::info!(%session_id, user = %user.name, %cluster, %node, %login, %client_addr, code = code.name(), %reason, "session refused");
     if code == ErrorCode::ACCESS_DENIED {
         ctx.audit.record(
             "access.denied",
             serde_json::json!({
-                "session_id": session_id, "user": user.name, "roles": user.roles, "node": node,
-                "login": login, "client_addr": peer.to_string(), "reason": reason,
+                "session_id": session_id, "user": user.name, "user_cluster": user.cluster,
+                "roles": user.roles, "cluster": cluster, "node": node,
+                "login": login, "client_addr": client_addr, "reason": reason,
             }),
         );
     }
     incoming.reject(code, reason);
 }
 
-/// Where an authorized session goes: the agent's stream, or a TCP connection to the node.
+/// Where an authorized session goes: the agent's stream, a TCP connection to the node, or a
+/// trusted leaf cluster's stream (which audits the session itself).
 enum Target {
     Tunnel(tunnel::mux::MuxStream),
     Direct(monoio::net::TcpStream),
+    Leaf(tunnel::mux::MuxStream),
 }
 
-async fn handle_open(ctx: Rc<Context>, incoming: Incoming, user: PeerIdentity, peer: SocketAddr) {
+/// Serves one OPEN of `user` (a local user, or on a leaf a root user with mapped roles)
+/// coming from `client_addr`; `credential` is the user's certificate, passed on to a leaf.
+pub(super) async fn handle_open(
+    ctx: Rc<Context>,
+    incoming: Incoming,
+    user: PeerIdentity,
+    client_addr: String,
+    credential: Bytes,
+) {
     let request = incoming.request.clone();
-    let target = match connect_target(&ctx, &request, &user, peer).await {
+    let target = match connect_target(&ctx, &request, &user, &client_addr, credential).await {
         Ok(target) => target,
         Err((code, reason)) => {
-            reject(&ctx, incoming, &user, peer, code, &reason);
+            reject(&ctx, incoming, &user, &client_addr, code, &reason);
             return;
         }
     };
@@ -137,18 +170,115 @@ async fn handle_open(ctx: Rc<Context>, incoming: Incoming, user: PeerIdentity, p
         return; // the user's connection ended meanwhile; dropping the target closes it
     };
     let active = ActiveSession::new(&ctx);
-    let via = match target {
-        Target::Tunnel(_) => "tunnel",
-        Target::Direct(_) => "direct",
+    let (via, node) = match target {
+        Target::Leaf(leaf) => {
+            // The session is the leaf's: it writes session.start and session.end to its own
+            // audit log; this cluster's log has no record of it (only the program log does).
+            let session_id = util::to_hex(&request.session_id);
+            tracing::info!(%session_id, user = %user.name, cluster = %request.cluster, node = %request.node, %client_addr, "session passed to trusted cluster");
+            let (outcome, settle) =
+                splice::splice_streams(user_stream, leaf, ("user", "cluster")).await;
+            tracing::info!(
+                %session_id, user = %user.name, cluster = %request.cluster, node = %request.node,
+                bytes_from_user = outcome.forward, bytes_to_user = outcome.backward,
+                reason = outcome.error.as_deref().unwrap_or("closed"), "session through trusted cluster ended"
+            );
+            drop(active);
+            settle.wait().await;
+            return;
+        }
+        Target::Tunnel(agent) => ("tunnel", Ok(agent)),
+        Target::Direct(tcp) => ("direct", Err(tcp)),
     };
-    let started = session_start(&ctx, &request, &user, peer, via);
-    let (outcome, settle) = match target {
-        Target::Tunnel(agent) => splice::splice_streams(user_stream, agent, ("user", "node")).await,
-        Target::Direct(tcp) => splice::splice_tcp(user_stream, tcp, ("user", "node")).await,
+    let started = session_start(&ctx, &request, &user, &client_addr, via);
+    let (outcome, settle) = match node {
+        Ok(agent) => splice::splice_streams(user_stream, agent, ("user", "node")).await,
+        Err(tcp) => splice::splice_tcp(user_stream, tcp, ("user", "node")).await,
     };
-    session_end(&ctx, &request, &user, peer, via, started, &outcome);
+    session_end(&ctx, &request, &user, &client_addr, via, started, &outcome);
     drop(active);
     settle.wait().await;
+}
+
+/// Authorizes a request for a node of trusted leaf cluster `request.cluster` (the cluster
+/// only: the leaf decides about the node) and opens a stream through the leaf's tunnel.
+async fn connect_leaf(
+    ctx: &Context,
+    request: &Open,
+    user: &PeerIdentity,
+    client_addr: &str,
+    credential: Bytes,
+) -> Result<Target, (ErrorCode, String)> {
+    let (leaf, node) = (&request.cluster, &request.node);
+    ctx.policy
+        .check_cluster(user, leaf)
+        .map_err(|denied| (ErrorCode::ACCESS_DENIED, denied.0))?;
+    let tunnel = match ctx.directory.cluster_route(leaf, node) {
+        ClusterRoute::Tunnel(tunnel) => tunnel,
+        ClusterRoute::OtherCore(_) => {
+            return Err((
+                ErrorCode::CONNECT_FAILED,
+                format!(
+                    "node {node}.{leaf} is served by another core of this proxy than this                      connection's first node; open one connection per node (remoteler does)"
+                ),
+            ));
+        }
+        ClusterRoute::NodeOffline => {
+            return Err((
+                ErrorCode::NODE_OFFLINE,
+                format!("cluster {leaf} reports node {node} offline"),
+            ));
+        }
+        ClusterRoute::NodeUnknown => {
+            return Err((
+                ErrorCode::NODE_UNKNOWN,
+                format!(
+                    "cluster {leaf} has no node named {node}; `remoteler ls --cluster {leaf}`                      lists them"
+                ),
+            ));
+        }
+        ClusterRoute::ClusterOffline(since) => {
+            let when = since
+                .map(|s| format!(" (its tunnel went down at {})", util::rfc3339(s)))
+                .unwrap_or_default();
+            return Err((
+                ErrorCode::CLUSTER_UNKNOWN,
+                format!(
+                    "trusted cluster {leaf} is not connected to cluster {}{when}; it is offline, \
+                     no longer trusts this cluster, or was never joined; `remoteler clusters` \
+                     lists the connected ones",
+                    ctx.cluster
+                ),
+            ));
+        }
+    };
+    let open = Open {
+        session_id: request.session_id,
+        cluster: leaf.clone(),
+        node: node.clone(),
+        service: request.service.clone(),
+        user: user.name.clone(),
+        login: request.login.clone(),
+        client_addr: client_addr.to_owned(),
+        credential,
+    };
+    match monoio::time::timeout(CONNECT_TIMEOUT, tunnel.open(open)).await {
+        Ok(Ok(stream)) => Ok(Target::Leaf(stream)),
+        Ok(Err(StreamError::Refused { code, reason })) => {
+            Err((code, format!("cluster {leaf} refused: {reason}")))
+        }
+        Ok(Err(e)) => Err((
+            ErrorCode::CONNECT_FAILED,
+            format!("cannot open a stream to cluster {leaf} through its tunnel: {e}"),
+        )),
+        Err(_) => Err((
+            ErrorCode::CONNECT_FAILED,
+            format!(
+                "cluster {leaf} did not answer within {}s",
+                CONNECT_TIMEOUT.as_secs()
+            ),
+        )),
+    }
 }
 
 /// Authorizes the request and connects to its node, or says why not (code and reason for
@@ -157,7 +287,8 @@ async fn connect_target(
     ctx: &Context,
     request: &Open,
     user: &PeerIdentity,
-    peer: SocketAddr,
+    client_addr: &str,
+    credential: Bytes,
 ) -> Result<Target, (ErrorCode, String)> {
     let node = &request.node;
     if ctx.draining.get() {
@@ -167,13 +298,17 @@ async fn connect_target(
         ));
     }
     if !request.cluster.is_empty() && request.cluster != ctx.cluster {
-        return Err((
-            ErrorCode::CLUSTER_UNKNOWN,
-            format!(
-                "no trusted cluster named {:?}; this proxy serves cluster {:?}",
-                request.cluster, ctx.cluster
-            ),
-        ));
+        if user.cluster != ctx.cluster {
+            // A root's user on a leaf: trust is not transitive.
+            return Err((
+                ErrorCode::CLUSTER_UNKNOWN,
+                format!(
+                    "cluster {} does not pass sessions of cluster {}'s users on to other clusters",
+                    ctx.cluster, user.cluster
+                ),
+            ));
+        }
+        return connect_leaf(ctx, request, user, client_addr, credential).await;
     }
     let route = ctx.directory.route(node);
     if let Some(labels) = route.labels() {
@@ -190,7 +325,7 @@ async fn connect_target(
                 service: request.service.clone(),
                 user: user.name.clone(),
                 login: request.login.clone(),
-                client_addr: peer.to_string(),
+                client_addr: client_addr.to_owned(),
                 credential: Bytes::new(),
             };
             match monoio::time::timeout(CONNECT_TIMEOUT, entry.tunnel.open(open)).await {
@@ -271,20 +406,20 @@ fn session_start(
     ctx: &Context,
     request: &Open,
     user: &PeerIdentity,
-    peer: SocketAddr,
+    client_addr: &str,
     via: &str,
 ) -> Instant {
     let session_id = util::to_hex(&request.session_id);
     tracing::info!(
-        %session_id, user = %user.name, node = %request.node, login = %request.login, %via,
-        %peer, "session start"
+        %session_id, user = %user.name, user_cluster = %user.cluster, node = %request.node,
+        login = %request.login, %via, %client_addr, "session start"
     );
     ctx.audit.record(
         "session.start",
         serde_json::json!({
-            "session_id": session_id, "user": user.name, "roles": user.roles,
-            "node": request.node, "login": request.login, "service": request.service, "via": via,
-            "client_addr": peer.to_string(),
+            "session_id": session_id, "user": user.name, "user_cluster": user.cluster,
+            "roles": user.roles, "node": request.node, "login": request.login,
+            "service": request.service, "via": via, "client_addr": client_addr,
         }),
     );
     Instant::now()
@@ -294,7 +429,7 @@ fn session_end(
     ctx: &Context,
     request: &Open,
     user: &PeerIdentity,
-    peer: SocketAddr,
+    client_addr: &str,
     via: &str,
     started: Instant,
     outcome: &SpliceOutcome,
@@ -310,16 +445,16 @@ fn session_end(
         .bytes_to_users
         .fetch_add(outcome.backward, Ordering::Relaxed);
     tracing::info!(
-        %session_id, user = %user.name, node = %request.node, %via, %peer,
+        %session_id, user = %user.name, node = %request.node, %via, %client_addr,
         bytes_from_user = outcome.forward, bytes_to_user = outcome.backward,
         duration_ms = duration.as_millis() as u64, %reason, "session end"
     );
     ctx.audit.record(
         "session.end",
         serde_json::json!({
-            "session_id": session_id, "user": user.name, "roles": user.roles,
-            "node": request.node, "login": request.login, "via": via,
-            "client_addr": peer.to_string(), "bytes_from_user": outcome.forward, "bytes_to_user": outcome.backward,
+            "session_id": session_id, "user": user.name, "user_cluster": user.cluster,
+            "roles": user.roles, "node": request.node, "login": request.login, "via": via,
+            "client_addr": client_addr, "bytes_from_user": outcome.forward, "bytes_to_user": outcome.backward,
             "duration_ms": duration.as_millis() as u64, "reason": reason,
         }),
     );
@@ -327,7 +462,7 @@ fn session_end(
 
 /// Connects to `address`, trying each resolved address in turn. Host names are resolved on a
 /// helper thread: `getaddrinfo` blocks, and the core must not.
-async fn dial(address: &config::HostPort) -> std::io::Result<monoio::net::TcpStream> {
+pub(super) async fn dial(address: &config::HostPort) -> std::io::Result<monoio::net::TcpStream> {
     let addrs: Vec<SocketAddr> = match address.ip() {
         Some(ip) => vec![SocketAddr::new(ip, address.port())],
         None => {
