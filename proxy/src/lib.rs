@@ -31,6 +31,7 @@ pub mod shutdown;
 mod splice;
 pub mod sshca;
 pub mod state;
+pub mod state_writer;
 pub mod util;
 
 pub use error::ProxyError;

@@ -42,6 +42,12 @@ impl Revocations {
         changed
     }
 
+    /// When `node` was last removed, Unix seconds.
+    pub fn removed_at(&self, node: &str) -> Option<u64> {
+        let removed = self.removed.read().unwrap_or_else(PoisonError::into_inner);
+        removed.get(node).copied()
+    }
+
     /// Why `node`'s certificate is refused, if it is: issued (`notBefore` plus the backdating
     /// of [`CLOCK_SKEW_ALLOWANCE`]) at or before the node's removal.
     pub fn check(&self, node: &PeerIdentity) -> Result<(), String> {

@@ -165,25 +165,9 @@ pub(super) async fn serve_join(ctx: Rc<Context>, conn: TlsConnection, peer: Sock
             return;
         }
     };
-    // The token's use is a locked read-modify-write of the state file with fsyncs, and
-    // another core may hold the lock: a helper thread waits for it, not this core.
-    let joined = if let Some(body) = rate_limited(&ctx, peer, "joins") {
-        Err(JoinFailure::Refused(body))
-    } else {
-        let (store, ca, cluster, request) = (
-            ctx.store.clone(),
-            ctx.ca.clone(),
-            ctx.cluster.clone(),
-            request.clone(),
-        );
-        crate::blocking::run(move || join(&store, &ca, &cluster, &request))
-            .await
-            .unwrap_or_else(|| {
-                Err(JoinFailure::Refused(error(
-                    "internal",
-                    "the join could not be processed (helper thread failed); try again",
-                )))
-            })
+    let joined = match rate_limited(&ctx, peer, "joins") {
+        Some(body) => Err(JoinFailure::Refused(body)),
+        None => join(&ctx, &request).await,
     };
     match joined {
         Ok((response, token_id)) => {
@@ -217,22 +201,27 @@ pub(super) async fn serve_join(ctx: Rc<Context>, conn: TlsConnection, peer: Sock
     }
 }
 
-fn join(
-    store: &crate::state::StateStore,
-    ca: &tunnel::identity::ClusterCa,
-    cluster: &str,
-    request: &JoinRequest,
-) -> Result<(JoinResponse, String), JoinFailure> {
+async fn join(ctx: &Context, request: &JoinRequest) -> Result<(JoinResponse, String), JoinFailure> {
     config::NodeName::new(request.node.as_str())
         .map_err(|e| JoinFailure::Refused(error("bad_node_name", format!("node name: {e}"))))?;
     tunnel::identity::validate_name("node name", &request.node)
         .map_err(|e| JoinFailure::Refused(error("bad_node_name", e.to_string())))?;
     let key = public_key(&request.public_key).map_err(JoinFailure::Refused)?;
-    let used = store.update(|state| {
-        state
-            .consume_token(&request.token, util::unix_now())
-            .map_err(JoinFailure::Token)
-    })?;
+    // The token's use is saved by the state writer (a locked read-modify-write with fsyncs, in
+    // order and in batches); the answer waits until it is on disk.
+    let token = request.token.clone();
+    let used = ctx
+        .state_writer
+        .update(move |state| state.consume_token(&token, util::unix_now()))
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot update the state file during a join");
+            JoinFailure::Refused(error(
+                "internal",
+                "the proxy cannot update its state file; the operator should check its log",
+            ))
+        })?
+        .map_err(JoinFailure::Token)?;
     if used.kind != TokenKind::Node {
         return Err(JoinFailure::Refused(error(
             "token_invalid",
@@ -246,16 +235,28 @@ fn join(
             format!("cannot issue the certificate: {e}"),
         ))
     };
+    // A certificate counts as issued in whole seconds; one issued in the very second the node
+    // was removed would be refused with the old ones, so wait for the next second.
+    if let Some(at) = ctx.revocations.removed_at(&request.node) {
+        let now = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        if now.as_secs() <= at {
+            let wait = Duration::from_secs(at + 1).saturating_sub(now);
+            monoio::time::sleep(wait).await;
+        }
+    }
     let validity = Validity::for_ttl(SystemTime::now(), NODE_CERT_TTL).map_err(internal)?;
-    let leaf = ca
+    let leaf = ctx
+        .ca
         .issue_node(&request.node, &key, validity)
         .map_err(internal)?;
-    let chain = ca.chain(leaf);
+    let chain = ctx.ca.chain(leaf);
     Ok((
         JoinResponse {
-            cluster: cluster.to_owned(),
+            cluster: ctx.cluster.clone(),
             certificate_pem: tunnel::identity::certificates_to_pem(&chain),
-            ca_pem: ca.certificate_pem(),
+            ca_pem: ctx.ca.certificate_pem(),
         },
         used.id,
     ))

@@ -356,6 +356,7 @@ struct Shared {
     audit: Arc<AuditLog>,
     guard: Arc<crate::guard::SourceGuard>,
     revocations: Arc<crate::revocation::Revocations>,
+    state_writer: Arc<crate::state_writer::StateWriter>,
     policy: Arc<Policy>,
     ssh_ca: Arc<SshUserCa>,
     directory: Arc<NodeDirectory>,
@@ -392,6 +393,8 @@ pub struct Context {
     pub guard: Arc<crate::guard::SourceGuard>,
     /// Removed nodes.
     pub revocations: Arc<crate::revocation::Revocations>,
+    /// Saves changes to the state file (token uses).
+    pub state_writer: Arc<crate::state_writer::StateWriter>,
     /// The roles: who may reach which node as which login.
     pub policy: Arc<Policy>,
     /// The SSH user CA, for the SSH certificates issued at login.
@@ -621,7 +624,9 @@ pub fn run(
         );
     }
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..workers).map(|_| flume::unbounded()).unzip();
+    let state_writer = Arc::new(crate::state_writer::StateWriter::start(store.clone())?);
     let shared = Shared {
+        state_writer: state_writer.clone(),
         revocations: Arc::new(revocations),
         guard: Arc::new(crate::guard::SourceGuard::new(
             config.limits.max_handshakes_per_source,
@@ -722,6 +727,7 @@ pub fn run(
             }
         }
     }
+    state_writer.close();
     audit.close(); // every record written and synced before the process exits
     let _ = std::fs::remove_file(data.ready_file());
     let _ = std::fs::remove_file(&admin_path);
@@ -799,6 +805,7 @@ async fn serve_core(
         audit: shared.audit,
         guard: shared.guard,
         revocations: shared.revocations,
+        state_writer: shared.state_writer,
         policy: shared.policy,
         ssh_ca: shared.ssh_ca,
         stats: shared.stats,
