@@ -328,7 +328,10 @@ impl Tunnel {
             if s.announce_version != seen || s.session.is_ended() {
                 Poll::Ready(s.announce_version)
             } else {
-                s.announce_waker.push(cx.waker().clone());
+                // A task that polls again (a select loop) must not pile up copies of its waker.
+                if !s.announce_waker.iter().any(|w| w.will_wake(cx.waker())) {
+                    s.announce_waker.push(cx.waker().clone());
+                }
                 Poll::Pending
             }
         })

@@ -255,6 +255,9 @@ struct State {
     close_notify_sent: bool,
     read_fault: Option<Fault>,
     write_fault: Option<Fault>,
+    /// The task waiting in `flush` for the socket to take bytes: woken when the reading side
+    /// fails the whole session, which a full socket would otherwise never report.
+    write_waiter: Option<std::task::Waker>,
 }
 
 /// What one receive step did.
@@ -288,6 +291,7 @@ impl TlsConnection {
             close_notify_sent: false,
             read_fault: None,
             write_fault: None,
+            write_waiter: None,
         };
         Ok(Self::from_shared(Shared {
             tcp: Socket::new(tcp),
@@ -664,7 +668,21 @@ impl TlsWriter {
                     Err(fault) => return Err(state.fail_write(fault)),
                 }
             }
-            if let Err(e) = self.ready.wait(&self.shared.tcp.stream).await {
+            let shared = &self.shared;
+            let mut ready = std::pin::pin!(self.ready.wait(&shared.tcp.stream));
+            let waited = std::future::poll_fn(|cx| {
+                let mut state = shared.state.borrow_mut();
+                if state.write_fault.is_some() {
+                    state.write_waiter = None;
+                    return std::task::Poll::Ready(Ok(()));
+                }
+                state.write_waiter = Some(cx.waker().clone());
+                drop(state);
+                ready.as_mut().poll(cx)
+            })
+            .await;
+            shared.state.borrow_mut().write_waiter = None;
+            if let Err(e) = waited {
                 return Err(self.shared.state.borrow_mut().fail_write(Fault::io(&e)));
             }
         }
@@ -889,6 +907,9 @@ impl State {
     fn poison(&mut self, fault: &Fault) {
         self.read_fault.get_or_insert_with(|| fault.clone());
         self.write_fault.get_or_insert_with(|| fault.clone());
+        if let Some(waiter) = self.write_waiter.take() {
+            waiter.wake();
+        }
         self.out = Vec::new();
         self.out_sent = 0;
         self.incoming = Vec::new();

@@ -155,6 +155,51 @@ fn put_online(
     ctx.directory.attach_tunnel(node, entry)
 }
 
+/// Waits for the tunnel's driver to end while answering what the agent sends besides data:
+/// a changed inventory (it must keep naming the same node) and OPENs (agents open no streams
+/// toward the proxy).
+async fn until_transport_ends(
+    ctx: &Context,
+    tunnel: &Tunnel,
+    node: &str,
+    id: u64,
+    seen: &mut u64,
+    driver: &mut monoio::task::JoinHandle<DriveOutcome>,
+) -> DriveOutcome {
+    loop {
+        if tunnel.is_ended() {
+            return driver.await;
+        }
+        monoio::select! {
+            outcome = &mut *driver => return outcome,
+            version = tunnel.announce_changed(*seen) => {
+                *seen = version;
+                if tunnel.is_ended() {
+                    continue;
+                }
+                let (_, announce) = tunnel.peer_announce();
+                match check_announce(ctx, node, announce.as_ref()) {
+                    Ok((labels, services)) => {
+                        ctx.directory.update_tunnel(node, id, labels, services)
+                    }
+                    Err(why) => {
+                        tracing::warn!(%node, reason = %why, "tunnel closed: bad ANNOUNCE");
+                        tunnel.close(ErrorCode::ACCESS_DENIED, &why);
+                    }
+                }
+            }
+            incoming = tunnel.incoming() => {
+                if let Some(incoming) = incoming {
+                    incoming.reject(
+                        ErrorCode::ACCESS_DENIED,
+                        "the proxy accepts no streams from agents",
+                    );
+                }
+            }
+        }
+    }
+}
+
 fn outcome_reason(outcome: &DriveOutcome) -> String {
     match outcome {
         DriveOutcome::Ended(e) => e.to_string(),
@@ -283,49 +328,21 @@ pub(super) async fn serve_tunnel(
         serde_json::json!({ "node": node, "peer": peer.to_string(), "tunnel_id": id }),
     );
 
-    // The agent's inventory may change; it must keep naming the same node.
-    let watcher = {
-        let ctx = ctx.clone();
-        let tunnel = tunnel.clone();
-        let node = node.clone();
-        monoio::spawn(async move {
-            let mut seen = version;
-            loop {
-                seen = tunnel.announce_changed(seen).await;
-                if tunnel.is_ended() {
-                    break;
-                }
-                let (_, announce) = tunnel.peer_announce();
-                match check_announce(&ctx, &node, announce.as_ref()) {
-                    Ok((labels, services)) => {
-                        ctx.directory.update_tunnel(&node, id, labels, services)
-                    }
-                    Err(why) => {
-                        tracing::warn!(%node, reason = %why, "tunnel closed: bad ANNOUNCE");
-                        tunnel.close(ErrorCode::ACCESS_DENIED, &why);
-                        break;
-                    }
-                }
-            }
-        })
-    };
-    // Agents open no streams toward the proxy.
-    let rejecter = {
-        let tunnel = tunnel.clone();
-        monoio::spawn(async move {
-            while let Some(incoming) = tunnel.incoming().await {
-                incoming.reject(
-                    ErrorCode::ACCESS_DENIED,
-                    "the proxy accepts no streams from agents",
-                );
-            }
-        })
-    };
-
     let mut peer = peer;
     let mut driver = driver;
+    let mut seen = version;
     let reason = loop {
-        let outcome = driver.await;
+        // No task of its own for the inventory watch and the refusal of OPENs: a tunnel
+        // costs one task (this one) besides its driver.
+        let outcome = Box::pin(until_transport_ends(
+            &ctx,
+            &tunnel,
+            &node,
+            id,
+            &mut seen,
+            &mut driver,
+        ))
+        .await;
         let reason = outcome_reason(&outcome);
         if !tunnel.is_detached() || ctx.draining.get() {
             break reason;
@@ -388,8 +405,6 @@ pub(super) async fn serve_tunnel(
     if !tunnel.is_ended() {
         tunnel.close(ErrorCode::GOING_AWAY, "transport lost");
     }
-    watcher.await;
-    rejecter.await;
     let was_current = ctx.directory.detach_tunnel(&node, id);
     Stats::bump(&ctx.stats.tunnels_disconnected);
     let duration = started.elapsed();

@@ -228,6 +228,7 @@ impl TransferableTls {
             close_notify_sent,
             read_fault: None,
             write_fault: None,
+            write_waiter: None,
         };
         let connection = TlsConnection::from_shared(Shared {
             tcp: Socket::new(stream),
