@@ -5,10 +5,14 @@
 //! The bytes of an ssh session travel `ssh` ⇄ `remoteler proxy ssh` (stdio) ⇄ TLS with the
 //! user certificate ⇄ proxy ⇄ node. The SSH session itself stays end-to-end.
 //!
+//! `remoteler forward` carries any TCP program the same way: a local port whose connections
+//! become streams to a service of a node (module [`forward`]).
+//!
 //! What it does not do (yet): trusted (leaf) clusters, several profiles at once, resuming a
 //! session after the laptop changes networks.
 
 pub mod cli;
+pub mod forward;
 pub mod home;
 pub mod net;
 pub mod pipe;
