@@ -34,6 +34,9 @@ const READ_CHUNK: usize = 64 * 1024;
 const CLOSE_WAIT: Duration = Duration::from_secs(10);
 /// How long the stop waits for the proxy connection to close cleanly.
 const STOP_WAIT: Duration = Duration::from_secs(2);
+/// Unanswered OPENs at once: the proxy refuses more than its `limits.max_pending_opens` (64 by
+/// default) on one connection, so a burst of local connections waits here for its turn.
+const MAX_OPENING: usize = 32;
 /// The same error line is printed at most once in this interval (a program that retries a
 /// refused connection in a loop must not flood the terminal).
 const REPEAT_QUIET: Duration = Duration::from_secs(5);
@@ -117,6 +120,7 @@ pub async fn run(
         spec,
         upstream: RefCell::new(None),
         last_error: RefCell::new(None),
+        opening: Limit::new(MAX_OPENING),
     });
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -164,6 +168,7 @@ struct Forward {
     spec: ForwardSpec,
     upstream: RefCell<Option<Upstream>>,
     last_error: RefCell<Option<(String, Instant)>>,
+    opening: Limit,
 }
 
 impl Forward {
@@ -269,7 +274,11 @@ async fn serve(ctx: Rc<Forward>, tunnel: Tunnel, tcp: TcpStream, peer: SocketAdd
             return;
         }
     };
-    let stream = match tunnel.open(request).await {
+    let opened = {
+        let _turn = ctx.opening.acquire().await;
+        tunnel.open(request).await
+    };
+    let stream = match opened {
         Ok(s) => s,
         Err(StreamError::Refused { code, reason }) => {
             ctx.report(format!(
@@ -392,5 +401,46 @@ impl Abort {
             }
         })
         .await
+    }
+}
+
+/// A counting semaphore for tasks of one thread.
+struct Limit {
+    free: std::cell::Cell<usize>,
+    waiters: RefCell<std::collections::VecDeque<std::task::Waker>>,
+}
+
+/// A place taken from a [`Limit`]; given back when dropped.
+struct Turn<'a>(&'a Limit);
+
+impl Limit {
+    fn new(places: usize) -> Limit {
+        Limit {
+            free: std::cell::Cell::new(places),
+            waiters: RefCell::default(),
+        }
+    }
+
+    async fn acquire(&self) -> Turn<'_> {
+        std::future::poll_fn(|cx| {
+            if self.free.get() > 0 {
+                self.free.set(self.free.get() - 1);
+                std::task::Poll::Ready(Turn(self))
+            } else {
+                self.waiters.borrow_mut().push_back(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.0.free.set(self.0.free.get() + 1);
+        // Wake them all: a woken task that was cancelled meanwhile must not swallow the place.
+        for w in self.0.waiters.borrow_mut().drain(..) {
+            w.wake();
+        }
     }
 }
