@@ -19,7 +19,8 @@
 #
 # Knobs (environment): REPS (5) iperf3 repetitions per system and direction; IPERF_SECS (5);
 # RTT_REPS (3); RTT_SECS (5); RTT_CONNS ("1 100 1000"); RTT_RATE (2000 messages/s over all
-# connections); AGENTS ("100 1000"); SKIP ("" or any of: throughput rtt bulk memory).
+# connections); AGENTS ("100 1000"); BULK_LIMITS ("unlimited 1G": iperf3 -b of the bulk session,
+# "unlimited" saturates the cores); SKIP ("" or any of: throughput rtt bulk memory).
 # Everything it starts is stopped at exit; KEEP_WORK=1 keeps the logs and raw JSON.
 set -euo pipefail
 # shellcheck disable=SC2034 # read by scripts/lib.sh
@@ -35,6 +36,7 @@ RTT_SECS=${RTT_SECS:-5}
 RTT_CONNS=${RTT_CONNS:-"1 100 1000"}
 RTT_RATE=${RTT_RATE:-2000}
 AGENTS=${AGENTS:-"100 1000"}
+BULK_LIMITS=${BULK_LIMITS:-"unlimited 1G"}
 SKIP=${SKIP:-}
 CACHE="$ROOT/target/compare-cache"
 RATHOLE="$CACHE/rathole/bin/rathole"
@@ -229,23 +231,27 @@ fi
 # ---- 3. interactive under bulk -------------------------------------------------------------
 if ! skip bulk; then
   say "interactive round trips (1 connection) with and without a bulk iperf3 through the same tunnel"
-  for rep in $(seq "$RTT_REPS"); do
-    for sys in remoteler rathole; do
-      "$LT" rtt --target "127.0.0.1:$(echo_port_of "$sys")" --connections 1 --duration "${RTT_SECS}s" \
-        --rate 200 --json "$RES/quiet-$sys-$rep.json" >/dev/null 2>&1 || true
-      iperf3 -c 127.0.0.1 -p "$(port_of "$sys")" -t $((RTT_SECS + 3)) -J >"$RES/bulk-iperf-$sys-$rep.json" 2>&1 &
-      BULK=$!
-      sleep 1
-      "$LT" rtt --target "127.0.0.1:$(echo_port_of "$sys")" --connections 1 --duration "${RTT_SECS}s" \
-        --rate 200 --json "$RES/bulk-$sys-$rep.json" >/dev/null 2>&1 || true
-      wait "$BULK" || true
-      python3 - "$RES" "$sys" "$rep" <<'PY'
+  for limit in $BULK_LIMITS; do
+    for rep in $(seq "$RTT_REPS"); do
+      for sys in remoteler rathole; do
+        "$LT" rtt --target "127.0.0.1:$(echo_port_of "$sys")" --connections 1 --duration "${RTT_SECS}s" \
+          --rate 200 --json "$RES/quiet-$sys-$limit-$rep.json" >/dev/null 2>&1 || true
+        rate=(); [ "$limit" != unlimited ] && rate=(-b "$limit")
+        iperf3 -c 127.0.0.1 -p "$(port_of "$sys")" -t $((RTT_SECS + 3)) "${rate[@]}" -J \
+          >"$RES/bulk-iperf-$sys-$limit-$rep.json" 2>&1 &
+        BULK=$!
+        sleep 1
+        "$LT" rtt --target "127.0.0.1:$(echo_port_of "$sys")" --connections 1 --duration "${RTT_SECS}s" \
+          --rate 200 --json "$RES/bulk-$sys-$limit-$rep.json" >/dev/null 2>&1 || true
+        wait "$BULK" || true
+        python3 - "$RES" "$sys" "$limit" "$rep" <<'PY'
 import json, sys
-res, s, r = sys.argv[1:4]
-q = json.load(open(f"{res}/quiet-{s}-{r}.json"))["rtt"]
-b = json.load(open(f"{res}/bulk-{s}-{r}.json"))["rtt"]
-print(f"  {s:>9}: p99 quiet {q['p99_us']/1000:.3f} ms, under bulk {b['p99_us']/1000:.3f} ms")
+res, s, l, r = sys.argv[1:5]
+q = json.load(open(f"{res}/quiet-{s}-{l}-{r}.json"))["rtt"]
+b = json.load(open(f"{res}/bulk-{s}-{l}-{r}.json"))["rtt"]
+print(f"  {s:>9} bulk {l}: p99 quiet {q['p99_us']/1000:.3f} ms, under bulk {b['p99_us']/1000:.3f} ms")
 PY
+      done
     done
   done
 fi
@@ -304,12 +310,12 @@ fi
 
 # ---- the table -----------------------------------------------------------------------------
 say "side by side"
-python3 - "$RES" "$HZ" "$REPS" "$IPERF_SECS" "$RTT_REPS" "$RTT_SECS" "$RTT_RATE" "$RTT_CONNS" "$AGENTS" \
+python3 - "$RES" "$HZ" "$REPS" "$IPERF_SECS" "$RTT_REPS" "$RTT_SECS" "$RTT_RATE" "$RTT_CONNS" "$AGENTS" "$BULK_LIMITS" \
   "$(rss_kib "$PROXY_PID")" "$(rss_kib "$AGENT_PID")" "$(rss_kib "$FWD_IPERF_PID")" \
   "$(rss_kib "$RH_SERVER_PID")" "$(rss_kib "$RH_CLIENT_PID")" <<'PY' | tee "$CACHE/last.md"
 import glob, json, os, statistics, sys
-(res, hz, reps, isecs, rreps, rsecs, rate, conns, agents,
- rss_proxy, rss_agent, rss_fwd, rss_rhs, rss_rhc) = sys.argv[1:15]
+(res, hz, reps, isecs, rreps, rsecs, rate, conns, agents, limits,
+ rss_proxy, rss_agent, rss_fwd, rss_rhs, rss_rhc) = sys.argv[1:16]
 hz = int(hz)
 med = statistics.median
 out = []
@@ -380,24 +386,25 @@ if any(per for _, per in rows):
     p()
 
 bulk = []
-for s in ("remoteler", "rathole"):
-    q = [json.load(open(f))["rtt"]["p99_us"] for f in sorted(glob.glob(f"{res}/quiet-{s}-*.json"))]
-    b = [json.load(open(f))["rtt"]["p99_us"] for f in sorted(glob.glob(f"{res}/bulk-{s}-*.json"))]
-    g = []
-    for f in sorted(glob.glob(f"{res}/bulk-iperf-{s}-*.json")):
-        try:
-            g.append(json.load(open(f))["end"]["sum_received"]["bits_per_second"] / 1e9)
-        except Exception:
-            pass
-    if q and b:
-        bulk.append((s, med(q), med(b), med(g) if g else float("nan")))
+for l in limits.split():
+    for s in ("remoteler", "rathole"):
+        q = [json.load(open(f))["rtt"]["p99_us"] for f in sorted(glob.glob(f"{res}/quiet-{s}-{l}-*.json"))]
+        b = [json.load(open(f))["rtt"]["p99_us"] for f in sorted(glob.glob(f"{res}/bulk-{s}-{l}-*.json"))]
+        g = []
+        for f in sorted(glob.glob(f"{res}/bulk-iperf-{s}-{l}-*.json")):
+            try:
+                g.append(json.load(open(f))["end"]["sum_received"]["bits_per_second"] / 1e9)
+            except Exception:
+                pass
+        if q and b:
+            bulk.append((s, l, med(q), med(b), med(g) if g else float("nan")))
 if bulk:
     p(f"Interactive round trips (1 connection, 200/s) while a bulk iperf3 runs through the same tunnel, median of {rreps}")
     p()
-    p("| system | p99 alone (ms) | p99 under bulk (ms) | added (ms) | bulk Gbit/s meanwhile |")
-    p("|---|---|---|---|---|")
-    for s, q, b, g in bulk:
-        p(f"| {s} | {q/1000:.3f} | {b/1000:.3f} | {(b-q)/1000:+.3f} | {g:.2f} |")
+    p("| system | bulk (iperf3 -b) | p99 alone (ms) | p99 under bulk (ms) | added (ms) | bulk Gbit/s meanwhile |")
+    p("|---|---|---|---|---|---|")
+    for s, l, q, b, g in bulk:
+        p(f"| {s} | {l} | {q/1000:.3f} | {b/1000:.3f} | {(b-q)/1000:+.3f} | {g:.2f} |")
     p()
 
 mem = []
