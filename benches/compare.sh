@@ -196,12 +196,14 @@ if ! skip throughput; then
     for dir in up down; do
       for sys in direct remoteler rathole; do
         flag=(); [ "$dir" = down ] && flag=(-R)
-        # shellcheck disable=SC2046
-        before=$(cpu_ticks $(pids_of "$sys"))
+        pids=$(pids_of "$sys")
+        # shellcheck disable=SC2086
+        before=$(cpu_ticks $pids); each_before=(); for p in $pids; do each_before+=("$(cpu_ticks "$p")"); done
         iperf3 -c 127.0.0.1 -p "$(port_of "$sys")" -t "$IPERF_SECS" "${flag[@]}" -J >"$RES/iperf-$sys-$dir-$rep.json" || true
-        # shellcheck disable=SC2046
-        after=$(cpu_ticks $(pids_of "$sys"))
-        echo "$sys $dir $rep $(( after - before ))" >>"$RES/iperf-cpu.txt"
+        # shellcheck disable=SC2086
+        after=$(cpu_ticks $pids); each=(); i=0
+        for p in $pids; do each+=("$(( $(cpu_ticks "$p") - each_before[i] ))"); i=$((i + 1)); done
+        echo "$sys $dir $rep $(( after - before )) ${each[*]}" >>"$RES/iperf-cpu.txt"
         python3 - "$RES/iperf-$sys-$dir-$rep.json" "$sys" "$dir" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
@@ -331,8 +333,10 @@ p()
 cpu = {}
 if os.path.exists(f"{res}/iperf-cpu.txt"):
     for line in open(f"{res}/iperf-cpu.txt"):
-        s, d, r, t = line.split()
+        s, d, r, t, *each = line.split()
         cpu[(s, d, r)] = int(t) / hz
+        cpu[(s, d, r, "each")] = [int(x) / hz for x in each]
+split = {}
 if cpu:
     p(f"Throughput, one stream, iperf3 -t {isecs}, median of {reps} (runs interleaved)")
     p()
@@ -350,7 +354,9 @@ if cpu:
                     continue
                 vals.append(e["bits_per_second"] / 1e9)
                 if s != "direct":
-                    cs.append(cpu[(s, d, r)] / (e["bytes"] / 1e9))
+                    gb = e["bytes"] / 1e9
+                    cs.append(cpu[(s, d, r)] / gb)
+                    split.setdefault((s, d), []).append([x / gb for x in cpu[(s, d, r, "each")]])
             g[s] = vals; c[s] = cs
         for s in ("direct", "remoteler", "rathole"):
             if not g[s]:
@@ -361,6 +367,13 @@ if cpu:
             procs = {"direct": "-", "remoteler": "proxy+agent+forward", "rathole": "server+client"}[s]
             cps = f"{med(c[s]):.2f}" if c[s] else "-"
             p(f"| {s} | {d} | {m:.2f} ({min(g[s]):.2f}-{max(g[s]):.2f}) | {rd:.2f} | {rr:.2f} | {cps} | {procs} |")
+    p()
+    names = {"remoteler": ["proxy", "agent", "forward", "forward (echo, idle)"], "rathole": ["server", "client"]}
+    p("CPU-seconds per GB by process (median of the runs)")
+    p()
+    for (s, d), rows_ in sorted(split.items()):
+        parts = [f"{n} {med([r[i] for r in rows_]):.2f}" for i, n in enumerate(names[s]) if i < len(rows_[0])]
+        p(f"* {s} {d}: " + ", ".join(parts))
     p()
 
 rows = []

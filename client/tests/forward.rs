@@ -320,7 +320,7 @@ fn forward_carries_concurrent_connections_and_reports_refusals() {
     assert!(rest.is_empty(), "a refused stream carried data");
     let line = wait_line(&err, "refused", |l| l.contains("refused"));
     assert!(
-        line.contains("node-f/nosuch") && line.contains("nosuch"),
+        line.contains("node-f/nosuch") && line.contains("does not forward service \"nosuch\""),
         "refusal line: {line}"
     );
     // An unknown node: the proxy's reason.
