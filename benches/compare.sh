@@ -18,7 +18,7 @@
 # target/compare-cache/. Builds ours with --release.
 #
 # Knobs (environment): REPS (5) iperf3 repetitions per system and direction; IPERF_SECS (5);
-# RTT_REPS (3); RTT_SECS (5); RTT_CONNS ("1 100 1000"); RTT_RATE (2000 messages/s over all
+# RTT_REPS (3); RTT_SECS (8); RTT_CONNS ("1 100 1000"); RTT_RATE (2000 messages/s over all
 # connections); AGENTS ("100 1000"); BULK_LIMITS ("unlimited 1G": iperf3 -b of the bulk session,
 # "unlimited" saturates the cores); SKIP ("" or any of: throughput rtt bulk memory).
 # Everything it starts is stopped at exit; KEEP_WORK=1 keeps the logs and raw JSON.
@@ -32,7 +32,7 @@ trap cleanup EXIT
 REPS=${REPS:-5}
 IPERF_SECS=${IPERF_SECS:-5}
 RTT_REPS=${RTT_REPS:-3}
-RTT_SECS=${RTT_SECS:-5}
+RTT_SECS=${RTT_SECS:-8}
 RTT_CONNS=${RTT_CONNS:-"1 100 1000"}
 RTT_RATE=${RTT_RATE:-2000}
 AGENTS=${AGENTS:-"100 1000"}
@@ -237,14 +237,14 @@ if ! skip bulk; then
     for rep in $(seq "$RTT_REPS"); do
       for sys in remoteler rathole; do
         "$LT" rtt --target "127.0.0.1:$(echo_port_of "$sys")" --connections 1 --duration "${RTT_SECS}s" \
-          --rate 200 --json "$RES/quiet-$sys-$limit-$rep.json" >/dev/null 2>&1 || true
+          --rate 500 --json "$RES/quiet-$sys-$limit-$rep.json" >/dev/null 2>&1 || true
         rate=(); [ "$limit" != unlimited ] && rate=(-b "$limit")
         iperf3 -c 127.0.0.1 -p "$(port_of "$sys")" -t $((RTT_SECS + 3)) "${rate[@]}" -J \
           >"$RES/bulk-iperf-$sys-$limit-$rep.json" 2>&1 &
         BULK=$!
         sleep 1
         "$LT" rtt --target "127.0.0.1:$(echo_port_of "$sys")" --connections 1 --duration "${RTT_SECS}s" \
-          --rate 200 --json "$RES/bulk-$sys-$limit-$rep.json" >/dev/null 2>&1 || true
+          --rate 500 --json "$RES/bulk-$sys-$limit-$rep.json" >/dev/null 2>&1 || true
         wait "$BULK" || true
         python3 - "$RES" "$sys" "$limit" "$rep" <<'PY'
 import json, sys
@@ -412,7 +412,7 @@ for l in limits.split():
         if q and b:
             bulk.append((s, l, med(q), med(b), med(g) if g else float("nan")))
 if bulk:
-    p(f"Interactive round trips (1 connection, 200/s) while a bulk iperf3 runs through the same tunnel, median of {rreps}")
+    p(f"Interactive round trips (1 connection, 500/s) while a bulk iperf3 runs through the same tunnel, median of {rreps}")
     p()
     p("| system | bulk (iperf3 -b) | p99 alone (ms) | p99 under bulk (ms) | added (ms) | bulk Gbit/s meanwhile |")
     p("|---|---|---|---|---|---|")
