@@ -313,11 +313,11 @@ fi
 # ---- the table -----------------------------------------------------------------------------
 say "side by side"
 python3 - "$RES" "$HZ" "$REPS" "$IPERF_SECS" "$RTT_REPS" "$RTT_SECS" "$RTT_RATE" "$RTT_CONNS" "$AGENTS" "$BULK_LIMITS" \
-  "$(rss_kib "$PROXY_PID")" "$(rss_kib "$AGENT_PID")" "$(rss_kib "$FWD_IPERF_PID")" \
+  "$(rss_kib "$PROXY_PID")" "$(rss_kib "$AGENT_PID")" "$(rss_kib "$FWD_IPERF_PID")" "$(rss_kib "$FWD_ECHO_PID")" \
   "$(rss_kib "$RH_SERVER_PID")" "$(rss_kib "$RH_CLIENT_PID")" <<'PY' | tee "$CACHE/last.md"
 import glob, json, os, statistics, sys
 (res, hz, reps, isecs, rreps, rsecs, rate, conns, agents, limits,
- rss_proxy, rss_agent, rss_fwd, rss_rhs, rss_rhc) = sys.argv[1:16]
+ rss_proxy, rss_agent, rss_fwd, rss_fwd_echo, rss_rhs, rss_rhc) = sys.argv[1:17]
 hz = int(hz)
 med = statistics.median
 out = []
@@ -440,7 +440,8 @@ if mem:
         ratio = f"{rh/ours:.1f}" if isinstance(ours, (int, float)) and ours else "-"
         p(f"| {k} | {rh:.1f} | {have} | {o} | {ratio} |")
     p()
-p(f"Resident memory after the run: proxy {rss_proxy} KiB, agent {rss_agent} KiB, forward {rss_fwd} KiB; "
+p(f"Resident memory after the run: proxy {rss_proxy} KiB, agent {rss_agent} KiB, forward (iperf) {rss_fwd} KiB, "
+  f"forward (echo, carried the round trips) {rss_fwd_echo} KiB; "
   f"rathole server {rss_rhs} KiB, rathole client {rss_rhc} KiB.")
 print("\n".join(out))
 PY

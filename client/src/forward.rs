@@ -30,6 +30,10 @@ use crate::{ClientError, net, random_id, user_config};
 
 /// Bytes asked of one local TCP read: a few DATA frames' worth (the proxy reads as much).
 const READ_CHUNK: usize = 64 * 1024;
+/// Reads shorter than this are copied out of the read buffer before they are sent (see
+/// [`splice`]): interactive traffic (keystrokes, queries) then holds what it sent, not 64 KiB
+/// per message, until acknowledged.
+const SMALL_READ: usize = READ_CHUNK / 4;
 /// How long a finished stream waits for the proxy's last acknowledgement.
 const CLOSE_WAIT: Duration = Duration::from_secs(10);
 /// How long the stop waits for the proxy connection to close cleanly.
@@ -351,8 +355,16 @@ async fn splice(stream: MuxStream, tcp: TcpStream) -> Option<String> {
                 stream.finish();
                 break;
             }
-            Ok(_) => {
-                if let Err(e) = stream.write(buf.freeze()).await {
+            Ok(n) => {
+                // The stream keeps what it sends until the proxy acknowledges it (a WINDOW
+                // comes only after a quarter of the window): a small read must not pin a
+                // whole read buffer meanwhile, so it travels as a right-sized copy.
+                let data = if n < SMALL_READ {
+                    Bytes::copy_from_slice(&buf[..n])
+                } else {
+                    buf.freeze()
+                };
+                if let Err(e) = stream.write(data).await {
                     failed = Some(format!("tunnel side: {e}"));
                     break;
                 }
