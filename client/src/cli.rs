@@ -126,7 +126,7 @@ pub struct ForwardArgs {
     /// the node, with an optional login: LOGIN@NODE or NODE
     #[argh(positional)]
     pub node: String,
-    /// the service: the name of one of the agent's [[forwards]] entries (default ssh)
+    /// the service: the name of one of the agent's forwards, e.g. iperf (default ssh)
     #[argh(positional, default = "String::from(\"ssh\")")]
     pub service: String,
 }
