@@ -105,7 +105,9 @@ fn echo_server() -> SocketAddr {
 }
 
 struct Cluster {
-    _proxy: Reaped,
+    proxy: Reaped,
+    proxy_bin: PathBuf,
+    listen: [String; 3],
     _agent: Reaped,
     tmp: tempfile::TempDir,
 }
@@ -117,6 +119,37 @@ impl Cluster {
 
     fn home(&self) -> PathBuf {
         self.tmp.path().join("home")
+    }
+
+    /// Stops the proxy (SIGTERM) and starts it again on the same ports; waits until the
+    /// agent is back.
+    fn restart_proxy(&mut self) {
+        // SAFETY: kill on the pid of our own child.
+        unsafe { libc::kill(self.proxy.0.id() as i32, libc::SIGTERM) };
+        let _ = self.proxy.0.wait();
+        let listen = self.listen.each_ref().map(String::as_str);
+        let log = self.tmp.path().join("proxy.log");
+        self.proxy = start_proxy(&self.proxy_bin, &self.data(), &log, listen).0;
+        self.wait_online();
+    }
+
+    fn wait_online(&self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let out = Command::new(&self.proxy_bin)
+                .args(["nodes", "ls", "--data-dir"])
+                .arg(self.data())
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.starts_with("node-f ") && l.contains(" yes"))
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "node-f never came online");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// `remoteler forward ARGS...`, its stdout readiness line read: (child, address, stderr).
@@ -137,6 +170,36 @@ impl Cluster {
         let addr = ready.split_whitespace().nth(1).unwrap().parse().unwrap();
         (child, addr, err)
     }
+}
+
+/// `remoteler-proxy start` on `listen` (users, tunnels, auth); waits for its `ready` line.
+fn start_proxy(bin: &Path, data: &Path, log: &Path, listen: [&str; 3]) -> (Reaped, String) {
+    let mut proxy = Command::new(bin)
+        .args(["start", "--data-dir"])
+        .arg(data)
+        .args([
+            "--users",
+            listen[0],
+            "--tunnels",
+            listen[1],
+            "--auth",
+            listen[2],
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap(),
+        )
+        .spawn()
+        .unwrap();
+    let out = lines(proxy.stdout.take().unwrap());
+    let proxy = Reaped(proxy);
+    let ready = wait_line(&out, "ready", |l| l.starts_with("ready "));
+    (proxy, ready)
 }
 
 /// proxy + agent of node `node-f` (forwards `echo` to `echo`) + alice logged in.
@@ -166,19 +229,12 @@ fn cluster(echo: SocketAddr) -> Cluster {
         .find_map(|l| l.strip_prefix("CA pin: "))
         .unwrap()
         .to_owned();
-    let mut proxy = Command::new(&proxy_bin)
-        .args(["start", "--data-dir"])
-        .arg(&data)
-        .args(["--users", "127.0.0.1:0", "--tunnels", "127.0.0.1:0"])
-        .args(["--auth", "127.0.0.1:0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(tmp.path().join("proxy.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let out = lines(proxy.stdout.take().unwrap());
-    let proxy = Reaped(proxy);
-    let ready = wait_line(&out, "ready", |l| l.starts_with("ready "));
+    let (proxy, ready) = start_proxy(
+        &proxy_bin,
+        &data,
+        &tmp.path().join("proxy.log"),
+        ["127.0.0.1:0"; 3],
+    );
     let addr = |key: &str| -> String {
         ready
             .split_whitespace()
@@ -210,14 +266,6 @@ fn cluster(echo: SocketAddr) -> Cluster {
         .spawn()
         .unwrap();
     let agent = Reaped(agent);
-    let deadline = Instant::now() + WAIT;
-    while !p(&["nodes", "ls"])
-        .lines()
-        .any(|l| l.starts_with("node-f ") && l.contains(" yes"))
-    {
-        assert!(Instant::now() < deadline, "node-f never came online");
-        std::thread::sleep(Duration::from_millis(100));
-    }
     let login = Command::new(CLIENT)
         .args(["login", "--proxy", &addr("users"), "--user", "alice"])
         .args(["--ca-pin", &pin, "--password-file"])
@@ -227,11 +275,15 @@ fn cluster(echo: SocketAddr) -> Cluster {
         .output()
         .unwrap();
     assert!(login.status.success(), "login: {}", text(&login));
-    Cluster {
-        _proxy: proxy,
+    let cluster = Cluster {
+        proxy,
+        proxy_bin: proxy_bin.clone(),
+        listen: [addr("users"), addr("tunnels"), addr("auth")],
         _agent: agent,
         tmp,
-    }
+    };
+    cluster.wait_online();
+    cluster
 }
 
 /// Sends `len` bytes of a pattern unique to `seed` and checks the echo, byte for byte; then
@@ -260,9 +312,9 @@ fn round_trip(addr: SocketAddr, seed: u8, len: usize) {
 #[test]
 fn forward_carries_concurrent_connections_and_reports_refusals() {
     let echo = echo_server();
-    let cluster = cluster(echo);
+    let mut cluster = cluster(echo);
 
-    let (mut fwd, addr, _err) = cluster.forward(&["--listen", "127.0.0.1:0", "node-f", "echo"]);
+    let (mut fwd, addr, err) = cluster.forward(&["--listen", "127.0.0.1:0", "node-f", "echo"]);
     let workers: Vec<_> = (0..8u8)
         .map(|seed| std::thread::spawn(move || round_trip(addr, seed, 3 << 20)))
         .collect();
@@ -293,6 +345,14 @@ fn forward_carries_concurrent_connections_and_reports_refusals() {
         1,
         "streams used several connections: {peers:?}"
     );
+
+    // The proxy restarts: the forward notices its connection ended, and the next local
+    // connection dials the proxy again.
+    cluster.restart_proxy();
+    wait_line(&err, "the connection ended", |l| {
+        l.contains("connection to the proxy ended")
+    });
+    round_trip(addr, 101, 64 << 10);
 
     // SIGTERM: a clean stop.
     // SAFETY: kill on the pid of our own child.
