@@ -30,6 +30,8 @@ pub enum Command {
     Ssh(SshArgs),
     /// Bridges for other programs.
     Proxy(ProxyArgs),
+    /// Forward a local port to a node's service.
+    Forward(ForwardArgs),
     /// Print an ssh_config block.
     Config(ConfigArgs),
 }
@@ -133,6 +135,22 @@ pub struct ProxySshArgs {
     pub destination: String,
 }
 
+/// Forward a local TCP port to a service of a node through the proxy (like `ssh -L`,
+/// without ssh): every local connection becomes one stream over one connection to the proxy.
+#[derive(FromArgs, Debug, PartialEq)]
+#[argh(subcommand, name = "forward")]
+pub struct ForwardArgs {
+    /// the local address to listen on, IP:PORT (port 0: any free port, printed at start)
+    #[argh(option, default = "String::from(\"127.0.0.1:0\")")]
+    pub listen: String,
+    /// the node, with an optional login: LOGIN@NODE or NODE
+    #[argh(positional)]
+    pub node: String,
+    /// the service: the name of one of the agent's forwards, e.g. iperf (default ssh)
+    #[argh(positional, default = "String::from(\"ssh\")")]
+    pub service: String,
+}
+
 /// Print an ssh_config block so that plain `ssh NODE` goes through the proxy.
 #[derive(FromArgs, Debug, PartialEq)]
 #[argh(subcommand, name = "config")]
@@ -233,6 +251,21 @@ mod tests {
             Command::Clusters(ClustersArgs { json: false })
         );
         assert_eq!(parse(&["config"]).unwrap(), Command::Config(ConfigArgs {}));
+        assert_eq!(
+            parse(&["forward", "--listen", "127.0.0.1:15201", "node-r1", "iperf"]).unwrap(),
+            Command::Forward(ForwardArgs {
+                listen: "127.0.0.1:15201".into(),
+                node: "node-r1".into(),
+                service: "iperf".into(),
+            })
+        );
+        let Command::Forward(f) = parse(&["forward", "node-r1"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (f.listen.as_str(), f.service.as_str()),
+            ("127.0.0.1:0", "ssh")
+        );
         assert!(parse(&["proxy"]).is_err());
         assert!(parse(&["nosuch"]).is_err());
     }

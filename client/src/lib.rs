@@ -9,10 +9,14 @@
 //! LEAF`, `remoteler ssh --cluster LEAF NODE`, or plain `ssh NODE.LEAF` after `remoteler
 //! config`; the leaf decides who may reach them.
 //!
+//! `remoteler forward` carries any TCP program the same way: a local port whose connections
+//! become streams to a service of a node (module [`forward`]).
+//!
 //! What it does not do (yet): several profiles at once, resuming a session after the laptop
 //! changes networks.
 
 pub mod cli;
+pub mod forward;
 pub mod home;
 pub mod net;
 pub mod pipe;

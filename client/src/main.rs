@@ -1,7 +1,8 @@
 //! `remoteler`: parses the command line and runs one command of the `client` library.
 
 use std::os::unix::process::CommandExt;
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
 
 use client::cli::{Args, Command, ProxyCommand};
 use client::home::{Home, USER_KEY_FILE};
@@ -135,6 +136,20 @@ fn run(args: Args) -> Result<(), ClientError> {
                 ))??;
             }
         },
+        Command::Forward(f) => {
+            let profile = home.valid_profile(now)?;
+            let spec = client::forward::ForwardSpec::parse(
+                &f.listen,
+                &f.node,
+                &f.service,
+                &profile.cluster,
+            )?;
+            install_stop_handlers();
+            block_on(async move {
+                let listener = client::forward::bind(spec.listen)?;
+                client::forward::run(home, spec, listener, stop_requested()).await
+            })??;
+        }
         Command::Config(_) => {
             let profile = home.valid_profile(now)?;
             let nodes = block_on(client::list_nodes(&home, &profile, None))??;
@@ -218,4 +233,28 @@ fn current_exe() -> Result<std::path::PathBuf, ClientError> {
 fn remoteler_home() -> Option<std::path::PathBuf> {
     let dir = std::env::var_os("REMOTELER_HOME").filter(|d| !d.is_empty())?;
     std::path::absolute(dir).ok()
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Ctrl-C and SIGTERM stop `forward` cleanly (the proxy sees the connection closed, not cut).
+fn install_stop_handlers() {
+    let handler = on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            libc::signal(signal, handler);
+        }
+    }
+}
+
+async fn stop_requested() {
+    while !STOP.load(Ordering::SeqCst) {
+        monoio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

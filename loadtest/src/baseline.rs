@@ -18,14 +18,14 @@ use crate::worker::emit;
 /// Read buffer of each echo connection: what a trivial server keeps per connection.
 pub const ECHO_BUFFER: usize = 4096;
 
-/// `echo-server`: listens on 127.0.0.1:0, prints `listening ADDR`, echoes every connection.
-pub fn serve() -> anyhow::Result<()> {
+/// `echo-server`: listens on `listen`, prints `listening ADDR`, echoes every connection.
+pub fn serve(listen: SocketAddr) -> anyhow::Result<()> {
     let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
         .enable_timer()
         .build()
         .context("monoio runtime")?;
     rt.block_on(async {
-        let listener = TcpListener::bind("127.0.0.1:0").context("bind")?;
+        let listener = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
         println!("listening {}", listener.local_addr()?);
         use std::io::Write;
         std::io::stdout().flush()?;
@@ -37,6 +37,8 @@ pub fn serve() -> anyhow::Result<()> {
                     continue;
                 }
             };
+            // Small echoes leave at once (rtt's messages); no effect on idle memory.
+            let _ = stream.set_nodelay(true);
             monoio::spawn(echo(stream));
         }
     })

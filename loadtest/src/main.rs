@@ -12,6 +12,9 @@
 //!   connection is cut; time until all are back, reconnects per second.
 //! * `baseline --count N`: memory per idle plain TCP connection in a trivial monoio echo
 //!   server (the frame of reference for memory per tunnel).
+//! * `rtt --target ADDR --connections N`: paced round trips against any TCP echo service
+//!   (direct, through `remoteler forward`, through another tunnel); HDR percentiles. Starts no
+//!   proxy: benches/compare.sh uses it side by side with rathole.
 //!
 //! The harness re-executes itself for its helpers: `worker` (simulated agents or users, up
 //! to `--per-worker` connections each, on their own loopback source addresses), `relay`
@@ -33,6 +36,7 @@ mod proto;
 mod proxyproc;
 mod relay;
 mod report;
+mod rtt;
 mod sync;
 mod users;
 mod worker;
@@ -61,6 +65,7 @@ enum Mode {
     Sessions(SessionsCli),
     Storm(StormArgs),
     Baseline(BaselineArgs),
+    Rtt(RttCli),
     Worker(WorkerArgs),
     Relay(RelayArgs),
     EchoServer(EchoServerArgs),
@@ -241,6 +246,36 @@ common_options! {
     }
 }
 
+/// Round trips against a TCP echo service (no proxy started): HDR percentiles per message.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "rtt")]
+struct RttCli {
+    /// the echo service, IP:PORT (an echo server, or a tunnel's local end in front of one)
+    #[argh(option)]
+    target: SocketAddr,
+    /// concurrent connections (default 1)
+    #[argh(option, default = "1")]
+    connections: usize,
+    /// measured time after the warm-up (default 10s)
+    #[argh(option, default = "String::from(\"10s\")")]
+    duration: String,
+    /// samples discarded at the start (default 1s)
+    #[argh(option, default = "String::from(\"1s\")")]
+    warmup: String,
+    /// bytes per message, at least 8 (default 64)
+    #[argh(option, default = "String::from(\"64\")")]
+    bytes: String,
+    /// messages per second over all connections, paced; 0 for closed loop (default 2000)
+    #[argh(option, default = "2000.0")]
+    rate: f64,
+    /// connection setups in flight at once (default 64)
+    #[argh(option, default = "64")]
+    concurrency: usize,
+    /// write the JSON report here
+    #[argh(option)]
+    json: Option<PathBuf>,
+}
+
 /// (internal) a worker process of simulated agents or users.
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "worker")]
@@ -268,10 +303,14 @@ struct RelayArgs {
     loss: f64,
 }
 
-/// (internal) the baseline's trivial echo server.
+/// A trivial TCP echo server (the baseline's; also the target of `rtt`); prints `listening ADDR`.
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "echo-server")]
-struct EchoServerArgs {}
+struct EchoServerArgs {
+    /// address to listen on (default 127.0.0.1:0)
+    #[argh(option, default = "SocketAddr::from(([127, 0, 0, 1], 0))")]
+    listen: SocketAddr,
+}
 
 fn duration(text: &str, flag: &str) -> anyhow::Result<Duration> {
     humantime::parse_duration(text)
@@ -322,6 +361,21 @@ fn run(args: Args) -> anyhow::Result<bool> {
             modes::storm(a.common()?, a.count.max(1), event, timeout)
         }
         Mode::Baseline(a) => modes::baseline(a.common()?, a.count.max(1)),
+        Mode::Rtt(a) => {
+            if !(a.rate >= 0.0 && a.rate.is_finite()) {
+                bail!("--rate: expected messages per second, 0 or more");
+            }
+            let args = rtt::RttArgs {
+                target: a.target,
+                connections: a.connections.max(1),
+                duration: duration(&a.duration, "--duration")?,
+                warmup: duration(&a.warmup, "--warmup")?,
+                bytes: usize::try_from(size(&a.bytes, "--bytes")?.max(8))?,
+                rate: a.rate,
+                concurrency: a.concurrency.max(1),
+            };
+            rtt::run(args, a.json.as_deref())
+        }
         Mode::Worker(a) => worker::main(&a.spec).map(|()| true),
         Mode::Relay(a) => relay::serve(
             a.upstream,
@@ -332,7 +386,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
             },
         )
         .map(|()| true),
-        Mode::EchoServer(_) => baseline::serve().map(|()| true),
+        Mode::EchoServer(a) => baseline::serve(a.listen).map(|()| true),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Runs `remoteler-loadtest tunnels` and `sessions` end to end against the real proxy
 //! binary (built by cargo: `target/<profile>/remoteler-proxy`, or `REMOTELER_PROXY_BIN`),
-//! and checks the JSON reports: no tunnel lost, no session failed.
+//! and checks the JSON reports: no tunnel lost, no session failed; and `rtt` against the
+//! harness's echo server.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -103,4 +104,59 @@ fn tunnels_and_sessions_end_to_end() {
     );
     assert_eq!(sessions["all_streams"]["streams"], 20, "{sessions:#}");
     assert!(sessions["one_stream"]["bytes_per_sec"].as_f64().unwrap() > 0.0);
+}
+
+/// `rtt` against the harness's own echo server: every paced round trip is counted, none fails.
+#[test]
+fn rtt_against_an_echo_server() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut echo = Command::new(env!("CARGO_BIN_EXE_remoteler-loadtest"))
+        .args(["echo-server", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start echo-server");
+    let mut line = String::new();
+    BufReader::new(echo.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening ")
+        .expect("listening ADDR")
+        .to_owned();
+    let json = dir.path().join("rtt.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_remoteler-loadtest"))
+        .args([
+            "rtt",
+            "--target",
+            &addr,
+            "--connections",
+            "20",
+            "--duration",
+            "1s",
+        ])
+        .args(["--warmup", "200ms", "--rate", "1000", "--json"])
+        .arg(&json)
+        .output()
+        .expect("run rtt");
+    let _ = echo.kill();
+    let _ = echo.wait();
+    assert!(
+        out.status.success(),
+        "rtt failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rtt = &report["rtt"];
+    assert_eq!(rtt["errors"], 0, "{report:#}");
+    assert_eq!(rtt["connected"], 20, "{report:#}");
+    // 1,000/s for 1 s: allow for timer granularity and a slow machine.
+    let count = rtt["count"].as_u64().unwrap();
+    assert!(
+        (300..=1100).contains(&count),
+        "{count} round trips: {report:#}"
+    );
+    assert!(rtt["p50_us"].as_f64().unwrap() > 0.0);
+    assert!(rtt["p99_us"].as_f64().unwrap() >= rtt["p50_us"].as_f64().unwrap());
 }

@@ -1,0 +1,448 @@
+#!/usr/bin/env bash
+# Remoteler side by side with rathole 0.5 (TLS transport), on loopback, in ONE run:
+#   1. single-stream throughput (iperf3 -J): direct TCP, through Remoteler (iperf3 ->
+#      `remoteler forward` -> proxy -> agent tunnel -> iperf3 server: two TLS legs), through
+#      rathole (visitor -> server -> TLS data channel -> client -> iperf3 server); Gbit/s and
+#      CPU-seconds per GB moved (utime+stime of every process of each system);
+#   2. added round-trip latency: `remoteler-loadtest rtt` (paced 64-byte ping-pong, HDR
+#      histogram) at 1, 100 and 1000 concurrent connections against an echo server directly,
+#      through Remoteler and through rathole;
+#   3. interactive round trips while a bulk iperf3 saturates the same tunnel (same agent);
+#   4. memory per agent: rathole server RSS with K services connected (control channel + pool
+#      of 8 each) vs `remoteler-loadtest tunnels --count K` (proxy RSS per tunnel);
+# and the TLS version and cipher each side negotiates (openssl s_client against each
+# listener). Prints one side-by-side table and writes it to target/compare-cache/last.md.
+#
+# Installs what it needs when missing: iperf3 (apt), rathole 0.5.0 (cargo install, without
+# --locked: its lockfile pins time 0.3.29, which does not build on recent Rust) into
+# target/compare-cache/. Builds ours with --release.
+#
+# Knobs (environment): REPS (5) iperf3 repetitions per system and direction; IPERF_SECS (5);
+# RTT_REPS (3); RTT_SECS (8); RTT_CONNS ("1 100 1000"); RTT_RATE (2000 messages/s over all
+# connections); AGENTS ("100 1000"); BULK_LIMITS ("unlimited 1G": iperf3 -b of the bulk session,
+# "unlimited" saturates the cores); SKIP ("" or any of: throughput rtt bulk memory).
+# Everything it starts is stopped at exit; KEEP_WORK=1 keeps the logs and raw JSON.
+set -euo pipefail
+# shellcheck disable=SC2034 # read by scripts/lib.sh
+PROFILE_DIR=release
+# shellcheck source=../scripts/lib.sh
+source "$(dirname "$0")/../scripts/lib.sh"
+trap cleanup EXIT
+
+REPS=${REPS:-5}
+IPERF_SECS=${IPERF_SECS:-5}
+RTT_REPS=${RTT_REPS:-3}
+RTT_SECS=${RTT_SECS:-8}
+RTT_CONNS=${RTT_CONNS:-"1 100 1000"}
+RTT_RATE=${RTT_RATE:-2000}
+AGENTS=${AGENTS:-"100 1000"}
+BULK_LIMITS=${BULK_LIMITS:-"unlimited 1G"}
+SKIP=${SKIP:-}
+CACHE="$ROOT/target/compare-cache"
+RATHOLE="$CACHE/rathole/bin/rathole"
+LT="$BIN/remoteler-loadtest"
+RES="$WORK/results"
+mkdir -p "$CACHE" "$RES"
+skip() { [[ " $SKIP " == *" $1 "* ]]; }
+
+say "tools"
+if ! command -v iperf3 >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3 >/dev/null
+fi
+command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl >/dev/null; }
+if [ ! -x "$RATHOLE" ]; then
+  say "installing rathole 0.5.0 into $CACHE/rathole (a few minutes)"
+  cargo install rathole --version 0.5.0 --root "$CACHE/rathole"
+fi
+say "building ours (release)"
+(cd "$ROOT" && cargo build --release --locked -q -p proxy -p agent -p client -p loadtest)
+P="$BIN/remoteler-proxy"; A="$BIN/remoteler-agent"; C="$BIN/remoteler"
+HZ=$(getconf CLK_TCK)
+
+# cpu_ticks PID...: utime + stime of the processes, in clock ticks.
+cpu_ticks() {
+  local t=0 p f
+  for p in "$@"; do
+    read -r -a f < <(sed 's/^.*) //' "/proc/$p/stat")
+    t=$((t + f[11] + f[12]))   # fields 14 and 15 of stat(5); the array starts at field 3
+  done
+  echo "$t"
+}
+# free_ports N: N distinct free ports on 127.0.0.1 (held together while chosen).
+free_ports() {
+  python3 - "$1" <<'PY'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+PY
+}
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+# echo_ok PORT: one byte goes through PORT and comes back.
+echo_ok() {
+  python3 - "$1" <<'PY'
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=3)
+s.settimeout(3); s.sendall(b"x")
+sys.exit(0 if s.recv(1) == b"x" else 1)
+PY
+}
+
+say "targets: echo server and iperf3 server"
+ECHO_PORT=$(free_port); IPERF_PORT=$(free_port)
+bg echo "$LT" echo-server --listen "127.0.0.1:$ECHO_PORT" >/dev/null
+bg iperf3-server iperf3 -s -p "$IPERF_PORT" >/dev/null
+wait_for "the echo server" 10 echo_ok "$ECHO_PORT"
+
+say "Remoteler: proxy, agent node-r1 (forwards iperf and echo), user, two forwards"
+USERS_PORT=$(free_port); TUNNEL_PORT=$(free_port); AUTH_PORT=$(free_port)
+"$P" init --cluster compare.test --data-dir "$WORK/proxy" --host 127.0.0.1 >"$WORK/init.txt"
+PIN=$(grep -o 'sha256:[0-9a-f]\{64\}' "$WORK/init.txt" | head -1)
+cat >"$WORK/proxy.toml" <<EOF
+cluster_name = "compare.test"
+data_dir = "$WORK/proxy"
+[listen]
+users = "127.0.0.1:$USERS_PORT"
+tunnels = "127.0.0.1:$TUNNEL_PORT"
+auth = "127.0.0.1:$AUTH_PORT"
+metrics = "off"
+[log]
+level = "warn"
+EOF
+"$P" start --config "$WORK/proxy.toml" >"$WORK/proxy.log" 2>&1 &
+PROXY_PID=$!; echo "$PROXY_PID" >>"$WORK/pids"
+wait_for "the proxy" 30 test -f "$WORK/proxy/proxy.ready"
+TOKEN=$("$P" tokens add --kind node --ttl 15m --data-dir "$WORK/proxy" | grep -o '[0-9a-f]\{64\}' | head -1)
+AGENT_PID=$(bg agent "$A" start --proxy "127.0.0.1:$TUNNEL_PORT" --token "$TOKEN" --ca-pin "$PIN" \
+  --node-name node-r1 --data-dir "$WORK/agent" \
+  --forward "iperf=127.0.0.1:$IPERF_PORT" --forward "echo=127.0.0.1:$ECHO_PORT")
+wait_for "node-r1 online" 30 bash -c "'$P' nodes ls --data-dir '$WORK/proxy' | grep -Eq '^node-r1 +tunnel +yes'"
+echo "compare-password" >"$WORK/pw"
+"$P" users add bench --roles dev --logins root --password-file "$WORK/pw" --data-dir "$WORK/proxy" >/dev/null
+export REMOTELER_HOME="$WORK/home"
+"$C" login --proxy "127.0.0.1:$USERS_PORT" --user bench --password-file "$WORK/pw" --ca-pin "$PIN" >/dev/null
+FWD_IPERF_PORT=$(free_port); FWD_ECHO_PORT=$(free_port)
+FWD_IPERF_PID=$(bg forward-iperf "$C" forward --listen "127.0.0.1:$FWD_IPERF_PORT" node-r1 iperf)
+FWD_ECHO_PID=$(bg forward-echo "$C" forward --listen "127.0.0.1:$FWD_ECHO_PORT" node-r1 echo)
+wait_for "the echo forward" 30 echo_ok "$FWD_ECHO_PORT"
+OURS_PIDS=("$PROXY_PID" "$AGENT_PID" "$FWD_IPERF_PID" "$FWD_ECHO_PID")
+
+say "rathole 0.5: CA, server certificate (pkcs12), server and client"
+mkdir -p "$WORK/rh"
+(
+  cd "$WORK/rh"
+  openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj "/CN=compare CA" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj "/CN=localhost" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost\n' >san.ext
+  openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile san.ext 2>/dev/null
+  openssl pkcs12 -export -out identity.pfx -inkey server.key -in server.pem -certfile ca.pem -passout pass:1234
+)
+RH_PORT=$(free_port); RH_IPERF_PORT=$(free_port); RH_ECHO_PORT=$(free_port)
+cat >"$WORK/rh/server.toml" <<EOF
+[server]
+bind_addr = "127.0.0.1:$RH_PORT"
+default_token = "compare-token"
+[server.transport]
+type = "tls"
+[server.transport.tls]
+pkcs12 = "$WORK/rh/identity.pfx"
+pkcs12_password = "1234"
+[server.services.iperf]
+bind_addr = "127.0.0.1:$RH_IPERF_PORT"
+[server.services.echo]
+bind_addr = "127.0.0.1:$RH_ECHO_PORT"
+EOF
+cat >"$WORK/rh/client.toml" <<EOF
+[client]
+remote_addr = "localhost:$RH_PORT"
+default_token = "compare-token"
+[client.transport]
+type = "tls"
+[client.transport.tls]
+trusted_root = "$WORK/rh/ca.pem"
+hostname = "localhost"
+[client.services.iperf]
+local_addr = "127.0.0.1:$IPERF_PORT"
+[client.services.echo]
+local_addr = "127.0.0.1:$ECHO_PORT"
+EOF
+RH_SERVER_PID=$(bg rathole-server env RUST_LOG=warn "$RATHOLE" --server "$WORK/rh/server.toml")
+sleep 0.5
+RH_CLIENT_PID=$(bg rathole-client env RUST_LOG=warn "$RATHOLE" --client "$WORK/rh/client.toml")
+wait_for "rathole's echo service" 30 echo_ok "$RH_ECHO_PORT"
+RH_PIDS=("$RH_SERVER_PID" "$RH_CLIENT_PID")
+
+say "TLS each side negotiates (openssl s_client against each listener)"
+tls_of() {  # tls_of PORT [s_client options]: "TLSv1.3 TLS_AES_256_GCM_SHA384"
+  local port=$1; shift
+  timeout 5 openssl s_client -connect "127.0.0.1:$port" "$@" </dev/null 2>/dev/null |
+    awk '/^ *Protocol *:/ {p=$3} /^ *Cipher *:/ {c=$3} /^New, / {p2=$2; c2=$5} END {print (p?p:p2), (c?c:c2)}'
+}
+{
+  echo "remoteler users (proxy :$USERS_PORT)|$(tls_of "$USERS_PORT" -alpn remoteler-session)"
+  echo "remoteler tunnels (proxy :$TUNNEL_PORT)|$(tls_of "$TUNNEL_PORT")"
+  echo "rathole server (:$RH_PORT)|$(tls_of "$RH_PORT" -servername localhost)"
+} | tee "$RES/tls.txt"
+
+# ---- 1. throughput -------------------------------------------------------------------------
+port_of() { case $1 in direct) echo "$IPERF_PORT" ;; remoteler) echo "$FWD_IPERF_PORT" ;; rathole) echo "$RH_IPERF_PORT" ;; esac; }
+pids_of() { case $1 in direct) echo "" ;; remoteler) echo "${OURS_PIDS[*]}" ;; rathole) echo "${RH_PIDS[*]}" ;; esac; }
+echo_port_of() { case $1 in direct) echo "$ECHO_PORT" ;; remoteler) echo "$FWD_ECHO_PORT" ;; rathole) echo "$RH_ECHO_PORT" ;; esac; }
+
+if ! skip throughput; then
+  say "throughput: iperf3 -t $IPERF_SECS, $REPS repetitions, up (client -> server) and down (-R)"
+  for rep in $(seq "$REPS"); do
+    for dir in up down; do
+      for sys in direct remoteler rathole; do
+        flag=(); [ "$dir" = down ] && flag=(-R)
+        pids=$(pids_of "$sys")
+        # shellcheck disable=SC2086
+        before=$(cpu_ticks $pids); each_before=(); for p in $pids; do each_before+=("$(cpu_ticks "$p")"); done
+        iperf3 -c 127.0.0.1 -p "$(port_of "$sys")" -t "$IPERF_SECS" "${flag[@]}" -J >"$RES/iperf-$sys-$dir-$rep.json" || true
+        # shellcheck disable=SC2086
+        after=$(cpu_ticks $pids); each=(); i=0
+        for p in $pids; do each+=("$(( $(cpu_ticks "$p") - each_before[i] ))"); i=$((i + 1)); done
+        echo "$sys $dir $rep $(( after - before )) ${each[*]}" >>"$RES/iperf-cpu.txt"
+        python3 - "$RES/iperf-$sys-$dir-$rep.json" "$sys" "$dir" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+r = d.get("end", {}).get("sum_received", {})
+print(f"  {sys.argv[2]:>9} {sys.argv[3]:>4}: {r.get('bits_per_second', 0)/1e9:6.2f} Gbit/s" + (f"  ERROR {d['error']}" if "error" in d else ""))
+PY
+      done
+    done
+  done
+fi
+
+# ---- 2. round trips ------------------------------------------------------------------------
+if ! skip rtt; then
+  say "round trips: rtt, 64 B, $RTT_RATE messages/s over all connections, ${RTT_SECS}s, $RTT_REPS repetitions"
+  for conns in $RTT_CONNS; do
+    for rep in $(seq "$RTT_REPS"); do
+      for sys in direct remoteler rathole; do
+        "$LT" rtt --target "127.0.0.1:$(echo_port_of "$sys")" --connections "$conns" \
+          --duration "${RTT_SECS}s" --rate "$RTT_RATE" --json "$RES/rtt-$sys-$conns-$rep.json" \
+          >"$RES/rtt-$sys-$conns-$rep.txt" 2>&1 || echo "  (rtt $sys $conns reported failures)"
+        grep "round trip " "$RES/rtt-$sys-$conns-$rep.txt" | sed "s/^/  $sys x$conns: /"
+      done
+    done
+  done
+fi
+
+# ---- 3. interactive under bulk -------------------------------------------------------------
+if ! skip bulk; then
+  say "interactive round trips (1 connection) with and without a bulk iperf3 through the same tunnel"
+  for limit in $BULK_LIMITS; do
+    for rep in $(seq "$RTT_REPS"); do
+      for sys in remoteler rathole; do
+        "$LT" rtt --target "127.0.0.1:$(echo_port_of "$sys")" --connections 1 --duration "${RTT_SECS}s" \
+          --rate 500 --json "$RES/quiet-$sys-$limit-$rep.json" >/dev/null 2>&1 || true
+        rate=(); [ "$limit" != unlimited ] && rate=(-b "$limit")
+        iperf3 -c 127.0.0.1 -p "$(port_of "$sys")" -t $((RTT_SECS + 3)) "${rate[@]}" -J \
+          >"$RES/bulk-iperf-$sys-$limit-$rep.json" 2>&1 &
+        BULK=$!
+        sleep 1
+        "$LT" rtt --target "127.0.0.1:$(echo_port_of "$sys")" --connections 1 --duration "${RTT_SECS}s" \
+          --rate 500 --json "$RES/bulk-$sys-$limit-$rep.json" >/dev/null 2>&1 || true
+        wait "$BULK" || true
+        python3 - "$RES" "$sys" "$limit" "$rep" <<'PY'
+import json, sys
+res, s, l, r = sys.argv[1:5]
+q = json.load(open(f"{res}/quiet-{s}-{l}-{r}.json"))["rtt"]
+b = json.load(open(f"{res}/bulk-{s}-{l}-{r}.json"))["rtt"]
+print(f"  {s:>9} bulk {l}: p99 quiet {q['p99_us']/1000:.3f} ms, under bulk {b['p99_us']/1000:.3f} ms")
+PY
+      done
+    done
+  done
+fi
+
+# ---- 4. memory per agent -------------------------------------------------------------------
+if ! skip memory; then
+  for k in $AGENTS; do
+    say "memory: rathole server with $k services connected (clients of 50 services each)"
+    MPORT=$(free_port)
+    dir="$WORK/rh-mem-$k"; mkdir -p "$dir"
+    {
+      echo "[server]"; echo "bind_addr = \"127.0.0.1:$MPORT\""; echo 'default_token = "compare-token"'
+      echo "[server.transport]"; echo 'type = "tls"'
+      echo "[server.transport.tls]"; echo "pkcs12 = \"$WORK/rh/identity.pfx\""; echo 'pkcs12_password = "1234"'
+      i=0
+      for port in $(free_ports "$k"); do
+        i=$((i + 1)); echo "[server.services.s$i]"; echo "bind_addr = \"127.0.0.1:$port\""
+      done
+    } >"$dir/server.toml"
+    MSERVER=$(bg "rh-mem-server-$k" env RUST_LOG=error "$RATHOLE" --server "$dir/server.toml")
+    wait_for "the rathole server" 30 bash -c "ss -ltn | grep -q ':$MPORT '"
+    sleep 1
+    base=$(rss_kib "$MSERVER")
+    clients=()
+    for c in $(seq 0 $(( (k - 1) / 50 ))); do
+      {
+        echo "[client]"; echo "remote_addr = \"localhost:$MPORT\""; echo 'default_token = "compare-token"'
+        echo "[client.transport]"; echo 'type = "tls"'
+        echo "[client.transport.tls]"; echo "trusted_root = \"$WORK/rh/ca.pem\""; echo 'hostname = "localhost"'
+        for i in $(seq $((c * 50 + 1)) $(( c * 50 + 50 < k ? c * 50 + 50 : k ))); do
+          echo "[client.services.s$i]"; echo "local_addr = \"127.0.0.1:$ECHO_PORT\""
+        done
+      } >"$dir/client-$c.toml"
+      clients+=("$(bg "rh-mem-client-$k-$c" env RUST_LOG=error "$RATHOLE" --client "$dir/client-$c.toml")")
+    done
+    want=$((k * 9)); end=$((SECONDS + 120)); have=0
+    while [ $SECONDS -lt $end ]; do
+      have=$(ss -tnH state established "( sport = :$MPORT )" | wc -l)
+      [ "$have" -ge "$want" ] && break
+      sleep 1
+    done
+    sleep 5   # settle
+    have=$(ss -tnH state established "( sport = :$MPORT )" | wc -l)
+    up=$(rss_kib "$MSERVER")
+    client_rss=0; for c in "${clients[@]}"; do client_rss=$((client_rss + $(rss_kib "$c"))); done
+    echo "$k $base $up $have $client_rss ${#clients[@]}" | tee -a "$RES/rathole-memory.txt"
+    kill "${clients[@]}" "$MSERVER" 2>/dev/null || true
+    wait "${clients[@]}" "$MSERVER" 2>/dev/null || true
+
+    say "memory: remoteler-loadtest tunnels --count $k"
+    "$LT" tunnels --count "$k" --hold-rounds 3 --proxy-bin "$P" --json "$RES/tunnels-$k.json" \
+      >"$RES/tunnels-$k.txt" 2>&1 || echo "  (tunnels $k reported failures)"
+    grep -i "per tunnel" "$RES/tunnels-$k.txt" | head -2 | sed 's/^/  /'
+  done
+fi
+
+# ---- the table -----------------------------------------------------------------------------
+say "side by side"
+python3 - "$RES" "$HZ" "$REPS" "$IPERF_SECS" "$RTT_REPS" "$RTT_SECS" "$RTT_RATE" "$RTT_CONNS" "$AGENTS" "$BULK_LIMITS" \
+  "$(rss_kib "$PROXY_PID")" "$(rss_kib "$AGENT_PID")" "$(rss_kib "$FWD_IPERF_PID")" "$(rss_kib "$FWD_ECHO_PID")" \
+  "$(rss_kib "$RH_SERVER_PID")" "$(rss_kib "$RH_CLIENT_PID")" <<'PY' | tee "$CACHE/last.md"
+import glob, json, os, statistics, sys
+(res, hz, reps, isecs, rreps, rsecs, rate, conns, agents, limits,
+ rss_proxy, rss_agent, rss_fwd, rss_fwd_echo, rss_rhs, rss_rhc) = sys.argv[1:17]
+hz = int(hz)
+med = statistics.median
+out = []
+def p(line=""): out.append(line)
+
+p("| TLS | protocol cipher |"); p("|---|---|")
+if os.path.exists(f"{res}/tls.txt"):
+    for line in open(f"{res}/tls.txt"):
+        what, tls = line.rstrip("\n").split("|", 1)
+        p(f"| {what} | {tls} |")
+p()
+
+cpu = {}
+if os.path.exists(f"{res}/iperf-cpu.txt"):
+    for line in open(f"{res}/iperf-cpu.txt"):
+        s, d, r, t, *each = line.split()
+        cpu[(s, d, r)] = int(t) / hz
+        cpu[(s, d, r, "each")] = [int(x) / hz for x in each]
+split = {}
+if cpu:
+    p(f"Throughput, one stream, iperf3 -t {isecs}, median of {reps} (runs interleaved)")
+    p()
+    p("| system | direction | Gbit/s (median; min-max) | ratio to direct | ratio to rathole | CPU-s per GB | processes counted |")
+    p("|---|---|---|---|---|---|---|")
+    for d in ("up", "down"):
+        g, c = {}, {}
+        for s in ("direct", "remoteler", "rathole"):
+            vals, cs = [], []
+            for f in sorted(glob.glob(f"{res}/iperf-{s}-{d}-*.json")):
+                r = f.rsplit("-", 1)[1][:-5]
+                j = json.load(open(f))
+                e = j.get("end", {}).get("sum_received", {})
+                if not e.get("bytes"):
+                    continue
+                vals.append(e["bits_per_second"] / 1e9)
+                if s != "direct":
+                    gb = e["bytes"] / 1e9
+                    cs.append(cpu[(s, d, r)] / gb)
+                    split.setdefault((s, d), []).append([x / gb for x in cpu[(s, d, r, "each")]])
+            g[s] = vals; c[s] = cs
+        for s in ("direct", "remoteler", "rathole"):
+            if not g[s]:
+                p(f"| {s} | {d} | failed | | | | |"); continue
+            m = med(g[s])
+            rd = m / med(g["direct"]) if g["direct"] else float("nan")
+            rr = m / med(g["rathole"]) if g["rathole"] else float("nan")
+            procs = {"direct": "-", "remoteler": "proxy+agent+forward", "rathole": "server+client"}[s]
+            cps = f"{med(c[s]):.2f}" if c[s] else "-"
+            p(f"| {s} | {d} | {m:.2f} ({min(g[s]):.2f}-{max(g[s]):.2f}) | {rd:.2f} | {rr:.2f} | {cps} | {procs} |")
+    p()
+    names = {"remoteler": ["proxy", "agent", "forward", "forward (echo, idle)"], "rathole": ["server", "client"]}
+    p("CPU-seconds per GB by process (median of the runs)")
+    p()
+    for (s, d), rows_ in sorted(split.items()):
+        parts = [f"{n} {med([r[i] for r in rows_]):.2f}" for i, n in enumerate(names[s]) if i < len(rows_[0])]
+        p(f"* {s} {d}: " + ", ".join(parts))
+    p()
+
+rows = []
+for n in conns.split():
+    per = {}
+    for s in ("direct", "remoteler", "rathole"):
+        xs = [json.load(open(f))["rtt"] for f in sorted(glob.glob(f"{res}/rtt-{s}-{n}-*.json"))]
+        if xs:
+            per[s] = {k: med([x[k] for x in xs]) for k in ("p50_us", "p99_us", "p999_us")}
+            per[s]["errors"] = sum(x["errors"] for x in xs)
+    rows.append((n, per))
+if any(per for _, per in rows):
+    p(f"Round trips, 64 B, {rate} messages/s over all connections, {rsecs} s each, median of {rreps} runs (µs)")
+    p()
+    p("| connections | system | p50 | p99 | p99.9 | added p99 vs direct | failed conns |")
+    p("|---|---|---|---|---|---|---|")
+    for n, per in rows:
+        for s in ("direct", "remoteler", "rathole"):
+            if s not in per: continue
+            x = per[s]
+            add = x["p99_us"] - per["direct"]["p99_us"] if "direct" in per else float("nan")
+            p(f"| {n} | {s} | {x['p50_us']:.1f} | {x['p99_us']:.1f} | {x['p999_us']:.1f} | {add:+.1f} | {x['errors']} |")
+    p()
+
+bulk = []
+for l in limits.split():
+    for s in ("remoteler", "rathole"):
+        q = [json.load(open(f))["rtt"]["p99_us"] for f in sorted(glob.glob(f"{res}/quiet-{s}-{l}-*.json"))]
+        b = [json.load(open(f))["rtt"]["p99_us"] for f in sorted(glob.glob(f"{res}/bulk-{s}-{l}-*.json"))]
+        g = []
+        for f in sorted(glob.glob(f"{res}/bulk-iperf-{s}-{l}-*.json")):
+            try:
+                g.append(json.load(open(f))["end"]["sum_received"]["bits_per_second"] / 1e9)
+            except Exception:
+                pass
+        if q and b:
+            bulk.append((s, l, med(q), med(b), med(g) if g else float("nan")))
+if bulk:
+    p(f"Interactive round trips (1 connection, 500/s) while a bulk iperf3 runs through the same tunnel, median of {rreps}")
+    p()
+    p("| system | bulk (iperf3 -b) | p99 alone (ms) | p99 under bulk (ms) | added (ms) | bulk Gbit/s meanwhile |")
+    p("|---|---|---|---|---|---|")
+    for s, l, q, b, g in bulk:
+        p(f"| {s} | {l} | {q/1000:.3f} | {b/1000:.3f} | {(b-q)/1000:+.3f} | {g:.2f} |")
+    p()
+
+mem = []
+if os.path.exists(f"{res}/rathole-memory.txt"):
+    for line in open(f"{res}/rathole-memory.txt"):
+        k, base, up, have, crss, nclients = map(int, line.split())
+        ours = None
+        f = f"{res}/tunnels-{k}.json"
+        if os.path.exists(f):
+            j = json.load(open(f))
+            ours = j.get("proxy_memory", {}).get("kib_per_tunnel_after_hold")
+        mem.append((k, (up - base) / k, have, ours, crss, nclients))
+if mem:
+    p("Memory per agent (server side)")
+    p()
+    p("| agents K | rathole server RSS per agent (KiB) | rathole TLS connections at the server | remoteler proxy RSS per tunnel (KiB) | ratio rathole/remoteler |")
+    p("|---|---|---|---|---|")
+    for k, rh, have, ours, crss, nclients in mem:
+        o = f"{ours:.2f}" if isinstance(ours, (int, float)) else "-"
+        ratio = f"{rh/ours:.1f}" if isinstance(ours, (int, float)) and ours else "-"
+        p(f"| {k} | {rh:.1f} | {have} | {o} | {ratio} |")
+    p()
+p(f"Resident memory after the run: proxy {rss_proxy} KiB, agent {rss_agent} KiB, forward (iperf) {rss_fwd} KiB, "
+  f"forward (echo, carried the round trips) {rss_fwd_echo} KiB; "
+  f"rathole server {rss_rhs} KiB, rathole client {rss_rhc} KiB.")
+print("\n".join(out))
+PY
+echo "(table also in $CACHE/last.md; raw results in $RES$([ "${KEEP_WORK:-0}" = 1 ] || echo ', removed at exit: KEEP_WORK=1 keeps them'))"
