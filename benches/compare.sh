@@ -119,7 +119,7 @@ AGENT_PID=$(bg agent "$A" start --proxy "127.0.0.1:$TUNNEL_PORT" --token "$TOKEN
   --forward "iperf=127.0.0.1:$IPERF_PORT" --forward "echo=127.0.0.1:$ECHO_PORT")
 wait_for "node-r1 online" 30 bash -c "'$P' nodes ls --data-dir '$WORK/proxy' | grep -Eq '^node-r1 +tunnel +yes'"
 echo "compare-password" >"$WORK/pw"
-"$P" users add bench --roles dev --logins root --password-file "$WORK/pw" --data-dir "$WORK/proxy" >/dev/null
+"$P" users add bench --roles access --logins root --password-file "$WORK/pw" --data-dir "$WORK/proxy" >/dev/null
 export REMOTELER_HOME="$WORK/home"
 "$C" login --proxy "127.0.0.1:$USERS_PORT" --user bench --password-file "$WORK/pw" --ca-pin "$PIN" >/dev/null
 FWD_IPERF_PORT=$(free_port); FWD_ECHO_PORT=$(free_port)

@@ -184,6 +184,8 @@ fn start_proxy(bin: &Path, data: &Path, log: &Path, listen: [&str; 3]) -> (Reape
             listen[1],
             "--auth",
             listen[2],
+            "--metrics",
+            "off",
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -245,7 +247,7 @@ fn cluster(echo: SocketAddr) -> Cluster {
     let pw = tmp.path().join("alice.pw");
     std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
     p(&[
-        "users", "add", "alice", "--roles", "dev", "--logins", "root",
+        "users", "add", "alice", "--roles", "access", "--logins", "root",
     ]
     .into_iter()
     .chain(["--password-file", pw.to_str().unwrap()])
