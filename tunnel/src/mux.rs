@@ -27,6 +27,9 @@ use crate::tls::{TlsConnection, TlsError};
 /// session: the session keeps them (bounded by flow control) instead of the TLS buffer.
 const WRITE_HIGH_WATER: usize = 256 * 1024;
 
+/// Most frame bytes handed to TLS in one call (whole frames; one may run past it).
+const WRITE_BATCH: usize = 64 * 1024;
+
 /// Why a stream operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -624,11 +627,30 @@ pub async fn drive(tunnel: &Tunnel, conn: TlsConnection, mut input: BytesMut) ->
             }
             s.dispatch();
             let mut failed = None;
+            let mut batch: Vec<frame::Transmit> = Vec::new();
             while writer.pending() < WRITE_HIGH_WATER {
-                let Some(t) = s.session.poll_transmit() else {
+                // Frames go to TLS in batches: encrypted together, they fill whole records
+                // (a full DATA frame alone is a 16 KiB record plus a 9-byte one), and small
+                // frames waiting at the same moment share one record and one send.
+                let mut bytes = 0;
+                while bytes < WRITE_BATCH {
+                    let Some(t) = s.session.poll_transmit() else {
+                        break;
+                    };
+                    bytes += t.len();
+                    batch.push(t);
+                }
+                if batch.is_empty() {
                     break;
-                };
-                if let Err(e) = writer.queue(&[t.header(), t.payload()]) {
+                }
+                let parts: Vec<&[u8]> = batch
+                    .iter()
+                    .flat_map(|t| [t.header(), &t.payload()[..]])
+                    .collect();
+                let queued = writer.queue(&parts);
+                drop(parts);
+                batch.clear();
+                if let Err(e) = queued {
                     failed = Some(e);
                     break;
                 }

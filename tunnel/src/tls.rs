@@ -275,12 +275,21 @@ enum Received {
     },
 }
 
+/// `TCP_NOTSENT_LOWAT` of every connection: the kernel reports a socket writable only while
+/// less than this waits unsent, so a stream's bulk data does not queue megabytes in the kernel
+/// ahead of a PING or another stream's keystroke (what `flush` has not handed over waits in
+/// user space, where the multiplexer can still put other frames first). 128 KiB keeps a
+/// loopback or LAN path full; [`TlsConnection::set_notsent_lowat`] changes it.
+pub const DEFAULT_NOTSENT_LOWAT: u32 = 128 * 1024;
+
 impl TlsConnection {
     fn new(tcp: TcpStream, session: Session) -> Result<Self, TlsError> {
         let peer = Peer(tcp.peer_addr().ok());
         let local = tcp.local_addr().ok();
         tcp.set_nodelay(true)
             .map_err(|source| TlsError::Io { peer, source })?;
+        // Best effort: a kernel without the option still works, with a longer send queue.
+        let _ = sys::with_socket(&tcp, |s| s.set_tcp_notsent_lowat(DEFAULT_NOTSENT_LOWAT));
         let state = State {
             session,
             incoming: Vec::new(),
