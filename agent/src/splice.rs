@@ -1,6 +1,7 @@
 //! Copies bytes between a tunnel stream and a TCP connection, both ways, without copying
-//! payloads: a TCP read lands in a fresh `BytesMut` that is frozen and handed to the stream
-//! as is; a stream read is a `Bytes` view of the TLS plaintext, written to TCP as is.
+//! bulk payloads: a TCP read lands in a fresh `BytesMut` that is frozen and handed to the
+//! stream as is (a short read is copied into a right-sized buffer instead); a stream read is a
+//! `Bytes` view of the TLS plaintext, written to TCP as is.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -14,9 +15,16 @@ use tunnel::mux::{MuxStream, StreamError};
 
 use crate::stop::Stop;
 
-/// Bytes asked of one TCP read: one DATA frame of the default size. A buffer of this size
-/// exists only while a stream is open and waits for its target to send.
-const READ_CHUNK: usize = 16 * 1024;
+/// Bytes asked of one TCP read: four DATA frames of the default size. A buffer of this size
+/// exists only while a stream is open and waits for its target to send. Reads of 16 KiB cost
+/// the agent 2.4 times the CPU per byte of 64 KiB ones (benches/compare.sh, download), the
+/// limit of a small board.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// A read shorter than this travels as a right-sized copy: the stream keeps what it sends
+/// until the proxy acknowledges it (a WINDOW comes only after a quarter of the window), and
+/// a keystroke must not pin a whole read buffer meanwhile.
+const SMALL_READ: usize = READ_CHUNK / 4;
 
 /// How long a stream whose both directions are done waits for the peer's acknowledgement.
 const CLOSE_WAIT: Duration = Duration::from_secs(30);
@@ -96,7 +104,12 @@ pub async fn splice(stream: MuxStream, tcp: TcpStream) -> SpliceReport {
             }
             Ok(n) => {
                 to_stream += n as u64;
-                if let Err(e) = stream.write(buf.freeze()).await {
+                let data = if n < SMALL_READ {
+                    bytes::Bytes::copy_from_slice(&buf[..n])
+                } else {
+                    buf.freeze()
+                };
+                if let Err(e) = stream.write(data).await {
                     record(&failed, stream_error_text(&e));
                     break;
                 }
