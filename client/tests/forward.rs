@@ -327,12 +327,20 @@ fn forward_carries_concurrent_connections_and_reports_refusals() {
     round_trip(addr, 100, 10);
 
     // All those streams went over one user connection: one client address in the audit log.
-    let audit = std::fs::read_to_string(cluster.data().join("audit.log")).unwrap();
-    let sessions: Vec<serde_json::Value> = audit
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|r| r["event"] == "session.start")
-        .collect();
+    // The proxy's audit writer appends a moment after the event: wait for the records.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (audit, sessions) = loop {
+        let audit = std::fs::read_to_string(cluster.data().join("audit.log")).unwrap();
+        let sessions: Vec<serde_json::Value> = audit
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r["event"] == "session.start")
+            .collect();
+        if sessions.len() >= 9 || std::time::Instant::now() > deadline {
+            break (audit, sessions);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(
         sessions.len(),
         9,
