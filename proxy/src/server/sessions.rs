@@ -262,19 +262,30 @@ async fn connect_leaf(
         client_addr: client_addr.to_owned(),
         credential,
     };
+    open_through(&tunnel, open, &format!("cluster {leaf}"))
+        .await
+        .map(Target::Leaf)
+}
+
+/// Opens a stream through `tunnel` to `what` ("node X", "cluster X"), or says why not.
+async fn open_through(
+    tunnel: &tunnel::mux::Tunnel,
+    open: Open,
+    what: &str,
+) -> Result<tunnel::mux::MuxStream, (ErrorCode, String)> {
     match monoio::time::timeout(CONNECT_TIMEOUT, tunnel.open(open)).await {
-        Ok(Ok(stream)) => Ok(Target::Leaf(stream)),
+        Ok(Ok(stream)) => Ok(stream),
         Ok(Err(StreamError::Refused { code, reason })) => {
-            Err((code, format!("cluster {leaf} refused: {reason}")))
+            Err((code, format!("{what} refused: {reason}")))
         }
         Ok(Err(e)) => Err((
             ErrorCode::CONNECT_FAILED,
-            format!("cannot open a stream to cluster {leaf} through its tunnel: {e}"),
+            format!("cannot open a stream to {what} through its tunnel: {e}"),
         )),
         Err(_) => Err((
             ErrorCode::CONNECT_FAILED,
             format!(
-                "cluster {leaf} did not answer within {}s",
+                "{what} did not answer within {}s",
                 CONNECT_TIMEOUT.as_secs()
             ),
         )),
@@ -328,23 +339,9 @@ async fn connect_target(
                 client_addr: client_addr.to_owned(),
                 credential: Bytes::new(),
             };
-            match monoio::time::timeout(CONNECT_TIMEOUT, entry.tunnel.open(open)).await {
-                Ok(Ok(stream)) => Ok(Target::Tunnel(stream)),
-                Ok(Err(StreamError::Refused { code, reason })) => {
-                    Err((code, format!("node {node} refused: {reason}")))
-                }
-                Ok(Err(e)) => Err((
-                    ErrorCode::CONNECT_FAILED,
-                    format!("cannot open a stream to node {node} through its tunnel: {e}"),
-                )),
-                Err(_) => Err((
-                    ErrorCode::CONNECT_FAILED,
-                    format!(
-                        "node {node} did not answer within {}s",
-                        CONNECT_TIMEOUT.as_secs()
-                    ),
-                )),
-            }
+            open_through(&entry.tunnel, open, &format!("node {node}"))
+                .await
+                .map(Target::Tunnel)
         }
         Route::Direct { address, .. } => {
             if request.service != "ssh" {

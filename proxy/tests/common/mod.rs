@@ -308,6 +308,7 @@ pub async fn join_from(
     control::write_line(&mut writer, &request).await?;
     let mut buf = BytesMut::new();
     let response: JoinResponse = control::read_reply(&mut reader, &mut buf).await?;
+    assert_eq!(response.cluster, "test.example");
     Ok(Credential {
         chain: parse_chain(&response.certificate_pem),
         key,
@@ -344,22 +345,7 @@ pub fn parse_chain(pem: &str) -> Vec<CertificateDer<'static>> {
 
 /// The agent's join: `Ok(credential)` or the proxy's refusal.
 pub async fn join(proxy: &Proxy, token: &str, node: &str) -> Result<Credential, ControlError> {
-    let key = PrivateKey::generate().unwrap();
-    let conn = connect(proxy.tunnels, pinned(proxy.pin), ALPN_JOIN).await?;
-    let (mut reader, mut writer) = conn.split();
-    let request = JoinRequest {
-        token: token.into(),
-        node: node.into(),
-        public_key: control::to_hex(&key.public_key().to_spki_der()),
-    };
-    control::write_line(&mut writer, &request).await?;
-    let mut buf = BytesMut::new();
-    let response: JoinResponse = control::read_reply(&mut reader, &mut buf).await?;
-    assert_eq!(response.cluster, "test.example");
-    Ok(Credential {
-        chain: parse_chain(&response.certificate_pem),
-        key,
-    })
+    join_from(proxy, [127, 0, 0, 1].into(), token, node).await
 }
 
 pub async fn login(proxy: &Proxy, user: &str, password: &str) -> Result<Credential, ControlError> {
