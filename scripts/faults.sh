@@ -1,0 +1,265 @@
+#!/usr/bin/env bash
+# Fault suite: real binaries, real TLS, Debian's sshd and the OpenSSH client, with the link of
+# a NAT'd site cut, agents killed and readers stopped while ssh sessions move data.
+#   node-f1  sshd + agent in namespace flt-f1 (10.84.0.2), reached only through the agent's tunnel
+#   node-s   sshd on the host, listed in the proxy's config ([[nodes]]), dialled directly
+# Scenarios (docs/faults.md): a link cut shorter than resume.grace (sessions resume byte-exact),
+# a stalled reader beside a bulk copy on the same tunnel (bounded proxy memory), an agent
+# killed with -9 mid-transfer, a link cut longer than the grace, random packet loss.
+# Environment: FAULTS_GRACE (s, default 20), FAULTS_MIB (copy size, default 64),
+# FAULTS_LOSS (drop probability, default 0.05; 0 skips the loss scenario).
+source "$(dirname "$0")/lib.sh"
+trap cleanup EXIT
+ensure_packages
+build
+
+P="$BIN/remoteler-proxy"; A="$BIN/remoteler-agent"; C="$BIN/remoteler"
+export REMOTELER_HOME="$WORK/home"
+GRACE=${FAULTS_GRACE:-20}
+MIB=${FAULTS_MIB:-64}
+LOSS=${FAULTS_LOSS:-0.05}
+NS=flt-f1; HOST_IP=10.84.0.1; SITE_IP=10.84.0.2
+ok() { echo "ok - $*"; }
+check() { local what=$1; shift; "$@" || fail "$what"; ok "$what"; }
+sum() { sha256sum | cut -d' ' -f1; }
+# Prints the elapsed seconds of the suite, so a slow scenario shows in the log.
+t() { echo "[${SECONDS}s] $*"; }
+
+say "cluster, site and nodes"
+"$P" init --cluster faults.test --data-dir "$WORK/proxy" --host "$HOST_IP" >"$WORK/init.txt"
+PIN=$(grep -o 'sha256:[0-9a-f]\{64\}' "$WORK/init.txt" | head -1)
+[ -n "$PIN" ] || fail "init printed no CA pin"
+make_nat_site "$NS" "$HOST_IP" "$SITE_IP"
+USERS_PORT=$(free_port); TUNNEL_PORT=$(free_port); AUTH_PORT=$(free_port); SSH_S=$(free_port)
+start_sshd node-f1 2222 "$NS"
+start_sshd node-s "$SSH_S"
+cat >"$WORK/proxy.toml" <<EOF
+cluster_name = "faults.test"
+data_dir = "$WORK/proxy"
+[listen]
+users = "127.0.0.1:$USERS_PORT"
+tunnels = "$HOST_IP:$TUNNEL_PORT"
+auth = "127.0.0.1:$AUTH_PORT"
+metrics = "off"
+[keepalive]
+interval = "1s"
+count = 3
+[resume]
+grace = "${GRACE}s"
+[[nodes]]
+name = "node-s"
+address = "127.0.0.1:$SSH_S"
+EOF
+PROXY_PID=$(bg proxy "$P" start --config "$WORK/proxy.toml")
+wait_for "the proxy to listen" 30 test -f "$WORK/proxy/proxy.ready"
+AUDIT="$WORK/proxy/audit.log"
+
+"$P" tokens add --kind node --ttl 15m --data-dir "$WORK/proxy" | grep -o '[0-9a-f]\{64\}' | head -1 >"$WORK/join-token"
+# The agent's keepalive matches the proxy's (1 s x 3); short backoff so it is back soon
+# after the link returns.
+cat >"$WORK/agent.toml" <<EOF
+node_name = "node-f1"
+proxy = "$HOST_IP:$TUNNEL_PORT"
+data_dir = "$WORK/agent-f1"
+[join]
+token_file = "$WORK/join-token"
+ca_pin = "$PIN"
+[[forwards]]
+name = "ssh"
+target = "127.0.0.1:2222"
+[keepalive]
+interval = "1s"
+count = 3
+[backoff]
+min = "200ms"
+max = "1s"
+EOF
+AGENT_LOGS=0
+start_agent() {
+  AGENT_LOGS=$((AGENT_LOGS + 1))
+  AGENT_PID=$(bg "agent-$AGENT_LOGS" ip netns exec "$NS" "$A" start --config "$WORK/agent.toml")
+}
+start_agent
+# The listing is read whole before grep looks at it: `nodes ls | grep -q` would let grep
+# exit early, and the listing's write fail (EPIPE), which pipefail counts as a failure.
+nodes() { "$P" nodes ls --data-dir "$WORK/proxy"; }
+online() { local l; l=$(nodes) && grep -Eq "^$1 +$2 +yes" <<<"$l"; }
+offline() { local l; l=$(nodes) && grep -Eq "^$1 +$2 +no" <<<"$l"; }
+gone() { while kill -0 "$1" 2>/dev/null; do sleep 0.1; done; }
+wait_for "node-f1 online via tunnel" 30 online node-f1 tunnel
+
+echo "s3cret-faults-password" >"$WORK/alice.pw"
+"$P" users add alice --roles access --logins root --password-file "$WORK/alice.pw" --data-dir "$WORK/proxy" >/dev/null
+"$C" login --proxy "127.0.0.1:$USERS_PORT" --user alice --password-file "$WORK/alice.pw" --ca-pin "$PIN" >/dev/null
+"$C" config >"$WORK/ssh_config"
+cat >>"$WORK/ssh_config" <<EOF
+Host *
+  User root
+  IdentityFile $(user_key)
+  UserKnownHostsFile $WORK/known_hosts
+  StrictHostKeyChecking accept-new
+  BatchMode yes
+  ServerAliveInterval 0
+EOF
+S() { ssh -F "$WORK/ssh_config" "$@"; }
+check "ssh node-f1 answers" test "$(S node-f1 'echo $NODE_NAME')" = node-f1
+check "ssh node-s answers" test "$(S node-s 'echo $NODE_NAME')" = node-s
+
+head -c "${MIB}M" /dev/urandom >"$WORK/blob"
+SUM=$(sum <"$WORK/blob")
+
+# link_down / link_up: every packet in and out of the site's veth is dropped, without FIN
+# or RST; both ends only notice through their keepalives.
+link_down() {
+  ip netns exec "$NS" iptables -I INPUT -i eth0 -j DROP
+  ip netns exec "$NS" iptables -I OUTPUT -o eth0 -j DROP
+}
+link_up() {
+  ip netns exec "$NS" iptables -D INPUT -i eth0 -j DROP
+  ip netns exec "$NS" iptables -D OUTPUT -o eth0 -j DROP
+}
+audit_count() { grep -c "\"$1\"" "$AUDIT" || true; }
+
+###############################################################################
+say "1. link cut shorter than resume.grace during a ${MIB} MiB copy and a ticking session"
+# Throttled to about 4 MiB/s so the copy is still running when the link goes.
+DETACHED0=$(audit_count tunnel.detached); RESUMED0=$(audit_count tunnel.resumed)
+(pv_slow() { local i; for ((i = 0; i < MIB; i++)); do dd if="$WORK/blob" bs=1M skip="$i" count=1 status=none; sleep 0.25; done; }; pv_slow) \
+  | S node-f1 "cat > /tmp/flt-up" 2>"$WORK/s1-copy.err" &
+COPY=$!
+S node-f1 'for i in $(seq 1 40); do echo tick $i; sleep 1; done' >"$WORK/s1-ticks" 2>"$WORK/s1-ticks.err" &
+TICKS=$!
+sleep 3
+t "link down for 10 s"
+link_down
+sleep 10
+link_up
+t "link up"
+wait "$COPY" || { cat "$WORK/s1-copy.err"; fail "the ssh copy failed across a 10 s outage"; }
+t "copy done"
+check "${MIB} MiB copied across a 10 s outage arrive byte-exact" test "$(S node-f1 "sha256sum < /tmp/flt-up" | cut -d' ' -f1)" = "$SUM"
+S node-f1 "rm -f /tmp/flt-up"
+wait "$TICKS" || { cat "$WORK/s1-ticks.err"; fail "the ticking session failed across the outage"; }
+check "the ticking session printed all 40 lines in order" \
+  test "$(cat "$WORK/s1-ticks")" = "$(for i in $(seq 1 40); do echo "tick $i"; done)"
+check "the proxy noticed the dead tunnel (audit tunnel.detached)" test "$(audit_count tunnel.detached)" -gt "$DETACHED0"
+check "the agent came back and the sessions resumed (audit tunnel.resumed)" test "$(audit_count tunnel.resumed)" -gt "$RESUMED0"
+check "no session ended with an error during the outage" bash -c "! grep '\"session.end\"' '$AUDIT' | grep -qi 'resume'"
+
+###############################################################################
+say "2. a stalled reader beside a ${MIB} MiB copy on the same tunnel"
+# ssh is stopped while the node streams zeros at it: its window fills and that stream
+# stalls; the copy on the same tunnel must not.
+S node-f1 'cat /dev/zero' >/dev/null 2>"$WORK/s2-stalled.err" &
+STALLED=$!
+sleep 2
+kill -STOP "$STALLED"
+sleep 2
+RSS0=$(awk '/VmRSS/ {print $2}' "/proc/$PROXY_PID/status")
+START=$SECONDS
+S node-f1 "cat > /tmp/flt-up2" <"$WORK/blob" &
+COPY=$!
+MAXRSS=$RSS0
+while kill -0 "$COPY" 2>/dev/null; do
+  r=$(awk '/VmRSS/ {print $2}' "/proc/$PROXY_PID/status")
+  [ "$r" -gt "$MAXRSS" ] && MAXRSS=$r
+  [ $((SECONDS - START)) -lt 120 ] || fail "the copy beside a stalled reader took over 120 s"
+  sleep 0.2
+done
+wait "$COPY" || fail "the copy beside a stalled reader failed"
+t "copy took $((SECONDS - START)) s; proxy RSS ${RSS0} KiB before, ${MAXRSS} KiB at most"
+check "${MIB} MiB beside a stalled reader arrive byte-exact" test "$(S node-f1 "sha256sum < /tmp/flt-up2" | cut -d' ' -f1)" = "$SUM"
+S node-f1 "rm -f /tmp/flt-up2"
+check "the proxy's RSS stayed under 200 MiB (${MAXRSS} KiB)" test "$MAXRSS" -lt $((200 * 1024))
+check "the stalled session is still there" kill -0 "$STALLED"
+kill -CONT "$STALLED"; kill "$STALLED" 2>/dev/null || true; wait "$STALLED" 2>/dev/null || true
+
+###############################################################################
+say "3. agent killed with -9 during a ${MIB} MiB copy, another session goes on"
+(for ((i = 0; i < MIB; i++)); do dd if="$WORK/blob" bs=1M skip="$i" count=1 status=none; sleep 0.1; done) \
+  | S node-s "cat > /tmp/flt-s" 2>"$WORK/s3-other.err" &
+OTHER=$!
+# Both copies throttled to at most 10 MiB/s, so both are mid-transfer at the kill.
+(for ((i = 0; i < MIB; i++)); do dd if="$WORK/blob" bs=1M skip="$i" count=1 status=none; sleep 0.1; done) \
+  | S node-f1 "cat > /tmp/flt-up3" 2>"$WORK/s3-victim.err" &
+VICTIM=$!
+sleep 2
+t "kill -9 the agent"
+kill -9 "$AGENT_PID"; gone "$AGENT_PID"
+KILLED=$SECONDS
+# keepalive 1 s x 3: the proxy must list the node offline within interval x (count + 1),
+# and never online in between. Polled until offline; a margin for the listing itself.
+while online node-f1 tunnel; do
+  [ $((SECONDS - KILLED)) -le 6 ] || fail "node-f1 still listed online $((SECONDS - KILLED)) s after its agent died"
+  sleep 0.2
+done
+t "node-f1 offline after $((SECONDS - KILLED)) s"
+ok "node-f1 listed offline within keepalive interval x count after its agent died"
+# The agent's process is gone for good: its sessions cannot resume. Until the grace ends
+# they wait; then they end with a reason.
+if wait "$VICTIM"; then fail "the copy to the killed agent's node claimed success"; fi
+t "the victim session ended: $(tail -1 "$WORK/s3-victim.err")"
+ok "the session through the killed agent ended with an error"
+check "ssh's stderr says why: the tunnel was not back within resume.grace" grep -q 'resume.grace' "$WORK/s3-victim.err"
+check "node-f1 is still offline while its agent is dead" offline node-f1 tunnel
+wait "$OTHER" || { cat "$WORK/s3-other.err"; fail "the copy to node-s failed while node-f1's agent died"; }
+check "the other session (node-s) kept going: ${MIB} MiB byte-exact" test "$(S node-s "sha256sum < /tmp/flt-s" | cut -d' ' -f1)" = "$SUM"
+S node-s "rm -f /tmp/flt-s"
+# The audit writer appends in batches: give it a moment.
+wait_for "the victim's session.end in the audit log" 5 grep -q '"session.end".*resume.grace' "$AUDIT"
+grep '"session.end".*resume.grace' "$AUDIT" | tail -1 >"$WORK/s3-end"
+check "the proxy's session.end for the victim gives a reason ($(grep -o '"reason":"[^"]*"' "$WORK/s3-end"))" \
+  grep -q '"reason":"[^"]' "$WORK/s3-end"
+start_agent
+wait_for "node-f1 back after the agent restarted" 30 online node-f1 tunnel
+check "ssh node-f1 works through the restarted agent's tunnel" test "$(S node-f1 'echo $NODE_NAME')" = node-f1
+S node-f1 "rm -f /tmp/flt-up3"
+
+###############################################################################
+say "4. link cut longer than resume.grace (${GRACE} s)"
+EXPIRED0=$(grep -c '"session.end".*resume.grace' "$AUDIT" || true)
+S node-f1 'for i in $(seq 1 600); do echo tick $i; sleep 1; done' >"$WORK/s4-ticks" 2>"$WORK/s4.err" &
+LONG=$!
+sleep 2
+t "link down for $((GRACE + 8)) s"
+link_down
+CUT=$SECONDS
+wait_for "node-f1 listed offline while its link is down" 10 offline node-f1 tunnel
+ok "node-f1 listed offline $((SECONDS - CUT)) s after the link went down"
+sleep $((GRACE + 8 - (SECONDS - CUT)))
+check "node-f1 is still offline at the end of the outage" offline node-f1 tunnel
+link_up
+t "link up"
+END=$SECONDS
+while kill -0 "$LONG" 2>/dev/null; do
+  [ $((SECONDS - END)) -lt 30 ] || fail "the session outlived the grace period by 30 s"
+  sleep 0.2
+done
+wait "$LONG" && fail "a session past the grace claimed success"
+t "ssh said: $(tr '\n' ' ' <"$WORK/s4.err")"
+check "ssh's stderr says the tunnel was not back within resume.grace" grep -q 'resume.grace' "$WORK/s4.err"
+expired() { test "$(grep -c '"session.end".*resume.grace' "$AUDIT")" -gt "$EXPIRED0"; }
+wait_for "a session.end naming resume.grace in the audit log" 5 expired
+ok "the proxy's session.end names the grace ($(grep '"session.end".*resume.grace' "$AUDIT" | tail -1 | grep -o '"reason":"[^"]*"'))"
+wait_for "node-f1 back after the link returned" 30 online node-f1 tunnel
+check "a new ssh to node-f1 works after the long outage" test "$(S node-f1 'echo $NODE_NAME')" = node-f1
+
+###############################################################################
+if [ "$LOSS" != 0 ]; then
+  say "5. random packet loss (${LOSS}) during a 16 MiB copy"
+  head -c 16M "$WORK/blob" >"$WORK/blob16"
+  ip netns exec "$NS" iptables -I INPUT -i eth0 -m statistic --mode random --probability "$LOSS" -j DROP
+  ip netns exec "$NS" iptables -I OUTPUT -o eth0 -m statistic --mode random --probability "$LOSS" -j DROP
+  START=$SECONDS
+  timeout 180 bash -c "ssh -F '$WORK/ssh_config' node-f1 'cat > /tmp/flt-loss' <'$WORK/blob16'" \
+    || fail "the copy under ${LOSS} loss failed"
+  ip netns exec "$NS" iptables -D INPUT -i eth0 -m statistic --mode random --probability "$LOSS" -j DROP
+  ip netns exec "$NS" iptables -D OUTPUT -o eth0 -m statistic --mode random --probability "$LOSS" -j DROP
+  t "16 MiB under loss took $((SECONDS - START)) s"
+  check "16 MiB under ${LOSS} packet loss arrive byte-exact" \
+    test "$(S node-f1 "sha256sum < /tmp/flt-loss" | cut -d' ' -f1)" = "$(sum <"$WORK/blob16")"
+  S node-f1 "rm -f /tmp/flt-loss"
+fi
+
+kill "$PROXY_PID"; gone "$PROXY_PID"
+say "faults: all checks passed in ${SECONDS} s"
