@@ -176,10 +176,11 @@ kill -CONT "$STALLED"; kill "$STALLED" 2>/dev/null || true; wait "$STALLED" 2>/d
 
 ###############################################################################
 say "3. agent killed with -9 during a ${MIB} MiB copy, another session goes on"
-(for ((i = 0; i < MIB; i++)); do dd if="$WORK/blob" bs=1M skip="$i" count=1 status=none; sleep 0.1; done) \
+(for ((i = 0; i < MIB; i++)); do dd if="$WORK/blob" bs=1M skip="$i" count=1 status=none; sleep 0.2; done) \
   | S node-s "cat > /tmp/flt-s" 2>"$WORK/s3-other.err" &
 OTHER=$!
-# Both copies throttled to at most 10 MiB/s, so both are mid-transfer at the kill.
+# Both copies throttled (node-s to 5 MiB/s, node-f1 to 10 MiB/s), so both are mid-transfer
+# at the kill and node-s's long after it.
 (for ((i = 0; i < MIB; i++)); do dd if="$WORK/blob" bs=1M skip="$i" count=1 status=none; sleep 0.1; done) \
   | S node-f1 "cat > /tmp/flt-up3" 2>"$WORK/s3-victim.err" &
 VICTIM=$!
@@ -195,25 +196,41 @@ while online node-f1 tunnel; do
 done
 t "node-f1 offline after $((SECONDS - KILLED)) s"
 ok "node-f1 listed offline within keepalive interval x count after its agent died"
-# The agent's process is gone for good: its sessions cannot resume. Until the grace ends
-# they wait; then they end with a reason.
-if wait "$VICTIM"; then fail "the copy to the killed agent's node claimed success"; fi
-t "the victim session ended: $(tail -1 "$WORK/s3-victim.err")"
-ok "the session through the killed agent ended with an error"
-check "ssh's stderr says why: the tunnel was not back within resume.grace" grep -q 'resume.grace' "$WORK/s3-victim.err"
+check "the other session (node-s) is still running" kill -0 "$OTHER"
+sleep 2
 check "node-f1 is still offline while its agent is dead" offline node-f1 tunnel
+check "the victim session is still waiting within the grace" kill -0 "$VICTIM"
+# The agent comes back well within the grace, as a new process: it cannot resume (it lost
+# its session), so its tunnel replaces the stale, detached one, and the sessions that
+# waited on the stale one end then, not at the end of the grace.
+t "restart the agent"
+start_agent
+RESTARTED=$SECONDS
+wait_for "node-f1 back after the agent restarted" 30 online node-f1 tunnel
+t "node-f1 online again"
+check "ssh node-f1 works through the restarted agent's tunnel" test "$(S node-f1 'echo $NODE_NAME')" = node-f1
+while kill -0 "$VICTIM" 2>/dev/null; do
+  [ $((SECONDS - RESTARTED)) -lt $((GRACE - 4)) ] || break
+  sleep 0.2
+done
+VICTIM_END=$((SECONDS - RESTARTED))
+if wait "$VICTIM"; then fail "the copy to the killed agent's node claimed success"; fi
+t "the victim session ended ${VICTIM_END} s after the restart: $(tr '\n' ' ' <"$WORK/s3-victim.err")"
+ok "the session through the killed agent ended with an error"
+# Correct behaviour: the replacement ends the stale tunnel's sessions at once.
+check "the victim ended when the new tunnel replaced the stale one, not at the end of the grace" \
+  test "$VICTIM_END" -lt $((GRACE - 4))
+check "ssh's stderr says why the session ended" grep -Eqi 'resume|replaced|restarted' "$WORK/s3-victim.err"
 wait "$OTHER" || { cat "$WORK/s3-other.err"; fail "the copy to node-s failed while node-f1's agent died"; }
 check "the other session (node-s) kept going: ${MIB} MiB byte-exact" test "$(S node-s "sha256sum < /tmp/flt-s" | cut -d' ' -f1)" = "$SUM"
 S node-s "rm -f /tmp/flt-s"
-# The audit writer appends in batches: give it a moment.
-wait_for "the victim's session.end in the audit log" 5 grep -q '"session.end".*resume.grace' "$AUDIT"
-grep '"session.end".*resume.grace' "$AUDIT" | tail -1 >"$WORK/s3-end"
-check "the proxy's session.end for the victim gives a reason ($(grep -o '"reason":"[^"]*"' "$WORK/s3-end"))" \
-  grep -q '"reason":"[^"]' "$WORK/s3-end"
-start_agent
-wait_for "node-f1 back after the agent restarted" 30 online node-f1 tunnel
-check "ssh node-f1 works through the restarted agent's tunnel" test "$(S node-f1 'echo $NODE_NAME')" = node-f1
 S node-f1 "rm -f /tmp/flt-up3"
+# The stale tunnel's record says what happened to it: replaced, not timed out.
+stale_record() { grep '"tunnel.disconnect"' "$AUDIT" | grep -q '"replaced":true' && grep '"tunnel.disconnect"' "$AUDIT" | grep '"replaced":true' | tail -1 >"$WORK/s3-disconnect"; }
+wait_for "the stale tunnel's tunnel.disconnect in the audit log" 5 stale_record
+check "the stale tunnel's tunnel.disconnect names its replacement ($(grep -o '"reason":"[^"]*"' "$WORK/s3-disconnect"))" \
+  grep -q 'replaced by a new session of node node-f1' "$WORK/s3-disconnect"
+check "... and does not blame the grace period" bash -c "! grep -q 'resume.grace' '$WORK/s3-disconnect'"
 
 ###############################################################################
 say "4. link cut longer than resume.grace (${GRACE} s)"
@@ -241,6 +258,10 @@ check "ssh's stderr says the tunnel was not back within resume.grace" grep -q 'r
 expired() { test "$(grep -c '"session.end".*resume.grace' "$AUDIT")" -gt "$EXPIRED0"; }
 wait_for "a session.end naming resume.grace in the audit log" 5 expired
 ok "the proxy's session.end names the grace ($(grep '"session.end".*resume.grace' "$AUDIT" | tail -1 | grep -o '"reason":"[^"]*"'))"
+expired_record() { grep '"tunnel.disconnect".*not resumed within resume.grace' "$AUDIT" | tail -1 | grep -q .; }
+wait_for "a tunnel.disconnect naming resume.grace in the audit log" 5 expired_record
+grep '"tunnel.disconnect".*not resumed within resume.grace' "$AUDIT" | tail -1 >"$WORK/s4-disconnect"
+check "the expired tunnel's tunnel.disconnect says it was not replaced" grep -q '"replaced":false' "$WORK/s4-disconnect"
 wait_for "node-f1 back after the link returned" 30 online node-f1 tunnel
 check "a new ssh to node-f1 works after the long outage" test "$(S node-f1 'echo $NODE_NAME')" = node-f1
 
@@ -253,9 +274,11 @@ if [ "$LOSS" != 0 ]; then
   START=$SECONDS
   timeout 180 bash -c "ssh -F '$WORK/ssh_config' node-f1 'cat > /tmp/flt-loss' <'$WORK/blob16'" \
     || fail "the copy under ${LOSS} loss failed"
+  DROPPED=$(ip netns exec "$NS" iptables -L INPUT -v -n -x | awk '/statistic/ {print $1}')
   ip netns exec "$NS" iptables -D INPUT -i eth0 -m statistic --mode random --probability "$LOSS" -j DROP
   ip netns exec "$NS" iptables -D OUTPUT -o eth0 -m statistic --mode random --probability "$LOSS" -j DROP
-  t "16 MiB under loss took $((SECONDS - START)) s"
+  t "16 MiB under loss took $((SECONDS - START)) s; ${DROPPED} packets dropped on the way in"
+  check "the loss rule really dropped packets" test "${DROPPED:-0}" -gt 0
   check "16 MiB under ${LOSS} packet loss arrive byte-exact" \
     test "$(S node-f1 "sha256sum < /tmp/flt-loss" | cut -d' ' -f1)" = "$(sum <"$WORK/blob16")"
   S node-f1 "rm -f /tmp/flt-loss"
