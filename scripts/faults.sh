@@ -67,6 +67,9 @@ ca_pin = "$PIN"
 [[forwards]]
 name = "ssh"
 target = "127.0.0.1:2222"
+[[forwards]]
+name = "zero"
+target = "127.0.0.1:2223"
 [keepalive]
 interval = "1s"
 count = 3
@@ -174,6 +177,64 @@ check "the proxy's RSS stayed under 200 MiB (${MAXRSS} KiB)" test "$MAXRSS" -lt 
 check "the stalled session is still there" kill -0 "$STALLED"
 kill -CONT "$STALLED"; kill "$STALLED" 2>/dev/null || true; wait "$STALLED" 2>/dev/null || true
 
+say "2b. a raw stream that is never read (no ssh window to hold it back) beside a ${MIB} MiB copy"
+# ssh's own channel window (2 MiB) bounds what a stopped ssh leaves in flight; a plain TCP
+# service through `remoteler forward` has only the tunnel's flow control: a server in the
+# site writes zeros as fast as it can, the local client never reads. What the server got
+# rid of must stop growing (the stream's window is full) and stay within the window plus
+# socket buffers, and the copy beside it must not slow down.
+cat >"$WORK/zero.py" <<'PY'
+import socket, sys, threading
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", 2223)); srv.listen()
+def serve(c):
+    n, buf = 0, bytes(65536)
+    try:
+        while True:
+            n += c.send(buf)
+            with open(sys.argv[1], "w") as f: f.write(str(n))
+    except OSError:
+        pass
+while True:
+    c, _ = srv.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
+PY
+bg zero ip netns exec "$NS" python3 "$WORK/zero.py" "$WORK/zero.sent" >/dev/null
+FWD_PORT=$(free_port)
+bg forward "$C" forward --listen "127.0.0.1:$FWD_PORT" node-f1 zero >/dev/null
+wait_for "the forward to listen" 10 bash -c "exec 3<>/dev/tcp/127.0.0.1/$FWD_PORT"
+# Baseline: the same copy with no stalled stream.
+START=$SECONDS
+S node-f1 "cat > /tmp/flt-up2b" <"$WORK/blob" || fail "the baseline copy failed"
+BASE=$((SECONDS - START))
+python3 -c 'import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+time.sleep(600)' "$FWD_PORT" &
+NOREAD=$!
+wait_for "the zero server to start sending" 10 test -s "$WORK/zero.sent"
+sleep 3
+RSS0=$(awk '/VmRSS/ {print $2}' "/proc/$PROXY_PID/status")
+START=$SECONDS
+S node-f1 "cat > /tmp/flt-up2b" <"$WORK/blob" &
+COPY=$!
+MAXRSS=$RSS0
+while kill -0 "$COPY" 2>/dev/null; do
+  r=$(awk '/VmRSS/ {print $2}' "/proc/$PROXY_PID/status")
+  [ "$r" -gt "$MAXRSS" ] && MAXRSS=$r
+  [ $((SECONDS - START)) -lt 120 ] || fail "the copy beside an unread stream took over 120 s"
+  sleep 0.2
+done
+wait "$COPY" || fail "the copy beside an unread stream failed"
+TOOK=$((SECONDS - START))
+SENT1=$(cat "$WORK/zero.sent"); sleep 2; SENT2=$(cat "$WORK/zero.sent")
+t "copy took ${TOOK} s (${BASE} s alone); the unread stream took ${SENT2} bytes from its server; proxy RSS ${RSS0} KiB before, ${MAXRSS} KiB at most"
+check "${MIB} MiB beside an unread stream arrive byte-exact" test "$(S node-f1 "sha256sum < /tmp/flt-up2b" | cut -d' ' -f1)" = "$SUM"
+S node-f1 "rm -f /tmp/flt-up2b"
+check "the copy beside the unread stream kept its pace (${TOOK} s against ${BASE} s alone)" test "$TOOK" -le $((BASE * 3 + 5))
+check "the unread stream is stalled (its server sent nothing more in 2 s)" test "$SENT1" = "$SENT2"
+check "the unread stream holds at most window + socket buffers (${SENT2} bytes < 48 MiB)" test "$SENT2" -lt $((48 * 1024 * 1024))
+check "the proxy's RSS stayed under 200 MiB (${MAXRSS} KiB)" test "$MAXRSS" -lt $((200 * 1024))
+kill "$NOREAD" 2>/dev/null || true; wait "$NOREAD" 2>/dev/null || true
+
 ###############################################################################
 say "3. agent killed with -9 during a ${MIB} MiB copy, another session goes on"
 (for ((i = 0; i < MIB; i++)); do dd if="$WORK/blob" bs=1M skip="$i" count=1 status=none; sleep 0.2; done) \
@@ -245,6 +306,8 @@ wait_for "node-f1 listed offline while its link is down" 10 offline node-f1 tunn
 ok "node-f1 listed offline $((SECONDS - CUT)) s after the link went down"
 sleep $((GRACE + 8 - (SECONDS - CUT)))
 check "node-f1 is still offline at the end of the outage" offline node-f1 tunnel
+# Detection (at most 4 s) + the grace < the outage: the user learns while the link is down.
+check "the ssh session ended at the end of the grace, before the link returned" bash -c "! kill -0 $LONG 2>/dev/null"
 link_up
 t "link up"
 END=$SECONDS
