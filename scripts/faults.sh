@@ -7,7 +7,8 @@
 # a stalled reader beside a bulk copy on the same tunnel (bounded proxy memory), an agent
 # killed with -9 mid-transfer, a link cut longer than the grace, random packet loss.
 # Environment: FAULTS_GRACE (s, default 20), FAULTS_MIB (copy size, default 64),
-# FAULTS_LOSS (drop probability, default 0.05; 0 skips the loss scenario).
+# FAULTS_LOSS (drop probability, default 0.05; 0 skips the loss scenario), FAULTS_CUT (the
+# short cut, s, default 10; keep it under the grace minus about 9 s).
 source "$(dirname "$0")/lib.sh"
 trap cleanup EXIT
 ensure_packages
@@ -18,6 +19,12 @@ export REMOTELER_HOME="$WORK/home"
 GRACE=${FAULTS_GRACE:-20}
 MIB=${FAULTS_MIB:-64}
 LOSS=${FAULTS_LOSS:-0.05}
+# Known failure (docs/faults.md "Known failures"): the agent keeps its side of a dropped
+# tunnel for a fixed 30 s (it has no resume.grace setting), so a cut longer than about 26 s
+# does not resume even when the proxy's grace is longer (FAULTS_GRACE=50 FAULTS_CUT=38 fails).
+# The default cut stays below that; the check itself asserts the correct behaviour.
+CUT=${FAULTS_CUT:-10}
+TICKS_N=$((CUT + 30))
 NS=flt-f1; HOST_IP=10.84.0.1; SITE_IP=10.84.0.2
 ok() { echo "ok - $*"; }
 check() { local what=$1; shift; "$@" || fail "$what"; ok "$what"; }
@@ -124,27 +131,27 @@ link_up() {
 audit_count() { grep -c "\"$1\"" "$AUDIT" || true; }
 
 ###############################################################################
-say "1. link cut shorter than resume.grace during a ${MIB} MiB copy and a ticking session"
+say "1. link cut (${CUT} s) shorter than resume.grace (${GRACE} s) during a ${MIB} MiB copy and a ticking session"
 # Throttled to about 4 MiB/s so the copy is still running when the link goes.
 DETACHED0=$(audit_count tunnel.detached); RESUMED0=$(audit_count tunnel.resumed)
 (pv_slow() { local i; for ((i = 0; i < MIB; i++)); do dd if="$WORK/blob" bs=1M skip="$i" count=1 status=none; sleep 0.25; done; }; pv_slow) \
   | S node-f1 "cat > /tmp/flt-up" 2>"$WORK/s1-copy.err" &
 COPY=$!
-S node-f1 'for i in $(seq 1 40); do echo tick $i; sleep 1; done' >"$WORK/s1-ticks" 2>"$WORK/s1-ticks.err" &
+S node-f1 "for i in \$(seq 1 $TICKS_N); do echo tick \$i; sleep 1; done" >"$WORK/s1-ticks" 2>"$WORK/s1-ticks.err" &
 TICKS=$!
 sleep 3
-t "link down for 10 s"
+t "link down for $CUT s"
 link_down
-sleep 10
+sleep "$CUT"
 link_up
 t "link up"
-wait "$COPY" || { cat "$WORK/s1-copy.err"; fail "the ssh copy failed across a 10 s outage"; }
+wait "$COPY" || { cat "$WORK/s1-copy.err"; fail "the ssh copy failed across a $CUT s outage"; }
 t "copy done"
-check "${MIB} MiB copied across a 10 s outage arrive byte-exact" test "$(S node-f1 "sha256sum < /tmp/flt-up" | cut -d' ' -f1)" = "$SUM"
+check "${MIB} MiB copied across a $CUT s outage arrive byte-exact" test "$(S node-f1 "sha256sum < /tmp/flt-up" | cut -d' ' -f1)" = "$SUM"
 S node-f1 "rm -f /tmp/flt-up"
 wait "$TICKS" || { cat "$WORK/s1-ticks.err"; fail "the ticking session failed across the outage"; }
-check "the ticking session printed all 40 lines in order" \
-  test "$(cat "$WORK/s1-ticks")" = "$(for i in $(seq 1 40); do echo "tick $i"; done)"
+check "the ticking session printed all $TICKS_N lines in order" \
+  test "$(cat "$WORK/s1-ticks")" = "$(for i in $(seq 1 "$TICKS_N"); do echo "tick $i"; done)"
 check "the proxy noticed the dead tunnel (audit tunnel.detached)" test "$(audit_count tunnel.detached)" -gt "$DETACHED0"
 check "the agent came back and the sessions resumed (audit tunnel.resumed)" test "$(audit_count tunnel.resumed)" -gt "$RESUMED0"
 check "no session ended with an error during the outage" bash -c "! grep '\"session.end\"' '$AUDIT' | grep -qi 'resume'"
@@ -301,10 +308,10 @@ LONG=$!
 sleep 2
 t "link down for $((GRACE + 8)) s"
 link_down
-CUT=$SECONDS
+CUT_AT=$SECONDS
 wait_for "node-f1 listed offline while its link is down" 10 offline node-f1 tunnel
-ok "node-f1 listed offline $((SECONDS - CUT)) s after the link went down"
-sleep $((GRACE + 8 - (SECONDS - CUT)))
+ok "node-f1 listed offline $((SECONDS - CUT_AT)) s after the link went down"
+sleep $((GRACE + 8 - (SECONDS - CUT_AT)))
 check "node-f1 is still offline at the end of the outage" offline node-f1 tunnel
 # Detection (at most 4 s) + the grace < the outage: the user learns while the link is down.
 check "the ssh session ended at the end of the grace, before the link returned" bash -c "! kill -0 $LONG 2>/dev/null"
