@@ -886,7 +886,7 @@ async fn serve_core(
 /// Closes a removed node's tunnel on this core (live, or waiting to be resumed).
 fn close_node(ctx: &Context, node: &str, reason: &str) {
     if let Some(waiting) = ctx.detached.borrow_mut().remove(node) {
-        waiting.cancel();
+        waiting.cancel(reason);
         waiting.tunnel.close(ErrorCode::ACCESS_DENIED, reason);
     }
     if let Some(tunnel) = ctx.directory.local_tunnel(node) {
@@ -999,7 +999,7 @@ async fn drain(ctx: &Rc<Context>) {
     }
     // Tunnels waiting for their agent to resume them will not be resumed by this process.
     for (_, waiting) in ctx.detached.borrow_mut().drain() {
-        waiting.cancel();
+        waiting.cancel("proxy shutting down");
         waiting
             .tunnel
             .close(ErrorCode::GOING_AWAY, "proxy shutting down");

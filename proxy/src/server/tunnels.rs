@@ -1,6 +1,6 @@
 //! ALPN_TUNNEL: an agent's reverse tunnel.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -63,15 +63,25 @@ pub struct Detached {
     /// The detached tunnel.
     pub tunnel: Tunnel,
     slot: RefCell<Option<Transport>>,
-    cancelled: Cell<bool>,
+    /// Why it will not be resumed, once [`Detached::cancel`] or [`Detached::replace`] was
+    /// called; for the `tunnel.disconnect` record, which otherwise blames the grace period.
+    cancelled: RefCell<Option<Cancelled>>,
     waker: RefCell<Option<Waker>>,
+}
+
+/// Why a detached tunnel stopped waiting before its grace period ended.
+#[derive(Debug, Clone)]
+struct Cancelled {
+    why: String,
+    /// A new session of the same node took its place.
+    replaced: bool,
 }
 
 impl std::fmt::Debug for Detached {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Detached")
             .field("tunnel", &self.tunnel)
-            .field("cancelled", &self.cancelled.get())
+            .field("cancelled", &self.cancelled.borrow())
             .finish_non_exhaustive()
     }
 }
@@ -81,7 +91,7 @@ impl Detached {
         Detached {
             tunnel,
             slot: RefCell::new(None),
-            cancelled: Cell::new(false),
+            cancelled: RefCell::new(None),
             waker: RefCell::new(None),
         }
     }
@@ -93,9 +103,25 @@ impl Detached {
         }
     }
 
-    /// Stops waiting: the tunnel will not be resumed (replaced, or the proxy drains).
-    pub fn cancel(&self) {
-        self.cancelled.set(true);
+    /// Stops waiting: the tunnel will not be resumed (the node was removed, or the proxy
+    /// drains); `why` ends up in the tunnel's `tunnel.disconnect` record.
+    pub fn cancel(&self, why: &str) {
+        self.stop_waiting(Cancelled {
+            why: why.to_owned(),
+            replaced: false,
+        });
+    }
+
+    /// Stops waiting because a new session of the node replaces this one.
+    fn replace(&self, why: &str) {
+        self.stop_waiting(Cancelled {
+            why: why.to_owned(),
+            replaced: true,
+        });
+    }
+
+    fn stop_waiting(&self, cancelled: Cancelled) {
+        *self.cancelled.borrow_mut() = Some(cancelled);
         if let Some(w) = self.waker.borrow_mut().take() {
             w.wake();
         }
@@ -106,7 +132,7 @@ impl Detached {
             if let Some(t) = self.slot.borrow_mut().take() {
                 return Poll::Ready(Some(t));
             }
-            if self.cancelled.get() {
+            if self.cancelled.borrow().is_some() {
                 return Poll::Ready(None);
             }
             *self.waker.borrow_mut() = Some(cx.waker().clone());
@@ -280,11 +306,9 @@ pub(super) async fn serve_tunnel(
     // A new session: a detached one of the same node will not come back.
     let replaced = ctx.detached.borrow_mut().remove(&node);
     if let Some(old) = replaced {
-        old.cancel();
-        old.tunnel.close(
-            ErrorCode::GOING_AWAY,
-            &format!("replaced by a new session of node {node} from {peer}"),
-        );
+        let why = format!("replaced by a new session of node {node} from {peer}");
+        old.replace(&why);
+        old.tunnel.close(ErrorCode::GOING_AWAY, &why);
     }
 
     let tunnel = Tunnel::new(ctx.new_tunnel_session());
@@ -331,6 +355,9 @@ pub(super) async fn serve_tunnel(
     let mut peer = peer;
     let mut driver = driver;
     let mut seen = version;
+    // Set when the tunnel ends while detached: whether a new session replaced it. The
+    // directory forgets a detached tunnel, so asking it at the end would say "replaced".
+    let mut replaced_while_detached = None;
     let reason = loop {
         // No task of its own for the inventory watch and the refusal of OPENs: a tunnel
         // costs one task (this one) besides its driver.
@@ -379,7 +406,12 @@ pub(super) async fn serve_tunnel(
             }
         }
         let Some((conn, input, new_peer)) = next else {
-            break format!("{reason}; not resumed within resume.grace ({grace:?})");
+            let cancelled = waiting.cancelled.borrow().clone();
+            replaced_while_detached = Some(cancelled.as_ref().is_some_and(|c| c.replaced));
+            break match cancelled {
+                Some(c) => format!("{reason}; not resumed: {}", c.why),
+                None => format!("{reason}; not resumed within resume.grace ({grace:?})"),
+            };
         };
         if let Err(e) = tunnel.reattach() {
             break format!("{reason}; cannot resume: {e}");
@@ -406,17 +438,18 @@ pub(super) async fn serve_tunnel(
         tunnel.close(ErrorCode::GOING_AWAY, "transport lost");
     }
     let was_current = ctx.directory.detach_tunnel(&node, id);
+    let replaced = replaced_while_detached.unwrap_or(!was_current);
     Stats::bump(&ctx.stats.tunnels_disconnected);
     let duration = started.elapsed();
     tracing::info!(
-        %node, %peer, tunnel_id = id, %reason, replaced = !was_current,
+        %node, %peer, tunnel_id = id, %reason, replaced,
         duration_secs = duration.as_secs(), "tunnel disconnected"
     );
     ctx.audit.record(
         "tunnel.disconnect",
         serde_json::json!({
             "node": node, "peer": peer.to_string(), "tunnel_id": id, "reason": reason,
-            "replaced": !was_current, "duration_ms": duration.as_millis() as u64,
+            "replaced": replaced, "duration_ms": duration.as_millis() as u64,
         }),
     );
 }

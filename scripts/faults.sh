@@ -1,0 +1,358 @@
+#!/usr/bin/env bash
+# Fault suite: real binaries, real TLS, Debian's sshd and the OpenSSH client, with the link of
+# a NAT'd site cut, agents killed and readers stopped while ssh sessions move data.
+#   node-f1  sshd + agent in namespace flt-f1 (10.84.0.2), reached only through the agent's tunnel
+#   node-s   sshd on the host, listed in the proxy's config ([[nodes]]), dialled directly
+# Scenarios (docs/faults.md): a link cut shorter than resume.grace (sessions resume byte-exact),
+# a stalled reader beside a bulk copy on the same tunnel (bounded proxy memory), an agent
+# killed with -9 mid-transfer, a link cut longer than the grace, random packet loss.
+# Environment: FAULTS_GRACE (s, default 20), FAULTS_MIB (copy size, default 64),
+# FAULTS_LOSS (drop probability, default 0.05; 0 skips the loss scenario), FAULTS_CUT (the
+# short cut, s, default 10; keep it under the grace minus about 9 s).
+source "$(dirname "$0")/lib.sh"
+trap cleanup EXIT
+ensure_packages
+build
+
+P="$BIN/remoteler-proxy"; A="$BIN/remoteler-agent"; C="$BIN/remoteler"
+export REMOTELER_HOME="$WORK/home"
+GRACE=${FAULTS_GRACE:-20}
+MIB=${FAULTS_MIB:-64}
+LOSS=${FAULTS_LOSS:-0.05}
+# Known failure (docs/faults.md "Known failures"): the agent keeps its side of a dropped
+# tunnel for a fixed 30 s (it has no resume.grace setting), so a cut longer than about 26 s
+# does not resume even when the proxy's grace is longer (FAULTS_GRACE=50 FAULTS_CUT=38 fails).
+# The default cut stays below that; the check itself asserts the correct behaviour.
+CUT=${FAULTS_CUT:-10}
+TICKS_N=$((CUT + 30))
+NS=flt-f1; HOST_IP=10.84.0.1; SITE_IP=10.84.0.2
+ok() { echo "ok - $*"; }
+check() { local what=$1; shift; "$@" || fail "$what"; ok "$what"; }
+sum() { sha256sum | cut -d' ' -f1; }
+# Prints the elapsed seconds of the suite, so a slow scenario shows in the log.
+t() { echo "[${SECONDS}s] $*"; }
+
+say "cluster, site and nodes"
+"$P" init --cluster faults.test --data-dir "$WORK/proxy" --host "$HOST_IP" >"$WORK/init.txt"
+PIN=$(grep -o 'sha256:[0-9a-f]\{64\}' "$WORK/init.txt" | head -1)
+[ -n "$PIN" ] || fail "init printed no CA pin"
+make_nat_site "$NS" "$HOST_IP" "$SITE_IP"
+USERS_PORT=$(free_port); TUNNEL_PORT=$(free_port); AUTH_PORT=$(free_port); SSH_S=$(free_port)
+start_sshd node-f1 2222 "$NS"
+start_sshd node-s "$SSH_S"
+cat >"$WORK/proxy.toml" <<EOF
+cluster_name = "faults.test"
+data_dir = "$WORK/proxy"
+[listen]
+users = "127.0.0.1:$USERS_PORT"
+tunnels = "$HOST_IP:$TUNNEL_PORT"
+auth = "127.0.0.1:$AUTH_PORT"
+metrics = "off"
+[keepalive]
+interval = "1s"
+count = 3
+[resume]
+grace = "${GRACE}s"
+[[nodes]]
+name = "node-s"
+address = "127.0.0.1:$SSH_S"
+EOF
+PROXY_PID=$(bg proxy "$P" start --config "$WORK/proxy.toml")
+wait_for "the proxy to listen" 30 test -f "$WORK/proxy/proxy.ready"
+AUDIT="$WORK/proxy/audit.log"
+
+"$P" tokens add --kind node --ttl 15m --data-dir "$WORK/proxy" | grep -o '[0-9a-f]\{64\}' | head -1 >"$WORK/join-token"
+# The agent's keepalive matches the proxy's (1 s x 3); short backoff so it is back soon
+# after the link returns.
+cat >"$WORK/agent.toml" <<EOF
+node_name = "node-f1"
+proxy = "$HOST_IP:$TUNNEL_PORT"
+data_dir = "$WORK/agent-f1"
+[join]
+token_file = "$WORK/join-token"
+ca_pin = "$PIN"
+[[forwards]]
+name = "ssh"
+target = "127.0.0.1:2222"
+[[forwards]]
+name = "zero"
+target = "127.0.0.1:2223"
+[keepalive]
+interval = "1s"
+count = 3
+[backoff]
+min = "200ms"
+max = "1s"
+EOF
+AGENT_LOGS=0
+start_agent() {
+  AGENT_LOGS=$((AGENT_LOGS + 1))
+  AGENT_PID=$(bg "agent-$AGENT_LOGS" ip netns exec "$NS" "$A" start --config "$WORK/agent.toml")
+}
+start_agent
+# The listing is read whole before grep looks at it: `nodes ls | grep -q` would let grep
+# exit early, and the listing's write fail (EPIPE), which pipefail counts as a failure.
+nodes() { "$P" nodes ls --data-dir "$WORK/proxy"; }
+online() { local l; l=$(nodes) && grep -Eq "^$1 +$2 +yes" <<<"$l"; }
+offline() { local l; l=$(nodes) && grep -Eq "^$1 +$2 +no" <<<"$l"; }
+gone() { while kill -0 "$1" 2>/dev/null; do sleep 0.1; done; }
+wait_for "node-f1 online via tunnel" 30 online node-f1 tunnel
+
+echo "s3cret-faults-password" >"$WORK/alice.pw"
+"$P" users add alice --roles access --logins root --password-file "$WORK/alice.pw" --data-dir "$WORK/proxy" >/dev/null
+"$C" login --proxy "127.0.0.1:$USERS_PORT" --user alice --password-file "$WORK/alice.pw" --ca-pin "$PIN" >/dev/null
+"$C" config >"$WORK/ssh_config"
+cat >>"$WORK/ssh_config" <<EOF
+Host *
+  User root
+  IdentityFile $(user_key)
+  UserKnownHostsFile $WORK/known_hosts
+  StrictHostKeyChecking accept-new
+  BatchMode yes
+  ServerAliveInterval 0
+EOF
+S() { ssh -F "$WORK/ssh_config" "$@"; }
+check "ssh node-f1 answers" test "$(S node-f1 'echo $NODE_NAME')" = node-f1
+check "ssh node-s answers" test "$(S node-s 'echo $NODE_NAME')" = node-s
+
+head -c "${MIB}M" /dev/urandom >"$WORK/blob"
+SUM=$(sum <"$WORK/blob")
+
+# link_down / link_up: every packet in and out of the site's veth is dropped, without FIN
+# or RST; both ends only notice through their keepalives.
+link_down() {
+  ip netns exec "$NS" iptables -I INPUT -i eth0 -j DROP
+  ip netns exec "$NS" iptables -I OUTPUT -o eth0 -j DROP
+}
+link_up() {
+  ip netns exec "$NS" iptables -D INPUT -i eth0 -j DROP
+  ip netns exec "$NS" iptables -D OUTPUT -o eth0 -j DROP
+}
+audit_count() { grep -c "\"$1\"" "$AUDIT" || true; }
+
+###############################################################################
+say "1. link cut (${CUT} s) shorter than resume.grace (${GRACE} s) during a ${MIB} MiB copy and a ticking session"
+# Throttled to about 4 MiB/s so the copy is still running when the link goes.
+DETACHED0=$(audit_count tunnel.detached); RESUMED0=$(audit_count tunnel.resumed)
+(pv_slow() { local i; for ((i = 0; i < MIB; i++)); do dd if="$WORK/blob" bs=1M skip="$i" count=1 status=none; sleep 0.25; done; }; pv_slow) \
+  | S node-f1 "cat > /tmp/flt-up" 2>"$WORK/s1-copy.err" &
+COPY=$!
+S node-f1 "for i in \$(seq 1 $TICKS_N); do echo tick \$i; sleep 1; done" >"$WORK/s1-ticks" 2>"$WORK/s1-ticks.err" &
+TICKS=$!
+sleep 3
+t "link down for $CUT s"
+link_down
+sleep "$CUT"
+link_up
+t "link up"
+wait "$COPY" || { cat "$WORK/s1-copy.err"; fail "the ssh copy failed across a $CUT s outage"; }
+t "copy done"
+check "${MIB} MiB copied across a $CUT s outage arrive byte-exact" test "$(S node-f1 "sha256sum < /tmp/flt-up" | cut -d' ' -f1)" = "$SUM"
+S node-f1 "rm -f /tmp/flt-up"
+wait "$TICKS" || { cat "$WORK/s1-ticks.err"; fail "the ticking session failed across the outage"; }
+check "the ticking session printed all $TICKS_N lines in order" \
+  test "$(cat "$WORK/s1-ticks")" = "$(for i in $(seq 1 "$TICKS_N"); do echo "tick $i"; done)"
+check "the proxy noticed the dead tunnel (audit tunnel.detached)" test "$(audit_count tunnel.detached)" -gt "$DETACHED0"
+check "the agent came back and the sessions resumed (audit tunnel.resumed)" test "$(audit_count tunnel.resumed)" -gt "$RESUMED0"
+check "no session ended with an error during the outage" bash -c "! grep '\"session.end\"' '$AUDIT' | grep -qi 'resume'"
+
+###############################################################################
+say "2. a stalled reader beside a ${MIB} MiB copy on the same tunnel"
+# ssh is stopped while the node streams zeros at it: its window fills and that stream
+# stalls; the copy on the same tunnel must not.
+S node-f1 'cat /dev/zero' >/dev/null 2>"$WORK/s2-stalled.err" &
+STALLED=$!
+sleep 2
+kill -STOP "$STALLED"
+sleep 2
+RSS0=$(awk '/VmRSS/ {print $2}' "/proc/$PROXY_PID/status")
+START=$SECONDS
+S node-f1 "cat > /tmp/flt-up2" <"$WORK/blob" &
+COPY=$!
+MAXRSS=$RSS0
+while kill -0 "$COPY" 2>/dev/null; do
+  r=$(awk '/VmRSS/ {print $2}' "/proc/$PROXY_PID/status")
+  [ "$r" -gt "$MAXRSS" ] && MAXRSS=$r
+  [ $((SECONDS - START)) -lt 120 ] || fail "the copy beside a stalled reader took over 120 s"
+  sleep 0.2
+done
+wait "$COPY" || fail "the copy beside a stalled reader failed"
+t "copy took $((SECONDS - START)) s; proxy RSS ${RSS0} KiB before, ${MAXRSS} KiB at most"
+check "${MIB} MiB beside a stalled reader arrive byte-exact" test "$(S node-f1 "sha256sum < /tmp/flt-up2" | cut -d' ' -f1)" = "$SUM"
+S node-f1 "rm -f /tmp/flt-up2"
+check "the proxy's RSS stayed under 200 MiB (${MAXRSS} KiB)" test "$MAXRSS" -lt $((200 * 1024))
+check "the stalled session is still there" kill -0 "$STALLED"
+kill -CONT "$STALLED"; kill "$STALLED" 2>/dev/null || true; wait "$STALLED" 2>/dev/null || true
+
+say "2b. a raw stream that is never read (no ssh window to hold it back) beside a ${MIB} MiB copy"
+# ssh's own channel window (2 MiB) bounds what a stopped ssh leaves in flight; a plain TCP
+# service through `remoteler forward` has only the tunnel's flow control: a server in the
+# site writes zeros as fast as it can, the local client never reads. What the server got
+# rid of must stop growing (the stream's window is full) and stay within the window plus
+# socket buffers, and the copy beside it must not slow down.
+cat >"$WORK/zero.py" <<'PY'
+import socket, sys, threading
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", 2223)); srv.listen()
+def serve(c):
+    n, buf = 0, bytes(65536)
+    try:
+        while True:
+            n += c.send(buf)
+            with open(sys.argv[1], "w") as f: f.write(str(n))
+    except OSError:
+        pass
+while True:
+    c, _ = srv.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
+PY
+bg zero ip netns exec "$NS" python3 "$WORK/zero.py" "$WORK/zero.sent" >/dev/null
+FWD_PORT=$(free_port)
+bg forward "$C" forward --listen "127.0.0.1:$FWD_PORT" node-f1 zero >/dev/null
+wait_for "the forward to listen" 10 bash -c "exec 3<>/dev/tcp/127.0.0.1/$FWD_PORT"
+# Baseline: the same copy with no stalled stream.
+START=$SECONDS
+S node-f1 "cat > /tmp/flt-up2b" <"$WORK/blob" || fail "the baseline copy failed"
+BASE=$((SECONDS - START))
+python3 -c 'import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+time.sleep(600)' "$FWD_PORT" &
+NOREAD=$!
+wait_for "the zero server to start sending" 10 test -s "$WORK/zero.sent"
+sleep 3
+RSS0=$(awk '/VmRSS/ {print $2}' "/proc/$PROXY_PID/status")
+START=$SECONDS
+S node-f1 "cat > /tmp/flt-up2b" <"$WORK/blob" &
+COPY=$!
+MAXRSS=$RSS0
+while kill -0 "$COPY" 2>/dev/null; do
+  r=$(awk '/VmRSS/ {print $2}' "/proc/$PROXY_PID/status")
+  [ "$r" -gt "$MAXRSS" ] && MAXRSS=$r
+  [ $((SECONDS - START)) -lt 120 ] || fail "the copy beside an unread stream took over 120 s"
+  sleep 0.2
+done
+wait "$COPY" || fail "the copy beside an unread stream failed"
+TOOK=$((SECONDS - START))
+SENT1=$(cat "$WORK/zero.sent"); sleep 2; SENT2=$(cat "$WORK/zero.sent")
+t "copy took ${TOOK} s (${BASE} s alone); the unread stream took ${SENT2} bytes from its server; proxy RSS ${RSS0} KiB before, ${MAXRSS} KiB at most"
+check "${MIB} MiB beside an unread stream arrive byte-exact" test "$(S node-f1 "sha256sum < /tmp/flt-up2b" | cut -d' ' -f1)" = "$SUM"
+S node-f1 "rm -f /tmp/flt-up2b"
+check "the copy beside the unread stream kept its pace (${TOOK} s against ${BASE} s alone)" test "$TOOK" -le $((BASE * 3 + 5))
+check "the unread stream is stalled (its server sent nothing more in 2 s)" test "$SENT1" = "$SENT2"
+check "the unread stream holds at most window + socket buffers (${SENT2} bytes < 48 MiB)" test "$SENT2" -lt $((48 * 1024 * 1024))
+check "the proxy's RSS stayed under 200 MiB (${MAXRSS} KiB)" test "$MAXRSS" -lt $((200 * 1024))
+kill "$NOREAD" 2>/dev/null || true; wait "$NOREAD" 2>/dev/null || true
+
+###############################################################################
+say "3. agent killed with -9 during a ${MIB} MiB copy, another session goes on"
+(for ((i = 0; i < MIB; i++)); do dd if="$WORK/blob" bs=1M skip="$i" count=1 status=none; sleep 0.2; done) \
+  | S node-s "cat > /tmp/flt-s" 2>"$WORK/s3-other.err" &
+OTHER=$!
+# Both copies throttled (node-s to 5 MiB/s, node-f1 to 10 MiB/s), so both are mid-transfer
+# at the kill and node-s's long after it.
+(for ((i = 0; i < MIB; i++)); do dd if="$WORK/blob" bs=1M skip="$i" count=1 status=none; sleep 0.1; done) \
+  | S node-f1 "cat > /tmp/flt-up3" 2>"$WORK/s3-victim.err" &
+VICTIM=$!
+sleep 2
+t "kill -9 the agent"
+kill -9 "$AGENT_PID"; gone "$AGENT_PID"
+KILLED=$SECONDS
+# keepalive 1 s x 3: the proxy must list the node offline within interval x (count + 1),
+# and never online in between. Polled until offline; a margin for the listing itself.
+while online node-f1 tunnel; do
+  [ $((SECONDS - KILLED)) -le 6 ] || fail "node-f1 still listed online $((SECONDS - KILLED)) s after its agent died"
+  sleep 0.2
+done
+t "node-f1 offline after $((SECONDS - KILLED)) s"
+ok "node-f1 listed offline within keepalive interval x count after its agent died"
+check "the other session (node-s) is still running" kill -0 "$OTHER"
+sleep 2
+check "node-f1 is still offline while its agent is dead" offline node-f1 tunnel
+check "the victim session is still waiting within the grace" kill -0 "$VICTIM"
+# The agent comes back well within the grace, as a new process: it cannot resume (it lost
+# its session), so its tunnel replaces the stale, detached one, and the sessions that
+# waited on the stale one end then, not at the end of the grace.
+t "restart the agent"
+start_agent
+RESTARTED=$SECONDS
+wait_for "node-f1 back after the agent restarted" 30 online node-f1 tunnel
+t "node-f1 online again"
+check "ssh node-f1 works through the restarted agent's tunnel" test "$(S node-f1 'echo $NODE_NAME')" = node-f1
+while kill -0 "$VICTIM" 2>/dev/null; do
+  [ $((SECONDS - RESTARTED)) -lt $((GRACE - 4)) ] || break
+  sleep 0.2
+done
+VICTIM_END=$((SECONDS - RESTARTED))
+if wait "$VICTIM"; then fail "the copy to the killed agent's node claimed success"; fi
+t "the victim session ended ${VICTIM_END} s after the restart: $(tr '\n' ' ' <"$WORK/s3-victim.err")"
+ok "the session through the killed agent ended with an error"
+# Correct behaviour: the replacement ends the stale tunnel's sessions at once.
+check "the victim ended when the new tunnel replaced the stale one, not at the end of the grace" \
+  test "$VICTIM_END" -lt $((GRACE - 4))
+check "ssh's stderr says why the session ended" grep -Eqi 'resume|replaced|restarted' "$WORK/s3-victim.err"
+wait "$OTHER" || { cat "$WORK/s3-other.err"; fail "the copy to node-s failed while node-f1's agent died"; }
+check "the other session (node-s) kept going: ${MIB} MiB byte-exact" test "$(S node-s "sha256sum < /tmp/flt-s" | cut -d' ' -f1)" = "$SUM"
+S node-s "rm -f /tmp/flt-s"
+S node-f1 "rm -f /tmp/flt-up3"
+# The stale tunnel's record says what happened to it: replaced, not timed out.
+stale_record() { grep '"tunnel.disconnect"' "$AUDIT" | grep -q '"replaced":true' && grep '"tunnel.disconnect"' "$AUDIT" | grep '"replaced":true' | tail -1 >"$WORK/s3-disconnect"; }
+wait_for "the stale tunnel's tunnel.disconnect in the audit log" 5 stale_record
+check "the stale tunnel's tunnel.disconnect names its replacement ($(grep -o '"reason":"[^"]*"' "$WORK/s3-disconnect"))" \
+  grep -q 'replaced by a new session of node node-f1' "$WORK/s3-disconnect"
+check "... and does not blame the grace period" bash -c "! grep -q 'resume.grace' '$WORK/s3-disconnect'"
+
+###############################################################################
+say "4. link cut longer than resume.grace (${GRACE} s)"
+EXPIRED0=$(grep -c '"session.end".*resume.grace' "$AUDIT" || true)
+S node-f1 'for i in $(seq 1 600); do echo tick $i; sleep 1; done' >"$WORK/s4-ticks" 2>"$WORK/s4.err" &
+LONG=$!
+sleep 2
+t "link down for $((GRACE + 8)) s"
+link_down
+CUT_AT=$SECONDS
+wait_for "node-f1 listed offline while its link is down" 10 offline node-f1 tunnel
+ok "node-f1 listed offline $((SECONDS - CUT_AT)) s after the link went down"
+sleep $((GRACE + 8 - (SECONDS - CUT_AT)))
+check "node-f1 is still offline at the end of the outage" offline node-f1 tunnel
+# Detection (at most 4 s) + the grace < the outage: the user learns while the link is down.
+check "the ssh session ended at the end of the grace, before the link returned" bash -c "! kill -0 $LONG 2>/dev/null"
+link_up
+t "link up"
+END=$SECONDS
+while kill -0 "$LONG" 2>/dev/null; do
+  [ $((SECONDS - END)) -lt 30 ] || fail "the session outlived the grace period by 30 s"
+  sleep 0.2
+done
+wait "$LONG" && fail "a session past the grace claimed success"
+t "ssh said: $(tr '\n' ' ' <"$WORK/s4.err")"
+check "ssh's stderr says the tunnel was not back within resume.grace" grep -q 'resume.grace' "$WORK/s4.err"
+expired() { test "$(grep -c '"session.end".*resume.grace' "$AUDIT")" -gt "$EXPIRED0"; }
+wait_for "a session.end naming resume.grace in the audit log" 5 expired
+ok "the proxy's session.end names the grace ($(grep '"session.end".*resume.grace' "$AUDIT" | tail -1 | grep -o '"reason":"[^"]*"'))"
+expired_record() { grep '"tunnel.disconnect".*not resumed within resume.grace' "$AUDIT" | tail -1 | grep -q .; }
+wait_for "a tunnel.disconnect naming resume.grace in the audit log" 5 expired_record
+grep '"tunnel.disconnect".*not resumed within resume.grace' "$AUDIT" | tail -1 >"$WORK/s4-disconnect"
+check "the expired tunnel's tunnel.disconnect says it was not replaced" grep -q '"replaced":false' "$WORK/s4-disconnect"
+wait_for "node-f1 back after the link returned" 30 online node-f1 tunnel
+check "a new ssh to node-f1 works after the long outage" test "$(S node-f1 'echo $NODE_NAME')" = node-f1
+
+###############################################################################
+if [ "$LOSS" != 0 ]; then
+  say "5. random packet loss (${LOSS}) during a 16 MiB copy"
+  head -c 16M "$WORK/blob" >"$WORK/blob16"
+  ip netns exec "$NS" iptables -I INPUT -i eth0 -m statistic --mode random --probability "$LOSS" -j DROP
+  ip netns exec "$NS" iptables -I OUTPUT -o eth0 -m statistic --mode random --probability "$LOSS" -j DROP
+  START=$SECONDS
+  timeout 180 bash -c "ssh -F '$WORK/ssh_config' node-f1 'cat > /tmp/flt-loss' <'$WORK/blob16'" \
+    || fail "the copy under ${LOSS} loss failed"
+  DROPPED=$(ip netns exec "$NS" iptables -L INPUT -v -n -x | awk '/statistic/ {print $1}')
+  ip netns exec "$NS" iptables -D INPUT -i eth0 -m statistic --mode random --probability "$LOSS" -j DROP
+  ip netns exec "$NS" iptables -D OUTPUT -o eth0 -m statistic --mode random --probability "$LOSS" -j DROP
+  t "16 MiB under loss took $((SECONDS - START)) s; ${DROPPED} packets dropped on the way in"
+  check "the loss rule really dropped packets" test "${DROPPED:-0}" -gt 0
+  check "16 MiB under ${LOSS} packet loss arrive byte-exact" \
+    test "$(S node-f1 "sha256sum < /tmp/flt-loss" | cut -d' ' -f1)" = "$(sum <"$WORK/blob16")"
+  S node-f1 "rm -f /tmp/flt-loss"
+fi
+
+kill "$PROXY_PID"; gone "$PROXY_PID"
+say "faults: all checks passed in ${SECONDS} s"
