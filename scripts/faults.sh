@@ -19,10 +19,8 @@ export REMOTELER_HOME="$WORK/home"
 GRACE=${FAULTS_GRACE:-20}
 MIB=${FAULTS_MIB:-64}
 LOSS=${FAULTS_LOSS:-0.05}
-# Known failure (docs/faults.md "Known failures"): the agent keeps its side of a dropped
-# tunnel for a fixed 30 s (it has no resume.grace setting), so a cut longer than about 26 s
-# does not resume even when the proxy's grace is longer (FAULTS_GRACE=50 FAULTS_CUT=38 fails).
-# The default cut stays below that; the check itself asserts the correct behaviour.
+# The agent's [resume] grace is set to the proxy's: a stream survives an outage shorter than
+# the smaller of the two.
 CUT=${FAULTS_CUT:-10}
 TICKS_N=$((CUT + 30))
 NS=flt-f1; HOST_IP=10.84.0.1; SITE_IP=10.84.0.2
@@ -83,6 +81,8 @@ count = 3
 [backoff]
 min = "200ms"
 max = "1s"
+[resume]
+grace = "${GRACE}s"
 EOF
 AGENT_LOGS=0
 start_agent() {

@@ -45,6 +45,7 @@ pub fn session_config(config: &AgentConfig) -> SessionConfig {
     c.max_frame = config.flow.max_frame();
     c.keepalive_interval = config.keepalive.interval;
     c.keepalive_count = config.keepalive.count;
+    c.resume_grace = config.resume.grace;
     c
 }
 

@@ -39,6 +39,8 @@ pub struct AgentConfig {
     pub backoff: BackoffConfig,
     /// `[flow]`: per-stream flow control.
     pub flow: FlowConfig,
+    /// `[resume]`: how long the agent keeps a dropped tunnel's streams for the reconnect.
+    pub resume: crate::proxy::ResumeConfig,
     /// `[log]`: the program's log.
     pub log: LogConfig,
 }
@@ -79,6 +81,7 @@ impl AgentConfig {
             keepalive: KeepaliveConfig::default(),
             backoff: BackoffConfig::default(),
             flow: FlowConfig::default(),
+            resume: crate::proxy::ResumeConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -350,6 +353,8 @@ pub(crate) struct RawAgentConfig {
     #[serde(default)]
     flow: RawFlow,
     #[serde(default)]
+    resume: crate::proxy::RawResume,
+    #[serde(default)]
     log: RawLog,
 }
 
@@ -452,6 +457,7 @@ impl TryFrom<RawAgentConfig> for AgentConfig {
             keepalive: KeepaliveConfig::try_from(raw.keepalive).within("keepalive")?,
             backoff: BackoffConfig::try_from(raw.backoff).within("backoff")?,
             flow: FlowConfig::try_from(raw.flow).within("flow")?,
+            resume: crate::proxy::ResumeConfig::try_from(raw.resume).within("resume")?,
             log: LogConfig::try_from(raw.log).within("log")?,
         })
     }

@@ -219,7 +219,8 @@ impl Default for LimitsConfig {
     }
 }
 
-/// `[resume]`: stream resumption after a tunnel drops.
+/// `[resume]`: stream resumption after a tunnel drops (the proxy's and the agent's; both
+/// sides keep a dropped tunnel's streams for their own grace, so set them alike).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResumeConfig {
     /// How long the streams of a dropped tunnel wait for it to reconnect, 0 (no resumption) to
@@ -395,8 +396,23 @@ struct RawLimits {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawResume {
+pub(crate) struct RawResume {
     grace: Option<RawDuration>,
+}
+
+impl TryFrom<RawResume> for ResumeConfig {
+    type Error = FieldError;
+    fn try_from(raw: RawResume) -> Result<Self, FieldError> {
+        Ok(ResumeConfig {
+            grace: duration_in(
+                raw.grace,
+                DEFAULT_RESUME_GRACE,
+                Duration::ZERO,
+                MAX_RESUME_GRACE,
+            )
+            .for_key("grace")?,
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -452,16 +468,7 @@ impl TryFrom<RawProxyConfig> for ProxyConfig {
             keepalive: KeepaliveConfig::try_from(raw.keepalive).within("keepalive")?,
             flow: FlowConfig::try_from(raw.flow).within("flow")?,
             limits: LimitsConfig::try_from(raw.limits).within("limits")?,
-            resume: ResumeConfig {
-                grace: duration_in(
-                    raw.resume.grace,
-                    DEFAULT_RESUME_GRACE,
-                    Duration::ZERO,
-                    MAX_RESUME_GRACE,
-                )
-                .for_key("grace")
-                .within("resume")?,
-            },
+            resume: ResumeConfig::try_from(raw.resume).within("resume")?,
             drain: DrainConfig {
                 timeout: duration_in(
                     raw.drain.timeout,

@@ -32,6 +32,13 @@ pub struct Args {
     command: Command,
 }
 
+impl Args {
+    /// Whether this runs the proxy itself (a long-lived server), not a one-shot command.
+    pub fn is_server(&self) -> bool {
+        matches!(self.command, Command::Start(_))
+    }
+}
+
 #[derive(FromArgs, Debug)]
 #[argh(subcommand)]
 enum Command {
