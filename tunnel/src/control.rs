@@ -290,18 +290,33 @@ pub async fn read_line<T: DeserializeOwned>(
     buf: &mut BytesMut,
 ) -> Result<T, ControlError> {
     loop {
-        if let Some(pos) = buf.iter().position(|&b| b == b'\n') {
-            let line = buf.split_to(pos + 1);
-            return serde_json::from_slice(&line[..pos])
-                .map_err(|e| ControlError::Malformed(e.to_string()));
-        }
-        if buf.len() > MAX_REQUEST_BYTES {
-            return Err(ControlError::TooLong);
+        if let Some(line) = take_line(buf)? {
+            return parse_line(&line);
         }
         if reader.read(buf).await? == 0 {
             return Err(ControlError::Closed);
         }
     }
+}
+
+/// The line splitting of [`read_line`], without I/O: takes the first complete line (with
+/// its newline) out of `buf`; `Ok(None)` while more bytes are needed; [`ControlError::TooLong`]
+/// once the bytes received exceed [`MAX_REQUEST_BYTES`] without a newline.
+pub fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, ControlError> {
+    if let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+        return Ok(Some(buf.split_to(pos + 1)));
+    }
+    if buf.len() > MAX_REQUEST_BYTES {
+        return Err(ControlError::TooLong);
+    }
+    Ok(None)
+}
+
+/// The parsing of [`read_line`]: one line from [`take_line`] (its newline, if any, is not
+/// part of the JSON) into the request type.
+pub fn parse_line<T: DeserializeOwned>(line: &[u8]) -> Result<T, ControlError> {
+    let json = line.strip_suffix(b"\n").unwrap_or(line);
+    serde_json::from_slice(json).map_err(|e| ControlError::Malformed(e.to_string()))
 }
 
 /// Writes one JSON line and flushes it.
