@@ -13,6 +13,14 @@ mod control;
 mod sessions;
 mod tunnels;
 
+/// The checks the proxy applies to the requests it reads before authentication, as far as
+/// they need no runtime and no state; public for the `control_lines` fuzz target.
+#[doc(hidden)]
+pub mod checks {
+    pub use super::clusters::check_cluster_join;
+    pub use super::control::{Registration, check_join, check_register, public_key};
+}
+
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
