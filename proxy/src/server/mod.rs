@@ -615,6 +615,10 @@ pub fn run(
     let tls_auth = server(ListenerKind::Auth)?;
     let audit = Arc::new(AuditLog::open(&config.audit.path)?);
     let store = StateStore::new(data.clone());
+    let stale = store.remove_stale_temporaries()?;
+    if !stale.is_empty() {
+        tracing::info!(files = ?stale, "removed temporary state files left by a proxy or command that died while saving");
+    }
     // Fail now, not at the first join, if the state file is bad.
     let state_modified = crate::revocation::modified(&data.state());
     let revocations = crate::revocation::Revocations::default();
