@@ -223,9 +223,14 @@ fn audit_log_survives_kill_9() {
                 storm.killed_at - a.ended
             );
         }
+        let oldest_lost = lost
+            .iter()
+            .map(|a| storm.killed_at.saturating_duration_since(a.ended))
+            .max()
+            .unwrap_or_default();
         eprintln!(
             "round {round}: kill -9 after {delay:?}: {} joins answered, {} records of them lost \
-             (answered within {slack:?} of the kill), last line {}",
+             (the oldest answered {oldest_lost:?} before the kill), last line {}",
             answered.len(),
             lost.len(),
             if complete { "whole" } else { "torn" }
