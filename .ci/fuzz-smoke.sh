@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Fuzz smoke run: every cargo-fuzz target in fuzz/ for FUZZ_SECONDS seconds each (default
-# 30), starting from the committed seed corpus, with debug assertions on so that the
-# sessions' own invariant checks run. Fails if any target finds a crash, a leak, an
+# 30; scripts/test.sh runs 20), starting from the committed seed corpus, with debug
+# assertions on so that the sessions' own invariant checks run. The targets: decode (frame
+# codec), session_pair (two multiplexer sessions), config (the TOML parser), control_lines
+# (the request lines the proxy reads before authentication: line cap, JSON, the proxy's
+# stateless checks; it links the proxy crate, so its first build takes longest). Fails if any target finds a crash, a leak, an
 # out-of-memory or a timeout; the input is kept in fuzz/artifacts/<target>/ with the
 # command that reproduces it.
 #

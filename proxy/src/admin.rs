@@ -18,7 +18,7 @@
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -93,7 +93,7 @@ pub struct StatusView {
 pub(crate) fn bind(data: &DataDir) -> Result<(UnixListener, PathBuf), ProxyError> {
     let path = data.admin_socket();
     if path.exists() {
-        if UnixStream::connect(&path).is_ok() {
+        if still_answers(&path) {
             return Err(ProxyError::Other(format!(
                 "another proxy is running with data directory {} (its admin socket {} answers); \
                  stop it first, or use another --data-dir",
@@ -112,6 +112,28 @@ pub(crate) fn bind(data: &DataDir) -> Result<(UnixListener, PathBuf), ProxyError
         .set_nonblocking(true)
         .map_err(|e| ProxyError::io("cannot configure the admin socket", &path, e))?;
     Ok((listener, path))
+}
+
+/// How long a socket that accepts connections is watched before it counts as another proxy's.
+const STALE_SOCKET_WATCH: Duration = Duration::from_secs(2);
+
+/// Whether a proxy listens on the admin socket at `path`. A socket that accepts a connection
+/// is watched for [`STALE_SOCKET_WATCH`]: after `kill -9` or a crash, the kernel tears down the
+/// dead proxy's io_uring (and the accept it had pending on the socket) asynchronously, so the
+/// socket goes on accepting for some milliseconds after the process is gone (up to 11 ms seen
+/// by `proxy/tests/durability.rs`); a restart in that moment must not take it for a live proxy.
+/// A live proxy accepts for the whole watch.
+fn still_answers(path: &Path) -> bool {
+    let deadline = std::time::Instant::now() + STALE_SOCKET_WATCH;
+    loop {
+        if UnixStream::connect(path).is_err() {
+            return false;
+        }
+        if std::time::Instant::now() >= deadline {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Serves the admin socket until shutdown.

@@ -18,7 +18,13 @@
 //!   local disk). It never corrupts or loses earlier records: appends never rewrite bytes
 //!   already in the file, and a batch is whole lines.
 //! * A power loss can also lose the batch being synced, and on some file systems leave a torn
-//!   last line; readers skip a last line that does not parse.
+//!   last line; so can `kill -9` during a batch's `write(2)` of more than a page (the kernel
+//!   stops a write between pages for a fatal signal). [`AuditLog::open`] ends a torn last
+//!   line with a newline, so new records start on a line of their own; readers skip the line
+//!   that does not parse.
+//!
+//! `proxy/tests/durability.rs` (`audit_log_survives_kill_9`) checks this with the real binary
+//! and `kill -9` at random moments of a join storm.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -33,6 +39,24 @@ use serde_json::{Map, Value};
 
 use crate::error::ProxyError;
 use crate::util;
+
+/// Ends a torn last line (a batch cut short by a crash, `kill -9` or a full disk) with a
+/// newline, so that it stays a line of its own that readers skip, and the first record
+/// appended now is not glued to it and lost with it.
+fn end_torn_line(file: &mut File) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(());
+    }
+    let mut last = [0u8; 1];
+    file.read_exact_at(&mut last, len - 1)?;
+    if last[0] != b'\n' {
+        file.write_all(b"\n")?;
+        file.sync_data()?;
+    }
+    Ok(())
+}
 
 /// Most bytes one batch writes: bounds the writer's buffer during a storm.
 const MAX_BATCH_BYTES: usize = 1 << 20;
@@ -50,12 +74,15 @@ impl AuditLog {
     /// Opens (creating, mode 0600) the log at `path` for appending and starts its writer
     /// thread.
     pub fn open(path: &Path) -> Result<AuditLog, ProxyError> {
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .mode(0o600)
             .open(path)
             .map_err(|e| ProxyError::io("cannot open the audit log", path, e))?;
+        end_torn_line(&mut file)
+            .map_err(|e| ProxyError::io("cannot end the torn last line of", path, e))?;
         let (queue, queued) = channel();
         let writer_path = path.to_owned();
         let writer = std::thread::Builder::new()
@@ -340,6 +367,35 @@ mod tests {
         "\n",
         r#"{"time":"2026-11-26T04:04:00.000Z","event":"session.st"#,
     );
+
+    /// A log whose last batch was cut short by `kill -9` or a crash: the records appended
+    /// after a restart are whole lines of their own, the torn fragment one line that readers
+    /// skip.
+    #[test]
+    fn a_torn_last_line_is_ended_before_new_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let torn = r#"{"time":"2026-11-26T04:04:00.000Z","event":"session.st"#;
+        std::fs::write(&path, format!("{}\n{torn}", LOG.lines().next().unwrap())).unwrap();
+        let log = AuditLog::open(&path).unwrap();
+        log.record("login", serde_json::json!({"user": "bob", "success": true}));
+        log.close();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines[1], torn);
+        let (records, skipped) = read(text.as_bytes(), &Filter::default()).unwrap();
+        let users: Vec<&str> = records
+            .iter()
+            .map(|r| r.fields["user"].as_str().unwrap())
+            .collect();
+        assert_eq!(users, ["alice", "bob"]);
+        assert_eq!(skipped.len(), 1);
+        // A log that ends with a whole line is left as it is.
+        let before = std::fs::read(&path).unwrap();
+        drop(AuditLog::open(&path).unwrap());
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
 
     fn at(text: &str) -> SystemTime {
         humantime::parse_rfc3339(text).unwrap()

@@ -294,6 +294,33 @@ impl StateStore {
         self.write(&state)
     }
 
+    /// Removes the temporary files of writers that died between creating and renaming theirs
+    /// (`kill -9` during a save leaves `.state.json.tmp.<pid>`); returns their names. Safe
+    /// under the exclusive lock: every save of `state.json` holds it.
+    pub fn remove_stale_temporaries(&self) -> Result<Vec<String>, ProxyError> {
+        let _guard = self.lock(true)?;
+        let state = self.dir.state();
+        let prefix = format!(
+            ".{}.tmp.",
+            state
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        );
+        let dir = state.parent().unwrap_or(Path::new("."));
+        let entries = std::fs::read_dir(dir).map_err(|e| ProxyError::io("cannot list", dir, e))?;
+        let mut removed = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&prefix) {
+                std::fs::remove_file(entry.path())
+                    .map_err(|e| ProxyError::io("cannot remove", entry.path(), e))?;
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
+
     /// A snapshot of the state.
     pub fn read(&self) -> Result<State, ProxyError> {
         let _guard = self.lock(false)?;

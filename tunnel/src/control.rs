@@ -11,10 +11,13 @@
 //! | `remoteler-register/1`| node               | [`RegisterRequest`] heartbeats → [`Ack`]     |
 //! | `remoteler-api/1`     | user               | one [`ApiRequest`] → [`ApiResponse`]         |
 //!
-//! A JSON message is one line of at most [`MAX_REQUEST_BYTES`], answered by one line holding
-//! either `{"ok": ...}` or `{"error": {"code": ..., "message": ...}}`. The proxy reads at
-//! most one request line before authentication and under the handshake deadline, so an
-//! unauthenticated peer can make it hold at most that many bytes.
+//! A JSON message is one line of at most [`MAX_REQUEST_BYTES`] (its newline not counted),
+//! answered by one line holding either `{"ok": ...}` or `{"error": {"code": ..., "message":
+//! ...}}`. The proxy reads at most one request line before authentication and under the
+//! handshake deadline, so an unauthenticated peer can make it hold at most that many bytes
+//! plus what one read of the TLS connection returns. The fuzz target `control_lines` checks
+//! the line splitting ([`take_line`]) and parsing ([`parse_line`]) on arbitrary bytes in
+//! arbitrary reads.
 
 use bytes::BytesMut;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -283,25 +286,53 @@ pub enum ControlError {
     Refused(ErrorBody),
 }
 
-/// Reads one JSON line of at most [`MAX_REQUEST_BYTES`]. Bytes after the newline stay in
-/// `buf` for whatever protocol follows.
+/// Reads one JSON line of at most [`MAX_REQUEST_BYTES`] (newline not counted). Bytes after
+/// the newline stay in `buf` for whatever protocol follows.
 pub async fn read_line<T: DeserializeOwned>(
     reader: &mut TlsReader,
     buf: &mut BytesMut,
 ) -> Result<T, ControlError> {
+    let mut scanned = 0;
     loop {
-        if let Some(pos) = buf.iter().position(|&b| b == b'\n') {
-            let line = buf.split_to(pos + 1);
-            return serde_json::from_slice(&line[..pos])
-                .map_err(|e| ControlError::Malformed(e.to_string()));
-        }
-        if buf.len() > MAX_REQUEST_BYTES {
-            return Err(ControlError::TooLong);
+        if let Some(line) = take_line(buf, &mut scanned)? {
+            return parse_line(&line);
         }
         if reader.read(buf).await? == 0 {
             return Err(ControlError::Closed);
         }
     }
+}
+
+/// The line splitting of [`read_line`], without I/O: takes the first complete line (with
+/// its newline) out of `buf`; `Ok(None)` while more bytes are needed;
+/// [`ControlError::TooLong`] once more than [`MAX_REQUEST_BYTES`] arrived without a newline.
+///
+/// A line is accepted only if its newline is within the first `MAX_REQUEST_BYTES + 1` bytes,
+/// however many bytes one read delivered. `scanned` (0 for a new line) is how much of `buf` is
+/// known to hold no newline: each call looks only at the bytes added since the last one, so a
+/// peer sending a line one byte per read costs linear time, not quadratic.
+pub fn take_line(
+    buf: &mut BytesMut,
+    scanned: &mut usize,
+) -> Result<Option<BytesMut>, ControlError> {
+    let window = buf.len().min(MAX_REQUEST_BYTES + 1);
+    let from = (*scanned).min(window);
+    if let Some(pos) = buf[from..window].iter().position(|&b| b == b'\n') {
+        *scanned = 0;
+        return Ok(Some(buf.split_to(from + pos + 1)));
+    }
+    *scanned = window;
+    if buf.len() > MAX_REQUEST_BYTES {
+        return Err(ControlError::TooLong);
+    }
+    Ok(None)
+}
+
+/// The parsing of [`read_line`]: one line from [`take_line`] (its newline, if any, is not
+/// part of the JSON) into the request type.
+pub fn parse_line<T: DeserializeOwned>(line: &[u8]) -> Result<T, ControlError> {
+    let json = line.strip_suffix(b"\n").unwrap_or(line);
+    serde_json::from_slice(json).map_err(|e| ControlError::Malformed(e.to_string()))
 }
 
 /// Writes one JSON line and flushes it.
@@ -346,6 +377,35 @@ pub fn from_hex(text: &str) -> Option<Vec<u8>> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A line is held to the cap however the bytes arrive: a read that brings the cap and a
+    /// newline past it at once does not sneak a longer line in (found by the `control_lines`
+    /// fuzz target).
+    #[test]
+    fn a_line_longer_than_the_cap_is_refused_whatever_the_reads() {
+        let mut long = vec![b' '; MAX_REQUEST_BYTES];
+        long.extend_from_slice(b"{}\n");
+        let mut buf = BytesMut::from(&long[..]);
+        assert!(matches!(
+            take_line(&mut buf, &mut 0),
+            Err(ControlError::TooLong)
+        ));
+
+        let mut exact = vec![b' '; MAX_REQUEST_BYTES - 2];
+        exact.extend_from_slice(b"{}\nrest");
+        let mut buf = BytesMut::new();
+        let mut scanned = 0;
+        for chunk in exact.chunks(1000) {
+            buf.extend_from_slice(chunk);
+            if let Some(line) = take_line(&mut buf, &mut scanned).unwrap() {
+                assert_eq!(line.len(), MAX_REQUEST_BYTES + 1);
+                let _: Ack = parse_line(&line).unwrap();
+                assert_eq!(&buf[..], b"rest");
+                return;
+            }
+        }
+        panic!("the line at the cap was not taken");
+    }
 
     /// A login that asks for no SSH certificate gets the JSON a client from before SSH
     /// certificates can read (its `LoginResponse` denies unknown fields).

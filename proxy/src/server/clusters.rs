@@ -109,12 +109,13 @@ pub(super) async fn serve_cluster_join(ctx: Rc<Context>, conn: TlsConnection, pe
     }
 }
 
-fn cluster_join(
-    store: &crate::state::StateStore,
-    ca: &tunnel::identity::ClusterCa,
+/// The checks of a cluster join request that need no state: the leaf's name (which must
+/// differ from this cluster's, `cluster`), its CA certificates and its public key.
+pub fn check_cluster_join(
     cluster: &str,
     request: &ClusterJoinRequest,
-) -> Result<(JoinResponse, String), tunnel::control::ErrorBody> {
+) -> Result<(Vec<CertificateDer<'static>>, tunnel::identity::PublicKey), tunnel::control::ErrorBody>
+{
     let leaf = request.cluster.as_str();
     config::ClusterName::new(leaf)
         .map_err(|e| error("bad_cluster_name", format!("cluster: {e}")))?;
@@ -138,6 +139,17 @@ fn cluster_join(
     })?;
     let key = tunnel::identity::PublicKey::from_spki_der(&der)
         .map_err(|e| error("bad_public_key", e.to_string()))?;
+    Ok((leaf_ca, key))
+}
+
+fn cluster_join(
+    store: &crate::state::StateStore,
+    ca: &tunnel::identity::ClusterCa,
+    cluster: &str,
+    request: &ClusterJoinRequest,
+) -> Result<(JoinResponse, String), tunnel::control::ErrorBody> {
+    let leaf = request.cluster.as_str();
+    let (leaf_ca, key) = check_cluster_join(cluster, request)?;
     let internal = |e: String| {
         tracing::error!(error = %e, "cannot complete a cluster join");
         error("internal", format!("cannot complete the join: {e}"))

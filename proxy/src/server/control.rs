@@ -127,7 +127,8 @@ pub(super) async fn refuse_line(
     reply(&mut writer, &Reply::<Ack>::Error(error(code, why))).await;
 }
 
-fn public_key(hex: &str) -> Result<PublicKey, ErrorBody> {
+/// A public key as a join or login request carries it: hex of the SubjectPublicKeyInfo DER.
+pub fn public_key(hex: &str) -> Result<PublicKey, ErrorBody> {
     let der = from_hex(hex).ok_or_else(|| {
         error(
             "bad_public_key",
@@ -201,12 +202,17 @@ pub(super) async fn serve_join(ctx: Rc<Context>, conn: TlsConnection, peer: Sock
     }
 }
 
-async fn join(ctx: &Context, request: &JoinRequest) -> Result<(JoinResponse, String), JoinFailure> {
+/// The checks of a join request that need no state: the node name and the public key.
+pub fn check_join(request: &JoinRequest) -> Result<PublicKey, ErrorBody> {
     config::NodeName::new(request.node.as_str())
-        .map_err(|e| JoinFailure::Refused(error("bad_node_name", format!("node name: {e}"))))?;
+        .map_err(|e| error("bad_node_name", format!("node name: {e}")))?;
     tunnel::identity::validate_name("node name", &request.node)
-        .map_err(|e| JoinFailure::Refused(error("bad_node_name", e.to_string())))?;
-    let key = public_key(&request.public_key).map_err(JoinFailure::Refused)?;
+        .map_err(|e| error("bad_node_name", e.to_string()))?;
+    public_key(&request.public_key)
+}
+
+async fn join(ctx: &Context, request: &JoinRequest) -> Result<(JoinResponse, String), JoinFailure> {
+    let key = check_join(request).map_err(JoinFailure::Refused)?;
     // The token's use is saved by the state writer (a locked read-modify-write with fsyncs, in
     // order and in batches); the answer waits until it is on disk.
     let token = request.token.clone();
@@ -465,9 +471,11 @@ pub(super) async fn serve_register(
     let _ = monoio::time::timeout(Duration::from_secs(2), writer.close()).await;
 }
 
-type Registration = (config::HostPort, Vec<(String, String)>, Duration);
+/// A checked heartbeat: the address to dial, the labels, the lifetime.
+pub type Registration = (config::HostPort, Vec<(String, String)>, Duration);
 
-fn check_register(request: &RegisterRequest) -> Result<Registration, ErrorBody> {
+/// The checks of a registration heartbeat: address, lifetime, labels.
+pub fn check_register(request: &RegisterRequest) -> Result<Registration, ErrorBody> {
     let address: config::HostPort = request
         .ssh_address
         .parse()

@@ -13,6 +13,14 @@ mod control;
 mod sessions;
 mod tunnels;
 
+/// The checks the proxy applies to the requests it reads before authentication, as far as
+/// they need no runtime and no state; public for the `control_lines` fuzz target.
+#[doc(hidden)]
+pub mod checks {
+    pub use super::clusters::check_cluster_join;
+    pub use super::control::{Registration, check_join, check_register, public_key};
+}
+
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -607,6 +615,10 @@ pub fn run(
     let tls_auth = server(ListenerKind::Auth)?;
     let audit = Arc::new(AuditLog::open(&config.audit.path)?);
     let store = StateStore::new(data.clone());
+    let stale = store.remove_stale_temporaries()?;
+    if !stale.is_empty() {
+        tracing::info!(files = ?stale, "removed temporary state files left by a proxy or command that died while saving");
+    }
     // Fail now, not at the first join, if the state file is bad.
     let state_modified = crate::revocation::modified(&data.state());
     let revocations = crate::revocation::Revocations::default();

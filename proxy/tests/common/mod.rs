@@ -79,8 +79,6 @@ impl Proxy {
             .unwrap()
             .remove(0);
 
-        let mut cmd = Command::new(bin());
-        cmd.arg("start");
         if let Some(extra) = config {
             let path = tmp.path().join("proxy.toml");
             let text = format!(
@@ -88,46 +86,9 @@ impl Proxy {
                 data.display().to_string()
             );
             std::fs::write(&path, text).unwrap();
-            cmd.arg("--config").arg(&path);
-        } else {
-            cmd.arg("--data-dir").arg(&data);
         }
-        cmd.args([
-            "--users",
-            "127.0.0.1:0",
-            "--tunnels",
-            "127.0.0.1:0",
-            "--auth",
-            "127.0.0.1:0",
-            "--metrics",
-            "127.0.0.1:0",
-        ]);
-        let log = std::fs::File::create(tmp.path().join("proxy.log")).unwrap();
-        cmd.stdout(Stdio::piped()).stderr(log).stdin(Stdio::null());
-        let mut child = cmd.spawn().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if line.starts_with("ready ") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let ready = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("proxy not ready: {}", log_of(tmp.path())));
-        let addr = |key: &str| -> SocketAddr {
-            ready
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{key}=")))
-                .unwrap()
-                .parse()
-                .unwrap()
-        };
-        let file = std::fs::read_to_string(data.join("proxy.ready")).unwrap();
-        assert_eq!(file.trim(), ready);
+        let (child, ready) = spawn(tmp.path(), &data);
+        let addr = |key: &str| ready_addr(&ready, key);
         Proxy {
             users: addr("users"),
             tunnels: addr("tunnels"),
@@ -139,6 +100,19 @@ impl Proxy {
             pin,
             ca,
         }
+    }
+
+    /// Starts the proxy again on the same data directory (and configuration file, if any),
+    /// after the previous process has exited (or been killed); the listeners get new ports.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, ready) = spawn(self.tmp.path(), &self.data);
+        self.child = child;
+        self.users = ready_addr(&ready, "users");
+        self.tunnels = ready_addr(&ready, "tunnels");
+        self.auth = ready_addr(&ready, "auth");
+        self.metrics = ready_addr(&ready, "metrics");
     }
 
     /// `GET path` on the metrics listener: the status line and the body.
@@ -249,6 +223,61 @@ impl Drop for Proxy {
             eprintln!("---- proxy log ----\n{}", self.log());
         }
     }
+}
+
+/// `remoteler-proxy start` in `tmp` (its log goes to `tmp/proxy.log`, appended) on `data`;
+/// returns the process and its `ready` line once it is ready.
+fn spawn(tmp: &Path, data: &Path) -> (Child, String) {
+    let mut cmd = Command::new(bin());
+    cmd.arg("start");
+    let path = tmp.join("proxy.toml");
+    if path.exists() {
+        cmd.arg("--config").arg(&path);
+    } else {
+        cmd.arg("--data-dir").arg(data);
+    }
+    cmd.args([
+        "--users",
+        "127.0.0.1:0",
+        "--tunnels",
+        "127.0.0.1:0",
+        "--auth",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(tmp.join("proxy.log"))
+        .unwrap();
+    cmd.stdout(Stdio::piped()).stderr(log).stdin(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line.starts_with("ready ") {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let ready = rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("proxy not ready: {}", log_of(tmp)));
+    let file = std::fs::read_to_string(data.join("proxy.ready")).unwrap();
+    assert_eq!(file.trim(), ready);
+    (child, ready)
+}
+
+fn ready_addr(ready: &str, key: &str) -> SocketAddr {
+    ready
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 fn log_of(dir: &Path) -> String {
