@@ -2,6 +2,10 @@
 //! loopback sockets, on both monoio drivers.
 #![allow(clippy::unwrap_used)] // test harness: a failed unwrap is a failed test
 
+mod common;
+
+use common::{Ca, Leaf, localhost, pattern, provider};
+
 use std::{
     future::Future,
     net::SocketAddr,
@@ -14,82 +18,17 @@ use monoio::{
     io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable},
     net::{TcpListener, TcpStream},
 };
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
+use rcgen::ExtendedKeyUsagePurpose;
 use rustls::{
-    RootCertStore,
     client::ClientConfig,
-    crypto::CryptoProvider,
     server::{ServerConfig, WebPkiClientVerifier},
 };
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tunnel::tls::{self, TlsConnection, TlsError};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------------------------
 // Certificates and configs
-
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-struct Leaf {
-    chain: Vec<CertificateDer<'static>>,
-    key: Vec<u8>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        Self { issuer }
-    }
-
-    fn der(&self) -> CertificateDer<'static> {
-        self.issuer.der().clone()
-    }
-
-    fn leaf(&self, names: &[&str], usage: ExtendedKeyUsagePurpose) -> Leaf {
-        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        let mut params = CertificateParams::new(names.clone()).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, &names[0]);
-        params.extended_key_usages = vec![usage];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        Leaf {
-            chain: vec![cert.der().clone()],
-            key: key.serialize_der(),
-        }
-    }
-
-    fn roots(&self) -> Arc<RootCertStore> {
-        let mut roots = RootCertStore::empty();
-        roots.add(self.der()).unwrap();
-        Arc::new(roots)
-    }
-}
-
-impl Leaf {
-    fn key(&self) -> PrivateKeyDer<'static> {
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.clone()))
-    }
-}
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
 
 struct Pki {
     ca: Ca,
@@ -139,10 +78,6 @@ impl Pki {
     fn client_config(&self) -> Arc<ClientConfig> {
         self.client_config_with(Some(&self.client))
     }
-}
-
-fn localhost() -> ServerName<'static> {
-    ServerName::try_from("localhost").unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -200,28 +135,6 @@ async fn connect_pair(pki: &Pki) -> (TlsConnection, TlsConnection) {
         .unwrap();
     let server = server.await.unwrap();
     (client, server)
-}
-
-/// A deterministic byte stream: byte `i` of stream `seed`, eight at a time.
-fn pattern(seed: u64, offset: u64, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    let first_word = offset / 8;
-    let skip = (offset % 8) as usize;
-    let mut word = first_word;
-    while out.len() < len + skip {
-        out.extend_from_slice(&splitmix(word ^ seed.rotate_left(17)).to_le_bytes());
-        word += 1;
-    }
-    out.drain(..skip);
-    out.truncate(len);
-    out
-}
-
-fn splitmix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// Reads to the end (close_notify), checking every byte against `pattern(seed)`.

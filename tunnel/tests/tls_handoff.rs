@@ -4,6 +4,10 @@
 //! ciphertext not yet sent, refusals, and the source runtime carrying on afterwards.
 #![allow(clippy::unwrap_used)] // test harness: a failed unwrap is a failed test
 
+mod common;
+
+use common::{Ca, localhost, pattern, provider};
+
 use std::{
     cell::Cell,
     future::Future,
@@ -23,17 +27,12 @@ use monoio::{
     io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable},
     net::{TcpListener, TcpStream},
 };
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
+use rcgen::ExtendedKeyUsagePurpose;
 use rustls::{
-    RootCertStore,
     client::ClientConfig,
-    crypto::CryptoProvider,
     server::{ServerConfig, WebPkiClientVerifier},
 };
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls_pki_types::CertificateDer;
 use tunnel::tls::{
     self, ReuniteError, TlsConnection, TlsError, TlsReader, TlsWriter, TransferableTls,
 };
@@ -45,61 +44,6 @@ const LIMIT: Duration = Duration::from_secs(120);
 
 // ---------------------------------------------------------------------------------------------
 // Certificates and configs (as in tests/tls.rs)
-
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-struct Leaf {
-    chain: Vec<CertificateDer<'static>>,
-    key: Vec<u8>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        Self { issuer }
-    }
-
-    fn leaf(&self, names: &[&str], usage: ExtendedKeyUsagePurpose) -> Leaf {
-        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        let mut params = CertificateParams::new(names.clone()).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, &names[0]);
-        params.extended_key_usages = vec![usage];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        Leaf {
-            chain: vec![cert.der().clone()],
-            key: key.serialize_der(),
-        }
-    }
-
-    fn roots(&self) -> Arc<RootCertStore> {
-        let mut roots = RootCertStore::empty();
-        roots.add(self.issuer.der().clone()).unwrap();
-        Arc::new(roots)
-    }
-}
-
-impl Leaf {
-    fn key(&self) -> PrivateKeyDer<'static> {
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.clone()))
-    }
-}
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
 
 /// Mutual TLS configs for one test; `Send`, so both threads get them.
 #[derive(Clone)]
@@ -136,10 +80,6 @@ fn configs() -> Configs {
         client: Arc::new(client_config),
         client_cert: client.chain[0].clone(),
     }
-}
-
-fn localhost() -> ServerName<'static> {
-    ServerName::try_from("localhost").unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -246,27 +186,6 @@ async fn pair(cfg: &Configs) -> (TlsConnection, TlsConnection, i32) {
 
 // ---------------------------------------------------------------------------------------------
 // Byte streams
-
-/// A deterministic byte stream: byte `i` of stream `seed`, eight at a time.
-fn pattern(seed: u64, offset: u64, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    let skip = (offset % 8) as usize;
-    let mut word = offset / 8;
-    while out.len() < len + skip {
-        out.extend_from_slice(&splitmix(word ^ seed.rotate_left(17)).to_le_bytes());
-        word += 1;
-    }
-    out.drain(..skip);
-    out.truncate(len);
-    out
-}
-
-fn splitmix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
 
 /// Reads stream `seed` from offset `*got` until at least `at_least` bytes, never more than
 /// `at_most`, checking every byte.
