@@ -157,6 +157,25 @@ check "the agent came back and the sessions resumed (audit tunnel.resumed)" test
 check "no session ended with an error during the outage" bash -c "! grep '\"session.end\"' '$AUDIT' | grep -qi 'resume'"
 
 ###############################################################################
+# Copies the blob to node-f1:$1 while sampling the proxy's RSS; sets RSS0 (before), MAXRSS
+# (the most seen) and TOOK (seconds). $2 says what runs beside it, for the failure message.
+copy_watching_rss() {
+  local dest=$1 beside=$2 start copy r
+  RSS0=$(awk '/VmRSS/ {print $2}' "/proc/$PROXY_PID/status")
+  start=$SECONDS
+  S node-f1 "cat > $dest" <"$WORK/blob" &
+  copy=$!
+  MAXRSS=$RSS0
+  while kill -0 "$copy" 2>/dev/null; do
+    r=$(awk '/VmRSS/ {print $2}' "/proc/$PROXY_PID/status")
+    [ "$r" -gt "$MAXRSS" ] && MAXRSS=$r
+    [ $((SECONDS - start)) -lt 120 ] || fail "the copy beside $beside took over 120 s"
+    sleep 0.2
+  done
+  wait "$copy" || fail "the copy beside $beside failed"
+  TOOK=$((SECONDS - start))
+}
+
 say "2. a stalled reader beside a ${MIB} MiB copy on the same tunnel"
 # ssh is stopped while the node streams zeros at it: its window fills and that stream
 # stalls; the copy on the same tunnel must not.
@@ -165,19 +184,8 @@ STALLED=$!
 sleep 2
 kill -STOP "$STALLED"
 sleep 2
-RSS0=$(awk '/VmRSS/ {print $2}' "/proc/$PROXY_PID/status")
-START=$SECONDS
-S node-f1 "cat > /tmp/flt-up2" <"$WORK/blob" &
-COPY=$!
-MAXRSS=$RSS0
-while kill -0 "$COPY" 2>/dev/null; do
-  r=$(awk '/VmRSS/ {print $2}' "/proc/$PROXY_PID/status")
-  [ "$r" -gt "$MAXRSS" ] && MAXRSS=$r
-  [ $((SECONDS - START)) -lt 120 ] || fail "the copy beside a stalled reader took over 120 s"
-  sleep 0.2
-done
-wait "$COPY" || fail "the copy beside a stalled reader failed"
-t "copy took $((SECONDS - START)) s; proxy RSS ${RSS0} KiB before, ${MAXRSS} KiB at most"
+copy_watching_rss /tmp/flt-up2 "a stalled reader"
+t "copy took $TOOK s; proxy RSS ${RSS0} KiB before, ${MAXRSS} KiB at most"
 check "${MIB} MiB beside a stalled reader arrive byte-exact" test "$(S node-f1 "sha256sum < /tmp/flt-up2" | cut -d' ' -f1)" = "$SUM"
 S node-f1 "rm -f /tmp/flt-up2"
 check "the proxy's RSS stayed under 200 MiB (${MAXRSS} KiB)" test "$MAXRSS" -lt $((200 * 1024))
@@ -219,19 +227,7 @@ time.sleep(600)' "$FWD_PORT" &
 NOREAD=$!
 wait_for "the zero server to start sending" 10 test -s "$WORK/zero.sent"
 sleep 3
-RSS0=$(awk '/VmRSS/ {print $2}' "/proc/$PROXY_PID/status")
-START=$SECONDS
-S node-f1 "cat > /tmp/flt-up2b" <"$WORK/blob" &
-COPY=$!
-MAXRSS=$RSS0
-while kill -0 "$COPY" 2>/dev/null; do
-  r=$(awk '/VmRSS/ {print $2}' "/proc/$PROXY_PID/status")
-  [ "$r" -gt "$MAXRSS" ] && MAXRSS=$r
-  [ $((SECONDS - START)) -lt 120 ] || fail "the copy beside an unread stream took over 120 s"
-  sleep 0.2
-done
-wait "$COPY" || fail "the copy beside an unread stream failed"
-TOOK=$((SECONDS - START))
+copy_watching_rss /tmp/flt-up2b "an unread stream"
 SENT1=$(cat "$WORK/zero.sent"); sleep 2; SENT2=$(cat "$WORK/zero.sent")
 t "copy took ${TOOK} s (${BASE} s alone); the unread stream took ${SENT2} bytes from its server; proxy RSS ${RSS0} KiB before, ${MAXRSS} KiB at most"
 check "${MIB} MiB beside an unread stream arrive byte-exact" test "$(S node-f1 "sha256sum < /tmp/flt-up2b" | cut -d' ' -f1)" = "$SUM"

@@ -627,6 +627,7 @@ pub async fn drive(tunnel: &Tunnel, conn: TlsConnection, mut input: BytesMut) ->
             }
             s.dispatch();
             let mut failed = None;
+            // Allocated per turn, not kept in the driver: an idle tunnel holds no batch.
             let mut batch: Vec<frame::Transmit> = Vec::new();
             while writer.pending() < WRITE_HIGH_WATER {
                 // Frames go to TLS in batches: encrypted together, they fill whole records
