@@ -130,6 +130,10 @@ pub struct ProxySshArgs {
     /// the node is in this trusted leaf cluster
     #[argh(option)]
     pub cluster: Option<String>,
+    /// how long to keep reconnecting and resume the session after the connection to the
+    /// proxy drops, e.g. 30s (the default), 2m; 0 ends the session with the connection
+    #[argh(option, from_str_fn(parse_grace))]
+    pub resume_grace: Option<std::time::Duration>,
     /// LOGIN@NODE:PORT (login and port optional), as ssh's %r@%h:%p
     #[argh(positional)]
     pub destination: String,
@@ -149,6 +153,23 @@ pub struct ForwardArgs {
     /// the service: the name of one of the agent's forwards, e.g. iperf (default ssh)
     #[argh(positional, default = "String::from(\"ssh\")")]
     pub service: String,
+}
+
+/// `--resume-grace`: a duration such as 30s or 2m (a bare number is seconds), at most an hour
+/// (the proxy's own `resume.grace` limit).
+fn parse_grace(text: &str) -> Result<std::time::Duration, String> {
+    let grace = match text.trim().parse::<u64>() {
+        Ok(secs) => std::time::Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(text.trim())
+            .map_err(|e| format!("--resume-grace {text:?}: {e}; expected e.g. 30s or 2m"))?,
+    };
+    if grace > config::defaults::MAX_RESUME_GRACE {
+        return Err(format!(
+            "--resume-grace {text:?}: at most {}s",
+            config::defaults::MAX_RESUME_GRACE.as_secs()
+        ));
+    }
+    Ok(grace)
 }
 
 /// Print an ssh_config block so that plain `ssh NODE` goes through the proxy.
@@ -217,10 +238,19 @@ mod tests {
             Command::Proxy(ProxyArgs {
                 command: ProxyCommand::Ssh(ProxySshArgs {
                     cluster: None,
+                    resume_grace: None,
                     destination: "root@node-r1:22".into()
                 })
             })
         );
+        match parse(&["proxy", "ssh", "--resume-grace", "90s", "n"]).unwrap() {
+            Command::Proxy(ProxyArgs {
+                command: ProxyCommand::Ssh(p),
+            }) => assert_eq!(p.resume_grace, Some(std::time::Duration::from_secs(90))),
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["proxy", "ssh", "--resume-grace", "2h", "n"]).is_err());
+        assert!(parse(&["proxy", "ssh", "--resume-grace", "soon", "n"]).is_err());
         assert_eq!(
             parse(&["ls", "--json"]).unwrap(),
             Command::Ls(LsArgs {

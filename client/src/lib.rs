@@ -12,14 +12,18 @@
 //! `remoteler forward` carries any TCP program the same way: a local port whose connections
 //! become streams to a service of a node (module [`forward`]).
 //!
-//! What it does not do (yet): several profiles at once, resuming a session after the laptop
-//! changes networks.
+//! `remoteler proxy ssh` survives network changes: when its connection to the proxy drops, it
+//! dials again and resumes the session within the grace period (module [`reconnect`]), so a
+//! running ssh session only pauses.
+//!
+//! What it does not do (yet): several profiles at once.
 
 pub mod cli;
 pub mod forward;
 pub mod home;
 pub mod net;
 pub mod pipe;
+pub mod reconnect;
 pub mod ssh;
 
 use std::future::Future;
@@ -462,21 +466,25 @@ pub fn nodes_table(nodes: &[NodeView]) -> String {
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// `remoteler proxy ssh`: one stream to the node's ssh service, spliced with stdin/stdout.
+/// A lost connection to the proxy is dialled again and the session resumed for up to
+/// `resume_grace` (zero: the session ends with the connection).
 pub async fn proxy_ssh(
     home: &Home,
     profile: &Profile,
     destination: &str,
     cluster: Option<&str>,
+    resume_grace: Duration,
 ) -> Result<(), ClientError> {
     let leaf = cluster.filter(|c| *c != profile.cluster);
     let dest = ssh::Destination::parse(destination, leaf.unwrap_or(&profile.cluster))
         .map_err(ClientError::msg)?;
     let proxy = net::parse_proxy(&profile.proxy)?;
-    let conn = net::connect(&proxy, user_config(home, ALPN_SESSION)?, ALPN_SESSION).await?;
-    // No resumption of the user's leg yet: a lost connection ends the session at once
-    // (a detached session would otherwise keep ssh waiting for the grace period).
+    let tls = user_config(home, ALPN_SESSION)?;
+    let conn = net::connect(&proxy, tls.clone(), ALPN_SESSION).await?;
     let mut session_config = SessionConfig::new(Role::Client, true);
-    session_config.resume_grace = std::time::Duration::ZERO;
+    session_config.resume_grace = resume_grace;
+    session_config.keepalive_interval = reconnect::KEEPALIVE_INTERVAL;
+    session_config.keepalive_count = reconnect::KEEPALIVE_COUNT;
     let tunnel = Tunnel::new(Session::new(session_config, random_id()?, Instant::now()));
     let driver = {
         let tunnel = tunnel.clone();
@@ -519,12 +527,26 @@ pub async fn proxy_ssh(
             )));
         }
     };
+    let connection = monoio::spawn(reconnect::keep_connected(
+        tunnel.clone(),
+        driver,
+        reconnect::Dial { proxy, tls },
+    ));
     let result = splice_stdio(stream.clone()).await;
     // Let the last acknowledgements cross so both ends record a clean close, not a reset.
     let _ = monoio::time::timeout(CLOSE_WAIT, stream.closed()).await;
     tunnel.close(frame::ErrorCode::NO_ERROR, "session over");
-    let _ = monoio::time::timeout(CLOSE_WAIT, driver).await;
-    result.map_err(|e| ClientError::msg(format!("{}: {e}", dest.node)))
+    let _ = monoio::time::timeout(CLOSE_WAIT, connection).await;
+    result.map_err(|e| match e {
+        StreamError::Reset { code, reason } if code == frame::ErrorCode::RESUME_FAILED => {
+            ClientError::msg(format!(
+                "{}: the connection to the proxy was lost and the session could not be \
+                 resumed: {reason}",
+                dest.node
+            ))
+        }
+        e => ClientError::msg(format!("{}: {e}", dest.node)),
+    })
 }
 
 /// Copies stdin into the stream and the stream to stdout until both directions are done.

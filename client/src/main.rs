@@ -133,6 +133,8 @@ fn run(args: Args) -> Result<(), ClientError> {
                     &profile,
                     &p.destination,
                     p.cluster.as_deref(),
+                    p.resume_grace
+                        .unwrap_or(client::reconnect::DEFAULT_RESUME_GRACE),
                 ))??;
             }
         },

@@ -368,6 +368,16 @@ impl Tunnel {
         s.dispatch();
     }
 
+    /// Gives up the current transport as if the keepalive had found it dead: the driver
+    /// returns [`DriveOutcome::TransportLost`] and the session detaches (or ends, without
+    /// resumption). For a peer that reconnects to resume before this side noticed its old
+    /// connection fail.
+    pub fn abandon_transport(&self) {
+        let mut s = self.shared.borrow_mut();
+        s.transport_dead = true;
+        s.wake_driver();
+    }
+
     /// Prepares a detached session for a new transport; then call [`drive`] with it.
     pub fn reattach(&self) -> Result<(), FrameError> {
         let mut s = self.shared.borrow_mut();

@@ -30,10 +30,11 @@ use tunnel::control::{
     ALPN_CLUSTER_JOIN, ALPN_TUNNEL, ClusterJoinRequest, JoinResponse, Reply, read_reply, write_line,
 };
 use tunnel::identity::{FileRole, IdentityKind, PeerIdentity, PrivateKey, TlsIdentity, Validity};
-use tunnel::mux::{DriveOutcome, Incoming, Tunnel, drive};
+use tunnel::mux::{Incoming, Tunnel, drive};
 use tunnel::tls::TlsConnection;
 
 use super::control::{FAILURE_DELAY, error, read_request, reply};
+use super::sessions::outcome_reason;
 use super::{Context, Stats};
 use crate::state::{TokenKind, TrustedLeaf};
 use crate::util;
@@ -419,16 +420,6 @@ pub(super) async fn serve_cluster_tunnel(
             "duration_ms": started.elapsed().as_millis() as u64,
         }),
     );
-}
-
-fn outcome_reason(outcome: &DriveOutcome) -> String {
-    match outcome {
-        DriveOutcome::Ended(e) => e.to_string(),
-        DriveOutcome::TransportLost(Some(e)) => format!("transport lost: {e}"),
-        DriveOutcome::TransportLost(None) => {
-            "transport lost: connection closed or keepalive timed out".into()
-        }
-    }
 }
 
 // ---- leaf: stored trust ---------------------------------------------------------------------------

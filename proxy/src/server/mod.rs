@@ -10,6 +10,7 @@
 
 mod clusters;
 mod control;
+mod resume;
 mod sessions;
 mod tunnels;
 
@@ -40,6 +41,7 @@ use tunnel::identity::{ClientAuth, ClusterCa, IdentityKind, PeerIdentity, TlsIde
 use tunnel::mux::{Tunnel, drive};
 use tunnel::tls::{self, TlsConnection, TransferableTls};
 
+use self::sessions::FirstRequest;
 use crate::admin;
 use crate::audit::AuditLog;
 use crate::datadir::DataDir;
@@ -353,6 +355,14 @@ pub(crate) enum Handoff {
     },
 }
 
+/// A user's connection being served on this core.
+struct UserConnection {
+    tunnel: Tunnel,
+    /// Whose it is: only the same user may resume it.
+    user: String,
+    user_cluster: String,
+}
+
 /// What the cores share, built once by [`run`].
 #[derive(Clone)]
 struct Shared {
@@ -374,6 +384,7 @@ struct Shared {
     shutdown: Shutdown,
     dummy_hash: String,
     inboxes: Arc<[flume::Sender<Handoff>]>,
+    session_homes: Arc<resume::SessionHomes>,
     tls_users: Arc<rustls::ServerConfig>,
     tls_tunnels: Arc<rustls::ServerConfig>,
     tls_auth: Arc<rustls::ServerConfig>,
@@ -423,9 +434,15 @@ pub struct Context {
     pub draining: Cell<bool>,
     /// Agents' tunnels whose connection was lost, by node, waiting for the agent to come back
     /// within `resume.grace` and resume them.
-    pub detached: RefCell<HashMap<String, Rc<tunnels::Detached>>>,
-    /// Users' session connections, for GOAWAY on drain.
-    user_tunnels: RefCell<HashMap<u64, Tunnel>>,
+    pub detached: RefCell<HashMap<String, Rc<resume::Detached>>>,
+    /// Users' connections whose connection was lost, by the client's session id, waiting for
+    /// the client to come back within `resume.grace` and resume them.
+    detached_users: RefCell<HashMap<[u8; 16], Rc<resume::Detached>>>,
+    /// Which core serves which user connection (shared by the cores).
+    session_homes: Arc<resume::SessionHomes>,
+    /// Users' session connections, for GOAWAY on drain and for a client resuming before
+    /// this side saw its old connection fail.
+    user_tunnels: RefCell<HashMap<u64, UserConnection>>,
     user_tunnel_ids: Cell<u64>,
     /// An argon2 hash with the default parameters, verified against for unknown users so a
     /// wrong user name costs the same time as a wrong password.
@@ -454,15 +471,16 @@ impl Context {
         s.max_announce = c.limits.max_announce_bytes;
         s.keepalive_interval = c.keepalive.interval;
         s.keepalive_count = c.keepalive.count;
-        // The user's leg does not resume yet (`remoteler proxy ssh` does not reconnect);
-        // agents' tunnels do: see `tunnel_session_config`.
+        // Refusals and leaf clusters' tunnels do not resume; agents' tunnels and users'
+        // connections do: see `resumable_session_config`.
         s.resume_grace = Duration::ZERO;
         s
     }
 
-    /// Session settings for an agent's tunnel: like `session_config`, but a lost connection
-    /// detaches the session for `resume.grace` so the agent can come back and resume it.
-    pub fn tunnel_session_config(&self) -> SessionConfig {
+    /// Session settings for an agent's tunnel or a user's connection: like
+    /// `session_config`, but a lost connection detaches the session for `resume.grace` so the
+    /// peer can come back and resume it.
+    pub fn resumable_session_config(&self) -> SessionConfig {
         let mut s = self.session_config();
         s.resume_grace = self.config.resume.grace;
         s
@@ -473,10 +491,10 @@ impl Context {
         Session::new(self.session_config(), self.session_id(), Instant::now())
     }
 
-    /// A new session for an agent's tunnel (resumable).
-    pub fn new_tunnel_session(&self) -> Session {
+    /// A new session for an agent's tunnel or a user's connection (resumable).
+    pub fn new_resumable_session(&self) -> Session {
         Session::new(
-            self.tunnel_session_config(),
+            self.resumable_session_config(),
             self.session_id(),
             Instant::now(),
         )
@@ -499,11 +517,30 @@ impl Context {
         self.config.limits.handshake_timeout
     }
 
-    fn add_user_tunnel(&self, tunnel: &Tunnel) -> u64 {
+    fn add_user_tunnel(&self, tunnel: &Tunnel, user: &PeerIdentity) -> u64 {
         let id = self.user_tunnel_ids.get() + 1;
         self.user_tunnel_ids.set(id);
-        self.user_tunnels.borrow_mut().insert(id, tunnel.clone());
+        let connection = UserConnection {
+            tunnel: tunnel.clone(),
+            user: user.name.clone(),
+            user_cluster: user.cluster.clone(),
+        };
+        self.user_tunnels.borrow_mut().insert(id, connection);
         id
+    }
+
+    /// This core's attached user connection that `user`'s client calls `session_id`.
+    fn attached_user_tunnel(&self, session_id: [u8; 16], user: &PeerIdentity) -> Option<Tunnel> {
+        self.user_tunnels
+            .borrow()
+            .values()
+            .find(|c| {
+                c.user == user.name
+                    && c.user_cluster == user.cluster
+                    && !c.tunnel.is_detached()
+                    && c.tunnel.peer_id() == Some(session_id)
+            })
+            .map(|c| c.tunnel.clone())
     }
 
     fn remove_user_tunnel(&self, id: u64) {
@@ -658,6 +695,7 @@ pub fn run(
         shutdown: shutdown.clone(),
         dummy_hash: dummy_hash(),
         inboxes: senders.into(),
+        session_homes: Arc::default(),
         tls_users,
         tls_tunnels,
         tls_auth,
@@ -827,6 +865,8 @@ async fn serve_core(
         inboxes: shared.inboxes,
         draining: Cell::new(false),
         detached: RefCell::new(HashMap::new()),
+        detached_users: RefCell::new(HashMap::new()),
+        session_homes: shared.session_homes,
         user_tunnels: RefCell::new(HashMap::new()),
         user_tunnel_ids: Cell::new(0),
         dummy_hash: shared.dummy_hash,
@@ -1016,7 +1056,18 @@ async fn drain(ctx: &Rc<Context>) {
             .tunnel
             .close(ErrorCode::GOING_AWAY, "proxy shutting down");
     }
-    let users: Vec<Tunnel> = ctx.user_tunnels.borrow().values().cloned().collect();
+    for (_, waiting) in ctx.detached_users.borrow_mut().drain() {
+        waiting.cancel("proxy shutting down");
+        waiting
+            .tunnel
+            .close(ErrorCode::GOING_AWAY, "proxy shutting down");
+    }
+    let users: Vec<Tunnel> = ctx
+        .user_tunnels
+        .borrow()
+        .values()
+        .map(|c| c.tunnel.clone())
+        .collect();
     for t in &users {
         t.goaway("proxy shutting down");
     }
@@ -1033,7 +1084,12 @@ async fn drain(ctx: &Rc<Context>) {
     for t in ctx.directory.tunnels() {
         t.close(ErrorCode::GOING_AWAY, "proxy stopped");
     }
-    let users: Vec<Tunnel> = ctx.user_tunnels.borrow().values().cloned().collect();
+    let users: Vec<Tunnel> = ctx
+        .user_tunnels
+        .borrow()
+        .values()
+        .map(|c| c.tunnel.clone())
+        .collect();
     for t in users {
         t.close(ErrorCode::GOING_AWAY, "proxy stopped");
     }
@@ -1207,20 +1263,24 @@ async fn handle_connection(
                 Ok(id) => {
                     let mut conn = conn;
                     let mut input = BytesMut::new();
-                    let node = Box::pin(monoio::time::timeout(
+                    let first = Box::pin(monoio::time::timeout(
                         ctx.handshake_timeout(),
-                        sessions::peek_first_open(&mut conn, &mut input),
+                        sessions::peek_first_request(&mut conn, &mut input),
                     ))
                     .await
                     .ok()
                     .flatten();
-                    let owner = node.and_then(|(cluster, node)| {
-                        if cluster.is_empty() || cluster == ctx.cluster {
-                            Some(ctx.directory.owner_core(&node))
-                        } else {
-                            ctx.directory.cluster_owner(&cluster, &node)
+                    let owner = match first {
+                        Some(FirstRequest::Open(cluster, node)) => {
+                            if cluster.is_empty() || cluster == ctx.cluster {
+                                Some(ctx.directory.owner_core(&node))
+                            } else {
+                                ctx.directory.cluster_owner(&cluster, &node)
+                            }
                         }
-                    });
+                        Some(FirstRequest::Resume(id)) => ctx.session_homes.core_of(id),
+                        None => None,
+                    };
                     let conn = match owner.filter(|&core| core != ctx.core) {
                         Some(core) => match ctx.move_to(core, conn, |conn| Handoff::Session {
                             conn,

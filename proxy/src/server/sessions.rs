@@ -13,10 +13,11 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::{Bytes, BytesMut};
 use frame::{ErrorCode, Open};
 use tunnel::identity::PeerIdentity;
-use tunnel::mux::{Incoming, StreamError, drive};
+use tunnel::mux::{DriveOutcome, Incoming, StreamError, drive};
 use tunnel::tls::TlsConnection;
 
 use super::Context;
+use super::resume::{self, Detached};
 use crate::directory::{ClusterRoute, Route};
 use crate::splice::{self, SpliceOutcome};
 use crate::util;
@@ -31,21 +32,35 @@ const PEEK_MAX_FRAMES: usize = 4;
 /// (`frame::codec::MAX_CREDENTIAL_LEN`) fit.
 const PEEK_MAX_BYTES: usize = 16 * 1024;
 
-/// Reads a user connection's first frames, up to its first OPEN, into `input` without
-/// consuming them, and returns the cluster and node the OPEN names: the connection belongs on
-/// that node's owner core (for a leaf cluster's node, the core holding the leaf tunnel that
-/// announced it). `None` when the client sends something else first, or nothing.
-pub(super) async fn peek_first_open(
+/// What a user connection's first frames ask for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum FirstRequest {
+    /// A session to a node: `(cluster, node)` of its first OPEN.
+    Open(String, String),
+    /// To resume the client's session with this id (HELLO with RESUMING, no OPEN follows
+    /// until the session is back).
+    Resume([u8; 16]),
+}
+
+/// Reads a user connection's first frames, up to its first OPEN or a resuming HELLO, into
+/// `input` without consuming them, and returns what they ask for: the connection belongs on
+/// the node's owner core (for a leaf cluster's node, the core holding the leaf tunnel that
+/// announced it), or on the core that holds the session it resumes. `None` when the client
+/// sends something else first, or nothing.
+pub(super) async fn peek_first_request(
     conn: &mut TlsConnection,
     input: &mut BytesMut,
-) -> Option<(String, String)> {
+) -> Option<FirstRequest> {
     let limits = frame::Limits::default();
     loop {
         let mut view = input.clone();
         for _ in 0..PEEK_MAX_FRAMES {
             match frame::decode(&mut view, &limits) {
                 Ok(Some(frame::Frame::Open { open, .. })) => {
-                    return Some((open.cluster, open.node));
+                    return Some(FirstRequest::Open(open.cluster, open.node));
+                }
+                Ok(Some(frame::Frame::Hello(hello))) if hello.resuming => {
+                    return Some(FirstRequest::Resume(hello.session_id));
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => break,
@@ -62,6 +77,17 @@ pub(super) async fn peek_first_open(
     }
 }
 
+/// The client's HELLO at the start of `input`, if it is there whole.
+fn hello_in(input: &BytesMut) -> Option<frame::Hello> {
+    match frame::decode(&mut input.clone(), &frame::Limits::default()) {
+        Ok(Some(frame::Frame::Hello(hello))) => Some(hello),
+        _ => None,
+    }
+}
+
+/// Serves a user's connection: its OPENs, until the session ends. A lost connection
+/// detaches the session for `resume.grace`; the client's next connection (on any core, moved
+/// here) resumes it and the streams carry on.
 pub(super) async fn serve_session(
     ctx: Rc<Context>,
     conn: TlsConnection,
@@ -69,6 +95,24 @@ pub(super) async fn serve_session(
     peer: SocketAddr,
     user: PeerIdentity,
 ) {
+    let owner = format!("{}@{}", user.name, user.cluster);
+    let hello = hello_in(&input);
+    if let Some(id) = hello.as_ref().filter(|h| h.resuming).map(|h| h.session_id) {
+        let detached = || {
+            let waiting = ctx.detached_users.borrow().get(&id).cloned();
+            waiting.filter(|w| w.resumable_by(id, &owner))
+        };
+        let attached = ctx.attached_user_tunnel(id, &user);
+        if let Some(waiting) = Box::pin(resume::take_over(detached, attached)).await {
+            ctx.detached_users.borrow_mut().remove(&id);
+            tracing::info!(%peer, user = %user.name, "user reconnected; resuming the connection's sessions");
+            waiting.hand_over((conn, input, peer));
+            return;
+        }
+        // Served as a new session: the client learns from our HELLO that we do not hold
+        // its session, and its streams end with RESUME_FAILED.
+        tracing::info!(%peer, user = %user.name, "user asked to resume a connection this proxy does not hold (grace expired, or the proxy restarted)");
+    }
     // The leaf of a trusted cluster checks the user's certificate itself: it goes along with
     // OPENs that name one.
     let credential = conn
@@ -76,24 +120,121 @@ pub(super) async fn serve_session(
         .and_then(|chain| chain.into_iter().next())
         .map(|leaf| Bytes::copy_from_slice(leaf.as_ref()))
         .unwrap_or_default();
-    let client_addr = peer.to_string();
-    let tunnel = tunnel::mux::Tunnel::new(ctx.new_session());
-    let driven = tunnel.clone();
-    let driver = monoio::spawn(async move { drive(&driven, conn, input).await });
-    let registration = ctx.add_user_tunnel(&tunnel);
-    tracing::debug!(%peer, user = %user.name, "user connection up");
-    while let Some(incoming) = tunnel.incoming().await {
-        monoio::spawn(handle_open(
-            ctx.clone(),
-            incoming,
-            user.clone(),
-            client_addr.clone(),
-            credential.clone(),
-        ));
+    let client_id = hello.map(|h| h.session_id);
+    if let Some(id) = client_id {
+        ctx.session_homes.insert(id, ctx.core);
     }
-    let outcome = driver.await;
+    let tunnel = tunnel::mux::Tunnel::new(ctx.new_resumable_session());
+    let registration = ctx.add_user_tunnel(&tunnel, &user);
+    let driven = tunnel.clone();
+    let mut driver = monoio::spawn(async move { drive(&driven, conn, input).await });
+    tracing::debug!(%peer, user = %user.name, "user connection up");
+    let mut peer = peer;
+    let reason = loop {
+        let outcome = Box::pin(serve_opens(
+            &ctx,
+            &tunnel,
+            &mut driver,
+            &user,
+            &peer.to_string(),
+            &credential,
+        ))
+        .await;
+        let reason = outcome_reason(&outcome);
+        let (true, false, Some(id)) = (tunnel.is_detached(), ctx.draining.get(), client_id) else {
+            break reason;
+        };
+        let grace = ctx.config.resume.grace;
+        tracing::info!(
+            %peer, user = %user.name, %reason, grace_secs = grace.as_secs(),
+            "user connection lost; its sessions wait for the client to resume"
+        );
+        ctx.audit.record(
+            "user.detached",
+            serde_json::json!({
+                "user": user.name, "user_cluster": user.cluster,
+                "client_addr": peer.to_string(), "reason": reason,
+            }),
+        );
+        let waiting = Rc::new(Detached::new(tunnel.clone(), owner.clone()));
+        ctx.detached_users.borrow_mut().insert(id, waiting.clone());
+        let next = Box::pin(waiting.wait()).await;
+        {
+            let mut detached = ctx.detached_users.borrow_mut();
+            if detached.get(&id).is_some_and(|w| Rc::ptr_eq(w, &waiting)) {
+                detached.remove(&id);
+            }
+        }
+        let Some((conn, input, new_peer)) = next else {
+            break match waiting.cancelled() {
+                Some(c) => format!("{reason}; not resumed: {}", c.why),
+                None => format!("{reason}; not resumed within resume.grace ({grace:?})"),
+            };
+        };
+        if let Err(e) = tunnel.reattach() {
+            break format!("{reason}; cannot resume: {e}");
+        }
+        tracing::info!(%peer, %new_peer, user = %user.name, "user connection resumed");
+        ctx.audit.record(
+            "user.resumed",
+            serde_json::json!({
+                "user": user.name, "user_cluster": user.cluster,
+                "client_addr": new_peer.to_string(), "previous_client_addr": peer.to_string(),
+            }),
+        );
+        peer = new_peer;
+        let driven = tunnel.clone();
+        driver = monoio::spawn(async move { drive(&driven, conn, input).await });
+    };
+    if !tunnel.is_ended() {
+        tunnel.close(ErrorCode::GOING_AWAY, "connection lost");
+    }
     ctx.remove_user_tunnel(registration);
-    tracing::debug!(%peer, user = %user.name, ?outcome, "user connection closed");
+    if let Some(id) = client_id {
+        ctx.session_homes.remove(id, ctx.core);
+    }
+    tracing::debug!(%peer, user = %user.name, %reason, "user connection closed");
+}
+
+/// Serves the OPENs of a user's connection until its transport ends (the session ended, or
+/// it is detached).
+async fn serve_opens(
+    ctx: &Rc<Context>,
+    tunnel: &tunnel::mux::Tunnel,
+    driver: &mut monoio::task::JoinHandle<DriveOutcome>,
+    user: &PeerIdentity,
+    client_addr: &str,
+    credential: &Bytes,
+) -> DriveOutcome {
+    loop {
+        if tunnel.is_ended() {
+            return driver.await;
+        }
+        monoio::select! {
+            outcome = &mut *driver => return outcome,
+            incoming = tunnel.incoming() => {
+                if let Some(incoming) = incoming {
+                    monoio::spawn(handle_open(
+                        ctx.clone(),
+                        incoming,
+                        user.clone(),
+                        client_addr.to_owned(),
+                        credential.clone(),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+pub(super) fn outcome_reason(outcome: &DriveOutcome) -> String {
+    match outcome {
+        DriveOutcome::Ended(e) => e.to_string(),
+        DriveOutcome::TransportLost(Some(e)) => format!("transport lost: {e}"),
+        DriveOutcome::TransportLost(None) => {
+            "transport lost: connection closed or keepalive timed out".into()
+        }
+    }
 }
 
 /// Counts a session as active while alive.

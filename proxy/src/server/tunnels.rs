@@ -1,10 +1,7 @@
 //! ALPN_TUNNEL: an agent's reverse tunnel.
 
-use std::cell::RefCell;
-use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::task::{Poll, Waker};
 use std::time::{Instant, SystemTime};
 
 use bytes::BytesMut;
@@ -13,6 +10,8 @@ use tunnel::identity::PeerIdentity;
 use tunnel::mux::{DriveOutcome, Tunnel, drive};
 use tunnel::tls::TlsConnection;
 
+use super::resume::{self, Detached};
+use super::sessions::outcome_reason;
 use super::{Context, Stats};
 use crate::directory::TunnelEntry;
 
@@ -50,96 +49,6 @@ fn check_announce(
         ));
     }
     Ok((info.labels.clone(), info.services.clone()))
-}
-
-/// A new connection handed to the task that owns a detached tunnel.
-type Transport = (TlsConnection, BytesMut, SocketAddr);
-
-/// An agent's tunnel whose connection was lost, waiting (up to `resume.grace`) for the agent
-/// to reconnect and resume it. The task that served the tunnel keeps owning it; the task of
-/// the agent's new connection hands the connection over instead of starting a new session,
-/// so the streams (users' ssh sessions) carry on.
-pub struct Detached {
-    /// The detached tunnel.
-    pub tunnel: Tunnel,
-    slot: RefCell<Option<Transport>>,
-    /// Why it will not be resumed, once [`Detached::cancel`] or [`Detached::replace`] was
-    /// called; for the `tunnel.disconnect` record, which otherwise blames the grace period.
-    cancelled: RefCell<Option<Cancelled>>,
-    waker: RefCell<Option<Waker>>,
-}
-
-/// Why a detached tunnel stopped waiting before its grace period ended.
-#[derive(Debug, Clone)]
-struct Cancelled {
-    why: String,
-    /// A new session of the same node took its place.
-    replaced: bool,
-}
-
-impl std::fmt::Debug for Detached {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Detached")
-            .field("tunnel", &self.tunnel)
-            .field("cancelled", &self.cancelled.borrow())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Detached {
-    fn new(tunnel: Tunnel) -> Self {
-        Detached {
-            tunnel,
-            slot: RefCell::new(None),
-            cancelled: RefCell::new(None),
-            waker: RefCell::new(None),
-        }
-    }
-
-    fn hand_over(&self, transport: Transport) {
-        *self.slot.borrow_mut() = Some(transport);
-        if let Some(w) = self.waker.borrow_mut().take() {
-            w.wake();
-        }
-    }
-
-    /// Stops waiting: the tunnel will not be resumed (the node was removed, or the proxy
-    /// drains); `why` ends up in the tunnel's `tunnel.disconnect` record.
-    pub fn cancel(&self, why: &str) {
-        self.stop_waiting(Cancelled {
-            why: why.to_owned(),
-            replaced: false,
-        });
-    }
-
-    /// Stops waiting because a new session of the node replaces this one.
-    fn replace(&self, why: &str) {
-        self.stop_waiting(Cancelled {
-            why: why.to_owned(),
-            replaced: true,
-        });
-    }
-
-    fn stop_waiting(&self, cancelled: Cancelled) {
-        *self.cancelled.borrow_mut() = Some(cancelled);
-        if let Some(w) = self.waker.borrow_mut().take() {
-            w.wake();
-        }
-    }
-
-    async fn wait(&self) -> Option<Transport> {
-        poll_fn(|cx| {
-            if let Some(t) = self.slot.borrow_mut().take() {
-                return Poll::Ready(Some(t));
-            }
-            if self.cancelled.borrow().is_some() {
-                return Poll::Ready(None);
-            }
-            *self.waker.borrow_mut() = Some(cx.waker().clone());
-            Poll::Pending
-        })
-        .await
-    }
 }
 
 /// Reads the agent's first frame without consuming it: a HELLO that says RESUMING names the
@@ -226,16 +135,6 @@ async fn until_transport_ends(
     }
 }
 
-fn outcome_reason(outcome: &DriveOutcome) -> String {
-    match outcome {
-        DriveOutcome::Ended(e) => e.to_string(),
-        DriveOutcome::TransportLost(Some(e)) => format!("transport lost: {e}"),
-        DriveOutcome::TransportLost(None) => {
-            "transport lost: connection closed or keepalive timed out".into()
-        }
-    }
-}
-
 // This future lives as long as the tunnel, tens of thousands at once: every await that only
 // happens for a moment (handshake-time timeouts, the wait of a detached tunnel) is boxed, so
 // that its state is allocated only while it runs instead of sizing this future for its whole
@@ -293,10 +192,16 @@ pub(super) async fn serve_tunnel(
     .ok()
     .flatten();
     if let Some(hello) = hello.filter(|h| h.resuming) {
-        let waiting = ctx.detached.borrow().get(&node).cloned();
-        if let Some(waiting) = waiting
-            .filter(|w| w.tunnel.is_detached() && w.tunnel.peer_id() == Some(hello.session_id))
-        {
+        let id = hello.session_id;
+        let detached = || {
+            let waiting = ctx.detached.borrow().get(&node).cloned();
+            waiting.filter(|w| w.resumable_by(id, &node))
+        };
+        let attached = ctx
+            .directory
+            .local_tunnel(&node)
+            .filter(|t| !t.is_detached() && t.peer_id() == Some(id));
+        if let Some(waiting) = Box::pin(resume::take_over(detached, attached)).await {
             ctx.detached.borrow_mut().remove(&node);
             tracing::info!(%node, %peer, "agent reconnected; resuming its tunnel");
             waiting.hand_over((conn, input, peer));
@@ -311,7 +216,7 @@ pub(super) async fn serve_tunnel(
         old.tunnel.close(ErrorCode::GOING_AWAY, &why);
     }
 
-    let tunnel = Tunnel::new(ctx.new_tunnel_session());
+    let tunnel = Tunnel::new(ctx.new_resumable_session());
     let driven = tunnel.clone();
     let driver = monoio::spawn(async move { drive(&driven, conn, input).await });
 
@@ -388,17 +293,11 @@ pub(super) async fn serve_tunnel(
                 "node": node, "peer": peer.to_string(), "tunnel_id": id, "reason": reason,
             }),
         );
-        let waiting = Rc::new(Detached::new(tunnel.clone()));
+        let waiting = Rc::new(Detached::new(tunnel.clone(), node.clone()));
         ctx.detached
             .borrow_mut()
             .insert(node.clone(), waiting.clone());
-        let next = Box::pin(async {
-            monoio::select! {
-                next = waiting.wait() => next,
-                _ = tunnel.expire_while_detached() => None,
-            }
-        })
-        .await;
+        let next = Box::pin(waiting.wait()).await;
         {
             let mut detached = ctx.detached.borrow_mut();
             if detached.get(&node).is_some_and(|w| Rc::ptr_eq(w, &waiting)) {
@@ -406,7 +305,7 @@ pub(super) async fn serve_tunnel(
             }
         }
         let Some((conn, input, new_peer)) = next else {
-            let cancelled = waiting.cancelled.borrow().clone();
+            let cancelled = waiting.cancelled();
             replaced_while_detached = Some(cancelled.as_ref().is_some_and(|c| c.replaced));
             break match cancelled {
                 Some(c) => format!("{reason}; not resumed: {}", c.why),
