@@ -3,9 +3,11 @@
 # a NAT'd site cut, agents killed and readers stopped while ssh sessions move data.
 #   node-f1  sshd + agent in namespace flt-f1 (10.84.0.2), reached only through the agent's tunnel
 #   node-s   sshd on the host, listed in the proxy's config ([[nodes]]), dialled directly
+#   flt-u    a user's laptop (10.84.1.2): ssh + `remoteler proxy ssh` in their own namespace
 # Scenarios (docs/faults.md): a link cut shorter than resume.grace (sessions resume byte-exact),
 # a stalled reader beside a bulk copy on the same tunnel (bounded proxy memory), an agent
-# killed with -9 mid-transfer, a link cut longer than the grace, random packet loss.
+# killed with -9 mid-transfer, a link cut longer than the grace, random packet loss, the
+# user's own link cut (the client reconnects and resumes).
 # Environment: FAULTS_GRACE (s, default 20), FAULTS_MIB (copy size, default 64),
 # FAULTS_LOSS (drop probability, default 0.05; 0 skips the loss scenario), FAULTS_CUT (the
 # short cut, s, default 10; keep it under the grace minus about 9 s).
@@ -24,6 +26,7 @@ LOSS=${FAULTS_LOSS:-0.05}
 CUT=${FAULTS_CUT:-10}
 TICKS_N=$((CUT + 30))
 NS=flt-f1; HOST_IP=10.84.0.1; SITE_IP=10.84.0.2
+USER_NS=flt-u; USER_HOST_IP=10.84.1.1; USER_IP=10.84.1.2
 ok() { echo "ok - $*"; }
 check() { local what=$1; shift; "$@" || fail "$what"; ok "$what"; }
 sum() { sha256sum | cut -d' ' -f1; }
@@ -35,6 +38,7 @@ say "cluster, site and nodes"
 PIN=$(grep -o 'sha256:[0-9a-f]\{64\}' "$WORK/init.txt" | head -1)
 [ -n "$PIN" ] || fail "init printed no CA pin"
 make_nat_site "$NS" "$HOST_IP" "$SITE_IP"
+make_nat_site "$USER_NS" "$USER_HOST_IP" "$USER_IP"
 USERS_PORT=$(free_port); TUNNEL_PORT=$(free_port); AUTH_PORT=$(free_port); SSH_S=$(free_port)
 start_sshd node-f1 2222 "$NS"
 start_sshd node-s "$SSH_S"
@@ -42,7 +46,7 @@ cat >"$WORK/proxy.toml" <<EOF
 cluster_name = "faults.test"
 data_dir = "$WORK/proxy"
 [listen]
-users = "127.0.0.1:$USERS_PORT"
+users = "$HOST_IP:$USERS_PORT"
 tunnels = "$HOST_IP:$TUNNEL_PORT"
 auth = "127.0.0.1:$AUTH_PORT"
 metrics = "off"
@@ -100,7 +104,7 @@ wait_for "node-f1 online via tunnel" 30 online node-f1 tunnel
 
 echo "s3cret-faults-password" >"$WORK/alice.pw"
 "$P" users add alice --roles access --logins root --password-file "$WORK/alice.pw" --data-dir "$WORK/proxy" >/dev/null
-"$C" login --proxy "127.0.0.1:$USERS_PORT" --user alice --password-file "$WORK/alice.pw" --ca-pin "$PIN" >/dev/null
+"$C" login --proxy "$HOST_IP:$USERS_PORT" --user alice --password-file "$WORK/alice.pw" --ca-pin "$PIN" >/dev/null
 "$C" config >"$WORK/ssh_config"
 cat >>"$WORK/ssh_config" <<EOF
 Host *
@@ -112,30 +116,34 @@ Host *
   ServerAliveInterval 0
 EOF
 S() { ssh -F "$WORK/ssh_config" "$@"; }
+# The same user on a laptop of its own (namespace flt-u, which reaches the proxy's users
+# listener on $HOST_IP through its own link).
+U() { ip netns exec "$USER_NS" ssh -F "$WORK/ssh_config" "$@"; }
 check "ssh node-f1 answers" test "$(S node-f1 'echo $NODE_NAME')" = node-f1
 check "ssh node-s answers" test "$(S node-s 'echo $NODE_NAME')" = node-s
 
 head -c "${MIB}M" /dev/urandom >"$WORK/blob"
 SUM=$(sum <"$WORK/blob")
 
-# link_down / link_up: every packet in and out of the site's veth is dropped, without FIN
-# or RST; both ends only notice through their keepalives.
+# link_down / link_up [NS]: every packet in and out of the namespace's veth (default: the
+# site's) is dropped, without FIN or RST; both ends only notice through their keepalives.
 link_down() {
-  ip netns exec "$NS" iptables -I INPUT -i eth0 -j DROP
-  ip netns exec "$NS" iptables -I OUTPUT -o eth0 -j DROP
+  ip netns exec "${1:-$NS}" iptables -I INPUT -i eth0 -j DROP
+  ip netns exec "${1:-$NS}" iptables -I OUTPUT -o eth0 -j DROP
 }
 link_up() {
-  ip netns exec "$NS" iptables -D INPUT -i eth0 -j DROP
-  ip netns exec "$NS" iptables -D OUTPUT -o eth0 -j DROP
+  ip netns exec "${1:-$NS}" iptables -D INPUT -i eth0 -j DROP
+  ip netns exec "${1:-$NS}" iptables -D OUTPUT -o eth0 -j DROP
 }
+# The blob at about 4 MiB/s, so that a copy is still running when a link goes.
+slow_blob() { local i; for ((i = 0; i < MIB; i++)); do dd if="$WORK/blob" bs=1M skip="$i" count=1 status=none; sleep 0.25; done; }
 audit_count() { grep -c "\"$1\"" "$AUDIT" || true; }
 
 ###############################################################################
 say "1. link cut (${CUT} s) shorter than resume.grace (${GRACE} s) during a ${MIB} MiB copy and a ticking session"
 # Throttled to about 4 MiB/s so the copy is still running when the link goes.
 DETACHED0=$(audit_count tunnel.detached); RESUMED0=$(audit_count tunnel.resumed)
-(pv_slow() { local i; for ((i = 0; i < MIB; i++)); do dd if="$WORK/blob" bs=1M skip="$i" count=1 status=none; sleep 0.25; done; }; pv_slow) \
-  | S node-f1 "cat > /tmp/flt-up" 2>"$WORK/s1-copy.err" &
+slow_blob | S node-f1 "cat > /tmp/flt-up" 2>"$WORK/s1-copy.err" &
 COPY=$!
 S node-f1 "for i in \$(seq 1 $TICKS_N); do echo tick \$i; sleep 1; done" >"$WORK/s1-ticks" 2>"$WORK/s1-ticks.err" &
 TICKS=$!
@@ -349,6 +357,38 @@ if [ "$LOSS" != 0 ]; then
     test "$(S node-f1 "sha256sum < /tmp/flt-loss" | cut -d' ' -f1)" = "$(sum <"$WORK/blob16")"
   S node-f1 "rm -f /tmp/flt-loss"
 fi
+
+###############################################################################
+say "6. the user's own link cut (${CUT} s) during a ${MIB} MiB copy and a ticking session"
+# A laptop on Wi-Fi: the user's connection to the proxy dies without FIN. The proxy's
+# keepalive (1 s x 3) detaches the user's session; `remoteler proxy ssh` notices through its
+# own (3 s x 3), dials again until the link is back, and resumes: ssh sees only a pause.
+check "ssh from the user's namespace answers" test "$(U node-f1 'echo $NODE_NAME')" = node-f1
+UD0=$(audit_count user.detached); UR0=$(audit_count user.resumed)
+failed_ends() { grep '"session.end"' "$AUDIT" | grep -vc '"reason":"closed"' || true; }
+FAILED0=$(failed_ends)
+slow_blob | U node-f1 "cat > /tmp/flt-up6" 2>"$WORK/s6-copy.err" &
+COPY=$!
+U node-f1 "for i in \$(seq 1 $TICKS_N); do echo tick \$i; sleep 1; done" >"$WORK/s6-ticks" 2>"$WORK/s6-ticks.err" &
+TICKS=$!
+sleep 3
+t "user's link down for $CUT s"
+link_down "$USER_NS"
+sleep "$CUT"
+link_up "$USER_NS"
+t "user's link up"
+wait "$COPY" || { cat "$WORK/s6-copy.err"; fail "the ssh copy failed across the user's $CUT s outage"; }
+t "copy done"
+check "${MIB} MiB copied across the user's $CUT s outage arrive byte-exact" test "$(S node-f1 "sha256sum < /tmp/flt-up6" | cut -d' ' -f1)" = "$SUM"
+S node-f1 "rm -f /tmp/flt-up6"
+wait "$TICKS" || { cat "$WORK/s6-ticks.err"; fail "the ticking session failed across the user's outage"; }
+check "the ticking session printed all $TICKS_N lines in order" \
+  test "$(cat "$WORK/s6-ticks")" = "$(for i in $(seq 1 "$TICKS_N"); do echo "tick $i"; done)"
+check "the proxy kept the user's sessions (audit user.detached)" test "$(audit_count user.detached)" -gt "$UD0"
+check "the client came back and resumed them (audit user.resumed)" test "$(audit_count user.resumed)" -gt "$UR0"
+check "the client told the user it was reconnecting, then that it was back" \
+  bash -c "grep -q 'reconnecting' '$WORK/s6-copy.err' && grep -q 'reconnected after' '$WORK/s6-copy.err'"
+check "no session ended with an error across the user's outage" test "$(failed_ends)" = "$FAILED0"
 
 kill "$PROXY_PID"; gone "$PROXY_PID"
 say "faults: all checks passed in ${SECONDS} s"

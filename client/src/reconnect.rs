@@ -55,11 +55,17 @@ pub async fn keep_connected(
         if !tunnel.is_detached() {
             return;
         }
-        let why = match outcome {
-            DriveOutcome::TransportLost(Some(e)) => e.to_string(),
-            _ => "the connection closed or went silent".to_owned(),
+        // A silent connection was noticed by the keepalive: the user has been waiting for
+        // interval x count already, so say so at once.
+        let (why, paused) = match outcome {
+            DriveOutcome::TransportLost(Some(e)) => (e.to_string(), Duration::ZERO),
+            _ if tunnel.transport_went_silent() => {
+                let silence = KEEPALIVE_INTERVAL * KEEPALIVE_COUNT;
+                (format!("no answer for {}s", silence.as_secs()), silence)
+            }
+            _ => ("the proxy closed it".to_owned(), Duration::ZERO),
         };
-        let Some(conn) = redial(&tunnel, &dial, &why).await else {
+        let Some(conn) = redial(&tunnel, &dial, &why, paused).await else {
             return;
         };
         if tunnel.reattach().is_err() {
@@ -71,8 +77,16 @@ pub async fn keep_connected(
 }
 
 /// Dials the proxy until a connection is up, or the grace period ended the session (`None`).
-async fn redial(tunnel: &Tunnel, dial: &Dial, why: &str) -> Option<tunnel::tls::TlsConnection> {
-    let lost = Instant::now();
+/// `paused` is how long the session had been stalled already when the loss was noticed.
+async fn redial(
+    tunnel: &Tunnel,
+    dial: &Dial,
+    why: &str,
+    paused: Duration,
+) -> Option<tunnel::tls::TlsConnection> {
+    let lost = Instant::now()
+        .checked_sub(paused)
+        .unwrap_or_else(Instant::now);
     let mut told = false;
     let mut delay = RECONNECT_MIN_DELAY;
     loop {

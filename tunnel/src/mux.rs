@@ -378,6 +378,13 @@ impl Tunnel {
         s.wake_driver();
     }
 
+    /// Whether the last transport was given up because the peer went silent (the keepalive
+    /// failed, or [`Tunnel::abandon_transport`]) rather than because it failed or closed;
+    /// until [`Tunnel::reattach`].
+    pub fn transport_went_silent(&self) -> bool {
+        self.shared.borrow().transport_dead
+    }
+
     /// Prepares a detached session for a new transport; then call [`drive`] with it.
     pub fn reattach(&self) -> Result<(), FrameError> {
         let mut s = self.shared.borrow_mut();
