@@ -24,6 +24,8 @@ LOSS=${FAULTS_LOSS:-0.05}
 # The agent's [resume] grace is set to the proxy's: a stream survives an outage shorter than
 # the smaller of the two.
 CUT=${FAULTS_CUT:-10}
+# The proxy's drain.timeout (scenario 7).
+DRAIN=8
 TICKS_N=$((CUT + 30))
 NS=flt-f1; HOST_IP=10.84.0.1; SITE_IP=10.84.0.2
 USER_NS=flt-u; USER_HOST_IP=10.84.1.1; USER_IP=10.84.1.2
@@ -55,6 +57,8 @@ interval = "1s"
 count = 3
 [resume]
 grace = "${GRACE}s"
+[drain]
+timeout = "${DRAIN}s"
 [[nodes]]
 name = "node-s"
 address = "127.0.0.1:$SSH_S"
@@ -135,8 +139,9 @@ link_up() {
   ip netns exec "${1:-$NS}" iptables -D INPUT -i eth0 -j DROP
   ip netns exec "${1:-$NS}" iptables -D OUTPUT -o eth0 -j DROP
 }
-# The blob at about 4 MiB/s, so that a copy is still running when a link goes.
-slow_blob() { local i; for ((i = 0; i < MIB; i++)); do dd if="$WORK/blob" bs=1M skip="$i" count=1 status=none; sleep 0.25; done; }
+# The blob (its first $1 MiB, default all) at about 4 MiB/s, so that a copy is still running
+# when a link goes.
+slow_blob() { local i; for ((i = 0; i < ${1:-$MIB}; i++)); do dd if="$WORK/blob" bs=1M skip="$i" count=1 status=none; sleep 0.25; done; }
 audit_count() { grep -c "\"$1\"" "$AUDIT" || true; }
 
 ###############################################################################
@@ -389,6 +394,36 @@ check "the client came back and resumed them (audit user.resumed)" test "$(audit
 check "the client told the user it was reconnecting, then that it was back" \
   bash -c "grep -q 'reconnecting' '$WORK/s6-copy.err' && grep -q 'reconnected after' '$WORK/s6-copy.err'"
 check "no session ended with an error across the user's outage" test "$(failed_ends)" = "$FAILED0"
+
+###############################################################################
+say "7. proxy restart: a copy in flight finishes during the drain (${DRAIN} s), the rest end then"
+# SIGTERM: the proxy sends GOAWAY everywhere and stops accepting; sessions in flight carry on
+# up to drain.timeout; then it closes what is left and exits. The agent comes back to the
+# restarted proxy by itself.
+head -c 16M "$WORK/blob" >"$WORK/blob16"
+slow_blob 16 | S node-f1 "cat > /tmp/flt-drain" 2>"$WORK/s7-copy.err" &
+COPY=$!
+S node-f1 "for i in \$(seq 1 $TICKS_N); do echo tick \$i; sleep 1; done" >"$WORK/s7-ticks" 2>"$WORK/s7-ticks.err" &
+TICKS=$!
+sleep 1
+kill -TERM "$PROXY_PID"
+STOP=$SECONDS
+t "SIGTERM to the proxy"
+wait "$COPY" || { cat "$WORK/s7-copy.err"; fail "the copy in flight did not finish during the drain"; }
+t "the copy in flight finished during the drain"
+wait_for "the ticking session to end at the drain timeout" $((DRAIN + 10)) bash -c "! kill -0 $TICKS 2>/dev/null"
+wait "$TICKS" && fail "the ticking session ended with status 0; it was cut by the drain"
+t "the ticking session ended after $((SECONDS - STOP)) s: $(tr '\n' ' ' <"$WORK/s7-ticks.err")"
+check "the ticking session lasted until the drain timeout" test $((SECONDS - STOP)) -ge $((DRAIN - 1))
+check "ssh's stderr says the proxy stopped at its drain timeout" grep -q "the proxy stopped: .*drain.timeout" "$WORK/s7-ticks.err"
+wait_for "the proxy to exit" 10 bash -c "! kill -0 $PROXY_PID 2>/dev/null"
+PROXY_PID=$(bg proxy-restarted "$P" start --config "$WORK/proxy.toml")
+wait_for "the restarted proxy to listen" 30 test -f "$WORK/proxy/proxy.ready"
+wait_for "node-f1 back through the restarted proxy" 30 online node-f1 tunnel
+t "node-f1 back $((SECONDS - STOP)) s after the SIGTERM"
+check "the 16 MiB copied during the drain arrived byte-exact" \
+  test "$(S node-f1 "sha256sum < /tmp/flt-drain" | cut -d' ' -f1)" = "$(sum <"$WORK/blob16")"
+S node-f1 "rm -f /tmp/flt-drain"
 
 kill "$PROXY_PID"; gone "$PROXY_PID"
 say "faults: all checks passed in ${SECONDS} s"

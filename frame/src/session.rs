@@ -1633,7 +1633,12 @@ impl Session {
             return;
         }
         let code = err.code();
-        let reason = clip_reason(&err.to_string());
+        // The peer prints its own "peer closed the tunnel: CODE:" before our reason, so a
+        // close of ours sends the caller's reason alone, not our local account of it.
+        let reason = match &err {
+            Error::Ended(EndReason::ClosedLocally { reason, .. }) => reason.clone(),
+            other => clip_reason(&other.to_string()),
+        };
         self.control.clear();
         if tell_peer && !self.is_detached() {
             self.push_control(&Frame::GoAway {

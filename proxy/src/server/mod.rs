@@ -1081,16 +1081,24 @@ async fn drain(ctx: &Rc<Context>) {
             "drain timeout (`drain.timeout`) passed; closing the remaining sessions"
         );
     }
-    for t in ctx.directory.tunnels() {
-        t.close(ErrorCode::GOING_AWAY, "proxy stopped");
-    }
+    // Users first, with a code that ends their session at once (a GOAWAY GOING_AWAY only
+    // says "draining") and a reason they can act on; closing the tunnels first would reach
+    // them as "node side: stream reset" instead.
     let users: Vec<Tunnel> = ctx
         .user_tunnels
         .borrow()
         .values()
         .map(|c| c.tunnel.clone())
         .collect();
+    let why = format!(
+        "the proxy stopped: sessions still open when its drain timeout ({}s, `drain.timeout`) \
+         passed are closed; connect again",
+        ctx.config.drain.timeout.as_secs()
+    );
     for t in users {
+        t.close(ErrorCode::CANCELLED, &why);
+    }
+    for t in ctx.directory.tunnels() {
         t.close(ErrorCode::GOING_AWAY, "proxy stopped");
     }
     // Let the drivers flush their GOAWAYs.
