@@ -226,6 +226,24 @@ for node in node-a.leaf node-r.leaf; do
   S "$node" "rm -f /tmp/remoteler-cl-$node"
 done
 
+say "the leaf's link cut for 5 s during a copy: the cluster tunnel resumes"
+# Every packet of the leaf's namespace dropped, no FIN: both proxies notice through their
+# keepalives (1 s x 3), the leaf reconnects when the link is back and RESUMEs; the copy
+# through the cluster tunnel only pauses.
+cut_leaf() { in_leaf iptables -I INPUT -i eth0 -j DROP; in_leaf iptables -I OUTPUT -o eth0 -j DROP; }
+mend_leaf() { in_leaf iptables -D INPUT -i eth0 -j DROP; in_leaf iptables -D OUTPUT -o eth0 -j DROP; }
+(for i in 0 1 2 3 4 5; do dd if="$WORK/blob" bs=1M skip="$i" count=1 status=none; sleep 0.5; done) \
+  | S node-r.leaf "cat > /tmp/remoteler-cl-cut" &
+COPY=$!
+sleep 1; cut_leaf; sleep 5; mend_leaf
+wait "$COPY" || fail "the copy to node-r.leaf failed across the leaf's 5 s outage"
+check "6 MiB to node-r.leaf across the leaf's outage arrive intact" \
+  test "$(S node-r.leaf "sha256sum < /tmp/remoteler-cl-cut" | cut -d' ' -f1)" = "$SUM"
+S node-r.leaf "rm -f /tmp/remoteler-cl-cut"
+check "the root kept the leaf's tunnel (audit cluster.detached)" grep -q '"cluster.detached"' "$WORK/root/audit.log"
+check "the leaf came back and resumed it (audit cluster.resumed)" grep -q '"cluster.resumed"' "$WORK/root/audit.log"
+check "no session on the leaf ended with an error" bash -c "! grep '\"session.end\"' '$WORK/leaf/audit.log' | grep -v '\"reason\":\"closed\"' | grep -q ."
+
 say "role mapping"
 login_as bob   # team-blue -> blue: node-r only
 check "bob (team-blue -> blue) reaches node-r.leaf" test "$(S node-r.leaf 'echo $NODE_NAME')" = leaf-node-r

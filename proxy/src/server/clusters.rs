@@ -33,8 +33,11 @@ use tunnel::identity::{FileRole, IdentityKind, PeerIdentity, PrivateKey, TlsIden
 use tunnel::mux::{Incoming, Tunnel, drive};
 use tunnel::tls::TlsConnection;
 
+use super::Handoff;
 use super::control::{FAILURE_DELAY, error, read_request, reply};
+use super::resume::{self, Detached};
 use super::sessions::outcome_reason;
+use super::tunnels::peek_hello;
 use super::{Context, Stats};
 use crate::state::{TokenKind, TrustedLeaf};
 use crate::util;
@@ -267,15 +270,74 @@ fn check_cluster_announce(
 }
 
 /// ALPN_TUNNEL with a cluster certificate: a leaf's reverse tunnel, served on the core it
-/// landed on.
+/// landed on, unless it resumes a session another core holds: then it moves there.
+pub(super) async fn accept_cluster_tunnel(
+    ctx: Rc<Context>,
+    mut conn: TlsConnection,
+    peer: SocketAddr,
+    identity: PeerIdentity,
+) {
+    let mut input = BytesMut::new();
+    let hello = Box::pin(monoio::time::timeout(
+        ctx.handshake_timeout(),
+        peek_hello(&mut conn, &mut input),
+    ))
+    .await
+    .ok()
+    .flatten();
+    let home = hello
+        .filter(|h| h.resuming)
+        .and_then(|h| ctx.session_homes.core_of(h.session_id))
+        .filter(|&core| core != ctx.core);
+    let conn = match home {
+        Some(core) => match ctx.move_to(core, conn, |conn| Handoff::ClusterTunnel {
+            conn,
+            input: input.clone(),
+            peer,
+            identity: identity.clone(),
+        }) {
+            Ok(()) => return,
+            Err(conn) => conn,
+        },
+        None => conn,
+    };
+    serve_cluster_tunnel(ctx, conn, input, peer, identity).await
+}
+
+/// Serves a leaf's tunnel on this core: a new session, or the resumption of one this core
+/// holds (`input` holds the leaf's HELLO).
 pub(super) async fn serve_cluster_tunnel(
     ctx: Rc<Context>,
     conn: TlsConnection,
+    input: BytesMut,
     peer: SocketAddr,
     identity: PeerIdentity,
 ) {
     let leaf = identity.name.clone();
-    let tunnel = Tunnel::new(ctx.new_session());
+    let hello = match frame::decode(&mut input.clone(), &frame::Limits::default()) {
+        Ok(Some(frame::Frame::Hello(hello))) => Some(hello),
+        _ => None,
+    };
+    if let Some(id) = hello.as_ref().filter(|h| h.resuming).map(|h| h.session_id) {
+        let detached = || {
+            let waiting = ctx.detached_clusters.borrow().get(&id).cloned();
+            waiting.filter(|w| w.resumable_by(id, &leaf))
+        };
+        let attached = ctx
+            .cluster_tunnels
+            .borrow()
+            .get(&id)
+            .filter(|(name, t)| *name == leaf && !t.is_detached())
+            .map(|(_, t)| t.clone());
+        if let Some(waiting) = Box::pin(resume::take_over(detached, attached)).await {
+            ctx.detached_clusters.borrow_mut().remove(&id);
+            tracing::info!(cluster = %leaf, %peer, "leaf cluster reconnected; resuming its tunnel");
+            waiting.hand_over((conn, input, peer));
+            return;
+        }
+    }
+    let leaf_session = hello.map(|h| h.session_id);
+    let tunnel = Tunnel::new(ctx.new_resumable_session());
     let refusal = if ctx.draining.get() {
         Stats::bump(&ctx.stats.dropped_draining);
         Some((
@@ -305,15 +367,11 @@ pub(super) async fn serve_cluster_tunnel(
             serde_json::json!({ "cluster": leaf, "peer": peer.to_string(), "reason": why }),
         );
         tunnel.close(code, &why);
-        let _ = monoio::time::timeout(
-            ctx.handshake_timeout(),
-            drive(&tunnel, conn, BytesMut::new()),
-        )
-        .await;
+        let _ = monoio::time::timeout(ctx.handshake_timeout(), drive(&tunnel, conn, input)).await;
         return;
     }
     let driven = tunnel.clone();
-    let driver = monoio::spawn(async move { drive(&driven, conn, BytesMut::new()).await });
+    let driver = monoio::spawn(async move { drive(&driven, conn, input).await });
     let _ = monoio::time::timeout(ctx.handshake_timeout(), tunnel.announce_changed(0)).await;
     let (version, announce) = tunnel.peer_announce();
     let nodes = match check_cluster_announce(&leaf, announce.as_ref()) {
@@ -334,6 +392,12 @@ pub(super) async fn serve_cluster_tunnel(
     let count = nodes.len();
     ctx.directory
         .attach_cluster_tunnel(&leaf, id, peer, &tunnel, nodes);
+    if let Some(session) = leaf_session {
+        ctx.session_homes.insert(session, ctx.core);
+        ctx.cluster_tunnels
+            .borrow_mut()
+            .insert(session, (leaf.clone(), tunnel.clone()));
+    }
     tracing::info!(cluster = %leaf, %peer, tunnel_id = id, nodes = count, core = ctx.core, "cluster tunnel connected");
     ctx.audit.record(
         "cluster.connect",
@@ -404,13 +468,79 @@ pub(super) async fn serve_cluster_tunnel(
             }
         })
     };
-    let outcome = driver.await;
-    let reason = outcome_reason(&outcome);
+    let mut driver = driver;
+    let mut peer = peer;
+    let reason = loop {
+        let outcome = (&mut driver).await;
+        let reason = outcome_reason(&outcome);
+        let (true, false, Some(session)) = (tunnel.is_detached(), ctx.draining.get(), leaf_session)
+        else {
+            break reason;
+        };
+        // The leaf's nodes are offline for new sessions meanwhile; the sessions through the
+        // tunnel pause.
+        ctx.directory.detach_cluster_tunnel(&leaf, id);
+        let grace = ctx.config.resume.grace;
+        tracing::info!(
+            cluster = %leaf, %peer, tunnel_id = id, %reason, grace_secs = grace.as_secs(),
+            "cluster tunnel connection lost; waiting for the leaf to resume"
+        );
+        ctx.audit.record(
+            "cluster.detached",
+            serde_json::json!({
+                "cluster": leaf, "peer": peer.to_string(), "tunnel_id": id, "reason": reason,
+            }),
+        );
+        let waiting = Rc::new(Detached::new(tunnel.clone(), leaf.clone()));
+        ctx.detached_clusters
+            .borrow_mut()
+            .insert(session, waiting.clone());
+        let next = Box::pin(waiting.wait()).await;
+        {
+            let mut detached = ctx.detached_clusters.borrow_mut();
+            if detached
+                .get(&session)
+                .is_some_and(|w| Rc::ptr_eq(w, &waiting))
+            {
+                detached.remove(&session);
+            }
+        }
+        let Some((conn, input, new_peer)) = next else {
+            break match waiting.cancelled() {
+                Some(c) => format!("{reason}; not resumed: {}", c.why),
+                None => format!("{reason}; not resumed within resume.grace ({grace:?})"),
+            };
+        };
+        if let Err(e) = tunnel.reattach() {
+            break format!("{reason}; cannot resume: {e}");
+        }
+        peer = new_peer;
+        let nodes =
+            check_cluster_announce(&leaf, tunnel.peer_announce().1.as_ref()).unwrap_or_default();
+        ctx.directory
+            .attach_cluster_tunnel(&leaf, id, peer, &tunnel, nodes);
+        tracing::info!(cluster = %leaf, %peer, tunnel_id = id, "cluster tunnel resumed");
+        ctx.audit.record(
+            "cluster.resumed",
+            serde_json::json!({ "cluster": leaf, "peer": peer.to_string(), "tunnel_id": id }),
+        );
+        let driven = tunnel.clone();
+        driver = monoio::spawn(async move { drive(&driven, conn, input).await });
+    };
     if !tunnel.is_ended() {
         tunnel.close(ErrorCode::GOING_AWAY, "transport lost");
     }
     watcher.await;
     rejecter.await;
+    if let Some(session) = leaf_session {
+        ctx.session_homes.remove(session, ctx.core);
+        let mut attached = ctx.cluster_tunnels.borrow_mut();
+        if attached.get(&session).is_some_and(|(_, t)| {
+            t.with_session(|s| s.local_id()) == tunnel.with_session(|s| s.local_id())
+        }) {
+            attached.remove(&session);
+        }
+    }
     ctx.directory.detach_cluster_tunnel(&leaf, id);
     tracing::info!(cluster = %leaf, %peer, tunnel_id = id, %reason, "cluster tunnel disconnected");
     ctx.audit.record(
@@ -682,16 +812,22 @@ pub(super) async fn run_cluster_agent(ctx: Rc<Context>, trusted: TrustedCluster)
     tls.alpn_protocols = vec![ALPN_TUNNEL.to_vec()];
     let tls = Arc::new(tls);
     let mut backoff = Backoff(0);
+    let mut kept = None;
     loop {
-        let (uptime, reason) = tunnel_once(&ctx, &trusted, tls.clone(), &trust).await;
+        let (uptime, reason) = tunnel_once(&ctx, &trusted, tls.clone(), &trust, &mut kept).await;
         if ctx.shutdown.is_triggered() {
             return;
         }
         if uptime >= STABLE_AFTER {
             backoff = Backoff(0);
         }
-        let delay = backoff.next_delay();
-        tracing::warn!(cluster = %root, proxy = %trusted.proxy, %reason, up_for = ?uptime, retry_in = ?delay, core = ctx.core, "cluster tunnel down; reconnecting");
+        // A detached session waits for the next connection: dial again at once.
+        let delay = if kept.is_some() {
+            Duration::ZERO
+        } else {
+            backoff.next_delay()
+        };
+        tracing::warn!(cluster = %root, proxy = %trusted.proxy, %reason, up_for = ?uptime, retry_in = ?delay, core = ctx.core, resuming = kept.is_some(), "cluster tunnel down; reconnecting");
         if !sleep_or_shutdown(&ctx, delay).await {
             return;
         }
@@ -719,12 +855,23 @@ fn inventory(ctx: &Context) -> Announce {
     }
 }
 
-/// One cluster tunnel, from connect to its end: (how long it was up, why it ended).
+/// A leaf's cluster session whose connection was lost, kept for the next connection to
+/// resume: the root users' sessions through it carry on if the root still holds its side.
+struct KeptCluster {
+    tunnel: Tunnel,
+    /// Serves the root's OPENs.
+    server: monoio::task::JoinHandle<()>,
+    announced: Announce,
+}
+
+/// One cluster tunnel connection, from connect to its end: (how long it was up, why it
+/// ended). A session detached by a lost connection is left in `kept` for the next call.
 async fn tunnel_once(
     ctx: &Rc<Context>,
     trusted: &TrustedCluster,
     tls: Arc<rustls::ClientConfig>,
     trust: &Rc<RootTrust>,
+    kept: &mut Option<KeptCluster>,
 ) -> (Duration, String) {
     let root = trusted.name.as_str();
     let conn = monoio::select! {
@@ -736,23 +883,50 @@ async fn tunnel_once(
         Err(why) => return (Duration::ZERO, why),
     };
     let config = &ctx.config;
-    let mut session = SessionConfig::new(Role::Cluster, true);
-    session.initial_window = config.flow.window();
-    session.max_frame = config.flow.max_frame();
-    session.max_streams = config.limits.max_streams_per_tunnel;
-    session.max_pending_opens = config.limits.max_pending_opens;
-    session.keepalive_interval = config.keepalive.interval;
-    session.keepalive_count = config.keepalive.count;
-    session.resume_grace = Duration::ZERO;
-    let id = util::random_bytes::<16>().unwrap_or_default();
-    let tunnel = Tunnel::new(Session::new(session, id, Instant::now()));
-    let mut announced = inventory(ctx);
-    if let Err(e) = tunnel.announce(&announced) {
-        return (
-            Duration::ZERO,
-            format!("cannot announce the inventory: {e}"),
-        );
-    }
+    let resumable = match kept.take() {
+        Some(old) => {
+            old.tunnel.tick(); // ends it if the grace period passed
+            if old.tunnel.is_ended() || old.tunnel.reattach().is_err() {
+                old.server.await;
+                None
+            } else {
+                Some(old)
+            }
+        }
+        None => None,
+    };
+    let resuming = resumable.is_some();
+    let (tunnel, server, mut announced) = match resumable {
+        Some(old) => (old.tunnel, old.server, old.announced),
+        None => {
+            let mut session = SessionConfig::new(Role::Cluster, true);
+            session.initial_window = config.flow.window();
+            session.max_frame = config.flow.max_frame();
+            session.max_streams = config.limits.max_streams_per_tunnel;
+            session.max_pending_opens = config.limits.max_pending_opens;
+            session.keepalive_interval = config.keepalive.interval;
+            session.keepalive_count = config.keepalive.count;
+            session.resume_grace = config.resume.grace;
+            let id = util::random_bytes::<16>().unwrap_or_default();
+            let tunnel = Tunnel::new(Session::new(session, id, Instant::now()));
+            let announced = inventory(ctx);
+            if let Err(e) = tunnel.announce(&announced) {
+                return (
+                    Duration::ZERO,
+                    format!("cannot announce the inventory: {e}"),
+                );
+            }
+            let server = {
+                let (ctx, tunnel, trust) = (ctx.clone(), tunnel.clone(), trust.clone());
+                monoio::spawn(async move {
+                    while let Some(incoming) = tunnel.incoming().await {
+                        monoio::spawn(handle_cluster_open(ctx.clone(), incoming, trust.clone()));
+                    }
+                })
+            };
+            (tunnel, server, announced)
+        }
+    };
     let driver = {
         let tunnel = tunnel.clone();
         monoio::spawn(async move { drive(&tunnel, conn, BytesMut::new()).await })
@@ -762,7 +936,9 @@ async fn tunnel_once(
         up = tunnel.connected() => up,
         _ = ctx.shutdown.wait() => false,
     };
-    if up {
+    if up && resuming {
+        tracing::info!(cluster = %root, proxy = %trusted.proxy, core = ctx.core, "cluster tunnel reconnected; resuming its sessions");
+    } else if up {
         tracing::info!(cluster = %root, proxy = %trusted.proxy, core = ctx.core, nodes = announced.nodes.len(), "cluster tunnel up");
         ctx.audit.record(
             "cluster.connect",
@@ -772,14 +948,6 @@ async fn tunnel_once(
             }),
         );
     }
-    let server = {
-        let (ctx, tunnel, trust) = (ctx.clone(), tunnel.clone(), trust.clone());
-        monoio::spawn(async move {
-            while let Some(incoming) = tunnel.incoming().await {
-                monoio::spawn(handle_cluster_open(ctx.clone(), incoming, trust.clone()));
-            }
-        })
-    };
     let mut driver = driver;
     let outcome = loop {
         monoio::select! {
@@ -814,6 +982,23 @@ async fn tunnel_once(
             "leaf proxy shutting down".to_owned()
         }
     };
+    let uptime = if up {
+        started.elapsed()
+    } else {
+        Duration::ZERO
+    };
+    if tunnel.is_detached() && !ctx.shutdown.is_triggered() {
+        // Keep the session: the next connection resumes it. Its grace timer runs meanwhile,
+        // so the root users' streams do not wait forever if the root stays out of reach.
+        let expiring = tunnel.clone();
+        monoio::spawn(async move { expiring.expire_while_detached().await });
+        *kept = Some(KeptCluster {
+            tunnel,
+            server,
+            announced,
+        });
+        return (uptime, reason);
+    }
     if !tunnel.is_ended() {
         tunnel.close(ErrorCode::CANCELLED, "tunnel connection lost");
     }

@@ -345,6 +345,13 @@ pub(crate) enum Handoff {
         peer: SocketAddr,
         identity: PeerIdentity,
     },
+    /// A leaf cluster's tunnel resuming a session this core holds; `input` holds its HELLO.
+    ClusterTunnel {
+        conn: TransferableTls,
+        input: BytesMut,
+        peer: SocketAddr,
+        identity: PeerIdentity,
+    },
     /// A user's connection, authenticated; `input` holds the frames read so far (HELLO and
     /// the first OPEN), which the session still has to process.
     Session {
@@ -438,6 +445,11 @@ pub struct Context {
     /// Users' connections whose connection was lost, by the client's session id, waiting for
     /// the client to come back within `resume.grace` and resume them.
     detached_users: RefCell<HashMap<[u8; 16], Rc<resume::Detached>>>,
+    /// Leaf clusters' tunnels whose connection was lost, by the leaf's session id.
+    detached_clusters: RefCell<HashMap<[u8; 16], Rc<resume::Detached>>>,
+    /// This core's attached leaf cluster tunnels, by the leaf's session id, with the leaf's
+    /// name: for a leaf that resumes before this side saw its old connection fail.
+    cluster_tunnels: RefCell<HashMap<[u8; 16], (String, Tunnel)>>,
     /// Which core serves which user connection (shared by the cores).
     session_homes: Arc<resume::SessionHomes>,
     /// Users' session connections, for GOAWAY on drain and for a client resuming before
@@ -866,6 +878,8 @@ async fn serve_core(
         draining: Cell::new(false),
         detached: RefCell::new(HashMap::new()),
         detached_users: RefCell::new(HashMap::new()),
+        detached_clusters: RefCell::new(HashMap::new()),
+        cluster_tunnels: RefCell::new(HashMap::new()),
         session_homes: shared.session_homes,
         user_tunnels: RefCell::new(HashMap::new()),
         user_tunnel_ids: Cell::new(0),
@@ -1016,6 +1030,21 @@ async fn inbox_loop(ctx: Rc<Context>, inbox: flume::Receiver<Handoff>) {
                 ))),
                 Err(e) => tracing::debug!(%peer, error = %e, "moved tunnel connection lost"),
             },
+            Handoff::ClusterTunnel {
+                conn,
+                input,
+                peer,
+                identity,
+            } => match conn.attach() {
+                Ok(conn) => drop(monoio::spawn(clusters::serve_cluster_tunnel(
+                    ctx.clone(),
+                    conn,
+                    input,
+                    peer,
+                    identity,
+                ))),
+                Err(e) => tracing::debug!(%peer, error = %e, "moved cluster tunnel lost"),
+            },
             Handoff::Session {
                 conn,
                 input,
@@ -1056,7 +1085,13 @@ async fn drain(ctx: &Rc<Context>) {
             .tunnel
             .close(ErrorCode::GOING_AWAY, "proxy shutting down");
     }
-    for (_, waiting) in ctx.detached_users.borrow_mut().drain() {
+    let detached_clusters: Vec<_> = ctx.detached_clusters.borrow_mut().drain().collect();
+    for (_, waiting) in ctx
+        .detached_users
+        .borrow_mut()
+        .drain()
+        .chain(detached_clusters)
+    {
         waiting.cancel("proxy shutting down");
         waiting
             .tunnel
@@ -1236,7 +1271,7 @@ async fn handle_connection(
             // A leaf cluster's tunnel: served on any core (the directory says which core holds
             // the tunnel that announced which leaf node). Its certificate gives nothing else.
             match check_identity(&ctx, identity, IdentityKind::Cluster) {
-                Ok(id) => drop(monoio::spawn(clusters::serve_cluster_tunnel(
+                Ok(id) => drop(monoio::spawn(clusters::accept_cluster_tunnel(
                     ctx, conn, peer, id,
                 ))),
                 Err(why) => Box::pin(refuse_frames(&ctx, conn, peer, &protocol, &why)).await,

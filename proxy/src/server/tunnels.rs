@@ -53,7 +53,7 @@ fn check_announce(
 
 /// Reads the agent's first frame without consuming it: a HELLO that says RESUMING names the
 /// session the agent wants back. Anything else is left for the session to judge.
-async fn peek_hello(conn: &mut TlsConnection, input: &mut BytesMut) -> Option<Hello> {
+pub(super) async fn peek_hello(conn: &mut TlsConnection, input: &mut BytesMut) -> Option<Hello> {
     loop {
         match frame::decode(&mut input.clone(), &frame::Limits::default()) {
             Ok(Some(Frame::Hello(hello))) => return Some(hello),
