@@ -6,8 +6,9 @@
 //! agent's `[[forwards]]` service). All streams of one `forward` share ONE user connection to
 //! the proxy (TLS with the stored user certificate, ALPN session, the frame multiplexer): it
 //! is opened with the first local connection and opened again, with the credentials on disk
-//! at that moment, by the first local connection after it dropped. Streams that were open
-//! when it dropped are reset (the user's leg is not resumed yet, as in `proxy ssh`).
+//! at that moment, by the first local connection after it ended. A dropped connection is
+//! dialled again at once and the session resumed, as in `proxy ssh` (module
+//! [`crate::reconnect`]): the streams that were open carry on after the pause.
 //!
 //! A refused stream (unknown node, service not forwarded by the agent, access denied) closes
 //! its local connection and prints the proxy's or the agent's reason on one line of stderr.
@@ -202,30 +203,41 @@ impl Forward {
         // Read from disk each time: a `remoteler login` since the last connection counts.
         let profile: Profile = self.home.valid_profile(SystemTime::now())?;
         let proxy = net::parse_proxy(&profile.proxy)?;
-        let conn = net::connect(&proxy, user_config(&self.home, ALPN_SESSION)?, ALPN_SESSION)
+        let tls = user_config(&self.home, ALPN_SESSION)?;
+        let conn = net::connect(&proxy, tls.clone(), ALPN_SESSION)
             .await
             .map_err(|e| login_hint(e, &profile))?;
-        // The user's leg is not resumed: a dropped connection resets its streams at once and
-        // the next local connection dials again.
+        // A dropped connection is dialled again and the session resumed; once the session
+        // ends (proxy restart, grace over), the next local connection dials a new one.
         let mut config = SessionConfig::new(Role::Client, true);
-        config.resume_grace = Duration::ZERO;
+        config.resume_grace = crate::reconnect::DEFAULT_RESUME_GRACE;
+        config.keepalive_interval = crate::reconnect::KEEPALIVE_INTERVAL;
+        config.keepalive_count = crate::reconnect::KEEPALIVE_COUNT;
         let tunnel = Tunnel::new(Session::new(config, random_id()?, Instant::now()));
         let alive = Rc::new(std::cell::Cell::new(true));
         let driver = {
             let (tunnel, alive, ctx) = (tunnel.clone(), alive.clone(), Rc::downgrade(self));
             monoio::spawn(async move {
-                let outcome = mux::drive(&tunnel, conn, BytesMut::new()).await;
+                let driver = {
+                    let tunnel = tunnel.clone();
+                    monoio::spawn(async move { mux::drive(&tunnel, conn, BytesMut::new()).await })
+                };
+                let dial = crate::reconnect::Dial { proxy, tls };
+                let outcome = crate::reconnect::keep_connected(tunnel, driver, dial).await;
                 alive.set(false);
                 let stopped = matches!(
                     &outcome,
-                    mux::DriveOutcome::Ended(frame::Error::Ended(
+                    Some(mux::DriveOutcome::Ended(frame::Error::Ended(
                         frame::EndReason::ClosedLocally { .. }
-                    ))
+                    )))
                 );
                 if let (Some(ctx), false) = (ctx.upgrade(), stopped) {
+                    let why = outcome.as_ref().map_or_else(
+                        || "not back within the resume grace".to_owned(),
+                        outcome_text,
+                    );
                     ctx.report(format!(
-                        "the connection to the proxy ended ({}); the next connection dials again",
-                        outcome_text(&outcome)
+                        "the connection to the proxy ended ({why}); the next connection dials again"
                     ));
                 }
             })

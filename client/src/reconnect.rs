@@ -44,16 +44,17 @@ pub struct Dial {
 
 /// Runs the session over `driver`'s connection and every later one until the session ends:
 /// each time the connection is lost and the session is detached, dials again (with a growing
-/// pause) and resumes it, until the grace period ends the session.
+/// pause) and resumes it, until the grace period ends the session. Returns how the last
+/// connection ended, or `None` when the grace period ran out while dialling.
 pub async fn keep_connected(
     tunnel: Tunnel,
     mut driver: monoio::task::JoinHandle<DriveOutcome>,
     dial: Dial,
-) {
+) -> Option<DriveOutcome> {
     loop {
         let outcome = driver.await;
         if !tunnel.is_detached() {
-            return;
+            return Some(outcome);
         }
         // A silent connection was noticed by the keepalive: the user has been waiting for
         // interval x count already, so say so at once.
@@ -65,12 +66,8 @@ pub async fn keep_connected(
             }
             _ => ("the proxy closed it".to_owned(), Duration::ZERO),
         };
-        let Some(conn) = redial(&tunnel, &dial, &why, paused).await else {
-            return;
-        };
-        if tunnel.reattach().is_err() {
-            return;
-        }
+        let conn = redial(&tunnel, &dial, &why, paused).await?;
+        tunnel.reattach().ok()?;
         let driven = tunnel.clone();
         driver = monoio::spawn(async move { mux::drive(&driven, conn, BytesMut::new()).await });
     }

@@ -224,3 +224,56 @@ fn agent_tunnel_resumes_when_the_agent_notices_a_dead_link_first() {
     );
     eprintln!("8 MiB across the agent's silent link loss in {elapsed:?}");
 }
+
+#[test]
+fn forward_streams_survive_a_cut_connection() {
+    let echo = echo_server();
+    let cluster = cluster(echo);
+    let relay = Relay::start(&cluster.listen[0]);
+    let home = cluster.tmp.path().join("home-relay");
+    cluster.login(&home, &relay.addr.to_string());
+    let mut child = Command::new(CLIENT)
+        .args(["forward", "--listen", "127.0.0.1:0", "node-f", "echo"])
+        .env("REMOTELER_HOME", &home)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = lines(child.stdout.take().unwrap());
+    let err = lines(child.stderr.take().unwrap());
+    let _forward = Reaped(child);
+    let ready = wait_line(&out, "forwarding", |l| l.starts_with("forwarding "));
+    let addr: std::net::SocketAddr = ready.split_whitespace().nth(1).unwrap().parse().unwrap();
+
+    // One local connection, open across the cut: its stream resumes with the session.
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let data = pattern(2 << 20);
+    let (first, second) = data.split_at(1 << 20);
+    let mut back = vec![0u8; first.len()];
+    conn.write_all(first).unwrap();
+    conn.read_exact(&mut back).unwrap();
+    assert!(back == first, "echo before the cut differs");
+    relay.cut();
+    conn.write_all(second).unwrap();
+    let mut back = vec![0u8; second.len()];
+    conn.read_exact(&mut back).unwrap();
+    assert!(back == second, "echo after the cut differs");
+    assert!(
+        relay.accepted.load(Ordering::SeqCst) >= 2,
+        "the forward did not reconnect"
+    );
+    let resumed = audit_records(&cluster, "user.resumed", 1);
+    assert_eq!(resumed.len(), 1, "{resumed:?}");
+    drop(conn);
+    let ended: Vec<String> = err
+        .try_iter()
+        .filter(|l| l.contains("connection to the proxy ended"))
+        .collect();
+    assert!(
+        ended.is_empty(),
+        "the session ended instead of resuming: {ended:?}"
+    );
+}
