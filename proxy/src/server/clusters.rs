@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use config::TrustedCluster;
-use frame::{Announce, ErrorCode, NodeInfo, Role, Session, SessionConfig};
+use frame::{Announce, ErrorCode, NodeInfo, Role, Session};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tunnel::control::{
     ALPN_CLUSTER_JOIN, ALPN_TUNNEL, ClusterJoinRequest, JoinResponse, Reply, read_reply, write_line,
@@ -35,7 +35,7 @@ use tunnel::tls::TlsConnection;
 
 use super::Handoff;
 use super::control::{FAILURE_DELAY, error, read_request, reply};
-use super::resume::{self, Detached};
+use super::resume;
 use super::sessions::outcome_reason;
 use super::tunnels::peek_hello;
 use super::{Context, Stats};
@@ -491,25 +491,18 @@ pub(super) async fn serve_cluster_tunnel(
                 "cluster": leaf, "peer": peer.to_string(), "tunnel_id": id, "reason": reason,
             }),
         );
-        let waiting = Rc::new(Detached::new(tunnel.clone(), leaf.clone()));
-        ctx.detached_clusters
-            .borrow_mut()
-            .insert(session, waiting.clone());
-        let next = Box::pin(waiting.wait()).await;
-        {
-            let mut detached = ctx.detached_clusters.borrow_mut();
-            if detached
-                .get(&session)
-                .is_some_and(|w| Rc::ptr_eq(w, &waiting))
-            {
-                detached.remove(&session);
-            }
-        }
-        let Some((conn, input, new_peer)) = next else {
-            break match waiting.cancelled() {
-                Some(c) => format!("{reason}; not resumed: {}", c.why),
-                None => format!("{reason}; not resumed within resume.grace ({grace:?})"),
-            };
+        let next = resume::await_resume(
+            &ctx.detached_clusters,
+            session,
+            &tunnel,
+            &leaf,
+            &reason,
+            grace,
+        )
+        .await;
+        let (conn, input, new_peer) = match next {
+            Ok(transport) => transport,
+            Err((why, _)) => break why,
         };
         if let Err(e) = tunnel.reattach() {
             break format!("{reason}; cannot resume: {e}");
@@ -899,13 +892,7 @@ async fn tunnel_once(
     let (tunnel, server, mut announced) = match resumable {
         Some(old) => (old.tunnel, old.server, old.announced),
         None => {
-            let mut session = SessionConfig::new(Role::Cluster, true);
-            session.initial_window = config.flow.window();
-            session.max_frame = config.flow.max_frame();
-            session.max_streams = config.limits.max_streams_per_tunnel;
-            session.max_pending_opens = config.limits.max_pending_opens;
-            session.keepalive_interval = config.keepalive.interval;
-            session.keepalive_count = config.keepalive.count;
+            let mut session = ctx.session_config_as(Role::Cluster, true);
             session.resume_grace = config.resume.grace;
             let id = util::random_bytes::<16>().unwrap_or_default();
             let tunnel = Tunnel::new(Session::new(session, id, Instant::now()));

@@ -474,8 +474,14 @@ impl std::fmt::Debug for Context {
 impl Context {
     /// Session settings for the proxy's side of a tunnel or user connection.
     pub fn session_config(&self) -> SessionConfig {
+        self.session_config_as(Role::Proxy, false)
+    }
+
+    /// Session settings from the configuration for a session in `role` (the proxy's own
+    /// side, or a leaf's cluster tunnel to its root, which dials), without resumption.
+    pub fn session_config_as(&self, role: Role, dialer: bool) -> SessionConfig {
         let c = &self.config;
-        let mut s = SessionConfig::new(Role::Proxy, false);
+        let mut s = SessionConfig::new(role, dialer);
         s.initial_window = c.flow.window();
         s.max_frame = c.flow.max_frame();
         s.max_streams = c.limits.max_streams_per_tunnel;
@@ -553,6 +559,15 @@ impl Context {
                     && c.tunnel.peer_id() == Some(session_id)
             })
             .map(|c| c.tunnel.clone())
+    }
+
+    /// This core's users' connections.
+    fn user_tunnel_handles(&self) -> Vec<Tunnel> {
+        self.user_tunnels
+            .borrow()
+            .values()
+            .map(|c| c.tunnel.clone())
+            .collect()
     }
 
     fn remove_user_tunnel(&self, id: u64) {
@@ -1097,12 +1112,7 @@ async fn drain(ctx: &Rc<Context>) {
             .tunnel
             .close(ErrorCode::GOING_AWAY, "proxy shutting down");
     }
-    let users: Vec<Tunnel> = ctx
-        .user_tunnels
-        .borrow()
-        .values()
-        .map(|c| c.tunnel.clone())
-        .collect();
+    let users = ctx.user_tunnel_handles();
     for t in &users {
         t.goaway("proxy shutting down");
     }
@@ -1119,12 +1129,7 @@ async fn drain(ctx: &Rc<Context>) {
     // Users first, with a code that ends their session at once (a GOAWAY GOING_AWAY only
     // says "draining") and a reason they can act on; closing the tunnels first would reach
     // them as "node side: stream reset" instead.
-    let users: Vec<Tunnel> = ctx
-        .user_tunnels
-        .borrow()
-        .values()
-        .map(|c| c.tunnel.clone())
-        .collect();
+    let users = ctx.user_tunnel_handles();
     let why = format!(
         "the proxy stopped: sessions still open when its drain timeout ({}s, `drain.timeout`) \
          passed are closed; connect again",

@@ -7,6 +7,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::poll_fn;
+use std::hash::Hash;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::{Mutex, PoisonError};
@@ -41,10 +42,10 @@ pub struct Detached {
 
 /// Why a detached session stopped waiting before its grace period ended.
 #[derive(Debug, Clone)]
-pub(super) struct Cancelled {
-    pub why: String,
+struct Cancelled {
+    why: String,
     /// A new session of the same peer took its place.
-    pub replaced: bool,
+    replaced: bool,
 }
 
 impl std::fmt::Debug for Detached {
@@ -57,7 +58,7 @@ impl std::fmt::Debug for Detached {
 }
 
 impl Detached {
-    pub(super) fn new(tunnel: Tunnel, owner: String) -> Self {
+    fn new(tunnel: Tunnel, owner: String) -> Self {
         Detached {
             tunnel,
             owner,
@@ -96,7 +97,7 @@ impl Detached {
         });
     }
 
-    pub(super) fn cancelled(&self) -> Option<Cancelled> {
+    fn cancelled(&self) -> Option<Cancelled> {
         self.cancelled.borrow().clone()
     }
 
@@ -108,7 +109,7 @@ impl Detached {
     }
 
     /// The new connection, or `None` once cancelled or expired (the grace period ended it).
-    pub(super) async fn wait(&self) -> Option<Transport> {
+    async fn wait(&self) -> Option<Transport> {
         let handed_over = poll_fn(|cx| {
             if let Some(t) = self.slot.borrow_mut().take() {
                 return Poll::Ready(Some(t));
@@ -124,6 +125,36 @@ impl Detached {
             _ = self.tunnel.expire_while_detached() => None,
         }
     }
+}
+
+/// Waits, detached, for the peer of `tunnel` (`owner`) to come back: registered under `key` in
+/// `waiting` (where the peer's next connection looks for it) until a connection is handed
+/// over, the wait is cancelled, or the grace period ends the session. The error says why it
+/// was not resumed, for the disconnect record; with it, whether a new session replaced it.
+pub(super) async fn await_resume<K: Hash + Eq + Clone>(
+    waiting: &RefCell<HashMap<K, Rc<Detached>>>,
+    key: K,
+    tunnel: &Tunnel,
+    owner: &str,
+    reason: &str,
+    grace: Duration,
+) -> Result<Transport, (String, bool)> {
+    let detached = Rc::new(Detached::new(tunnel.clone(), owner.to_owned()));
+    waiting.borrow_mut().insert(key.clone(), detached.clone());
+    let next = Box::pin(detached.wait()).await;
+    {
+        let mut waiting = waiting.borrow_mut();
+        if waiting.get(&key).is_some_and(|w| Rc::ptr_eq(w, &detached)) {
+            waiting.remove(&key);
+        }
+    }
+    next.ok_or_else(|| match detached.cancelled() {
+        Some(c) => (format!("{reason}; not resumed: {}", c.why), c.replaced),
+        None => (
+            format!("{reason}; not resumed within resume.grace ({grace:?})"),
+            false,
+        ),
+    })
 }
 
 /// Finds the session a reconnecting peer asks to resume: detached already (`detached`

@@ -17,7 +17,7 @@ use tunnel::mux::{DriveOutcome, Incoming, StreamError, drive};
 use tunnel::tls::TlsConnection;
 
 use super::Context;
-use super::resume::{self, Detached};
+use super::resume;
 use crate::directory::{ClusterRoute, Route};
 use crate::splice::{self, SpliceOutcome};
 use crate::util;
@@ -156,20 +156,11 @@ pub(super) async fn serve_session(
                 "client_addr": peer.to_string(), "reason": reason,
             }),
         );
-        let waiting = Rc::new(Detached::new(tunnel.clone(), owner.clone()));
-        ctx.detached_users.borrow_mut().insert(id, waiting.clone());
-        let next = Box::pin(waiting.wait()).await;
-        {
-            let mut detached = ctx.detached_users.borrow_mut();
-            if detached.get(&id).is_some_and(|w| Rc::ptr_eq(w, &waiting)) {
-                detached.remove(&id);
-            }
-        }
-        let Some((conn, input, new_peer)) = next else {
-            break match waiting.cancelled() {
-                Some(c) => format!("{reason}; not resumed: {}", c.why),
-                None => format!("{reason}; not resumed within resume.grace ({grace:?})"),
-            };
+        let next =
+            resume::await_resume(&ctx.detached_users, id, &tunnel, &owner, &reason, grace).await;
+        let (conn, input, new_peer) = match next {
+            Ok(transport) => transport,
+            Err((why, _)) => break why,
         };
         if let Err(e) = tunnel.reattach() {
             break format!("{reason}; cannot resume: {e}");

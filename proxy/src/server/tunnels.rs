@@ -10,7 +10,7 @@ use tunnel::identity::PeerIdentity;
 use tunnel::mux::{DriveOutcome, Tunnel, drive};
 use tunnel::tls::TlsConnection;
 
-use super::resume::{self, Detached};
+use super::resume;
 use super::sessions::outcome_reason;
 use super::{Context, Stats};
 use crate::directory::TunnelEntry;
@@ -293,24 +293,14 @@ pub(super) async fn serve_tunnel(
                 "node": node, "peer": peer.to_string(), "tunnel_id": id, "reason": reason,
             }),
         );
-        let waiting = Rc::new(Detached::new(tunnel.clone(), node.clone()));
-        ctx.detached
-            .borrow_mut()
-            .insert(node.clone(), waiting.clone());
-        let next = Box::pin(waiting.wait()).await;
-        {
-            let mut detached = ctx.detached.borrow_mut();
-            if detached.get(&node).is_some_and(|w| Rc::ptr_eq(w, &waiting)) {
-                detached.remove(&node);
+        let next =
+            resume::await_resume(&ctx.detached, node.clone(), &tunnel, &node, &reason, grace).await;
+        let (conn, input, new_peer) = match next {
+            Ok(transport) => transport,
+            Err((why, replaced)) => {
+                replaced_while_detached = Some(replaced);
+                break why;
             }
-        }
-        let Some((conn, input, new_peer)) = next else {
-            let cancelled = waiting.cancelled();
-            replaced_while_detached = Some(cancelled.as_ref().is_some_and(|c| c.replaced));
-            break match cancelled {
-                Some(c) => format!("{reason}; not resumed: {}", c.why),
-                None => format!("{reason}; not resumed within resume.grace ({grace:?})"),
-            };
         };
         if let Err(e) = tunnel.reattach() {
             break format!("{reason}; cannot resume: {e}");
