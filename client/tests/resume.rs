@@ -232,19 +232,8 @@ fn forward_streams_survive_a_cut_connection() {
     let relay = Relay::start(&cluster.listen[0]);
     let home = cluster.tmp.path().join("home-relay");
     cluster.login(&home, &relay.addr.to_string());
-    let mut child = Command::new(CLIENT)
-        .args(["forward", "--listen", "127.0.0.1:0", "node-f", "echo"])
-        .env("REMOTELER_HOME", &home)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = lines(child.stdout.take().unwrap());
-    let err = lines(child.stderr.take().unwrap());
-    let _forward = Reaped(child);
-    let ready = wait_line(&out, "forwarding", |l| l.starts_with("forwarding "));
-    let addr: std::net::SocketAddr = ready.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let (_forward, addr, err) =
+        common::forward_from(&home, &["--listen", "127.0.0.1:0", "node-f", "echo"]);
 
     // One local connection, open across the cut: its stream resumes with the session.
     let mut conn = std::net::TcpStream::connect(addr).unwrap();

@@ -169,22 +169,28 @@ impl Cluster {
 
     /// `remoteler forward ARGS...`, its stdout readiness line read: (child, address, stderr).
     pub fn forward(&self, args: &[&str]) -> (Reaped, SocketAddr, Receiver<String>) {
-        let mut child = Command::new(CLIENT)
-            .arg("forward")
-            .args(args)
-            .env("REMOTELER_HOME", self.home())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = lines(child.stdout.take().unwrap());
-        let err = lines(child.stderr.take().unwrap());
-        let child = Reaped(child);
-        let ready = wait_line(&out, "forwarding", |l| l.starts_with("forwarding "));
-        let addr = ready.split_whitespace().nth(1).unwrap().parse().unwrap();
-        (child, addr, err)
+        forward_from(&self.home(), args)
     }
+}
+
+/// `remoteler forward ARGS...` with the login in `home`, its stdout readiness line read:
+/// (child, address, stderr).
+pub fn forward_from(home: &Path, args: &[&str]) -> (Reaped, SocketAddr, Receiver<String>) {
+    let mut child = Command::new(CLIENT)
+        .arg("forward")
+        .args(args)
+        .env("REMOTELER_HOME", home)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = lines(child.stdout.take().unwrap());
+    let err = lines(child.stderr.take().unwrap());
+    let child = Reaped(child);
+    let ready = wait_line(&out, "forwarding", |l| l.starts_with("forwarding "));
+    let addr = ready.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (child, addr, err)
 }
 
 /// `remoteler-proxy start` on `listen` (users, tunnels, auth); waits for its `ready` line.
