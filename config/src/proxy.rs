@@ -31,6 +31,9 @@ pub struct ProxyConfig {
     pub data_dir: PathBuf,
     /// `workers`: how many cores run a runtime.
     pub workers: Workers,
+    /// `pin_workers`: bind worker thread N to the Nth CPU the process may run on (a dedicated
+    /// appliance); default false (a shared host's scheduler knows better).
+    pub pin_workers: bool,
     /// `[listen]`: the four listeners.
     pub listen: ListenConfig,
     /// `[keepalive]`: liveness of tunnels and user connections.
@@ -94,6 +97,7 @@ impl ProxyConfig {
             },
             data_dir,
             workers: Workers::AllCores,
+            pin_workers: false,
             listen: ListenConfig::default(),
             keepalive: KeepaliveConfig::default(),
             flow: FlowConfig::default(),
@@ -329,6 +333,7 @@ pub(crate) struct RawProxyConfig {
     cluster_name: Option<String>,
     data_dir: Option<PathBuf>,
     workers: Option<i64>,
+    pin_workers: Option<bool>,
     #[serde(default)]
     listen: RawListen,
     #[serde(default)]
@@ -464,6 +469,7 @@ impl TryFrom<RawProxyConfig> for ProxyConfig {
             cluster_name,
             data_dir,
             workers,
+            pin_workers: raw.pin_workers.unwrap_or(false),
             listen: ListenConfig::try_from(raw.listen).within("listen")?,
             keepalive: KeepaliveConfig::try_from(raw.keepalive).within("keepalive")?,
             flow: FlowConfig::try_from(raw.flow).within("flow")?,

@@ -926,3 +926,41 @@ async fn agent_unchecked(proxy: &Proxy, cred: &Credential) -> tunnel::mux::Tunne
         .unwrap();
     run_session(conn, Role::Agent).0
 }
+
+/// The CPUs in a `Cpus_allowed_list:` line of a /proc status file.
+fn allowed_cpus(status: &str) -> Vec<usize> {
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap();
+    let mut cpus = Vec::new();
+    for part in list.trim().split(',') {
+        let (from, to) = part.split_once('-').unwrap_or((part, part));
+        cpus.extend(from.parse::<usize>().unwrap()..=to.parse::<usize>().unwrap());
+    }
+    cpus
+}
+
+#[test]
+fn pinned_workers_run_on_their_own_cpus() {
+    let ours = allowed_cpus(&std::fs::read_to_string("/proc/self/status").unwrap());
+    let proxy = Proxy::start(Some("workers = 2\npin_workers = true\n"));
+    let tasks = std::path::Path::new("/proc")
+        .join(proxy.child.id().to_string())
+        .join("task");
+    let mut pinned = Vec::new();
+    for task in std::fs::read_dir(tasks).unwrap() {
+        let task = task.unwrap().path();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap();
+        let Some(core) = name.trim().strip_prefix("core-") else {
+            continue;
+        };
+        let core: usize = core.parse().unwrap();
+        let cpus = allowed_cpus(&std::fs::read_to_string(task.join("status")).unwrap());
+        assert_eq!(cpus, vec![ours[core % ours.len()]], "worker core-{core}");
+        pinned.push(core);
+    }
+    pinned.sort_unstable();
+    assert_eq!(pinned, vec![0, 1], "both workers found and pinned");
+    assert!(proxy.log().contains("worker pinned to its CPU"), "{}", proxy.log());
+}

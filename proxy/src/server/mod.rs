@@ -839,6 +839,9 @@ fn worker(
         }
     };
     shared.stats.register_core_thread(core);
+    if shared.config.pin_workers {
+        pin_to_cpu(core);
+    }
     runtime.block_on(async move {
         let started = serve_core(core, shared, listeners, admin, inbox).await;
         let (ctx, loops) = match started {
@@ -860,6 +863,46 @@ fn worker(
         tracing::debug!(core, "core stopped");
         Ok(())
     })
+}
+
+/// Binds this thread (worker `core`) to the `core`th CPU the process may run on, so that a
+/// worker keeps its caches and its interrupts' CPU (`pin_workers`). A failure is logged: the
+/// worker runs unpinned.
+fn pin_to_cpu(core: usize) {
+    let allowed = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(parse_cpu_list)
+        })
+        .unwrap_or_default();
+    let Some(&cpu) = allowed.get(core % allowed.len().max(1)) else {
+        tracing::warn!(
+            core,
+            "pin_workers: cannot read the CPUs this process may use; not pinned"
+        );
+        return;
+    };
+    match monoio::utils::bind_to_cpu_set([cpu]) {
+        Ok(()) => tracing::info!(core, cpu, "worker pinned to its CPU (`pin_workers`)"),
+        Err(e) => {
+            tracing::warn!(core, cpu, error = %e, "pin_workers: cannot pin the worker; it runs unpinned")
+        }
+    }
+}
+
+/// `0-3,8,10-11` (as in /proc/self/status) to the CPU numbers, in order.
+fn parse_cpu_list(text: &str) -> Vec<usize> {
+    let mut cpus = Vec::new();
+    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
+        let (from, to) = part.split_once('-').unwrap_or((part, part));
+        if let (Ok(from), Ok(to)) = (from.trim().parse::<usize>(), to.trim().parse::<usize>()) {
+            cpus.extend(from..=to.min(from + 4096));
+        }
+    }
+    cpus
 }
 
 /// Builds core `core`'s context and starts its accept loops, its inbox and (core 0) the
@@ -1453,4 +1496,17 @@ async fn refuse_frames(
         drive(&tunnel, conn, BytesMut::new()),
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_cpu_list;
+
+    #[test]
+    fn cpu_lists_as_the_kernel_writes_them() {
+        assert_eq!(parse_cpu_list("0-3,8,10-11\n"), vec![0, 1, 2, 3, 8, 10, 11]);
+        assert_eq!(parse_cpu_list("5"), vec![5]);
+        assert_eq!(parse_cpu_list(""), Vec::<usize>::new());
+        assert_eq!(parse_cpu_list("x,2"), vec![2]);
+    }
 }
