@@ -8,7 +8,9 @@
 # killed with -9 mid-transfer, a link cut longer than the grace, random packet loss.
 # Environment: FAULTS_GRACE (s, default 20), FAULTS_MIB (copy size, default 64),
 # FAULTS_LOSS (drop probability, default 0.05; 0 skips the loss scenario), FAULTS_CUT (the
-# short cut, s, default 10; keep it under the grace minus about 9 s).
+# short cut, s, default 10; keep it under the grace minus about 9 s), FAULTS_NS and FAULTS_NET
+# (the site's namespace and the first three octets of its /30, default flt-f1 and 10.84.0).
+# Files the nodes write go to the work directory (the namespaces share the host's filesystem).
 source "$(dirname "$0")/lib.sh"
 trap cleanup EXIT
 ensure_packages
@@ -23,7 +25,9 @@ LOSS=${FAULTS_LOSS:-0.05}
 # the smaller of the two.
 CUT=${FAULTS_CUT:-10}
 TICKS_N=$((CUT + 30))
-NS=flt-f1; HOST_IP=10.84.0.1; SITE_IP=10.84.0.2
+# The site's namespace and its /30 (FAULTS_NS, FAULTS_NET): two runs on one machine need
+# different ones.
+NS=${FAULTS_NS:-flt-f1}; NET=${FAULTS_NET:-10.84.0}; HOST_IP=$NET.1; SITE_IP=$NET.2
 ok() { echo "ok - $*"; }
 check() { local what=$1; shift; "$@" || fail "$what"; ok "$what"; }
 sum() { sha256sum | cut -d' ' -f1; }
@@ -135,7 +139,7 @@ say "1. link cut (${CUT} s) shorter than resume.grace (${GRACE} s) during a ${MI
 # Throttled to about 4 MiB/s so the copy is still running when the link goes.
 DETACHED0=$(audit_count tunnel.detached); RESUMED0=$(audit_count tunnel.resumed)
 (pv_slow() { local i; for ((i = 0; i < MIB; i++)); do dd if="$WORK/blob" bs=1M skip="$i" count=1 status=none; sleep 0.25; done; }; pv_slow) \
-  | S node-f1 "cat > /tmp/flt-up" 2>"$WORK/s1-copy.err" &
+  | S node-f1 "cat > $WORK/flt-up" 2>"$WORK/s1-copy.err" &
 COPY=$!
 S node-f1 "for i in \$(seq 1 $TICKS_N); do echo tick \$i; sleep 1; done" >"$WORK/s1-ticks" 2>"$WORK/s1-ticks.err" &
 TICKS=$!
@@ -147,8 +151,8 @@ link_up
 t "link up"
 wait "$COPY" || { cat "$WORK/s1-copy.err"; fail "the ssh copy failed across a $CUT s outage"; }
 t "copy done"
-check "${MIB} MiB copied across a $CUT s outage arrive byte-exact" test "$(S node-f1 "sha256sum < /tmp/flt-up" | cut -d' ' -f1)" = "$SUM"
-S node-f1 "rm -f /tmp/flt-up"
+check "${MIB} MiB copied across a $CUT s outage arrive byte-exact" test "$(S node-f1 "sha256sum < $WORK/flt-up" | cut -d' ' -f1)" = "$SUM"
+S node-f1 "rm -f $WORK/flt-up"
 wait "$TICKS" || { cat "$WORK/s1-ticks.err"; fail "the ticking session failed across the outage"; }
 check "the ticking session printed all $TICKS_N lines in order" \
   test "$(cat "$WORK/s1-ticks")" = "$(for i in $(seq 1 "$TICKS_N"); do echo "tick $i"; done)"
@@ -184,10 +188,10 @@ STALLED=$!
 sleep 2
 kill -STOP "$STALLED"
 sleep 2
-copy_watching_rss /tmp/flt-up2 "a stalled reader"
+copy_watching_rss $WORK/flt-up2 "a stalled reader"
 t "copy took $TOOK s; proxy RSS ${RSS0} KiB before, ${MAXRSS} KiB at most"
-check "${MIB} MiB beside a stalled reader arrive byte-exact" test "$(S node-f1 "sha256sum < /tmp/flt-up2" | cut -d' ' -f1)" = "$SUM"
-S node-f1 "rm -f /tmp/flt-up2"
+check "${MIB} MiB beside a stalled reader arrive byte-exact" test "$(S node-f1 "sha256sum < $WORK/flt-up2" | cut -d' ' -f1)" = "$SUM"
+S node-f1 "rm -f $WORK/flt-up2"
 check "the proxy's RSS stayed under 200 MiB (${MAXRSS} KiB)" test "$MAXRSS" -lt $((200 * 1024))
 check "the stalled session is still there" kill -0 "$STALLED"
 kill -CONT "$STALLED"; kill "$STALLED" 2>/dev/null || true; wait "$STALLED" 2>/dev/null || true
@@ -219,7 +223,7 @@ bg forward "$C" forward --listen "127.0.0.1:$FWD_PORT" node-f1 zero >/dev/null
 wait_for "the forward to listen" 10 bash -c "exec 3<>/dev/tcp/127.0.0.1/$FWD_PORT"
 # Baseline: the same copy with no stalled stream.
 START=$SECONDS
-S node-f1 "cat > /tmp/flt-up2b" <"$WORK/blob" || fail "the baseline copy failed"
+S node-f1 "cat > $WORK/flt-up2b" <"$WORK/blob" || fail "the baseline copy failed"
 BASE=$((SECONDS - START))
 python3 -c 'import socket, sys, time
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
@@ -227,11 +231,11 @@ time.sleep(600)' "$FWD_PORT" &
 NOREAD=$!
 wait_for "the zero server to start sending" 10 test -s "$WORK/zero.sent"
 sleep 3
-copy_watching_rss /tmp/flt-up2b "an unread stream"
+copy_watching_rss $WORK/flt-up2b "an unread stream"
 SENT1=$(cat "$WORK/zero.sent"); sleep 2; SENT2=$(cat "$WORK/zero.sent")
 t "copy took ${TOOK} s (${BASE} s alone); the unread stream took ${SENT2} bytes from its server; proxy RSS ${RSS0} KiB before, ${MAXRSS} KiB at most"
-check "${MIB} MiB beside an unread stream arrive byte-exact" test "$(S node-f1 "sha256sum < /tmp/flt-up2b" | cut -d' ' -f1)" = "$SUM"
-S node-f1 "rm -f /tmp/flt-up2b"
+check "${MIB} MiB beside an unread stream arrive byte-exact" test "$(S node-f1 "sha256sum < $WORK/flt-up2b" | cut -d' ' -f1)" = "$SUM"
+S node-f1 "rm -f $WORK/flt-up2b"
 check "the copy beside the unread stream kept its pace (${TOOK} s against ${BASE} s alone)" test "$TOOK" -le $((BASE * 3 + 5))
 check "the unread stream is stalled (its server sent nothing more in 2 s)" test "$SENT1" = "$SENT2"
 check "the unread stream holds at most window + socket buffers (${SENT2} bytes < 48 MiB)" test "$SENT2" -lt $((48 * 1024 * 1024))
@@ -241,12 +245,12 @@ kill "$NOREAD" 2>/dev/null || true; wait "$NOREAD" 2>/dev/null || true
 ###############################################################################
 say "3. agent killed with -9 during a ${MIB} MiB copy, another session goes on"
 (for ((i = 0; i < MIB; i++)); do dd if="$WORK/blob" bs=1M skip="$i" count=1 status=none; sleep 0.2; done) \
-  | S node-s "cat > /tmp/flt-s" 2>"$WORK/s3-other.err" &
+  | S node-s "cat > $WORK/flt-s" 2>"$WORK/s3-other.err" &
 OTHER=$!
 # Both copies throttled (node-s to 5 MiB/s, node-f1 to 10 MiB/s), so both are mid-transfer
 # at the kill and node-s's long after it.
 (for ((i = 0; i < MIB; i++)); do dd if="$WORK/blob" bs=1M skip="$i" count=1 status=none; sleep 0.1; done) \
-  | S node-f1 "cat > /tmp/flt-up3" 2>"$WORK/s3-victim.err" &
+  | S node-f1 "cat > $WORK/flt-up3" 2>"$WORK/s3-victim.err" &
 VICTIM=$!
 sleep 2
 t "kill -9 the agent"
@@ -286,9 +290,9 @@ check "the victim ended when the new tunnel replaced the stale one, not at the e
   test "$VICTIM_END" -lt $((GRACE - 4))
 check "ssh's stderr says why the session ended" grep -Eqi 'resume|replaced|restarted' "$WORK/s3-victim.err"
 wait "$OTHER" || { cat "$WORK/s3-other.err"; fail "the copy to node-s failed while node-f1's agent died"; }
-check "the other session (node-s) kept going: ${MIB} MiB byte-exact" test "$(S node-s "sha256sum < /tmp/flt-s" | cut -d' ' -f1)" = "$SUM"
-S node-s "rm -f /tmp/flt-s"
-S node-f1 "rm -f /tmp/flt-up3"
+check "the other session (node-s) kept going: ${MIB} MiB byte-exact" test "$(S node-s "sha256sum < $WORK/flt-s" | cut -d' ' -f1)" = "$SUM"
+S node-s "rm -f $WORK/flt-s"
+S node-f1 "rm -f $WORK/flt-up3"
 # The stale tunnel's record says what happened to it: replaced, not timed out.
 stale_record() { grep '"tunnel.disconnect"' "$AUDIT" | grep -q '"replaced":true' && grep '"tunnel.disconnect"' "$AUDIT" | grep '"replaced":true' | tail -1 >"$WORK/s3-disconnect"; }
 wait_for "the stale tunnel's tunnel.disconnect in the audit log" 5 stale_record
@@ -338,7 +342,7 @@ if [ "$LOSS" != 0 ]; then
   ip netns exec "$NS" iptables -I INPUT -i eth0 -m statistic --mode random --probability "$LOSS" -j DROP
   ip netns exec "$NS" iptables -I OUTPUT -o eth0 -m statistic --mode random --probability "$LOSS" -j DROP
   START=$SECONDS
-  timeout 180 bash -c "ssh -F '$WORK/ssh_config' node-f1 'cat > /tmp/flt-loss' <'$WORK/blob16'" \
+  timeout 180 bash -c "ssh -F '$WORK/ssh_config' node-f1 'cat > $WORK/flt-loss' <'$WORK/blob16'" \
     || fail "the copy under ${LOSS} loss failed"
   DROPPED=$(ip netns exec "$NS" iptables -L INPUT -v -n -x | awk '/statistic/ {print $1}')
   ip netns exec "$NS" iptables -D INPUT -i eth0 -m statistic --mode random --probability "$LOSS" -j DROP
@@ -346,8 +350,8 @@ if [ "$LOSS" != 0 ]; then
   t "16 MiB under loss took $((SECONDS - START)) s; ${DROPPED} packets dropped on the way in"
   check "the loss rule really dropped packets" test "${DROPPED:-0}" -gt 0
   check "16 MiB under ${LOSS} packet loss arrive byte-exact" \
-    test "$(S node-f1 "sha256sum < /tmp/flt-loss" | cut -d' ' -f1)" = "$(sum <"$WORK/blob16")"
-  S node-f1 "rm -f /tmp/flt-loss"
+    test "$(S node-f1 "sha256sum < $WORK/flt-loss" | cut -d' ' -f1)" = "$(sum <"$WORK/blob16")"
+  S node-f1 "rm -f $WORK/flt-loss"
 fi
 
 kill "$PROXY_PID"; gone "$PROXY_PID"
