@@ -5,11 +5,16 @@
 #   node-s   sshd on the host, listed in the proxy's config ([[nodes]]), dialled directly
 # Scenarios (docs/faults.md): a link cut shorter than resume.grace (sessions resume byte-exact),
 # a stalled reader beside a bulk copy on the same tunnel (bounded proxy memory), an agent
-# killed with -9 mid-transfer, a link cut longer than the grace, random packet loss.
+# killed with -9 mid-transfer, a link cut longer than the grace, random packet loss; then,
+# with the agent's tunnel through a userspace relay: 100 ms of round trip, a stall shorter
+# than the keepalive's detection, a stall longer than it (the agent resumes over a new
+# connection while the old one stays frozen).
 # Environment: FAULTS_GRACE (s, default 20), FAULTS_MIB (copy size, default 64),
 # FAULTS_LOSS (drop probability, default 0.05; 0 skips the loss scenario), FAULTS_CUT (the
 # short cut, s, default 10; keep it under the grace minus about 9 s), FAULTS_NS and FAULTS_NET
-# (the site's namespace and the first three octets of its /30, default flt-f1 and 10.84.0).
+# (the site's namespace and the first three octets of its /30, default flt-f1 and 10.84.0),
+# FAULTS_STALL (the long stall, s, default 8; more than 6, less than the grace) and
+# FAULTS_STALL_AGENT_COUNT (the agent's keepalive count during it, default 4).
 # Files the nodes write go to the work directory (the namespaces share the host's filesystem).
 source "$(dirname "$0")/lib.sh"
 trap cleanup EXIT
@@ -24,6 +29,10 @@ LOSS=${FAULTS_LOSS:-0.05}
 # The agent's [resume] grace is set to the proxy's: a stream survives an outage shorter than
 # the smaller of the two.
 CUT=${FAULTS_CUT:-10}
+# Scenario 8: the stall (more than the keepalive's 3-4 s and the agent's reconnect, less than
+# the grace) and the agent's keepalive count during it.
+STALL=${FAULTS_STALL:-8}
+STALL_AGENT_COUNT=${FAULTS_STALL_AGENT_COUNT:-4}
 TICKS_N=$((CUT + 30))
 # The site's namespace and its /30 (FAULTS_NS, FAULTS_NET): two runs on one machine need
 # different ones.
@@ -353,6 +362,172 @@ if [ "$LOSS" != 0 ]; then
     test "$(S node-f1 "sha256sum < $WORK/flt-loss" | cut -d' ' -f1)" = "$(sum <"$WORK/blob16")"
   S node-f1 "rm -f $WORK/flt-loss"
 fi
+
+###############################################################################
+# Scenarios 6-8 put a userspace relay (`remoteler-loadtest relay`, loadtest/src/relay.rs) in
+# the agent's path: the agent dials the relay on the host's side of the site's link, the
+# relay dials the proxy. It adds delay and jitter (no netem on this kernel) and stalls on
+# SIGUSR1: the connections open at that moment freeze both ways, nothing is closed, new
+# connections pass (a middlebox whose old flows went dead); SIGUSR2 releases them.
+RELAY_BIN="$BIN/remoteler-loadtest"
+(cd "$ROOT" && cargo build ${CARGO_PROFILE_FLAG:-} --locked -q -p loadtest)
+# The tunnel's TCP connection goes to port $1 (the relay's or the proxy's).
+tunnel_to() { [ -n "$(ip netns exec "$NS" ss -Htn state established "( dport = :$1 )")" ]; }
+# agent_config FILE: a new agent process with this config; its tunnel replaces the old one.
+agent_config() {
+  kill "$AGENT_PID"; gone "$AGENT_PID"
+  AGENT_LOGS=$((AGENT_LOGS + 1))
+  AGENT_PID=$(bg "agent-$AGENT_LOGS" ip netns exec "$NS" "$A" start --config "$1")
+}
+# relay_up NAME OPTIONS...: a relay with these options in front of the proxy's tunnel
+# listener, and the agent moved onto it (with keepalive count RELAY_AGENT_COUNT, default 3
+# as the proxy). Sets RELAY_PID and RELAY_OUT (its stdout: `listening ADDR`, then
+# `stalled N` / `resumed N`).
+relay_up() {
+  local name=$1 addr; shift
+  OPEN0=$(open_sessions)
+  RELAY_OUT="$WORK/$name.log"
+  RELAY_PID=$(bg "$name" "$RELAY_BIN" relay --listen "$HOST_IP:0" --to "$HOST_IP:$TUNNEL_PORT" "$@")
+  wait_for "the relay to listen" 10 grep -q '^listening ' "$RELAY_OUT"
+  addr=$(sed -n 's/^listening //p' "$RELAY_OUT")
+  sed "s|^proxy = .*|proxy = \"$addr\"|; s|^count = 3$|count = ${RELAY_AGENT_COUNT:-3}|" \
+    "$WORK/agent.toml" >"$WORK/agent-$name.toml"
+  agent_config "$WORK/agent-$name.toml"
+  RELAY_PORT=${addr##*:}
+  wait_for "node-f1's tunnel through the relay" 30 tunnel_through "$RELAY_PORT"
+}
+tunnel_through() { online node-f1 tunnel && tunnel_to "$1"; }
+# Sessions to node-f1 the proxy has not ended (audit session.start minus session.end).
+open_sessions() {
+  echo $(($(grep -c '"session.start".*"node":"node-f1"' "$AUDIT" || true) - $(grep -c '"session.end".*"node":"node-f1"' "$AUDIT" || true)))
+}
+sessions_closed() { [ "$(open_sessions)" -le "$OPEN0" ]; }
+# relay_down: once the sessions through the relay have closed (an ssh exits before its
+# stream's close has crossed the delayed link), the agent back on its own config (straight
+# to the proxy), the relay stopped.
+relay_down() {
+  wait_for "the sessions through the relay to close" 10 sessions_closed
+  agent_config "$WORK/agent.toml"
+  wait_for "node-f1's tunnel straight to the proxy" 30 tunnel_through "$TUNNEL_PORT"
+  kill "$RELAY_PID"; gone "$RELAY_PID"
+}
+# ticks N OUT: a session printing N lines a second apart; each line is stamped with the
+# time it arrived (for the longest gap).
+ticks() {
+  S node-f1 "for i in \$(seq 1 $1); do echo tick \$i; sleep 1; done" \
+    | while read -r line; do echo "$EPOCHREALTIME $line"; done >"$2"
+}
+ticks_in_order() { test "$(cut -d' ' -f2- "$2")" = "$(for i in $(seq 1 "$1"); do echo "tick $i"; done)"; }
+max_gap() { awk 'NR > 1 && $1 - p > m { m = $1 - p } { p = $1 } END { printf "%.1f", m }' "$1"; }
+since() { awk -v a="$1" -v b="${2:-$EPOCHREALTIME}" 'BEGIN { printf "%.1f", b - a }'; }
+# The time (Unix seconds) of the first EVENT record after the first $2 of them.
+audit_time() { date -d "$(grep "\"$1\"" "$AUDIT" | sed -n "$(($2 + 1))p" | grep -o '"time":"[^"]*"' | cut -d'"' -f4)" +%s.%N; }
+# The blob to node-f1 at about 13 MiB/s, so a copy spans a stall; the node's sha256 of what
+# it received goes to $1.
+paced_copy() { (for ((i = 0; i < MIB; i++)); do dd if="$WORK/blob" bs=1M skip="$i" count=1 status=none; sleep 0.06; done) | S node-f1 sha256sum >"$1"; }
+
+scenario_delay() {
+  say "6. 50 ms ± 10 ms each way (a 100 ms round trip) on the agent's link: a ${MIB} MiB copy and a ticking session"
+  relay_up s6-relay --delay 50ms --jitter 10ms
+  local start setup took mibs ticking copied
+  start=$EPOCHREALTIME
+  ticks 8 "$WORK/s6-ticks" 2>"$WORK/s6-ticks.err" &
+  ticking=$!
+  # The node hashes what it received: the check needs no second session.
+  copied=$(S node-f1 sha256sum <"$WORK/blob" 2>"$WORK/s6-copy.err") \
+    || { cat "$WORK/s6-copy.err"; fail "the copy through the delaying relay failed"; }
+  took=$(since "$start")
+  wait "$ticking" || { cat "$WORK/s6-ticks.err"; fail "the ticking session through the delaying relay failed"; }
+  setup=$(since "$start" "$(head -1 "$WORK/s6-ticks" | cut -d' ' -f1)")
+  mibs=$(awk -v m="$MIB" -v s="$took" 'BEGIN { printf "%.1f", m / s }')
+  t "${MIB} MiB in ${took} s (${mibs} MiB/s) at a 100 ms round trip; the ticking session's first line after ${setup} s; longest gap between ticks $(max_gap "$WORK/s6-ticks") s"
+  check "ssh's set-up took its round trips through the relay's delay (first line after ${setup} s >= 0.7 s)" \
+    awk -v s="$setup" 'BEGIN { exit !(s >= 0.7) }'
+  check "${MIB} MiB through 100 ms of round trip arrive byte-exact" test "${copied%% *}" = "$SUM"
+  check "the ticking session beside it printed all 8 lines in order" ticks_in_order 8 "$WORK/s6-ticks"
+  check "no tick waited over 2.5 s ($(max_gap "$WORK/s6-ticks") s at most)" \
+    awk -v g="$(max_gap "$WORK/s6-ticks")" 'BEGIN { exit !(g < 2.5) }'
+  relay_down
+}
+scenario_delay
+
+scenario_short_stall() {
+  say "7. a 2 s stall of the agent's link (less than keepalive 1 s x 3) during a copy and a ticking session"
+  relay_up s7-relay --delay 10ms --jitter 2ms
+  local detached0 connects0 copy ticking
+  detached0=$(audit_count tunnel.detached); connects0=$(audit_count tunnel.connect)
+  paced_copy "$WORK/s7-copied" 2>"$WORK/s7-copy.err" &
+  copy=$!
+  ticks 6 "$WORK/s7-ticks" 2>"$WORK/s7-ticks.err" &
+  ticking=$!
+  sleep 2
+  t "stall for 2 s"
+  kill -USR1 "$RELAY_PID"
+  wait_for "the relay to stall the tunnel" 5 grep -qx 'stalled 1' "$RELAY_OUT"
+  sleep 2
+  kill -USR2 "$RELAY_PID"
+  wait_for "the relay to resume" 5 grep -qx 'resumed 1' "$RELAY_OUT"
+  t "resumed"
+  wait "$copy" || { cat "$WORK/s7-copy.err"; fail "the copy across a 2 s stall failed"; }
+  wait "$ticking" || { cat "$WORK/s7-ticks.err"; fail "the ticking session across a 2 s stall failed"; }
+  t "copy and ticks done; longest gap between ticks $(max_gap "$WORK/s7-ticks") s"
+  check "the stall held the session up (longest gap between ticks $(max_gap "$WORK/s7-ticks") s >= 1.5 s)" \
+    awk -v g="$(max_gap "$WORK/s7-ticks")" 'BEGIN { exit !(g >= 1.5) }'
+  check "nothing detached during a stall shorter than keepalive x count (no new tunnel.detached)" \
+    test "$(audit_count tunnel.detached)" = "$detached0"
+  check "${MIB} MiB across the stall arrive byte-exact" test "$(cut -d' ' -f1 "$WORK/s7-copied")" = "$SUM"
+  check "the ticking session printed all 6 lines in order" ticks_in_order 6 "$WORK/s7-ticks"
+  check "the stalled connection still carries node-f1's tunnel (no new tunnel.connect)" \
+    test "$(audit_count tunnel.connect)" = "$connects0"
+  relay_down
+}
+scenario_short_stall
+
+scenario_long_stall() {
+  local stall=$STALL
+  say "8. the agent's connection stalled for ${stall} s (more than keepalive 1 s x 3, less than resume.grace): the agent reconnects through the relay and resumes"
+  # The agent's keepalive count is one above the proxy's, so the proxy always notices first:
+  # an agent that reconnects before the proxy noticed is taken for a new session and its
+  # streams are lost (docs/faults.md "Found"; FAULTS_STALL_AGENT_COUNT=2 shows it).
+  RELAY_AGENT_COUNT=$STALL_AGENT_COUNT relay_up s8-relay --delay 10ms --jitter 2ms
+  local detached0 resumed0 copy ticking at detect resume
+  detached0=$(audit_count tunnel.detached); resumed0=$(audit_count tunnel.resumed)
+  paced_copy "$WORK/s8-copied" 2>"$WORK/s8-copy.err" &
+  copy=$!
+  ticks $((STALL + 4)) "$WORK/s8-ticks" 2>"$WORK/s8-ticks.err" &
+  ticking=$!
+  sleep 2
+  t "stall the tunnel's connection for $stall s (new connections pass)"
+  at=$EPOCHREALTIME
+  kill -USR1 "$RELAY_PID"
+  wait_for "the relay to stall the tunnel" 5 grep -qx 'stalled 1' "$RELAY_OUT"
+  detached() { test "$(audit_count tunnel.detached)" -gt "$detached0"; }
+  resumed() { test "$(audit_count tunnel.resumed)" -gt "$resumed0"; }
+  wait_for "the proxy to detach the stalled tunnel" 6 detached
+  detect=$(since "$at" "$(audit_time tunnel.detached "$detached0")")
+  t "tunnel.detached ${detect} s after the stall began"
+  wait_for "the agent to resume through a new connection" "$stall" resumed
+  resume=$(since "$at" "$(audit_time tunnel.resumed "$resumed0")")
+  t "tunnel.resumed ${resume} s after the stall began"
+  check "the old connection is still stalled when the tunnel resumes" bash -c "! grep -q '^resumed' '$RELAY_OUT'"
+  sleep "$(awk -v s="$stall" -v a="$at" -v n="$EPOCHREALTIME" 'BEGIN { d = s - (n - a); print (d > 0 ? d : 0) }')"
+  kill -USR2 "$RELAY_PID"
+  wait_for "the relay to release the stalled connection" 5 grep -qx 'resumed 1' "$RELAY_OUT"
+  t "the old connection released: what it held goes on to the old sockets at both ends"
+  wait "$copy" || { cat "$WORK/s8-copy.err"; fail "the copy across a ${stall} s stall failed"; }
+  wait "$ticking" || { cat "$WORK/s8-ticks.err"; fail "the ticking session across a ${stall} s stall failed"; }
+  t "copy and ticks done; longest gap between ticks $(max_gap "$WORK/s8-ticks") s"
+  check "the proxy detected the dead tunnel within keepalive x (count + 1) + 1 s (${detect} s)" \
+    awk -v d="$detect" 'BEGIN { exit !(d <= 5) }'
+  check "the agent resumed through the relay before the stall ended (${resume} s)" \
+    awk -v d="$resume" -v s="$stall" 'BEGIN { exit !(d < s) }'
+  check "${MIB} MiB across the stall and the resume arrive byte-exact" test "$(cut -d' ' -f1 "$WORK/s8-copied")" = "$SUM"
+  check "the ticking session printed all $((STALL + 4)) lines in order" ticks_in_order $((STALL + 4)) "$WORK/s8-ticks"
+  check "the released stale connection detached nothing" test "$(audit_count tunnel.detached)" = $((detached0 + 1))
+  check "ssh node-f1 works after the stale connection came back" test "$(S node-f1 'echo $NODE_NAME')" = node-f1
+  relay_down
+}
+scenario_long_stall
 
 kill "$PROXY_PID"; gone "$PROXY_PID"
 say "faults: all checks passed in ${SECONDS} s"
