@@ -509,7 +509,12 @@ scenario_long_stall() {
   wait_for "the agent to resume through a new connection" "$stall" resumed
   resume=$(since "$at" "$(audit_time tunnel.resumed "$resumed0")")
   t "tunnel.resumed ${resume} s after the stall began"
-  check "the old connection is still stalled when the tunnel resumes" bash -c "! grep -q '^resumed' '$RELAY_OUT'"
+  # The proxy sees the relay's side of each connection: both from HOST_IP, the ports differ.
+  local old_peer new_peer
+  old_peer=$(grep '"tunnel.detached"' "$AUDIT" | sed -n "$((detached0 + 1))p" | grep -o '"peer":"[^"]*"')
+  new_peer=$(grep '"tunnel.resumed"' "$AUDIT" | sed -n "$((resumed0 + 1))p" | grep -o '"peer":"[^"]*"')
+  check "the tunnel resumed over a new connection through the relay (${old_peer#*:} then ${new_peer#*:})" \
+    test "$old_peer" != "$new_peer" -a "${new_peer%:*}" = "\"peer\":\"$HOST_IP"
   sleep "$(awk -v s="$stall" -v a="$at" -v n="$EPOCHREALTIME" 'BEGIN { d = s - (n - a); print (d > 0 ? d : 0) }')"
   kill -USR2 "$RELAY_PID"
   wait_for "the relay to release the stalled connection" 5 grep -qx 'resumed 1' "$RELAY_OUT"
