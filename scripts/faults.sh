@@ -197,7 +197,7 @@ STALLED=$!
 sleep 2
 kill -STOP "$STALLED"
 sleep 2
-copy_watching_rss $WORK/flt-up2 "a stalled reader"
+copy_watching_rss "$WORK/flt-up2" "a stalled reader"
 t "copy took $TOOK s; proxy RSS ${RSS0} KiB before, ${MAXRSS} KiB at most"
 check "${MIB} MiB beside a stalled reader arrive byte-exact" test "$(S node-f1 "sha256sum < $WORK/flt-up2" | cut -d' ' -f1)" = "$SUM"
 S node-f1 "rm -f $WORK/flt-up2"
@@ -240,7 +240,7 @@ time.sleep(600)' "$FWD_PORT" &
 NOREAD=$!
 wait_for "the zero server to start sending" 10 test -s "$WORK/zero.sent"
 sleep 3
-copy_watching_rss $WORK/flt-up2b "an unread stream"
+copy_watching_rss "$WORK/flt-up2b" "an unread stream"
 SENT1=$(cat "$WORK/zero.sent"); sleep 2; SENT2=$(cat "$WORK/zero.sent")
 t "copy took ${TOOK} s (${BASE} s alone); the unread stream took ${SENT2} bytes from its server; proxy RSS ${RSS0} KiB before, ${MAXRSS} KiB at most"
 check "${MIB} MiB beside an unread stream arrive byte-exact" test "$(S node-f1 "sha256sum < $WORK/flt-up2b" | cut -d' ' -f1)" = "$SUM"
