@@ -6,11 +6,18 @@
 #   flt-u    a user's laptop (10.84.1.2): ssh + `remoteler proxy ssh` in their own namespace
 # Scenarios (docs/faults.md): a link cut shorter than resume.grace (sessions resume byte-exact),
 # a stalled reader beside a bulk copy on the same tunnel (bounded proxy memory), an agent
-# killed with -9 mid-transfer, a link cut longer than the grace, random packet loss, the
-# user's own link cut (the client reconnects and resumes).
+# killed with -9 mid-transfer, a link cut longer than the grace, random packet loss; then,
+# with the agent's tunnel through a userspace relay: 100 ms of round trip, a stall shorter
+# than the keepalive's detection, a stall longer than it (the agent resumes over a new
+# connection while the old one stays frozen); the user's own link cut (the client reconnects
+# and resumes); a proxy restart (sessions in flight finish during the drain).
 # Environment: FAULTS_GRACE (s, default 20), FAULTS_MIB (copy size, default 64),
 # FAULTS_LOSS (drop probability, default 0.05; 0 skips the loss scenario), FAULTS_CUT (the
-# short cut, s, default 10; keep it under the grace minus about 9 s).
+# short cut, s, default 10; keep it under the grace minus about 9 s), FAULTS_NS and FAULTS_NET
+# (the site's namespace and the first three octets of its /30, default flt-f1 and 10.84.0),
+# FAULTS_STALL (the long stall, s, default 8; more than 6, less than the grace) and
+# FAULTS_STALL_AGENT_COUNT (the agent's keepalive count during it, default 3 as the proxy's).
+# Files the nodes write go to the work directory (the namespaces share the host's filesystem).
 source "$(dirname "$0")/lib.sh"
 trap cleanup EXIT
 ensure_packages
@@ -24,11 +31,19 @@ LOSS=${FAULTS_LOSS:-0.05}
 # The agent's [resume] grace is set to the proxy's: a stream survives an outage shorter than
 # the smaller of the two.
 CUT=${FAULTS_CUT:-10}
-# The proxy's drain.timeout (scenario 7).
+# The proxy's drain.timeout (scenario 10).
 DRAIN=8
+# Scenario 8: the stall (more than the keepalive's 3-4 s and the agent's reconnect, less than
+# the grace) and the agent's keepalive count during it (the proxy's is 3: with 3 the agent
+# may notice first, and the proxy must give the old connection up for the new one).
+STALL=${FAULTS_STALL:-8}
+STALL_AGENT_COUNT=${FAULTS_STALL_AGENT_COUNT:-3}
 TICKS_N=$((CUT + 30))
-NS=flt-f1; HOST_IP=10.84.0.1; SITE_IP=10.84.0.2
-USER_NS=flt-u; USER_HOST_IP=10.84.1.1; USER_IP=10.84.1.2
+# The site's namespace and its /30 (FAULTS_NS, FAULTS_NET): two runs on one machine need
+# different ones. The user's laptop (scenario 9) gets the next /24 and its own namespace.
+NS=${FAULTS_NS:-flt-f1}; NET=${FAULTS_NET:-10.84.0}; HOST_IP=$NET.1; SITE_IP=$NET.2
+USER_NS=${NS%-*}-u; USER_NET=${NET%.*}.$((${NET##*.} + 1))
+USER_HOST_IP=$USER_NET.1; USER_IP=$USER_NET.2
 ok() { echo "ok - $*"; }
 check() { local what=$1; shift; "$@" || fail "$what"; ok "$what"; }
 sum() { sha256sum | cut -d' ' -f1; }
@@ -148,7 +163,7 @@ audit_count() { grep -c "\"$1\"" "$AUDIT" || true; }
 say "1. link cut (${CUT} s) shorter than resume.grace (${GRACE} s) during a ${MIB} MiB copy and a ticking session"
 # Throttled to about 4 MiB/s so the copy is still running when the link goes.
 DETACHED0=$(audit_count tunnel.detached); RESUMED0=$(audit_count tunnel.resumed)
-slow_blob | S node-f1 "cat > /tmp/flt-up" 2>"$WORK/s1-copy.err" &
+slow_blob | S node-f1 "cat > $WORK/flt-up" 2>"$WORK/s1-copy.err" &
 COPY=$!
 S node-f1 "for i in \$(seq 1 $TICKS_N); do echo tick \$i; sleep 1; done" >"$WORK/s1-ticks" 2>"$WORK/s1-ticks.err" &
 TICKS=$!
@@ -160,8 +175,8 @@ link_up
 t "link up"
 wait "$COPY" || { cat "$WORK/s1-copy.err"; fail "the ssh copy failed across a $CUT s outage"; }
 t "copy done"
-check "${MIB} MiB copied across a $CUT s outage arrive byte-exact" test "$(S node-f1 "sha256sum < /tmp/flt-up" | cut -d' ' -f1)" = "$SUM"
-S node-f1 "rm -f /tmp/flt-up"
+check "${MIB} MiB copied across a $CUT s outage arrive byte-exact" test "$(S node-f1 "sha256sum < $WORK/flt-up" | cut -d' ' -f1)" = "$SUM"
+S node-f1 "rm -f $WORK/flt-up"
 wait "$TICKS" || { cat "$WORK/s1-ticks.err"; fail "the ticking session failed across the outage"; }
 check "the ticking session printed all $TICKS_N lines in order" \
   test "$(cat "$WORK/s1-ticks")" = "$(for i in $(seq 1 "$TICKS_N"); do echo "tick $i"; done)"
@@ -197,10 +212,10 @@ STALLED=$!
 sleep 2
 kill -STOP "$STALLED"
 sleep 2
-copy_watching_rss /tmp/flt-up2 "a stalled reader"
+copy_watching_rss "$WORK/flt-up2" "a stalled reader"
 t "copy took $TOOK s; proxy RSS ${RSS0} KiB before, ${MAXRSS} KiB at most"
-check "${MIB} MiB beside a stalled reader arrive byte-exact" test "$(S node-f1 "sha256sum < /tmp/flt-up2" | cut -d' ' -f1)" = "$SUM"
-S node-f1 "rm -f /tmp/flt-up2"
+check "${MIB} MiB beside a stalled reader arrive byte-exact" test "$(S node-f1 "sha256sum < $WORK/flt-up2" | cut -d' ' -f1)" = "$SUM"
+S node-f1 "rm -f $WORK/flt-up2"
 check "the proxy's RSS stayed under 200 MiB (${MAXRSS} KiB)" test "$MAXRSS" -lt $((200 * 1024))
 check "the stalled session is still there" kill -0 "$STALLED"
 kill -CONT "$STALLED"; kill "$STALLED" 2>/dev/null || true; wait "$STALLED" 2>/dev/null || true
@@ -232,7 +247,7 @@ bg forward "$C" forward --listen "127.0.0.1:$FWD_PORT" node-f1 zero >/dev/null
 wait_for "the forward to listen" 10 bash -c "exec 3<>/dev/tcp/127.0.0.1/$FWD_PORT"
 # Baseline: the same copy with no stalled stream.
 START=$SECONDS
-S node-f1 "cat > /tmp/flt-up2b" <"$WORK/blob" || fail "the baseline copy failed"
+S node-f1 "cat > $WORK/flt-up2b" <"$WORK/blob" || fail "the baseline copy failed"
 BASE=$((SECONDS - START))
 python3 -c 'import socket, sys, time
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
@@ -240,11 +255,11 @@ time.sleep(600)' "$FWD_PORT" &
 NOREAD=$!
 wait_for "the zero server to start sending" 10 test -s "$WORK/zero.sent"
 sleep 3
-copy_watching_rss /tmp/flt-up2b "an unread stream"
+copy_watching_rss "$WORK/flt-up2b" "an unread stream"
 SENT1=$(cat "$WORK/zero.sent"); sleep 2; SENT2=$(cat "$WORK/zero.sent")
 t "copy took ${TOOK} s (${BASE} s alone); the unread stream took ${SENT2} bytes from its server; proxy RSS ${RSS0} KiB before, ${MAXRSS} KiB at most"
-check "${MIB} MiB beside an unread stream arrive byte-exact" test "$(S node-f1 "sha256sum < /tmp/flt-up2b" | cut -d' ' -f1)" = "$SUM"
-S node-f1 "rm -f /tmp/flt-up2b"
+check "${MIB} MiB beside an unread stream arrive byte-exact" test "$(S node-f1 "sha256sum < $WORK/flt-up2b" | cut -d' ' -f1)" = "$SUM"
+S node-f1 "rm -f $WORK/flt-up2b"
 check "the copy beside the unread stream kept its pace (${TOOK} s against ${BASE} s alone)" test "$TOOK" -le $((BASE * 3 + 5))
 check "the unread stream is stalled (its server sent nothing more in 2 s)" test "$SENT1" = "$SENT2"
 check "the unread stream holds at most window + socket buffers (${SENT2} bytes < 48 MiB)" test "$SENT2" -lt $((48 * 1024 * 1024))
@@ -254,12 +269,12 @@ kill "$NOREAD" 2>/dev/null || true; wait "$NOREAD" 2>/dev/null || true
 ###############################################################################
 say "3. agent killed with -9 during a ${MIB} MiB copy, another session goes on"
 (for ((i = 0; i < MIB; i++)); do dd if="$WORK/blob" bs=1M skip="$i" count=1 status=none; sleep 0.2; done) \
-  | S node-s "cat > /tmp/flt-s" 2>"$WORK/s3-other.err" &
+  | S node-s "cat > $WORK/flt-s" 2>"$WORK/s3-other.err" &
 OTHER=$!
 # Both copies throttled (node-s to 5 MiB/s, node-f1 to 10 MiB/s), so both are mid-transfer
 # at the kill and node-s's long after it.
 (for ((i = 0; i < MIB; i++)); do dd if="$WORK/blob" bs=1M skip="$i" count=1 status=none; sleep 0.1; done) \
-  | S node-f1 "cat > /tmp/flt-up3" 2>"$WORK/s3-victim.err" &
+  | S node-f1 "cat > $WORK/flt-up3" 2>"$WORK/s3-victim.err" &
 VICTIM=$!
 sleep 2
 t "kill -9 the agent"
@@ -299,9 +314,9 @@ check "the victim ended when the new tunnel replaced the stale one, not at the e
   test "$VICTIM_END" -lt $((GRACE - 4))
 check "ssh's stderr says why the session ended" grep -Eqi 'resume|replaced|restarted' "$WORK/s3-victim.err"
 wait "$OTHER" || { cat "$WORK/s3-other.err"; fail "the copy to node-s failed while node-f1's agent died"; }
-check "the other session (node-s) kept going: ${MIB} MiB byte-exact" test "$(S node-s "sha256sum < /tmp/flt-s" | cut -d' ' -f1)" = "$SUM"
-S node-s "rm -f /tmp/flt-s"
-S node-f1 "rm -f /tmp/flt-up3"
+check "the other session (node-s) kept going: ${MIB} MiB byte-exact" test "$(S node-s "sha256sum < $WORK/flt-s" | cut -d' ' -f1)" = "$SUM"
+S node-s "rm -f $WORK/flt-s"
+S node-f1 "rm -f $WORK/flt-up3"
 # The stale tunnel's record says what happened to it: replaced, not timed out.
 stale_record() { grep '"tunnel.disconnect"' "$AUDIT" | grep -q '"replaced":true' && grep '"tunnel.disconnect"' "$AUDIT" | grep '"replaced":true' | tail -1 >"$WORK/s3-disconnect"; }
 wait_for "the stale tunnel's tunnel.disconnect in the audit log" 5 stale_record
@@ -351,7 +366,7 @@ if [ "$LOSS" != 0 ]; then
   ip netns exec "$NS" iptables -I INPUT -i eth0 -m statistic --mode random --probability "$LOSS" -j DROP
   ip netns exec "$NS" iptables -I OUTPUT -o eth0 -m statistic --mode random --probability "$LOSS" -j DROP
   START=$SECONDS
-  timeout 180 bash -c "ssh -F '$WORK/ssh_config' node-f1 'cat > /tmp/flt-loss' <'$WORK/blob16'" \
+  timeout 180 bash -c "ssh -F '$WORK/ssh_config' node-f1 'cat > $WORK/flt-loss' <'$WORK/blob16'" \
     || fail "the copy under ${LOSS} loss failed"
   DROPPED=$(ip netns exec "$NS" iptables -L INPUT -v -n -x | awk '/statistic/ {print $1}')
   ip netns exec "$NS" iptables -D INPUT -i eth0 -m statistic --mode random --probability "$LOSS" -j DROP
@@ -359,12 +374,182 @@ if [ "$LOSS" != 0 ]; then
   t "16 MiB under loss took $((SECONDS - START)) s; ${DROPPED} packets dropped on the way in"
   check "the loss rule really dropped packets" test "${DROPPED:-0}" -gt 0
   check "16 MiB under ${LOSS} packet loss arrive byte-exact" \
-    test "$(S node-f1 "sha256sum < /tmp/flt-loss" | cut -d' ' -f1)" = "$(sum <"$WORK/blob16")"
-  S node-f1 "rm -f /tmp/flt-loss"
+    test "$(S node-f1 "sha256sum < $WORK/flt-loss" | cut -d' ' -f1)" = "$(sum <"$WORK/blob16")"
+  S node-f1 "rm -f $WORK/flt-loss"
 fi
 
 ###############################################################################
-say "6. the user's own link cut (${CUT} s) during a ${MIB} MiB copy and a ticking session"
+# Scenarios 6-8 put a userspace relay (`remoteler-loadtest relay`, loadtest/src/relay.rs) in
+# the agent's path: the agent dials the relay on the host's side of the site's link, the
+# relay dials the proxy. It adds delay and jitter (no netem on this kernel) and stalls on
+# SIGUSR1: the connections open at that moment freeze both ways, nothing is closed, new
+# connections pass (a middlebox whose old flows went dead); SIGUSR2 releases them.
+RELAY_BIN="$BIN/remoteler-loadtest"
+(cd "$ROOT" && cargo build ${CARGO_PROFILE_FLAG:-} --locked -q -p loadtest)
+# The tunnel's TCP connection goes to port $1 (the relay's or the proxy's).
+tunnel_to() { [ -n "$(ip netns exec "$NS" ss -Htn state established "( dport = :$1 )")" ]; }
+# agent_config FILE: a new agent process with this config; its tunnel replaces the old one.
+agent_config() {
+  kill "$AGENT_PID"; gone "$AGENT_PID"
+  AGENT_LOGS=$((AGENT_LOGS + 1))
+  AGENT_PID=$(bg "agent-$AGENT_LOGS" ip netns exec "$NS" "$A" start --config "$1")
+}
+# relay_up NAME OPTIONS...: a relay with these options in front of the proxy's tunnel
+# listener, and the agent moved onto it (with keepalive count RELAY_AGENT_COUNT, default 3
+# as the proxy). Sets RELAY_PID and RELAY_OUT (its stdout: `listening ADDR`, then
+# `stalled N` / `resumed N`).
+relay_up() {
+  local name=$1 addr; shift
+  OPEN0=$(open_sessions)
+  RELAY_OUT="$WORK/$name.log"
+  RELAY_PID=$(bg "$name" "$RELAY_BIN" relay --listen "$HOST_IP:0" --to "$HOST_IP:$TUNNEL_PORT" "$@")
+  wait_for "the relay to listen" 10 grep -q '^listening ' "$RELAY_OUT"
+  addr=$(sed -n 's/^listening //p' "$RELAY_OUT")
+  sed "s|^proxy = .*|proxy = \"$addr\"|; s|^count = 3$|count = ${RELAY_AGENT_COUNT:-3}|" \
+    "$WORK/agent.toml" >"$WORK/agent-$name.toml"
+  agent_config "$WORK/agent-$name.toml"
+  RELAY_PORT=${addr##*:}
+  wait_for "node-f1's tunnel through the relay" 30 tunnel_through "$RELAY_PORT"
+}
+tunnel_through() { online node-f1 tunnel && tunnel_to "$1"; }
+# Sessions to node-f1 the proxy has not ended (audit session.start minus session.end).
+open_sessions() {
+  echo $(($(grep -c '"session.start".*"node":"node-f1"' "$AUDIT" || true) - $(grep -c '"session.end".*"node":"node-f1"' "$AUDIT" || true)))
+}
+sessions_closed() { [ "$(open_sessions)" -le "$OPEN0" ]; }
+# relay_down: once the sessions through the relay have closed (an ssh exits before its
+# stream's close has crossed the delayed link), the agent back on its own config (straight
+# to the proxy), the relay stopped.
+relay_down() {
+  wait_for "the sessions through the relay to close" 10 sessions_closed
+  agent_config "$WORK/agent.toml"
+  wait_for "node-f1's tunnel straight to the proxy" 30 tunnel_through "$TUNNEL_PORT"
+  kill "$RELAY_PID"; gone "$RELAY_PID"
+}
+# ticks N OUT: a session printing N lines a second apart; each line is stamped with the
+# time it arrived (for the longest gap).
+ticks() {
+  S node-f1 "for i in \$(seq 1 $1); do echo tick \$i; sleep 1; done" \
+    | while read -r line; do echo "$EPOCHREALTIME $line"; done >"$2"
+}
+ticks_in_order() { test "$(cut -d' ' -f2- "$2")" = "$(for i in $(seq 1 "$1"); do echo "tick $i"; done)"; }
+max_gap() { awk 'NR > 1 && $1 - p > m { m = $1 - p } { p = $1 } END { printf "%.1f", m }' "$1"; }
+since() { awk -v a="$1" -v b="${2:-$EPOCHREALTIME}" 'BEGIN { printf "%.1f", b - a }'; }
+# The time (Unix seconds) of the first EVENT record after the first $2 of them.
+audit_time() { date -d "$(grep "\"$1\"" "$AUDIT" | sed -n "$(($2 + 1))p" | grep -o '"time":"[^"]*"' | cut -d'"' -f4)" +%s.%N; }
+# The blob to node-f1 at about 13 MiB/s, so a copy spans a stall; the node's sha256 of what
+# it received goes to $1.
+paced_copy() { (for ((i = 0; i < MIB; i++)); do dd if="$WORK/blob" bs=1M skip="$i" count=1 status=none; sleep 0.06; done) | S node-f1 sha256sum >"$1"; }
+
+scenario_delay() {
+  say "6. 50 ms ± 10 ms each way (a 100 ms round trip) on the agent's link: a ${MIB} MiB copy and a ticking session"
+  relay_up s6-relay --delay 50ms --jitter 10ms
+  local start setup took mibs ticking copied
+  start=$EPOCHREALTIME
+  ticks 8 "$WORK/s6-ticks" 2>"$WORK/s6-ticks.err" &
+  ticking=$!
+  # The node hashes what it received: the check needs no second session.
+  copied=$(S node-f1 sha256sum <"$WORK/blob" 2>"$WORK/s6-copy.err") \
+    || { cat "$WORK/s6-copy.err"; fail "the copy through the delaying relay failed"; }
+  took=$(since "$start")
+  wait "$ticking" || { cat "$WORK/s6-ticks.err"; fail "the ticking session through the delaying relay failed"; }
+  setup=$(since "$start" "$(head -1 "$WORK/s6-ticks" | cut -d' ' -f1)")
+  mibs=$(awk -v m="$MIB" -v s="$took" 'BEGIN { printf "%.1f", m / s }')
+  t "${MIB} MiB in ${took} s (${mibs} MiB/s) at a 100 ms round trip; the ticking session's first line after ${setup} s; longest gap between ticks $(max_gap "$WORK/s6-ticks") s"
+  check "ssh's set-up took its round trips through the relay's delay (first line after ${setup} s >= 0.7 s)" \
+    awk -v s="$setup" 'BEGIN { exit !(s >= 0.7) }'
+  check "${MIB} MiB through 100 ms of round trip arrive byte-exact" test "${copied%% *}" = "$SUM"
+  check "the ticking session beside it printed all 8 lines in order" ticks_in_order 8 "$WORK/s6-ticks"
+  check "no tick waited over 2.5 s ($(max_gap "$WORK/s6-ticks") s at most)" \
+    awk -v g="$(max_gap "$WORK/s6-ticks")" 'BEGIN { exit !(g < 2.5) }'
+  relay_down
+}
+scenario_delay
+
+scenario_short_stall() {
+  say "7. a 2 s stall of the agent's link (less than keepalive 1 s x 3) during a copy and a ticking session"
+  relay_up s7-relay --delay 10ms --jitter 2ms
+  local detached0 connects0 copy ticking
+  detached0=$(audit_count tunnel.detached); connects0=$(audit_count tunnel.connect)
+  paced_copy "$WORK/s7-copied" 2>"$WORK/s7-copy.err" &
+  copy=$!
+  ticks 6 "$WORK/s7-ticks" 2>"$WORK/s7-ticks.err" &
+  ticking=$!
+  sleep 2
+  t "stall for 2 s"
+  kill -USR1 "$RELAY_PID"
+  wait_for "the relay to stall the tunnel" 5 grep -qx 'stalled 1' "$RELAY_OUT"
+  sleep 2
+  kill -USR2 "$RELAY_PID"
+  wait_for "the relay to resume" 5 grep -qx 'resumed 1' "$RELAY_OUT"
+  t "resumed"
+  wait "$copy" || { cat "$WORK/s7-copy.err"; fail "the copy across a 2 s stall failed"; }
+  wait "$ticking" || { cat "$WORK/s7-ticks.err"; fail "the ticking session across a 2 s stall failed"; }
+  t "copy and ticks done; longest gap between ticks $(max_gap "$WORK/s7-ticks") s"
+  check "the stall held the session up (longest gap between ticks $(max_gap "$WORK/s7-ticks") s >= 1.5 s)" \
+    awk -v g="$(max_gap "$WORK/s7-ticks")" 'BEGIN { exit !(g >= 1.5) }'
+  check "nothing detached during a stall shorter than keepalive x count (no new tunnel.detached)" \
+    test "$(audit_count tunnel.detached)" = "$detached0"
+  check "${MIB} MiB across the stall arrive byte-exact" test "$(cut -d' ' -f1 "$WORK/s7-copied")" = "$SUM"
+  check "the ticking session printed all 6 lines in order" ticks_in_order 6 "$WORK/s7-ticks"
+  check "the stalled connection still carries node-f1's tunnel (no new tunnel.connect)" \
+    test "$(audit_count tunnel.connect)" = "$connects0"
+  relay_down
+}
+scenario_short_stall
+
+scenario_long_stall() {
+  local stall=$STALL
+  say "8. the agent's connection stalled for ${stall} s (more than keepalive 1 s x 3, less than resume.grace): the agent reconnects through the relay and resumes"
+  # Equal keepalive counts: either side may notice first. An agent that reconnects before
+  # the proxy noticed makes it give up the old connection (take-over); 2 forces that case.
+  RELAY_AGENT_COUNT=$STALL_AGENT_COUNT relay_up s8-relay --delay 10ms --jitter 2ms
+  local detached0 resumed0 copy ticking at detect resume
+  detached0=$(audit_count tunnel.detached); resumed0=$(audit_count tunnel.resumed)
+  paced_copy "$WORK/s8-copied" 2>"$WORK/s8-copy.err" &
+  copy=$!
+  ticks $((STALL + 4)) "$WORK/s8-ticks" 2>"$WORK/s8-ticks.err" &
+  ticking=$!
+  sleep 2
+  t "stall the tunnel's connection for $stall s (new connections pass)"
+  at=$EPOCHREALTIME
+  kill -USR1 "$RELAY_PID"
+  wait_for "the relay to stall the tunnel" 5 grep -qx 'stalled 1' "$RELAY_OUT"
+  detached() { test "$(audit_count tunnel.detached)" -gt "$detached0"; }
+  resumed() { test "$(audit_count tunnel.resumed)" -gt "$resumed0"; }
+  wait_for "the proxy to detach the stalled tunnel" 6 detached
+  detect=$(since "$at" "$(audit_time tunnel.detached "$detached0")")
+  t "tunnel.detached ${detect} s after the stall began"
+  wait_for "the agent to resume through a new connection" "$stall" resumed
+  resume=$(since "$at" "$(audit_time tunnel.resumed "$resumed0")")
+  t "tunnel.resumed ${resume} s after the stall began"
+  # The proxy sees the relay's side of each connection: both from HOST_IP, the ports differ.
+  local old_peer new_peer
+  old_peer=$(grep '"tunnel.detached"' "$AUDIT" | sed -n "$((detached0 + 1))p" | grep -o '"peer":"[^"]*"')
+  new_peer=$(grep '"tunnel.resumed"' "$AUDIT" | sed -n "$((resumed0 + 1))p" | grep -o '"peer":"[^"]*"')
+  check "the tunnel resumed over a new connection through the relay (${old_peer#*:} then ${new_peer#*:})" \
+    test "$old_peer" != "$new_peer" -a "${new_peer%:*}" = "\"peer\":\"$HOST_IP"
+  sleep "$(awk -v s="$stall" -v a="$at" -v n="$EPOCHREALTIME" 'BEGIN { d = s - (n - a); print (d > 0 ? d : 0) }')"
+  kill -USR2 "$RELAY_PID"
+  wait_for "the relay to release the stalled connection" 5 grep -qx 'resumed 1' "$RELAY_OUT"
+  t "the old connection released: what it held goes on to the old sockets at both ends"
+  wait "$copy" || { cat "$WORK/s8-copy.err"; fail "the copy across a ${stall} s stall failed"; }
+  wait "$ticking" || { cat "$WORK/s8-ticks.err"; fail "the ticking session across a ${stall} s stall failed"; }
+  t "copy and ticks done; longest gap between ticks $(max_gap "$WORK/s8-ticks") s"
+  check "the proxy detected the dead tunnel within keepalive x (count + 1) + 1 s (${detect} s)" \
+    awk -v d="$detect" 'BEGIN { exit !(d <= 5) }'
+  check "the agent resumed through the relay before the stall ended (${resume} s)" \
+    awk -v d="$resume" -v s="$stall" 'BEGIN { exit !(d < s) }'
+  check "${MIB} MiB across the stall and the resume arrive byte-exact" test "$(cut -d' ' -f1 "$WORK/s8-copied")" = "$SUM"
+  check "the ticking session printed all $((STALL + 4)) lines in order" ticks_in_order $((STALL + 4)) "$WORK/s8-ticks"
+  check "the released stale connection detached nothing" test "$(audit_count tunnel.detached)" = $((detached0 + 1))
+  check "ssh node-f1 works after the stale connection came back" test "$(S node-f1 'echo $NODE_NAME')" = node-f1
+  relay_down
+}
+scenario_long_stall
+
+###############################################################################
+say "9. the user's own link cut (${CUT} s) during a ${MIB} MiB copy and a ticking session"
 # A laptop on Wi-Fi: the user's connection to the proxy dies without FIN. The proxy's
 # keepalive (1 s x 3) detaches the user's session; `remoteler proxy ssh` notices through its
 # own (3 s x 3), dials again until the link is back, and resumes: ssh sees only a pause.
@@ -372,9 +557,9 @@ check "ssh from the user's namespace answers" test "$(U node-f1 'echo $NODE_NAME
 UD0=$(audit_count user.detached); UR0=$(audit_count user.resumed)
 failed_ends() { grep '"session.end"' "$AUDIT" | grep -vc '"reason":"closed"' || true; }
 FAILED0=$(failed_ends)
-slow_blob | U node-f1 "cat > /tmp/flt-up6" 2>"$WORK/s6-copy.err" &
+slow_blob | U node-f1 "cat > $WORK/flt-up6" 2>"$WORK/s9-copy.err" &
 COPY=$!
-U node-f1 "for i in \$(seq 1 $TICKS_N); do echo tick \$i; sleep 1; done" >"$WORK/s6-ticks" 2>"$WORK/s6-ticks.err" &
+U node-f1 "for i in \$(seq 1 $TICKS_N); do echo tick \$i; sleep 1; done" >"$WORK/s9-ticks" 2>"$WORK/s9-ticks.err" &
 TICKS=$!
 sleep 3
 t "user's link down for $CUT s"
@@ -382,48 +567,48 @@ link_down "$USER_NS"
 sleep "$CUT"
 link_up "$USER_NS"
 t "user's link up"
-wait "$COPY" || { cat "$WORK/s6-copy.err"; fail "the ssh copy failed across the user's $CUT s outage"; }
+wait "$COPY" || { cat "$WORK/s9-copy.err"; fail "the ssh copy failed across the user's $CUT s outage"; }
 t "copy done"
-check "${MIB} MiB copied across the user's $CUT s outage arrive byte-exact" test "$(S node-f1 "sha256sum < /tmp/flt-up6" | cut -d' ' -f1)" = "$SUM"
-S node-f1 "rm -f /tmp/flt-up6"
-wait "$TICKS" || { cat "$WORK/s6-ticks.err"; fail "the ticking session failed across the user's outage"; }
+check "${MIB} MiB copied across the user's $CUT s outage arrive byte-exact" test "$(S node-f1 "sha256sum < $WORK/flt-up6" | cut -d' ' -f1)" = "$SUM"
+S node-f1 "rm -f $WORK/flt-up6"
+wait "$TICKS" || { cat "$WORK/s9-ticks.err"; fail "the ticking session failed across the user's outage"; }
 check "the ticking session printed all $TICKS_N lines in order" \
-  test "$(cat "$WORK/s6-ticks")" = "$(for i in $(seq 1 "$TICKS_N"); do echo "tick $i"; done)"
+  test "$(cat "$WORK/s9-ticks")" = "$(for i in $(seq 1 "$TICKS_N"); do echo "tick $i"; done)"
 check "the proxy kept the user's sessions (audit user.detached)" test "$(audit_count user.detached)" -gt "$UD0"
 check "the client came back and resumed them (audit user.resumed)" test "$(audit_count user.resumed)" -gt "$UR0"
 check "the client told the user it was reconnecting, then that it was back" \
-  bash -c "grep -q 'reconnecting' '$WORK/s6-copy.err' && grep -q 'reconnected after' '$WORK/s6-copy.err'"
+  bash -c "grep -q 'reconnecting' '$WORK/s9-copy.err' && grep -q 'reconnected after' '$WORK/s9-copy.err'"
 check "no session ended with an error across the user's outage" test "$(failed_ends)" = "$FAILED0"
 
 ###############################################################################
-say "7. proxy restart: a copy in flight finishes during the drain (${DRAIN} s), the rest end then"
+say "10. proxy restart: a copy in flight finishes during the drain (${DRAIN} s), the rest end then"
 # SIGTERM: the proxy sends GOAWAY everywhere and stops accepting; sessions in flight carry on
 # up to drain.timeout; then it closes what is left and exits. The agent comes back to the
 # restarted proxy by itself.
 head -c 16M "$WORK/blob" >"$WORK/blob16"
-slow_blob 16 | S node-f1 "cat > /tmp/flt-drain" 2>"$WORK/s7-copy.err" &
+slow_blob 16 | S node-f1 "cat > $WORK/flt-drain" 2>"$WORK/s10-copy.err" &
 COPY=$!
-S node-f1 "for i in \$(seq 1 $TICKS_N); do echo tick \$i; sleep 1; done" >"$WORK/s7-ticks" 2>"$WORK/s7-ticks.err" &
+S node-f1 "for i in \$(seq 1 $TICKS_N); do echo tick \$i; sleep 1; done" >"$WORK/s10-ticks" 2>"$WORK/s10-ticks.err" &
 TICKS=$!
 sleep 1
 kill -TERM "$PROXY_PID"
 STOP=$SECONDS
 t "SIGTERM to the proxy"
-wait "$COPY" || { cat "$WORK/s7-copy.err"; fail "the copy in flight did not finish during the drain"; }
+wait "$COPY" || { cat "$WORK/s10-copy.err"; fail "the copy in flight did not finish during the drain"; }
 t "the copy in flight finished during the drain"
 wait_for "the ticking session to end at the drain timeout" $((DRAIN + 10)) bash -c "! kill -0 $TICKS 2>/dev/null"
 wait "$TICKS" && fail "the ticking session ended with status 0; it was cut by the drain"
-t "the ticking session ended after $((SECONDS - STOP)) s: $(tr '\n' ' ' <"$WORK/s7-ticks.err")"
+t "the ticking session ended after $((SECONDS - STOP)) s: $(tr '\n' ' ' <"$WORK/s10-ticks.err")"
 check "the ticking session lasted until the drain timeout" test $((SECONDS - STOP)) -ge $((DRAIN - 1))
-check "ssh's stderr says the proxy stopped at its drain timeout" grep -q "the proxy stopped: .*drain.timeout" "$WORK/s7-ticks.err"
+check "ssh's stderr says the proxy stopped at its drain timeout" grep -q "the proxy stopped: .*drain.timeout" "$WORK/s10-ticks.err"
 wait_for "the proxy to exit" 10 bash -c "! kill -0 $PROXY_PID 2>/dev/null"
 PROXY_PID=$(bg proxy-restarted "$P" start --config "$WORK/proxy.toml")
 wait_for "the restarted proxy to listen" 30 test -f "$WORK/proxy/proxy.ready"
 wait_for "node-f1 back through the restarted proxy" 30 online node-f1 tunnel
 t "node-f1 back $((SECONDS - STOP)) s after the SIGTERM"
 check "the 16 MiB copied during the drain arrived byte-exact" \
-  test "$(S node-f1 "sha256sum < /tmp/flt-drain" | cut -d' ' -f1)" = "$(sum <"$WORK/blob16")"
-S node-f1 "rm -f /tmp/flt-drain"
+  test "$(S node-f1 "sha256sum < $WORK/flt-drain" | cut -d' ' -f1)" = "$(sum <"$WORK/blob16")"
+S node-f1 "rm -f $WORK/flt-drain"
 
 kill "$PROXY_PID"; gone "$PROXY_PID"
 say "faults: all checks passed in ${SECONDS} s"

@@ -50,7 +50,7 @@ bash scripts/e2e-clusters.sh
 step "end to end on ARM: aarch64 agent under qemu-user behind NAT (scripts/arm-e2e.sh)"
 bash scripts/arm-e2e.sh
 
-step "faults: link cuts shorter and longer than resume.grace, agent kill -9, a stalled reader, packet loss (scripts/faults.sh, docs/faults.md)"
+step "faults: link cuts shorter and longer than resume.grace, agent kill -9, a stalled reader, packet loss, delay and stalls (scripts/faults.sh, docs/faults.md)"
 bash scripts/faults.sh
 
 step "Debian packages: contents, systemd units, install into a throwaway root (scripts/check-packages.sh)"

@@ -16,9 +16,13 @@
 //!   (direct, through `remoteler forward`, through another tunnel); HDR percentiles. Starts no
 //!   proxy: benches/compare.sh uses it side by side with rathole.
 //!
+//! * `relay --listen ADDR --to ADDR [--delay 50ms] [--jitter 10ms] [--loss P]`: a TCP relay
+//!   adding delay, jitter and "loss" in user space, stalled and resumed with SIGUSR1 and
+//!   SIGUSR2 (scripts/faults.sh puts it in an agent's path).
+//!
 //! The harness re-executes itself for its helpers: `worker` (simulated agents or users, up
 //! to `--per-worker` connections each, on their own loopback source addresses), `relay`
-//! (delay, jitter and loss in user space) and `echo-server` (the baseline).
+//! and `echo-server` (the baseline).
 //!
 //! What it does not do: drive several proxies, or measure anything but the proxy (the
 //! simulated agents and users share the machine's cores with it; see docs/benchmarks.md).
@@ -285,20 +289,38 @@ struct WorkerArgs {
     spec: String,
 }
 
-/// (internal) a TCP relay adding delay, jitter and loss.
+/// A TCP relay that adds delay, jitter and "loss", and stalls on a signal; prints
+/// `listening ADDR` when ready.
 #[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "relay")]
+#[argh(
+    subcommand,
+    name = "relay",
+    note = "Each chunk read is released at max(previous release, arrival + delay ± jitter), \
+so bytes are never reordered; a \"lost\" chunk (probability --loss) is held back 200 ms, \
+one minimum retransmission timeout, since a byte stream cannot lose bytes.
+
+Stalls: `kill -USR1 PID` freezes every connection open at that moment (the relay neither \
+reads nor writes either side of it, closes nothing) and prints `stalled N`; connections accepted later are relayed normally, as through a middlebox whose old \
+flows went dead. `kill -USR2 PID` releases them and prints `resumed N`; what they held is \
+delivered in order. N counts only connections whose state changed (a second SIGUSR1 freezes \
+those accepted since the first; SIGUSR2 with nothing frozen prints `resumed 0`). Every line on \
+stdout is flushed at once.",
+    example = "remoteler-loadtest relay --listen 10.86.0.1:0 --to 10.86.0.1:3024 --delay 50ms --jitter 10ms"
+)]
 struct RelayArgs {
-    /// where to relay to
+    /// address to listen on (default 127.0.0.1:0; port 0: the kernel picks, see the first line)
+    #[argh(option, default = "SocketAddr::from(([127, 0, 0, 1], 0))")]
+    listen: SocketAddr,
+    /// where to relay every connection to, IP:PORT
     #[argh(option)]
-    upstream: SocketAddr,
-    /// one-way delay, ms
-    #[argh(option, default = "0.0")]
-    delay_ms: f64,
-    /// jitter ± ms
-    #[argh(option, default = "0.0")]
-    jitter_ms: f64,
-    /// probability a chunk is held back 200 ms
+    to: SocketAddr,
+    /// one-way delay added to each direction, e.g. 50ms (default 0)
+    #[argh(option, default = "String::from(\"0ms\")")]
+    delay: String,
+    /// uniform jitter ± this around the delay, e.g. 10ms (default 0)
+    #[argh(option, default = "String::from(\"0ms\")")]
+    jitter: String,
+    /// probability a chunk is held back 200 ms, from 0 to 1 (default 0)
     #[argh(option, default = "0.0")]
     loss: f64,
 }
@@ -377,15 +399,20 @@ fn run(args: Args) -> anyhow::Result<bool> {
             rtt::run(args, a.json.as_deref())
         }
         Mode::Worker(a) => worker::main(&a.spec).map(|()| true),
-        Mode::Relay(a) => relay::serve(
-            a.upstream,
-            RelaySettings {
-                delay_ms: a.delay_ms,
-                jitter_ms: a.jitter_ms,
+        Mode::Relay(a) => {
+            if !(0.0..=1.0).contains(&a.loss) {
+                bail!(
+                    "--loss: expected a probability from 0 to 1, found {}",
+                    a.loss
+                );
+            }
+            let settings = RelaySettings {
+                delay_ms: duration(&a.delay, "--delay")?.as_secs_f64() * 1e3,
+                jitter_ms: duration(&a.jitter, "--jitter")?.as_secs_f64() * 1e3,
                 loss: a.loss,
-            },
-        )
-        .map(|()| true),
+            };
+            relay::serve(a.listen, a.to, settings).map(|()| true)
+        }
         Mode::EchoServer(a) => baseline::serve(a.listen).map(|()| true),
     }
 }

@@ -160,3 +160,66 @@ fn rtt_against_an_echo_server() {
     assert!(rtt["p50_us"].as_f64().unwrap() > 0.0);
     assert!(rtt["p99_us"].as_f64().unwrap() >= rtt["p50_us"].as_f64().unwrap());
 }
+
+/// `relay` as a script runs it: prints its address, relays with a delay, and answers
+/// SIGUSR1 / SIGUSR2 with `stalled N` / `resumed N`; a connection stalled in between gets its
+/// bytes afterwards.
+#[test]
+fn relay_stalls_on_signals() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let echo = TcpListener::bind("127.0.0.1:0").unwrap();
+    let echo_addr = echo.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in echo.incoming() {
+            let mut conn = conn.unwrap();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = conn.read(&mut buf) {
+                    if conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let mut relay = Command::new(env!("CARGO_BIN_EXE_remoteler-loadtest"))
+        .args([
+            "relay", "--to", &echo_addr, "--delay", "20ms", "--jitter", "5ms",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the relay");
+    let mut lines = BufReader::new(relay.stdout.take().unwrap()).lines();
+    let mut next_line = || lines.next().unwrap().unwrap();
+    let line = next_line();
+    let addr = line.strip_prefix("listening ").expect("listening ADDR");
+    let mut conn = TcpStream::connect(addr).unwrap();
+    let started = std::time::Instant::now();
+    conn.write_all(b"ping").unwrap();
+    let mut got = [0u8; 4];
+    conn.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"ping");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(30),
+        "no delay added"
+    );
+
+    let pid = i32::try_from(relay.id()).unwrap();
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR1) }, 0);
+    assert_eq!(next_line(), "stalled 1");
+    conn.write_all(b"held").unwrap();
+    conn.set_read_timeout(Some(std::time::Duration::from_millis(500)))
+        .unwrap();
+    assert!(conn.read(&mut got).is_err(), "bytes moved during the stall");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR2) }, 0);
+    assert_eq!(next_line(), "resumed 1");
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    conn.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"held");
+    relay.kill().unwrap();
+    relay.wait().unwrap();
+}
