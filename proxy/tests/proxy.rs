@@ -962,5 +962,9 @@ fn pinned_workers_run_on_their_own_cpus() {
     }
     pinned.sort_unstable();
     assert_eq!(pinned, vec![0, 1], "both workers found and pinned");
-    assert!(proxy.log().contains("worker pinned to its CPU"), "{}", proxy.log());
+    assert!(
+        proxy.log().contains("worker pinned to its CPU"),
+        "{}",
+        proxy.log()
+    );
 }
