@@ -12,7 +12,9 @@
 //! [`NodeDirectory`] is the only structure the cores share: *node → (core, tunnel id,
 //! inventory)* behind one mutex, taken for rare events (a tunnel comes or goes, a session
 //! starts, a listing). Each core's [`CoreDirectory`] adds the tunnel handles it owns (a
-//! [`Tunnel`] is an `Rc` and never leaves its core).
+//! [`Tunnel`] is an `Rc` and never leaves its core), by tunnel id and nothing else: a
+//! tunnel's name, labels and services are kept once, in the shared map (tens of thousands of
+//! idle tunnels, each copy a few hundred bytes).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -133,6 +135,20 @@ struct TunnelInfo {
     peer: Option<SocketAddr>,
     since: SystemTime,
     labels: Vec<(String, String)>,
+    services: Vec<String>,
+}
+
+impl TunnelInfo {
+    fn entry(&self, tunnel: Tunnel) -> TunnelEntry {
+        TunnelEntry {
+            id: self.id,
+            tunnel,
+            peer: self.peer,
+            since: self.since,
+            labels: self.labels.clone(),
+            services: self.services.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -458,7 +474,9 @@ fn best_cluster_tunnel<'a>(
 pub struct CoreDirectory {
     shared: Arc<NodeDirectory>,
     core: usize,
-    local: RefCell<HashMap<String, TunnelEntry>>,
+    /// Agents' tunnels served by this core, by tunnel id; the rest of each entry is the
+    /// shared map's [`TunnelInfo`].
+    local: RefCell<HashMap<u64, Tunnel>>,
     /// Leaf clusters' tunnels served by this core, by tunnel id.
     cluster_local: RefCell<HashMap<u64, Tunnel>>,
 }
@@ -577,9 +595,9 @@ impl CoreDirectory {
                     labels: info.labels.clone(),
                 };
             }
-            if let Some(entry) = self.local.borrow().get(node) {
-                if entry.id == info.id && !entry.tunnel.is_ended() {
-                    return Route::Tunnel(entry.clone());
+            if let Some(tunnel) = self.local.borrow().get(&info.id) {
+                if !tunnel.is_ended() {
+                    return Route::Tunnel(info.entry(tunnel.clone()));
                 }
             }
         }
@@ -624,23 +642,43 @@ impl CoreDirectory {
 
     /// Records a tunnel of this core for `node`; returns the tunnel it replaces, if any.
     pub fn attach_tunnel(&self, node: &str, entry: TunnelEntry) -> Option<TunnelEntry> {
+        let TunnelEntry {
+            id,
+            tunnel,
+            peer,
+            since,
+            labels,
+            services,
+        } = entry;
         let info = TunnelInfo {
             core: self.core,
-            id: entry.id,
-            peer: entry.peer,
-            since: entry.since,
-            labels: entry.labels.clone(),
+            id,
+            peer,
+            since,
+            labels,
+            services,
         };
         let mut entries = self.shared.lock();
         entries.offline.remove(node);
         entries.forgotten.remove(node);
-        if let Some(old) = entries.tunnels.insert(node.to_owned(), info) {
+        let mut local = self.local.borrow_mut();
+        let old = entries.tunnels.insert(node.to_owned(), info);
+        let replaced = old.and_then(|old| {
             if old.core != self.core {
                 // Cannot happen while tunnels go to their owner core; said loudly if it does.
                 tracing::error!(%node, old_core = old.core, core = self.core, "a node's tunnels on two cores");
+                return None;
             }
-        }
-        self.local.borrow_mut().insert(node.to_owned(), entry)
+            // The same tunnel attached again (resumed): nothing is replaced.
+            let tunnel = if old.id == id {
+                local.get(&id).cloned()
+            } else {
+                local.remove(&old.id)
+            }?;
+            Some(old.entry(tunnel))
+        });
+        local.insert(id, tunnel);
+        replaced
     }
 
     /// Updates the labels and services of `node`'s tunnel `id`.
@@ -654,13 +692,8 @@ impl CoreDirectory {
         let mut entries = self.shared.lock();
         if let Some(info) = entries.tunnels.get_mut(node) {
             if info.id == id {
-                info.labels = labels.clone();
-            }
-        }
-        if let Some(entry) = self.local.borrow_mut().get_mut(node) {
-            if entry.id == id {
-                entry.labels = labels;
-                entry.services = services;
+                info.labels = labels;
+                info.services = services;
             }
         }
     }
@@ -668,10 +701,7 @@ impl CoreDirectory {
     /// Marks `node` offline if its tunnel is still tunnel `id` (a reconnect may have replaced
     /// it); returns whether it did.
     pub fn detach_tunnel(&self, node: &str, id: u64) -> bool {
-        let mut local = self.local.borrow_mut();
-        if local.get(node).is_some_and(|e| e.id == id) {
-            local.remove(node);
-        }
+        self.local.borrow_mut().remove(&id);
         let mut entries = self.shared.lock();
         if entries.tunnels.get(node).is_some_and(|i| i.id == id) {
             if let Some(info) = entries.tunnels.remove(node) {
@@ -693,19 +723,15 @@ impl CoreDirectory {
 
     /// This core's live tunnels, agents' and leaf clusters' (for draining).
     pub fn tunnels(&self) -> Vec<Tunnel> {
-        let mut out: Vec<Tunnel> = self
-            .local
-            .borrow()
-            .values()
-            .map(|e| e.tunnel.clone())
-            .collect();
+        let mut out: Vec<Tunnel> = self.local.borrow().values().cloned().collect();
         out.extend(self.cluster_local.borrow().values().cloned());
         out
     }
 
     /// `node`'s tunnel, if this core holds it.
     pub fn local_tunnel(&self, node: &str) -> Option<Tunnel> {
-        self.local.borrow().get(node).map(|e| e.tunnel.clone())
+        let id = self.shared.lock().tunnels.get(node)?.id;
+        self.local.borrow().get(&id).cloned()
     }
 
     /// How many tunnels this core holds.
@@ -750,6 +776,55 @@ mod tests {
     fn tunnel() -> Tunnel {
         let config = frame::SessionConfig::new(frame::Role::Proxy, false);
         Tunnel::new(frame::Session::new(config, [0; 16], Instant::now()))
+    }
+
+    fn entry(id: u64, tunnel: &Tunnel, label: &str) -> TunnelEntry {
+        TunnelEntry {
+            id,
+            tunnel: tunnel.clone(),
+            peer: Some("10.0.0.3:4000".parse().unwrap()),
+            since: SystemTime::now(),
+            labels: vec![("env".into(), label.into())],
+            services: vec!["ssh".into()],
+        }
+    }
+
+    #[test]
+    fn an_agent_tunnel_is_routed_replaced_and_detached_by_id() {
+        let shared = Arc::new(NodeDirectory::new(Vec::new(), 2));
+        let core = shared.owner_core("node-r1");
+        let (dir, other) = (
+            CoreDirectory::new(shared.clone(), core),
+            CoreDirectory::new(shared.clone(), 1 - core),
+        );
+        let (t1, t2) = (tunnel(), tunnel());
+        assert!(dir.attach_tunnel("node-r1", entry(1, &t1, "a")).is_none());
+        let Route::Tunnel(routed) = dir.route("node-r1") else {
+            panic!("no tunnel route");
+        };
+        assert_eq!(routed.id, 1);
+        assert_eq!(routed.labels, [("env".to_string(), "a".to_string())]);
+        assert_eq!(routed.services, ["ssh"]);
+        assert!(matches!(other.route("node-r1"), Route::OtherCore { .. }));
+        assert!(other.local_tunnel("node-r1").is_none());
+
+        dir.update_tunnel("node-r1", 1, vec![("env".into(), "b".into())], Vec::new());
+        assert_eq!(dir.route("node-r1").labels().unwrap()[0].1, "b");
+
+        // A newer tunnel of the node replaces the old one and hands it back (to be closed).
+        let old = dir.attach_tunnel("node-r1", entry(2, &t2, "c")).unwrap();
+        assert_eq!((old.id, old.labels[0].1.as_str()), (1, "b"));
+        assert_eq!(dir.local_tunnel_count(), 1);
+        // The old tunnel ending changes nothing; the current one ending lists the node offline.
+        assert!(!dir.detach_tunnel("node-r1", 1));
+        assert!(dir.local_tunnel("node-r1").is_some());
+        assert!(dir.detach_tunnel("node-r1", 2));
+        assert!(dir.local_tunnel("node-r1").is_none());
+        assert_eq!(dir.local_tunnel_count(), 0);
+        let Route::Offline { labels, .. } = dir.route("node-r1") else {
+            panic!("not offline");
+        };
+        assert_eq!(labels[0].1, "c");
     }
 
     #[test]

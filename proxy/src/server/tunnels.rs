@@ -225,8 +225,13 @@ pub(super) async fn serve_tunnel(
         tunnel.announce_changed(0),
     ))
     .await;
-    let (version, announce) = tunnel.peer_announce();
-    let (labels, services) = match check_announce(&ctx, &node, announce.as_ref()) {
+    // The copy of the inventory is checked, not kept: this future lives as long as the
+    // tunnel (the copy was about 320 bytes of strings); the directory gets what it needs.
+    let (version, checked) = {
+        let (version, announce) = tunnel.peer_announce();
+        (version, check_announce(&ctx, &node, announce.as_ref()))
+    };
+    let (labels, services) = match checked {
         Ok(v) => v,
         Err(why) => {
             Stats::bump(&ctx.stats.dropped_access_denied);
