@@ -262,88 +262,157 @@ pub(super) async fn serve_tunnel(
         serde_json::json!({ "node": node, "peer": peer.to_string(), "tunnel_id": id }),
     );
 
-    let mut peer = peer;
-    let mut driver = driver;
-    let mut seen = version;
-    // Set when the tunnel ends while detached: whether a new session replaced it. The
-    // directory forgets a detached tunnel, so asking it at the end would say "replaced".
-    let mut replaced_while_detached = None;
-    let reason = loop {
-        // No task of its own for the inventory watch and the refusal of OPENs: a tunnel
-        // costs one task (this one) besides its driver.
-        let outcome = Box::pin(until_transport_ends(
-            &ctx,
-            &tunnel,
-            &node,
-            id,
-            &mut seen,
-            &mut driver,
-        ))
-        .await;
-        let reason = outcome_reason(&outcome);
-        if !tunnel.is_detached() || ctx.draining.get() {
-            break reason;
+    // The connected tunnel gets a task of its own, sized for what it keeps for the tunnel's
+    // life: this one (sized for the handshake, the resume lookup and the checks, and holding
+    // the connection and the certificate's identity as arguments) ends here.
+    drop(monoio::spawn(serve_connected(Connected {
+        ctx,
+        tunnel,
+        node,
+        id,
+        peer,
+        driver,
+        seen: version,
+        started,
+    })));
+}
+
+/// What a connected agent tunnel keeps for its life.
+struct Connected {
+    ctx: Rc<Context>,
+    tunnel: Tunnel,
+    node: String,
+    /// The directory's id of this tunnel.
+    id: u64,
+    /// The agent's address (of its latest connection).
+    peer: SocketAddr,
+    driver: monoio::task::JoinHandle<DriveOutcome>,
+    /// The last inventory version seen.
+    seen: u64,
+    started: Instant,
+}
+
+/// Serves a connected tunnel until it ends: inventory changes, detaching when the connection
+/// is lost, resuming when the agent comes back. A plain `fn` returning the future, so that the
+/// future holds `c` once (an `async fn` keeps a second copy of its arguments).
+#[allow(clippy::manual_async_fn)] // on purpose, see above
+fn serve_connected(mut c: Connected) -> impl std::future::Future<Output = ()> {
+    async move {
+        let ctx = &c.ctx;
+        let (tunnel, node, id) = (&c.tunnel, c.node.as_str(), c.id);
+        // Set when the tunnel ends while detached: whether a new session replaced it. The
+        // directory forgets a detached tunnel, so asking it at the end would say "replaced".
+        let mut replaced_while_detached = None;
+        let reason = loop {
+            // No task of its own for the inventory watch and the refusal of OPENs: a tunnel
+            // costs one task (this one) besides its driver.
+            let outcome = Box::pin(until_transport_ends(
+                ctx,
+                tunnel,
+                node,
+                id,
+                &mut c.seen,
+                &mut c.driver,
+            ))
+            .await;
+            let reason = outcome_reason(&outcome);
+            if !tunnel.is_detached() || ctx.draining.get() {
+                break reason;
+            }
+            // The connection is gone but the session waits for the agent: the node is offline
+            // (no new sessions), the sessions through it pause.
+            ctx.directory.detach_tunnel(node, id);
+            let grace = ctx.config.resume.grace;
+            tracing::info!(
+                %node, peer = %c.peer, tunnel_id = id, %reason, grace_secs = grace.as_secs(),
+                "tunnel connection lost; waiting for the agent to resume"
+            );
+            ctx.audit.record(
+                "tunnel.detached",
+                serde_json::json!({
+                    "node": node, "peer": c.peer.to_string(), "tunnel_id": id, "reason": reason,
+                }),
+            );
+            let next = Box::pin(resume::await_resume(
+                &ctx.detached,
+                node.to_owned(),
+                tunnel,
+                node,
+                &reason,
+                grace,
+            ))
+            .await;
+            let (conn, input, new_peer) = match next {
+                Ok(transport) => transport,
+                Err((why, replaced)) => {
+                    replaced_while_detached = Some(replaced);
+                    break why;
+                }
+            };
+            if let Err(e) = tunnel.reattach() {
+                break format!("{reason}; cannot resume: {e}");
+            }
+            c.peer = new_peer;
+            let inventory =
+                check_announce(ctx, node, tunnel.peer_announce().1.as_ref()).unwrap_or_default();
+            if let Some(old) = put_online(ctx, node, id, tunnel, c.peer, inventory) {
+                if old.id != id {
+                    old.tunnel
+                        .close(ErrorCode::GOING_AWAY, "replaced by a resumed tunnel");
+                }
+            }
+            Stats::bump(&ctx.stats.tunnels_resumed);
+            tracing::info!(%node, peer = %c.peer, tunnel_id = id, "tunnel resumed");
+            ctx.audit.record(
+                "tunnel.resumed",
+                serde_json::json!({ "node": node, "peer": c.peer.to_string(), "tunnel_id": id }),
+            );
+            let driven = tunnel.clone();
+            c.driver = monoio::spawn(async move { drive(&driven, conn, input).await });
+        };
+        if !tunnel.is_ended() {
+            tunnel.close(ErrorCode::GOING_AWAY, "transport lost");
         }
-        // The connection is gone but the session waits for the agent: the node is offline
-        // (no new sessions), the sessions through it pause.
-        ctx.directory.detach_tunnel(&node, id);
-        let grace = ctx.config.resume.grace;
+        let was_current = ctx.directory.detach_tunnel(node, id);
+        let replaced = replaced_while_detached.unwrap_or(!was_current);
+        Stats::bump(&ctx.stats.tunnels_disconnected);
+        let duration = c.started.elapsed();
         tracing::info!(
-            %node, %peer, tunnel_id = id, %reason, grace_secs = grace.as_secs(),
-            "tunnel connection lost; waiting for the agent to resume"
+            %node, peer = %c.peer, tunnel_id = id, %reason, replaced,
+            duration_secs = duration.as_secs(), "tunnel disconnected"
         );
         ctx.audit.record(
-            "tunnel.detached",
+            "tunnel.disconnect",
             serde_json::json!({
-                "node": node, "peer": peer.to_string(), "tunnel_id": id, "reason": reason,
+                "node": node, "peer": c.peer.to_string(), "tunnel_id": id, "reason": reason,
+                "replaced": replaced, "duration_ms": duration.as_millis() as u64,
             }),
         );
-        let next =
-            resume::await_resume(&ctx.detached, node.clone(), &tunnel, &node, &reason, grace).await;
-        let (conn, input, new_peer) = match next {
-            Ok(transport) => transport,
-            Err((why, replaced)) => {
-                replaced_while_detached = Some(replaced);
-                break why;
-            }
-        };
-        if let Err(e) = tunnel.reattach() {
-            break format!("{reason}; cannot resume: {e}");
-        }
-        peer = new_peer;
-        let inventory =
-            check_announce(&ctx, &node, tunnel.peer_announce().1.as_ref()).unwrap_or_default();
-        if let Some(old) = put_online(&ctx, &node, id, &tunnel, peer, inventory) {
-            if old.id != id {
-                old.tunnel
-                    .close(ErrorCode::GOING_AWAY, "replaced by a resumed tunnel");
-            }
-        }
-        Stats::bump(&ctx.stats.tunnels_resumed);
-        tracing::info!(%node, %peer, tunnel_id = id, "tunnel resumed");
-        ctx.audit.record(
-            "tunnel.resumed",
-            serde_json::json!({ "node": node, "peer": peer.to_string(), "tunnel_id": id }),
-        );
-        let driven = tunnel.clone();
-        driver = monoio::spawn(async move { drive(&driven, conn, input).await });
-    };
-    if !tunnel.is_ended() {
-        tunnel.close(ErrorCode::GOING_AWAY, "transport lost");
     }
-    let was_current = ctx.directory.detach_tunnel(&node, id);
-    let replaced = replaced_while_detached.unwrap_or(!was_current);
-    Stats::bump(&ctx.stats.tunnels_disconnected);
-    let duration = started.elapsed();
-    tracing::info!(
-        %node, %peer, tunnel_id = id, %reason, replaced,
-        duration_secs = duration.as_secs(), "tunnel disconnected"
-    );
-    ctx.audit.record(
-        "tunnel.disconnect",
-        serde_json::json!({
-            "node": node, "peer": peer.to_string(), "tunnel_id": id, "reason": reason,
-            "replaced": replaced, "duration_ms": duration.as_millis() as u64,
-        }),
-    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of what `f` returns, without calling it.
+    fn returned_size<A, R>(_: fn(A) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    fn returned_size4<A, B, C, D, R>(_: fn(A, B, C, D) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    #[test]
+    fn a_connected_tunnel_task_stays_small() {
+        let connected = returned_size(serve_connected);
+        let setup = returned_size4(serve_tunnel);
+        eprintln!("serve_connected future: {connected} B, serve_tunnel (setup): {setup} B");
+        // Every idle tunnel holds one: a budget, so that growth is a decision.
+        assert!(
+            connected <= 512,
+            "serve_connected's future is {connected} bytes"
+        );
+    }
 }
