@@ -20,7 +20,10 @@
 # Knobs (environment): REPS (5) iperf3 repetitions per system and direction; IPERF_SECS (5);
 # RTT_REPS (3); RTT_SECS (8); RTT_CONNS ("1 100 1000"); RTT_RATE (2000 messages/s over all
 # connections); AGENTS ("100 1000"); BULK_LIMITS ("unlimited 1G": iperf3 -b of the bulk session,
-# "unlimited" saturates the cores); SKIP ("" or any of: throughput rtt bulk memory).
+# "unlimited" saturates the cores); SKIP ("" or any of: throughput rtt bulk memory);
+# OURS_OLD (a directory holding another build's remoteler-proxy, remoteler-agent and remoteler,
+# e.g. an older commit's target/release: a second Remoteler system "remoteler-old", set up the
+# same way, joins the throughput, round-trip and bulk runs, with rows and a ratio in the table).
 # Everything it starts is stopped at exit; KEEP_WORK=1 keeps the logs and raw JSON.
 set -euo pipefail
 # shellcheck disable=SC2034 # read by scripts/lib.sh
@@ -38,6 +41,7 @@ RTT_RATE=${RTT_RATE:-2000}
 AGENTS=${AGENTS:-"100 1000"}
 BULK_LIMITS=${BULK_LIMITS:-"unlimited 1G"}
 SKIP=${SKIP:-}
+OURS_OLD=${OURS_OLD:-}
 CACHE="$ROOT/target/compare-cache"
 RATHOLE="$CACHE/rathole/bin/rathole"
 LT="$BIN/remoteler-loadtest"
@@ -56,7 +60,7 @@ if [ ! -x "$RATHOLE" ]; then
 fi
 say "building ours (release)"
 (cd "$ROOT" && cargo build --release --locked -q -p proxy -p agent -p client -p loadtest)
-P="$BIN/remoteler-proxy"; A="$BIN/remoteler-agent"; C="$BIN/remoteler"
+P="$BIN/remoteler-proxy"
 HZ=$(getconf CLK_TCK)
 
 # cpu_ticks PID...: utime + stime of the processes, in clock ticks.
@@ -95,38 +99,58 @@ bg echo "$LT" echo-server --listen "127.0.0.1:$ECHO_PORT" >/dev/null
 bg iperf3-server iperf3 -s -p "$IPERF_PORT" >/dev/null
 wait_for "the echo server" 10 echo_ok "$ECHO_PORT"
 
-say "Remoteler: proxy, agent node-r1 (forwards iperf and echo), user, two forwards"
-USERS_PORT=$(free_port); TUNNEL_PORT=$(free_port); AUTH_PORT=$(free_port)
-"$P" init --cluster compare.test --data-dir "$WORK/proxy" --host 127.0.0.1 >"$WORK/init.txt"
-PIN=$(grep -o 'sha256:[0-9a-f]\{64\}' "$WORK/init.txt" | head -1)
-cat >"$WORK/proxy.toml" <<EOF
+# start_remoteler SYS BINDIR: a proxy, an agent node-r1 (forwards iperf and echo), a user and
+# two forwards from the binaries in BINDIR, under $WORK/SYS; records the forwards' ports and
+# the processes in FWD_IPERF[SYS], FWD_ECHO[SYS], PIDS[SYS] (proxy agent forward forward-echo).
+declare -A FWD_IPERF FWD_ECHO PIDS USERS_PORT_OF TUNNEL_PORT_OF
+start_remoteler() {
+  local sys=$1 bin=$2 w="$WORK/$1"
+  say "$sys: proxy, agent node-r1 (forwards iperf and echo), user, two forwards ($bin)"
+  mkdir -p "$w"
+  local users tunnels auth pin token proxy_pid agent_pid fwd_iperf fwd_echo iperf_pid echo_pid
+  users=$(free_port); tunnels=$(free_port); auth=$(free_port)
+  "$bin/remoteler-proxy" init --cluster compare.test --data-dir "$w/proxy" --host 127.0.0.1 >"$w/init.txt"
+  pin=$(grep -o 'sha256:[0-9a-f]\{64\}' "$w/init.txt" | head -1)
+  cat >"$w/proxy.toml" <<EOF
 cluster_name = "compare.test"
-data_dir = "$WORK/proxy"
+data_dir = "$w/proxy"
 [listen]
-users = "127.0.0.1:$USERS_PORT"
-tunnels = "127.0.0.1:$TUNNEL_PORT"
-auth = "127.0.0.1:$AUTH_PORT"
+users = "127.0.0.1:$users"
+tunnels = "127.0.0.1:$tunnels"
+auth = "127.0.0.1:$auth"
 metrics = "off"
 [log]
 level = "warn"
 EOF
-"$P" start --config "$WORK/proxy.toml" >"$WORK/proxy.log" 2>&1 &
-PROXY_PID=$!; echo "$PROXY_PID" >>"$WORK/pids"
-wait_for "the proxy" 30 test -f "$WORK/proxy/proxy.ready"
-TOKEN=$("$P" tokens add --kind node --ttl 15m --data-dir "$WORK/proxy" | grep -o '[0-9a-f]\{64\}' | head -1)
-AGENT_PID=$(bg agent "$A" start --proxy "127.0.0.1:$TUNNEL_PORT" --token "$TOKEN" --ca-pin "$PIN" \
-  --node-name node-r1 --data-dir "$WORK/agent" \
-  --forward "iperf=127.0.0.1:$IPERF_PORT" --forward "echo=127.0.0.1:$ECHO_PORT")
-wait_for "node-r1 online" 30 bash -c "'$P' nodes ls --data-dir '$WORK/proxy' | grep -Eq '^node-r1 +tunnel +yes'"
-echo "compare-password" >"$WORK/pw"
-"$P" users add bench --roles access --logins root --password-file "$WORK/pw" --data-dir "$WORK/proxy" >/dev/null
-export REMOTELER_HOME="$WORK/home"
-"$C" login --proxy "127.0.0.1:$USERS_PORT" --user bench --password-file "$WORK/pw" --ca-pin "$PIN" >/dev/null
-FWD_IPERF_PORT=$(free_port); FWD_ECHO_PORT=$(free_port)
-FWD_IPERF_PID=$(bg forward-iperf "$C" forward --listen "127.0.0.1:$FWD_IPERF_PORT" node-r1 iperf)
-FWD_ECHO_PID=$(bg forward-echo "$C" forward --listen "127.0.0.1:$FWD_ECHO_PORT" node-r1 echo)
-wait_for "the echo forward" 30 echo_ok "$FWD_ECHO_PORT"
-OURS_PIDS=("$PROXY_PID" "$AGENT_PID" "$FWD_IPERF_PID" "$FWD_ECHO_PID")
+  "$bin/remoteler-proxy" start --config "$w/proxy.toml" >"$w/proxy.log" 2>&1 &
+  proxy_pid=$!; echo "$proxy_pid" >>"$WORK/pids"
+  wait_for "the $sys proxy" 30 test -f "$w/proxy/proxy.ready"
+  token=$("$bin/remoteler-proxy" tokens add --kind node --ttl 15m --data-dir "$w/proxy" | grep -o '[0-9a-f]\{64\}' | head -1)
+  agent_pid=$(bg "$sys-agent" "$bin/remoteler-agent" start --proxy "127.0.0.1:$tunnels" --token "$token" --ca-pin "$pin" \
+    --node-name node-r1 --data-dir "$w/agent" \
+    --forward "iperf=127.0.0.1:$IPERF_PORT" --forward "echo=127.0.0.1:$ECHO_PORT")
+  wait_for "$sys node-r1 online" 30 bash -c "'$bin/remoteler-proxy' nodes ls --data-dir '$w/proxy' | grep -Eq '^node-r1 +tunnel +yes'"
+  echo "compare-password" >"$w/pw"
+  "$bin/remoteler-proxy" users add bench --roles access --logins root --password-file "$w/pw" --data-dir "$w/proxy" >/dev/null
+  REMOTELER_HOME="$w/home" "$bin/remoteler" login --proxy "127.0.0.1:$users" --user bench --password-file "$w/pw" --ca-pin "$pin" >/dev/null
+  fwd_iperf=$(free_port); fwd_echo=$(free_port)
+  iperf_pid=$(bg "$sys-forward-iperf" env REMOTELER_HOME="$w/home" "$bin/remoteler" forward --listen "127.0.0.1:$fwd_iperf" node-r1 iperf)
+  echo_pid=$(bg "$sys-forward-echo" env REMOTELER_HOME="$w/home" "$bin/remoteler" forward --listen "127.0.0.1:$fwd_echo" node-r1 echo)
+  wait_for "the $sys echo forward" 30 echo_ok "$fwd_echo"
+  FWD_IPERF[$sys]=$fwd_iperf; FWD_ECHO[$sys]=$fwd_echo
+  PIDS[$sys]="$proxy_pid $agent_pid $iperf_pid $echo_pid"
+  USERS_PORT_OF[$sys]=$users; TUNNEL_PORT_OF[$sys]=$tunnels
+}
+start_remoteler remoteler "$BIN"
+OURS=(remoteler)
+if [ -n "$OURS_OLD" ]; then
+  start_remoteler remoteler-old "$OURS_OLD"
+  OURS+=(remoteler-old)
+fi
+read -r PROXY_PID AGENT_PID FWD_IPERF_PID FWD_ECHO_PID <<<"${PIDS[remoteler]}"
+USERS_PORT=${USERS_PORT_OF[remoteler]}; TUNNEL_PORT=${TUNNEL_PORT_OF[remoteler]}
+SYSTEMS=(direct "${OURS[@]}" rathole)
+
 
 say "rathole 0.5: CA, server certificate (pkcs12), server and client"
 mkdir -p "$WORK/rh"
@@ -182,19 +206,23 @@ tls_of() {  # tls_of PORT [s_client options]: "TLSv1.3 TLS_AES_256_GCM_SHA384"
 {
   echo "remoteler users (proxy :$USERS_PORT)|$(tls_of "$USERS_PORT" -alpn remoteler-session)"
   echo "remoteler tunnels (proxy :$TUNNEL_PORT)|$(tls_of "$TUNNEL_PORT")"
+  if [ -n "$OURS_OLD" ]; then
+    echo "remoteler-old users (proxy :${USERS_PORT_OF[remoteler-old]})|$(tls_of "${USERS_PORT_OF[remoteler-old]}" -alpn remoteler-session)"
+    echo "remoteler-old tunnels (proxy :${TUNNEL_PORT_OF[remoteler-old]})|$(tls_of "${TUNNEL_PORT_OF[remoteler-old]}")"
+  fi
   echo "rathole server (:$RH_PORT)|$(tls_of "$RH_PORT" -servername localhost)"
 } | tee "$RES/tls.txt"
 
 # ---- 1. throughput -------------------------------------------------------------------------
-port_of() { case $1 in direct) echo "$IPERF_PORT" ;; remoteler) echo "$FWD_IPERF_PORT" ;; rathole) echo "$RH_IPERF_PORT" ;; esac; }
-pids_of() { case $1 in direct) echo "" ;; remoteler) echo "${OURS_PIDS[*]}" ;; rathole) echo "${RH_PIDS[*]}" ;; esac; }
-echo_port_of() { case $1 in direct) echo "$ECHO_PORT" ;; remoteler) echo "$FWD_ECHO_PORT" ;; rathole) echo "$RH_ECHO_PORT" ;; esac; }
+port_of() { case $1 in direct) echo "$IPERF_PORT" ;; rathole) echo "$RH_IPERF_PORT" ;; *) echo "${FWD_IPERF[$1]}" ;; esac; }
+pids_of() { case $1 in direct) echo "" ;; rathole) echo "${RH_PIDS[*]}" ;; *) echo "${PIDS[$1]}" ;; esac; }
+echo_port_of() { case $1 in direct) echo "$ECHO_PORT" ;; rathole) echo "$RH_ECHO_PORT" ;; *) echo "${FWD_ECHO[$1]}" ;; esac; }
 
 if ! skip throughput; then
   say "throughput: iperf3 -t $IPERF_SECS, $REPS repetitions, up (client -> server) and down (-R)"
   for rep in $(seq "$REPS"); do
     for dir in up down; do
-      for sys in direct remoteler rathole; do
+      for sys in "${SYSTEMS[@]}"; do
         flag=(); [ "$dir" = down ] && flag=(-R)
         pids=$(pids_of "$sys")
         # shellcheck disable=SC2086
@@ -220,7 +248,7 @@ if ! skip rtt; then
   say "round trips: rtt, 64 B, $RTT_RATE messages/s over all connections, ${RTT_SECS}s, $RTT_REPS repetitions"
   for conns in $RTT_CONNS; do
     for rep in $(seq "$RTT_REPS"); do
-      for sys in direct remoteler rathole; do
+      for sys in "${SYSTEMS[@]}"; do
         "$LT" rtt --target "127.0.0.1:$(echo_port_of "$sys")" --connections "$conns" \
           --duration "${RTT_SECS}s" --rate "$RTT_RATE" --json "$RES/rtt-$sys-$conns-$rep.json" \
           >"$RES/rtt-$sys-$conns-$rep.txt" 2>&1 || echo "  (rtt $sys $conns reported failures)"
@@ -235,7 +263,7 @@ if ! skip bulk; then
   say "interactive round trips (1 connection) with and without a bulk iperf3 through the same tunnel"
   for limit in $BULK_LIMITS; do
     for rep in $(seq "$RTT_REPS"); do
-      for sys in remoteler rathole; do
+      for sys in "${OURS[@]}" rathole; do
         "$LT" rtt --target "127.0.0.1:$(echo_port_of "$sys")" --connections 1 --duration "${RTT_SECS}s" \
           --rate 500 --json "$RES/quiet-$sys-$limit-$rep.json" >/dev/null 2>&1 || true
         rate=(); [ "$limit" != unlimited ] && rate=(-b "$limit")
@@ -337,14 +365,19 @@ if os.path.exists(f"{res}/iperf-cpu.txt"):
         cpu[(s, d, r)] = int(t) / hz
         cpu[(s, d, r, "each")] = [int(x) / hz for x in each]
 split = {}
+# A second Remoteler build (OURS_OLD) shows up as "remoteler-old" wherever it ran.
+old = bool(glob.glob(f"{res}/*-remoteler-old-*"))
+systems = ["direct", "remoteler"] + (["remoteler-old"] if old else []) + ["rathole"]
+ours = ["remoteler"] + (["remoteler-old"] if old else [])
 if cpu:
     p(f"Throughput, one stream, iperf3 -t {isecs}, median of {reps} (runs interleaved)")
     p()
-    p("| system | direction | Gbit/s (median; min-max) | ratio to direct | ratio to rathole | CPU-s per GB | processes counted |")
-    p("|---|---|---|---|---|---|---|")
+    p("| system | direction | Gbit/s (median; min-max) | ratio to direct | ratio to rathole |"
+      + (" ratio to remoteler-old |" if old else "") + " CPU-s per GB | processes counted |")
+    p("|---|---|---|---|---|" + ("---|" if old else "") + "---|---|")
     for d in ("up", "down"):
         g, c = {}, {}
-        for s in ("direct", "remoteler", "rathole"):
+        for s in systems:
             vals, cs = [], []
             for f in sorted(glob.glob(f"{res}/iperf-{s}-{d}-*.json")):
                 r = f.rsplit("-", 1)[1][:-5]
@@ -358,17 +391,20 @@ if cpu:
                     cs.append(cpu[(s, d, r)] / gb)
                     split.setdefault((s, d), []).append([x / gb for x in cpu[(s, d, r, "each")]])
             g[s] = vals; c[s] = cs
-        for s in ("direct", "remoteler", "rathole"):
+        for s in systems:
             if not g[s]:
-                p(f"| {s} | {d} | failed | | | | |"); continue
+                p(f"| {s} | {d} | failed | | | | |" + (" |" if old else "")); continue
             m = med(g[s])
             rd = m / med(g["direct"]) if g["direct"] else float("nan")
             rr = m / med(g["rathole"]) if g["rathole"] else float("nan")
-            procs = {"direct": "-", "remoteler": "proxy+agent+forward", "rathole": "server+client"}[s]
+            ro = f" {m / med(g['remoteler-old']):.2f} |" if old and g["remoteler-old"] else (" |" if old else "")
+            procs = "server+client" if s == "rathole" else "-" if s == "direct" else "proxy+agent+forward"
             cps = f"{med(c[s]):.2f}" if c[s] else "-"
-            p(f"| {s} | {d} | {m:.2f} ({min(g[s]):.2f}-{max(g[s]):.2f}) | {rd:.2f} | {rr:.2f} | {cps} | {procs} |")
+            p(f"| {s} | {d} | {m:.2f} ({min(g[s]):.2f}-{max(g[s]):.2f}) | {rd:.2f} | {rr:.2f} |{ro} {cps} | {procs} |")
     p()
-    names = {"remoteler": ["proxy", "agent", "forward", "forward (echo, idle)"], "rathole": ["server", "client"]}
+    names = {"rathole": ["server", "client"]}
+    for s in ours:
+        names[s] = ["proxy", "agent", "forward", "forward (echo, idle)"]
     p("CPU-seconds per GB by process (median of the runs)")
     p()
     for (s, d), rows_ in sorted(split.items()):
@@ -379,7 +415,7 @@ if cpu:
 rows = []
 for n in conns.split():
     per = {}
-    for s in ("direct", "remoteler", "rathole"):
+    for s in systems:
         xs = [json.load(open(f))["rtt"] for f in sorted(glob.glob(f"{res}/rtt-{s}-{n}-*.json"))]
         if xs:
             per[s] = {k: med([x[k] for x in xs]) for k in ("p50_us", "p99_us", "p999_us")}
@@ -391,7 +427,7 @@ if any(per for _, per in rows):
     p("| connections | system | p50 | p99 | p99.9 | added p99 vs direct | failed conns |")
     p("|---|---|---|---|---|---|---|")
     for n, per in rows:
-        for s in ("direct", "remoteler", "rathole"):
+        for s in systems:
             if s not in per: continue
             x = per[s]
             add = x["p99_us"] - per["direct"]["p99_us"] if "direct" in per else float("nan")
@@ -400,7 +436,7 @@ if any(per for _, per in rows):
 
 bulk = []
 for l in limits.split():
-    for s in ("remoteler", "rathole"):
+    for s in ours + ["rathole"]:
         q = [json.load(open(f))["rtt"]["p99_us"] for f in sorted(glob.glob(f"{res}/quiet-{s}-{l}-*.json"))]
         b = [json.load(open(f))["rtt"]["p99_us"] for f in sorted(glob.glob(f"{res}/bulk-{s}-{l}-*.json"))]
         g = []

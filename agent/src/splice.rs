@@ -1,7 +1,8 @@
 //! Copies bytes between a tunnel stream and a TCP connection, both ways, without copying
 //! bulk payloads: a TCP read lands in a fresh `BytesMut` that is frozen and handed to the
 //! stream as is (a short read is copied into a right-sized buffer instead); a stream read is a
-//! `Bytes` view of the TLS plaintext, written to TCP as is.
+//! `Bytes` view of the TLS plaintext, written to TCP as is. Reads grow from 64 to 256 KiB
+//! while the target fills them (`tunnel::read_size`).
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -12,19 +13,20 @@ use frame::ErrorCode;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::TcpStream;
 use tunnel::mux::{MuxStream, StreamError};
+use tunnel::read_size::ReadSize;
 
 use crate::stop::Stop;
 
-/// Bytes asked of one TCP read: four DATA frames of the default size. A buffer of this size
-/// exists only while a stream is open and waits for its target to send. Reads of 16 KiB cost
-/// the agent 2.4 times the CPU per byte of 64 KiB ones (benches/compare.sh, download), the
-/// limit of a small board.
-const READ_CHUNK: usize = 64 * 1024;
+/// Bytes asked of a TCP read while the target sends little: one 64 KiB DATA frame. A buffer
+/// of this size exists only while a stream is open and waits for its target to send (idle
+/// streams hold this much each). Reads of 16 KiB cost the agent 2.4 times the CPU per byte of
+/// 64 KiB ones (benches/compare.sh, download), the limit of a small board.
+const READ_MIN: usize = 64 * 1024;
 
-/// A read shorter than this travels as a right-sized copy: the stream keeps what it sends
-/// until the proxy acknowledges it (a WINDOW comes only after a quarter of the window), and
-/// a keystroke must not pin a whole read buffer meanwhile.
-const SMALL_READ: usize = READ_CHUNK / 4;
+/// Bytes asked of a TCP read while the target fills every read (a download): four 64 KiB DATA
+/// frames, which the tunnel encrypts and sends with one system call. Only a stream whose last
+/// read filled its buffer asks this much (see [`ReadSize`]).
+const READ_MAX: usize = 256 * 1024;
 
 /// How long a stream whose both directions are done waits for the peer's acknowledgement.
 const CLOSE_WAIT: Duration = Duration::from_secs(30);
@@ -89,8 +91,10 @@ pub async fn splice(stream: MuxStream, tcp: TcpStream) -> SpliceReport {
 
     // TCP -> stream, here.
     let mut to_stream = 0u64;
+    let mut size = ReadSize::new(READ_MIN, READ_MAX);
     loop {
-        let buf = BytesMut::with_capacity(READ_CHUNK);
+        let asked = size.next();
+        let buf = BytesMut::with_capacity(asked);
         // Dropping the read on abort may lose bytes the kernel had: the stream is being
         // reset anyway.
         let (res, buf) = monoio::select! {
@@ -104,7 +108,11 @@ pub async fn splice(stream: MuxStream, tcp: TcpStream) -> SpliceReport {
             }
             Ok(n) => {
                 to_stream += n as u64;
-                let data = if n < SMALL_READ {
+                size.record(asked, n);
+                // The stream keeps what it sends until the proxy acknowledges it (a WINDOW
+                // comes only after a quarter of the window): a keystroke must not pin a whole
+                // read buffer meanwhile.
+                let data = if ReadSize::worth_copying(asked, n) {
                     bytes::Bytes::copy_from_slice(&buf[..n])
                 } else {
                     buf.freeze()

@@ -25,16 +25,21 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::{TcpListener, TcpStream};
 use tunnel::control::ALPN_SESSION;
 use tunnel::mux::{self, MuxStream, StreamError, Tunnel};
+use tunnel::read_size::ReadSize;
 
 use crate::home::{Home, Profile};
 use crate::{ClientError, net, random_id, user_config};
 
-/// Bytes asked of one local TCP read: a few DATA frames' worth (the proxy reads as much).
-const READ_CHUNK: usize = 64 * 1024;
-/// Reads shorter than this are copied out of the read buffer before they are sent (see
-/// [`splice`]): interactive traffic (keystrokes, queries) then holds what it sent, not 64 KiB
-/// per message, until acknowledged.
-const SMALL_READ: usize = READ_CHUNK / 4;
+/// Bytes asked of a local TCP read while the program sends little: one 64 KiB DATA frame.
+const READ_MIN: usize = 64 * 1024;
+/// Bytes asked of a local TCP read while the program fills every read (an upload): four DATA
+/// frames, which the tunnel encrypts and sends with one system call (see [`ReadSize`]).
+const READ_MAX: usize = 256 * 1024;
+/// Largest DATA payload we accept from the proxy (frame's default is 16 KiB): each DATA frame
+/// costs a header, a wake-up of the stream's task and a write to the local socket, so 64 KiB
+/// frames (the protocol's limit) cut the local writes of a download by 4x. The receive buffer
+/// holds at most one partial frame, and only while data flows.
+const MAX_FRAME: u32 = 64 * 1024;
 /// How long a finished stream waits for the proxy's last acknowledgement.
 const CLOSE_WAIT: Duration = Duration::from_secs(10);
 /// How long the stop waits for the proxy connection to close cleanly.
@@ -213,6 +218,7 @@ impl Forward {
         config.resume_grace = crate::reconnect::DEFAULT_RESUME_GRACE;
         config.keepalive_interval = crate::reconnect::KEEPALIVE_INTERVAL;
         config.keepalive_count = crate::reconnect::KEEPALIVE_COUNT;
+        config.max_frame = MAX_FRAME;
         let tunnel = Tunnel::new(Session::new(config, random_id()?, Instant::now()));
         let alive = Rc::new(std::cell::Cell::new(true));
         let driver = {
@@ -356,8 +362,10 @@ async fn splice(stream: MuxStream, tcp: TcpStream) -> Option<String> {
 
     // local -> stream, here.
     let mut failed = None;
+    let mut size = ReadSize::new(READ_MIN, READ_MAX);
     loop {
-        let buf = BytesMut::with_capacity(READ_CHUNK);
+        let asked = size.next();
+        let buf = BytesMut::with_capacity(asked);
         let (res, buf) = monoio::select! {
             read = tcp_read.read(buf) => read,
             () = abort.wait() => break,
@@ -368,10 +376,11 @@ async fn splice(stream: MuxStream, tcp: TcpStream) -> Option<String> {
                 break;
             }
             Ok(n) => {
+                size.record(asked, n);
                 // The stream keeps what it sends until the proxy acknowledges it (a WINDOW
                 // comes only after a quarter of the window): a small read must not pin a
                 // whole read buffer meanwhile, so it travels as a right-sized copy.
-                let data = if n < SMALL_READ {
+                let data = if ReadSize::worth_copying(asked, n) {
                     Bytes::copy_from_slice(&buf[..n])
                 } else {
                     buf.freeze()

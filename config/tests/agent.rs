@@ -68,7 +68,7 @@ fn defaults_are_applied() {
     assert_eq!(config.backoff.min(), Duration::from_secs(1));
     assert_eq!(config.backoff.max(), Duration::from_secs(60));
     assert_eq!(config.flow.window(), 1 << 20);
-    assert_eq!(config.flow.max_frame(), 16 << 10);
+    assert_eq!(config.flow.max_frame(), 64 << 10);
     assert_eq!(config.log.format, config::LogFormat::Text);
 }
 

@@ -51,7 +51,7 @@ fn defaults_are_applied() {
     assert_eq!(config.keepalive.interval, Duration::from_secs(10));
     assert_eq!(config.keepalive.count, 3);
     assert_eq!(config.flow.window(), 1 << 20);
-    assert_eq!(config.flow.max_frame(), 16 << 10);
+    assert_eq!(config.flow.max_frame(), 64 << 10);
     assert_eq!(config.limits.max_streams_per_tunnel, 1024);
     assert_eq!(config.limits.max_pending_opens, 64);
     assert_eq!(config.limits.max_handshakes_in_progress, 1024);

@@ -7,4 +7,5 @@
 pub mod control;
 pub mod identity;
 pub mod mux;
+pub mod read_size;
 pub mod tls;

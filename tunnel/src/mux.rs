@@ -29,8 +29,10 @@ use crate::tls::{TlsConnection, TlsError};
 /// session: the session keeps them (bounded by flow control) instead of the TLS buffer.
 const WRITE_HIGH_WATER: usize = 256 * 1024;
 
-/// Most frame bytes handed to TLS in one call (whole frames; one may run past it).
-const WRITE_BATCH: usize = 64 * 1024;
+/// Most frame bytes handed to TLS in one call (whole frames; one may run past it). TLS sends
+/// each call's records with one `send`, so this is also the size of a send: with 64 KiB frames,
+/// three frames per `sendto` took the proxy from about 32,000 to 8,000 calls per GB.
+const WRITE_BATCH: usize = 192 * 1024;
 
 /// Why a stream operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

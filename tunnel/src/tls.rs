@@ -16,7 +16,7 @@
 //! 2. **Read and write without blocking**, with `recv`/`send` and `MSG_DONTWAIT` on the raw
 //!    descriptor: the call either moves bytes now or says `EAGAIN`, and nothing is ever left in
 //!    flight in the kernel. Received ciphertext lands in a **per-core scratch buffer** (one per
-//!    thread, 64 KiB), is decrypted there, and the plaintext is appended to the caller's
+//!    thread, 256 KiB), is decrypted there, and the plaintext is appended to the caller's
 //!    `BytesMut` (rustls 0.23 passes each record's plaintext through a `Vec` of its own on
 //!    the way). Outgoing records are encrypted into a per-core buffer and sent from it; only
 //!    what the kernel does not take is copied into the connection.
@@ -460,9 +460,9 @@ impl TlsReader {
     /// means the peer closed the session cleanly (close_notify); a TCP close without it is
     /// [`TlsError::TruncatedByPeer`].
     ///
-    /// Cancel-safe: see the module documentation. One `recv` of up to 64 KiB is processed per
+    /// Cancel-safe: see the module documentation. One `recv` of up to 256 KiB is processed per
     /// wake-up, so `buf` grows by at most that much plus what was decrypted during the
-    /// handshake.
+    /// handshake (room for all of it is reserved at once, before decrypting).
     pub async fn read(&mut self, buf: &mut BytesMut) -> Result<usize, TlsError> {
         let peer = self.shared.peer;
         // Rounds that received bytes but no plaintext: a peer streaming records without data
@@ -802,6 +802,10 @@ impl State {
                     Err(e) => return Err(Fault::io(&e)),
                 }
             }
+            // Plaintext is never longer than the ciphertext it came from: one allocation
+            // for all the records of this read, instead of the sink growing (and copying
+            // what it holds) record by record.
+            counting.reserve(filled);
             let received = scratch.get_mut(..filled).unwrap_or_default();
             let mut sink = Sink {
                 out,
@@ -925,9 +929,12 @@ impl State {
     }
 }
 
-/// Encrypts `parts` in pieces of whole records through the per-core buffers, sending each
-/// piece directly when nothing is pending before it. Small slices (a frame header) are
-/// gathered with what follows into full records rather than each becoming a record of its own.
+/// Encrypts `parts` as one stream of bytes into full-size records (only the last may be
+/// short) in the per-core ciphertext buffer, and sends that buffer once per
+/// [`sys::SEND_PIECE`] of ciphertext and once at the end: a batch of frames becomes one
+/// `send`, not one per frame or per record. Small slices (a frame header) are gathered with
+/// what follows into full records rather than each becoming a record of its own; a slice that
+/// starts on a record boundary is encrypted from where it lies, without the gathering copy.
 fn encrypt_parts(
     enc: &mut dyn Encrypt,
     parts: &[&[u8]],
@@ -935,76 +942,97 @@ fn encrypt_parts(
     fd: RawFd,
 ) -> Result<(), Fault> {
     sys::with_scratch(Scratch::Plain, |staged| {
-        staged.clear();
-        for part in parts {
-            let mut rest: &[u8] = part;
-            while !rest.is_empty() {
-                if staged.is_empty() && rest.len() >= sys::RECORD_PLAINTEXT {
-                    let whole = rest.len().min(sys::ENCRYPT_PIECE) / sys::RECORD_PLAINTEXT
-                        * sys::RECORD_PLAINTEXT;
-                    let (piece, after) = rest.split_at(whole);
-                    encrypt_piece(enc, piece, out, fd)?;
-                    rest = after;
-                } else {
-                    let take = (sys::ENCRYPT_PIECE - staged.len()).min(rest.len());
-                    let (piece, after) = rest.split_at(take);
-                    staged.extend_from_slice(piece);
-                    rest = after;
-                    if staged.len() >= sys::ENCRYPT_PIECE {
-                        encrypt_piece(enc, staged, out, fd)?;
-                        staged.clear();
+        sys::with_scratch(Scratch::Cipher, |cipher| {
+            staged.clear();
+            let mut sealed = Sealed {
+                buf: cipher,
+                used: 0,
+            };
+            for part in parts {
+                let mut rest: &[u8] = part;
+                while !rest.is_empty() {
+                    if staged.is_empty() && rest.len() >= sys::RECORD_PLAINTEXT {
+                        // Bounded by the room left before the next send, so that the
+                        // per-core buffer never holds much more than one piece.
+                        let room = sys::SEND_PIECE
+                            .saturating_sub(sealed.used)
+                            .max(sys::RECORD_PLAINTEXT);
+                        let whole =
+                            rest.len().min(room) / sys::RECORD_PLAINTEXT * sys::RECORD_PLAINTEXT;
+                        let (piece, after) = rest.split_at(whole);
+                        sealed.encrypt(enc, piece)?;
+                        rest = after;
+                    } else {
+                        let take = (sys::RECORD_PLAINTEXT - staged.len()).min(rest.len());
+                        let (piece, after) = rest.split_at(take);
+                        staged.extend_from_slice(piece);
+                        rest = after;
+                        if staged.len() == sys::RECORD_PLAINTEXT {
+                            sealed.encrypt(enc, staged)?;
+                            staged.clear();
+                        }
+                    }
+                    if sealed.used >= sys::SEND_PIECE {
+                        sealed.send(out, fd)?;
                     }
                 }
             }
-        }
-        if !staged.is_empty() {
-            encrypt_piece(enc, staged, out, fd)?;
-            staged.clear();
-        }
-        Ok(())
+            if !staged.is_empty() {
+                sealed.encrypt(enc, staged)?;
+                staged.clear();
+            }
+            sealed.send(out, fd)
+        })
     })
 }
 
-fn encrypt_piece(
-    enc: &mut dyn Encrypt,
-    plaintext: &[u8],
-    out: &mut Vec<u8>,
-    fd: RawFd,
-) -> Result<(), Fault> {
-    let records = plaintext.len() / sys::RECORD_PLAINTEXT + 1;
-    let estimate = plaintext.len() + records * sys::RECORD_OVERHEAD;
-    encode_and_send(estimate, out, fd, |buf| enc.encrypt(plaintext, buf))
+/// Records encrypted into the per-core ciphertext buffer and not yet sent: `buf[..used]`.
+/// `buf` keeps its length (zero-filled once per core) so that reusing it costs nothing.
+struct Sealed<'a> {
+    buf: &'a mut Vec<u8>,
+    used: usize,
 }
 
-fn encrypt_close_notify(enc: &mut dyn Encrypt, out: &mut Vec<u8>, fd: RawFd) -> Result<(), Fault> {
-    encode_and_send(sys::RECORD_OVERHEAD * 2, out, fd, |buf| {
-        enc.close_notify(buf)
-    })
-}
+impl Sealed<'_> {
+    /// Appends `plaintext`, encrypted into records, after what is already there.
+    fn encrypt(&mut self, enc: &mut dyn Encrypt, plaintext: &[u8]) -> Result<(), Fault> {
+        let records = plaintext.len().div_ceil(sys::RECORD_PLAINTEXT).max(1);
+        let estimate = plaintext.len() + records * sys::RECORD_OVERHEAD;
+        self.encode(estimate, |buf| enc.encrypt(plaintext, buf))
+    }
 
-/// Encodes with `encode` into the per-core ciphertext buffer, then sends it directly if nothing
-/// is pending, keeping what the kernel does not take (or everything, if something is pending)
-/// at the end of `out`.
-fn encode_and_send(
-    estimate: usize,
-    out: &mut Vec<u8>,
-    fd: RawFd,
-    mut encode: impl FnMut(&mut [u8]) -> Result<usize, EncryptError>,
-) -> Result<(), Fault> {
-    sys::with_scratch(Scratch::Cipher, |cipher| {
-        if cipher.len() < estimate {
-            cipher.resize(estimate, 0);
+    fn encode(
+        &mut self,
+        estimate: usize,
+        mut encode: impl FnMut(&mut [u8]) -> Result<usize, EncryptError>,
+    ) -> Result<(), Fault> {
+        if self.buf.len() < self.used + estimate {
+            self.buf.resize(self.used + estimate, 0);
         }
-        let written = loop {
-            match encode(cipher) {
-                Ok(n) => break n,
-                Err(EncryptError::InsufficientSize(e)) if e.required_size > cipher.len() => {
-                    cipher.resize(e.required_size, 0);
+        loop {
+            let room = self.buf.get_mut(self.used..).unwrap_or_default();
+            match encode(room) {
+                Ok(n) => {
+                    self.used += n;
+                    return Ok(());
+                }
+                Err(EncryptError::InsufficientSize(e)) if e.required_size > room.len() => {
+                    let need = self.used + e.required_size;
+                    self.buf.resize(need, 0);
                 }
                 Err(e) => return Err(Fault::Internal(format!("encrypting: {e}"))),
             }
-        };
-        let records = cipher.get(..written).unwrap_or_default();
+        }
+    }
+
+    /// Sends the records directly if nothing is pending before them, keeping what the kernel
+    /// does not take (or everything, if something is pending) at the end of `out`.
+    fn send(&mut self, out: &mut Vec<u8>, fd: RawFd) -> Result<(), Fault> {
+        let records = self.buf.get(..self.used).unwrap_or_default();
+        self.used = 0;
+        if records.is_empty() {
+            return Ok(());
+        }
         let mut sent = 0;
         if out.is_empty() {
             match sys::send(fd, records) {
@@ -1015,5 +1043,16 @@ fn encode_and_send(
         }
         out.extend_from_slice(records.get(sent..).unwrap_or_default());
         Ok(())
+    }
+}
+
+fn encrypt_close_notify(enc: &mut dyn Encrypt, out: &mut Vec<u8>, fd: RawFd) -> Result<(), Fault> {
+    sys::with_scratch(Scratch::Cipher, |cipher| {
+        let mut sealed = Sealed {
+            buf: cipher,
+            used: 0,
+        };
+        sealed.encode(sys::RECORD_OVERHEAD * 2, |buf| enc.close_notify(buf))?;
+        sealed.send(out, fd)
     })
 }

@@ -984,3 +984,50 @@ fn many_small_parts_and_one_huge_queue() {
         assert!(got[..] == data[..]);
     });
 }
+
+/// A batch shaped like the mux driver's: frame headers of 9 bytes, each followed by a payload
+/// that may end anywhere in a record, be shorter than one, or run past the send piece. The
+/// records are gathered across the slices, so every boundary case of the gathering is here.
+#[test]
+fn frame_shaped_batches_arrive_whole_and_in_order() {
+    run(Driver::Fusion, || async {
+        let pki = Pki::new();
+        let (client, server) = connect_pair(&pki).await;
+        let (mut rd, _server_wr) = server.split();
+        let (_client_rd, mut wr) = client.split();
+        let payloads = [
+            16 * 1024,
+            64 * 1024,
+            1,
+            16 * 1024 - 9,
+            100_000,
+            7,
+            320 * 1024 + 5,
+            0,
+            16 * 1024 + 1,
+        ];
+        let total: usize = payloads.iter().map(|p| 9 + p).sum::<usize>() * 3;
+        let data = pattern(9, 0, total);
+        let reader = monoio::spawn(async move {
+            let mut got = BytesMut::new();
+            while rd.read(&mut got).await.unwrap() > 0 {}
+            got
+        });
+        let mut offset = 0;
+        for _batch in 0..3 {
+            let mut parts: Vec<&[u8]> = Vec::new();
+            for len in payloads {
+                parts.push(&data[offset..offset + 9]);
+                parts.push(&data[offset + 9..offset + 9 + len]);
+                offset += 9 + len;
+            }
+            wr.queue(&parts).unwrap();
+        }
+        assert_eq!(offset, total);
+        wr.flush().await.unwrap();
+        wr.close().await.unwrap();
+        let got = reader.await;
+        assert_eq!(got.len(), total);
+        assert!(got[..] == data[..]);
+    });
+}

@@ -38,17 +38,27 @@ pub(super) enum Outcome {
 /// Receives decrypted application data.
 pub(super) trait PlainSink {
     fn put(&mut self, plaintext: &[u8]);
+    /// Makes room for `additional` more bytes at once.
+    fn reserve(&mut self, additional: usize);
 }
 
 impl PlainSink for Vec<u8> {
     fn put(&mut self, plaintext: &[u8]) {
         self.extend_from_slice(plaintext);
     }
+
+    /// Nothing: this is the connection's own buffer for plaintext decrypted during the
+    /// handshake, which must not keep spare capacity on an idle connection.
+    fn reserve(&mut self, _additional: usize) {}
 }
 
 impl PlainSink for BytesMut {
     fn put(&mut self, plaintext: &[u8]) {
         self.extend_from_slice(plaintext);
+    }
+
+    fn reserve(&mut self, additional: usize) {
+        BytesMut::reserve(self, additional);
     }
 }
 
@@ -62,6 +72,10 @@ impl PlainSink for Counting<'_> {
     fn put(&mut self, plaintext: &[u8]) {
         self.count += plaintext.len();
         self.inner.put(plaintext);
+    }
+
+    fn reserve(&mut self, additional: usize) {
+        self.inner.reserve(additional);
     }
 }
 
