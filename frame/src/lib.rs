@@ -23,7 +23,7 @@ pub use codec::{
 };
 pub use error::{DecodeError, EndReason, Error, ErrorCode, NameError, ProtocolError, StreamError};
 pub use session::{
-    DEFAULT_KEEPALIVE_COUNT, DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_MAX_FRAME,
+    COPY_DATA_BELOW, DEFAULT_KEEPALIVE_COUNT, DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_MAX_FRAME,
     DEFAULT_MAX_PENDING_OPENS, DEFAULT_MAX_STREAMS, DEFAULT_RESUME_GRACE, DEFAULT_WINDOW, Event,
     Received, Session, SessionConfig, Transmit,
 };

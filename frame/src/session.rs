@@ -58,6 +58,14 @@ const MAX_CONTROL_BACKLOG: usize = 4096;
 /// How long streams wait for a lost transport to come back.
 pub const DEFAULT_RESUME_GRACE: Duration = Duration::from_secs(30);
 
+/// DATA payloads shorter than this are copied out of the buffer they were decoded from. A
+/// payload is a view of the driver's read buffer (a whole read's worth, up to 256 KiB), and a
+/// view keeps that buffer alive until the application reads it: without the copy, a stream
+/// that stops reading would pin a large buffer per small frame, far beyond its window. With
+/// it, what unread DATA pins is at most its own size times read buffer ÷ this (16× for
+/// 256 KiB reads); frames at least this long (bulk) stay zero-copy.
+pub const COPY_DATA_BELOW: usize = 0x4000;
+
 /// Settings of one session. Everything the peer can make us hold is capped here.
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
@@ -1020,6 +1028,11 @@ impl Session {
             return Ok(());
         }
         s.received = end;
+        let payload = if payload.len() < COPY_DATA_BELOW {
+            Bytes::copy_from_slice(&payload)
+        } else {
+            payload
+        };
         let was_empty = s.inbox.is_empty();
         s.inbox.push_back(payload);
         if was_empty {

@@ -1095,3 +1095,49 @@ fn bytes_read_before_the_fin_arrives_are_acknowledged_without_waiting_for_a_tick
         "closing waited for a keepalive tick"
     );
 }
+
+/// A small DATA payload is copied out of the read buffer (a view would keep the whole buffer
+/// alive while the stream is not read); a bulk one stays a view of it (zero copy).
+#[test]
+fn small_data_is_copied_out_of_the_read_buffer_and_bulk_data_is_not() {
+    let now = Instant::now();
+    let mut cfg = config(Role::Proxy, false);
+    cfg.initial_window = 1 << 20;
+    cfg.max_frame = 64 * 1024;
+    let mut session = Session::new(cfg, [1; 16], now);
+    let mut peer_hello = hello();
+    peer_hello.max_frame = 64 * 1024;
+    let mut buf = BytesMut::new();
+    Frame::Hello(peer_hello).encode(&mut buf);
+    Frame::Open {
+        stream: 1,
+        open: request("node-r1"),
+    }
+    .encode(&mut buf);
+    session.handle_input(&mut buf, now).unwrap();
+    session.accept(1).unwrap();
+
+    let small = Bytes::from(vec![1u8; 100]);
+    let bulk = Bytes::from(vec![2u8; frame::COPY_DATA_BELOW]);
+    let mut read = BytesMut::with_capacity(256 * 1024);
+    for payload in [&small, &bulk] {
+        Frame::Data {
+            stream: 1,
+            payload: payload.clone(),
+        }
+        .encode(&mut read);
+    }
+    let region = read.as_ptr() as usize..read.as_ptr() as usize + read.capacity();
+    session.handle_input(&mut read, now).unwrap();
+    let mut got = Vec::new();
+    while let Received::Data(data) = session.recv(1).unwrap() {
+        got.push(data);
+    }
+    assert_eq!(got.concat(), [small.to_vec(), bulk.to_vec()].concat());
+    let inside = |b: &Bytes| region.contains(&(b.as_ptr() as usize));
+    assert!(
+        !inside(&got[0]),
+        "the 100-byte payload still points into the read buffer"
+    );
+    assert!(inside(&got[1]), "the bulk payload was copied");
+}
