@@ -696,6 +696,10 @@ fn mutual_tls_with_node_certificate() {
         (seen_by_proxy.kind, seen_by_proxy.name.as_str()),
         (IdentityKind::Node, "node-r1")
     );
+    // The node's stored chain holds the CA too; the proxy trusts it already, so only the
+    // leaf travels (and rustls keeps only it for the connection's life).
+    assert_eq!(node.chain.len(), 2, "the stored chain is leaf + CA");
+    assert_eq!(server.peer_certificates().unwrap().len(), 1);
     let seen_by_node = PeerIdentity::from_der(&client.peer_certificates().unwrap()[0]).unwrap();
     assert_eq!(
         (seen_by_node.kind, seen_by_node.cluster.as_str()),
