@@ -207,7 +207,9 @@ copy_watching_rss() {
 say "2. a stalled reader beside a ${MIB} MiB copy on the same tunnel"
 # ssh is stopped while the node streams zeros at it: its window fills and that stream
 # stalls; the copy on the same tunnel must not.
-S node-f1 'cat /dev/zero' >/dev/null 2>"$WORK/s2-stalled.err" &
+# ssh itself in the background, not the function S: `$!` must be ssh's own pid for the STOP
+# to stall the reader (a backgrounded function is a subshell, and stopping that stops nothing).
+ssh -F "$WORK/ssh_config" node-f1 'cat /dev/zero' >/dev/null 2>"$WORK/s2-stalled.err" &
 STALLED=$!
 sleep 2
 kill -STOP "$STALLED"
