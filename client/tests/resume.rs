@@ -167,6 +167,12 @@ fn proxy_ssh_resumes_after_cut_and_stalled_connections_and_ends_past_the_grace()
     assert!(detached.len() >= 2, "user.detached records: {detached:?}");
     assert!(resumed.len() >= 2, "user.resumed records: {resumed:?}");
     assert!(resumed.iter().all(|r| r["user"] == "alice"), "{resumed:?}");
+    assert!(cluster.metric("remoteler_connection_detaches_total{kind=\"user\"}") >= 2);
+    assert!(cluster.metric("remoteler_connection_resumes_total{kind=\"user\"}") >= 2);
+    assert_eq!(
+        cluster.metric("remoteler_connection_resumes_total{kind=\"cluster\"}"),
+        0
+    );
     let ends = audit_records(&cluster, "session.end", 1);
     assert_eq!(ends.len(), 1, "one session from start to end: {ends:?}");
     assert_eq!(ends[0]["bytes_from_user"], LEN as u64, "{ends:?}");

@@ -173,6 +173,29 @@ pub(crate) fn render(ctx: &Context) -> String {
         "Tunnels resumed after their agent reconnected within resume.grace.",
         &[("", get(&s.tunnels_resumed))],
     );
+    for (name, help, counters) in [
+        (
+            "remoteler_connection_detaches_total",
+            "Users' connections (kind=user) and leaf clusters' tunnels (kind=cluster) whose connection was lost while their sessions wait for resume.grace.",
+            &s.connections_detached,
+        ),
+        (
+            "remoteler_connection_resumes_total",
+            "Users' connections (kind=user) and leaf clusters' tunnels (kind=cluster) resumed over a new connection.",
+            &s.connections_resumed,
+        ),
+    ] {
+        family(
+            &mut out,
+            name,
+            "counter",
+            help,
+            &[
+                ("kind=\"user\"", get(&counters[0])),
+                ("kind=\"cluster\"", get(&counters[1])),
+            ],
+        );
+    }
     family(
         &mut out,
         "remoteler_tunnel_disconnects_total",

@@ -108,6 +108,8 @@ pub struct Cluster {
     pub proxy: Reaped,
     pub proxy_bin: PathBuf,
     pub listen: [String; 3],
+    /// The proxy's Prometheus address.
+    pub metrics: String,
     pub pin: String,
     pub _agent: Reaped,
     pub tmp: tempfile::TempDir,
@@ -120,6 +122,17 @@ impl Cluster {
 
     pub fn home(&self) -> PathBuf {
         self.tmp.path().join("home")
+    }
+
+    /// The proxy's sample `name` (with its labels) from /metrics.
+    pub fn metric(&self, name: &str) -> u64 {
+        let mut conn = TcpStream::connect(&self.metrics).unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = String::new();
+        conn.read_to_string(&mut body).unwrap();
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no sample {name} in:\n{body}"))
     }
 
     /// Logs alice in with `remoteler login` into `home`, through `proxy` (the users'
@@ -206,7 +219,7 @@ pub fn start_proxy(bin: &Path, data: &Path, log: &Path, listen: [&str; 3]) -> (R
             "--auth",
             listen[2],
             "--metrics",
-            "off",
+            "127.0.0.1:0",
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -325,6 +338,7 @@ pub fn cluster_with(echo: SocketAddr, agent_relay: bool) -> (Cluster, Option<Rel
         proxy,
         proxy_bin: proxy_bin.clone(),
         listen: [addr("users"), addr("tunnels"), addr("auth")],
+        metrics: addr("metrics"),
         pin,
         _agent: agent,
         tmp,

@@ -485,6 +485,7 @@ pub(super) async fn serve_cluster_tunnel(
             cluster = %leaf, %peer, tunnel_id = id, %reason, grace_secs = grace.as_secs(),
             "cluster tunnel connection lost; waiting for the leaf to resume"
         );
+        Stats::bump(&ctx.stats.connections_detached[1]);
         ctx.audit.record(
             "cluster.detached",
             serde_json::json!({
@@ -513,6 +514,7 @@ pub(super) async fn serve_cluster_tunnel(
         ctx.directory
             .attach_cluster_tunnel(&leaf, id, peer, &tunnel, nodes);
         tracing::info!(cluster = %leaf, %peer, tunnel_id = id, "cluster tunnel resumed");
+        Stats::bump(&ctx.stats.connections_resumed[1]);
         ctx.audit.record(
             "cluster.resumed",
             serde_json::json!({ "cluster": leaf, "peer": peer.to_string(), "tunnel_id": id }),

@@ -243,6 +243,10 @@ pub struct Stats {
     pub tunnels_connected: AtomicU64,
     /// Tunnels resumed.
     pub tunnels_resumed: AtomicU64,
+    /// Users' connections and leaf clusters' tunnels detached (their connection lost).
+    pub connections_detached: [AtomicU64; 2],
+    /// Users' connections and leaf clusters' tunnels resumed.
+    pub connections_resumed: [AtomicU64; 2],
     /// Tunnels ended.
     pub tunnels_disconnected: AtomicU64,
     /// Bytes from users, counted when their sessions end.

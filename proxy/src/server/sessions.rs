@@ -16,8 +16,8 @@ use tunnel::identity::PeerIdentity;
 use tunnel::mux::{DriveOutcome, Incoming, StreamError, drive};
 use tunnel::tls::TlsConnection;
 
-use super::Context;
 use super::resume;
+use super::{Context, Stats};
 use crate::directory::{ClusterRoute, Route};
 use crate::splice::{self, SpliceOutcome};
 use crate::util;
@@ -149,6 +149,7 @@ pub(super) async fn serve_session(
             %peer, user = %user.name, %reason, grace_secs = grace.as_secs(),
             "user connection lost; its sessions wait for the client to resume"
         );
+        Stats::bump(&ctx.stats.connections_detached[0]);
         ctx.audit.record(
             "user.detached",
             serde_json::json!({
@@ -166,6 +167,7 @@ pub(super) async fn serve_session(
             break format!("{reason}; cannot resume: {e}");
         }
         tracing::info!(%peer, %new_peer, user = %user.name, "user connection resumed");
+        Stats::bump(&ctx.stats.connections_resumed[0]);
         ctx.audit.record(
             "user.resumed",
             serde_json::json!({
