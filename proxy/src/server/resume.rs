@@ -159,7 +159,7 @@ pub(super) async fn await_resume<K: Hash + Eq + Clone>(
 
 /// Finds the session a reconnecting peer asks to resume: detached already (`detached`
 /// looks it up), or still attached to a connection this side has not seen fail yet. A link
-/// that died without FIN or RST is noticed only by the keepalive, and the peer's noticed
+/// that died without FIN or RST is noticed only by the keepalives, and the peer's may fire
 /// first: the peer proving it holds the session (its id, over a connection with the same
 /// certificate) says the old connection is dead, so it is given up and the session detaches
 /// at once instead of being lost to a new one.
