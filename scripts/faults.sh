@@ -158,28 +158,36 @@ link_up() {
 # when a link goes.
 slow_blob() { local i; for ((i = 0; i < ${1:-$MIB}; i++)); do dd if="$WORK/blob" bs=1M skip="$i" count=1 status=none; sleep 0.25; done; }
 audit_count() { grep -c "\"$1\"" "$AUDIT" || true; }
+# cut_during_copy RUN NS TAG WHAT: a throttled copy of the blob and a session ticking once a
+# second, both through RUN (S, or U from the user's namespace), while the link of namespace
+# NS is down for CUT s; both must come through whole and in order. ssh's stderr of the copy
+# is kept in $WORK/TAG-copy.err.
+cut_during_copy() {
+  local run=$1 ns=$2 tag=$3 what=$4 copy ticking
+  slow_blob | $run node-f1 "cat > $WORK/flt-$tag" 2>"$WORK/$tag-copy.err" &
+  copy=$!
+  $run node-f1 "for i in \$(seq 1 $TICKS_N); do echo tick \$i; sleep 1; done" >"$WORK/$tag-ticks" 2>"$WORK/$tag-ticks.err" &
+  ticking=$!
+  sleep 3
+  t "$what down for $CUT s"
+  link_down "$ns"
+  sleep "$CUT"
+  link_up "$ns"
+  t "$what up"
+  wait "$copy" || { cat "$WORK/$tag-copy.err"; fail "the ssh copy failed across a $CUT s outage of $what"; }
+  t "copy done"
+  check "${MIB} MiB copied across a $CUT s outage of $what arrive byte-exact" test "$(S node-f1 "sha256sum < $WORK/flt-$tag" | cut -d' ' -f1)" = "$SUM"
+  S node-f1 "rm -f $WORK/flt-$tag"
+  wait "$ticking" || { cat "$WORK/$tag-ticks.err"; fail "the ticking session failed across the outage of $what"; }
+  check "the ticking session printed all $TICKS_N lines in order" \
+    test "$(cat "$WORK/$tag-ticks")" = "$(for i in $(seq 1 "$TICKS_N"); do echo "tick $i"; done)"
+}
 
 ###############################################################################
 say "1. link cut (${CUT} s) shorter than resume.grace (${GRACE} s) during a ${MIB} MiB copy and a ticking session"
 # Throttled to about 4 MiB/s so the copy is still running when the link goes.
 DETACHED0=$(audit_count tunnel.detached); RESUMED0=$(audit_count tunnel.resumed)
-slow_blob | S node-f1 "cat > $WORK/flt-up" 2>"$WORK/s1-copy.err" &
-COPY=$!
-S node-f1 "for i in \$(seq 1 $TICKS_N); do echo tick \$i; sleep 1; done" >"$WORK/s1-ticks" 2>"$WORK/s1-ticks.err" &
-TICKS=$!
-sleep 3
-t "link down for $CUT s"
-link_down
-sleep "$CUT"
-link_up
-t "link up"
-wait "$COPY" || { cat "$WORK/s1-copy.err"; fail "the ssh copy failed across a $CUT s outage"; }
-t "copy done"
-check "${MIB} MiB copied across a $CUT s outage arrive byte-exact" test "$(S node-f1 "sha256sum < $WORK/flt-up" | cut -d' ' -f1)" = "$SUM"
-S node-f1 "rm -f $WORK/flt-up"
-wait "$TICKS" || { cat "$WORK/s1-ticks.err"; fail "the ticking session failed across the outage"; }
-check "the ticking session printed all $TICKS_N lines in order" \
-  test "$(cat "$WORK/s1-ticks")" = "$(for i in $(seq 1 "$TICKS_N"); do echo "tick $i"; done)"
+cut_during_copy S "$NS" s1 "the site's link"
 check "the proxy noticed the dead tunnel (audit tunnel.detached)" test "$(audit_count tunnel.detached)" -gt "$DETACHED0"
 check "the agent came back and the sessions resumed (audit tunnel.resumed)" test "$(audit_count tunnel.resumed)" -gt "$RESUMED0"
 check "no session ended with an error during the outage" bash -c "! grep '\"session.end\"' '$AUDIT' | grep -qi 'resume'"
@@ -559,23 +567,7 @@ check "ssh from the user's namespace answers" test "$(U node-f1 'echo $NODE_NAME
 UD0=$(audit_count user.detached); UR0=$(audit_count user.resumed)
 failed_ends() { grep '"session.end"' "$AUDIT" | grep -vc '"reason":"closed"' || true; }
 FAILED0=$(failed_ends)
-slow_blob | U node-f1 "cat > $WORK/flt-up6" 2>"$WORK/s9-copy.err" &
-COPY=$!
-U node-f1 "for i in \$(seq 1 $TICKS_N); do echo tick \$i; sleep 1; done" >"$WORK/s9-ticks" 2>"$WORK/s9-ticks.err" &
-TICKS=$!
-sleep 3
-t "user's link down for $CUT s"
-link_down "$USER_NS"
-sleep "$CUT"
-link_up "$USER_NS"
-t "user's link up"
-wait "$COPY" || { cat "$WORK/s9-copy.err"; fail "the ssh copy failed across the user's $CUT s outage"; }
-t "copy done"
-check "${MIB} MiB copied across the user's $CUT s outage arrive byte-exact" test "$(S node-f1 "sha256sum < $WORK/flt-up6" | cut -d' ' -f1)" = "$SUM"
-S node-f1 "rm -f $WORK/flt-up6"
-wait "$TICKS" || { cat "$WORK/s9-ticks.err"; fail "the ticking session failed across the user's outage"; }
-check "the ticking session printed all $TICKS_N lines in order" \
-  test "$(cat "$WORK/s9-ticks")" = "$(for i in $(seq 1 "$TICKS_N"); do echo "tick $i"; done)"
+cut_during_copy U "$USER_NS" s9 "the user's link"
 check "the proxy kept the user's sessions (audit user.detached)" test "$(audit_count user.detached)" -gt "$UD0"
 check "the client came back and resumed them (audit user.resumed)" test "$(audit_count user.resumed)" -gt "$UR0"
 check "the client told the user it was reconnecting, then that it was back" \
