@@ -36,7 +36,7 @@ use tunnel::tls::TlsConnection;
 use super::Handoff;
 use super::control::{FAILURE_DELAY, error, read_request, reply};
 use super::resume;
-use super::sessions::outcome_reason;
+use super::sessions::{hello_in, outcome_reason};
 use super::tunnels::peek_hello;
 use super::{Context, Stats};
 use crate::state::{TokenKind, TrustedLeaf};
@@ -278,13 +278,7 @@ pub(super) async fn accept_cluster_tunnel(
     identity: PeerIdentity,
 ) {
     let mut input = BytesMut::new();
-    let hello = Box::pin(monoio::time::timeout(
-        ctx.handshake_timeout(),
-        peek_hello(&mut conn, &mut input),
-    ))
-    .await
-    .ok()
-    .flatten();
+    let hello = peek_hello(&ctx, &mut conn, &mut input).await;
     let home = hello
         .filter(|h| h.resuming)
         .and_then(|h| ctx.session_homes.core_of(h.session_id))
@@ -314,10 +308,7 @@ pub(super) async fn serve_cluster_tunnel(
     identity: PeerIdentity,
 ) {
     let leaf = identity.name.clone();
-    let hello = match frame::decode(&mut input.clone(), &frame::Limits::default()) {
-        Ok(Some(frame::Frame::Hello(hello))) => Some(hello),
-        _ => None,
-    };
+    let hello = hello_in(&input);
     if let Some(id) = hello.as_ref().filter(|h| h.resuming).map(|h| h.session_id) {
         let detached = || {
             let waiting = ctx.detached_clusters.borrow().get(&id).cloned();

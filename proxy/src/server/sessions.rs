@@ -78,7 +78,7 @@ pub(super) async fn peek_first_request(
 }
 
 /// The client's HELLO at the start of `input`, if it is there whole.
-fn hello_in(input: &BytesMut) -> Option<frame::Hello> {
+pub(super) fn hello_in(input: &BytesMut) -> Option<frame::Hello> {
     match frame::decode(&mut input.clone(), &frame::Limits::default()) {
         Ok(Some(frame::Frame::Hello(hello))) => Some(hello),
         _ => None,

@@ -51,23 +51,34 @@ fn check_announce(
     Ok((info.labels.clone(), info.services.clone()))
 }
 
-/// Reads the agent's first frame without consuming it: a HELLO that says RESUMING names the
-/// session the agent wants back. Anything else is left for the session to judge.
-pub(super) async fn peek_hello(conn: &mut TlsConnection, input: &mut BytesMut) -> Option<Hello> {
-    loop {
-        match frame::decode(&mut input.clone(), &frame::Limits::default()) {
-            Ok(Some(Frame::Hello(hello))) => return Some(hello),
-            Ok(Some(_)) | Err(_) => return None,
-            Ok(None) => {}
+/// Reads the peer's first frame without consuming it, within the handshake deadline: a HELLO
+/// that says RESUMING names the session the peer (an agent, a leaf cluster) wants back.
+/// Anything else is left for the session to judge.
+pub(super) async fn peek_hello(
+    ctx: &Context,
+    conn: &mut TlsConnection,
+    input: &mut BytesMut,
+) -> Option<Hello> {
+    let peek = async {
+        loop {
+            match frame::decode(&mut input.clone(), &frame::Limits::default()) {
+                Ok(Some(Frame::Hello(hello))) => return Some(hello),
+                Ok(Some(_)) | Err(_) => return None,
+                Ok(None) => {}
+            }
+            if input.len() > frame::codec::MAX_HELLO_PAYLOAD + frame::codec::HEADER_LEN {
+                return None;
+            }
+            match conn.read(input).await {
+                Ok(n) if n > 0 => {}
+                _ => return None,
+            }
         }
-        if input.len() > frame::codec::MAX_HELLO_PAYLOAD + frame::codec::HEADER_LEN {
-            return None;
-        }
-        match conn.read(input).await {
-            Ok(n) if n > 0 => {}
-            _ => return None,
-        }
-    }
+    };
+    Box::pin(monoio::time::timeout(ctx.handshake_timeout(), peek))
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Lists `node` as online through tunnel `id`; returns the entry it replaces, if any.
@@ -184,13 +195,7 @@ pub(super) async fn serve_tunnel(
     // A reconnecting agent asks to resume its detached session: hand the connection to the
     // task that owns it, and the users' sessions through it carry on.
     let mut input = BytesMut::new();
-    let hello = Box::pin(monoio::time::timeout(
-        ctx.handshake_timeout(),
-        peek_hello(&mut conn, &mut input),
-    ))
-    .await
-    .ok()
-    .flatten();
+    let hello = peek_hello(&ctx, &mut conn, &mut input).await;
     if let Some(hello) = hello.filter(|h| h.resuming) {
         let id = hello.session_id;
         let detached = || {
