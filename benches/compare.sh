@@ -21,6 +21,7 @@
 # RTT_REPS (3); RTT_SECS (8); RTT_CONNS ("1 100 1000"); RTT_RATE (2000 messages/s over all
 # connections); AGENTS ("100 1000"); BULK_LIMITS ("unlimited 1G": iperf3 -b of the bulk session,
 # "unlimited" saturates the cores); SKIP ("" or any of: throughput rtt bulk memory);
+# HOLD (1: set everything up, print the ports and process ids, and wait, for profiling by hand);
 # OURS_OLD (a directory holding another build's remoteler-proxy, remoteler-agent and remoteler,
 # e.g. an older commit's target/release: a second Remoteler system "remoteler-old", set up the
 # same way, joins the throughput, round-trip and bulk runs, with rows and a ratio in the table).
@@ -212,6 +213,18 @@ tls_of() {  # tls_of PORT [s_client options]: "TLSv1.3 TLS_AES_256_GCM_SHA384"
   fi
   echo "rathole server (:$RH_PORT)|$(tls_of "$RH_PORT" -servername localhost)"
 } | tee "$RES/tls.txt"
+
+# HOLD=1: keep everything running for profiling by hand (perf, strace) and stop at Ctrl-C.
+if [ -n "${HOLD:-}" ]; then
+  {
+    echo "PROXY_PID=$PROXY_PID AGENT_PID=$AGENT_PID FWD_IPERF_PID=$FWD_IPERF_PID FWD_ECHO_PID=$FWD_ECHO_PID"
+    echo "RH_SERVER_PID=$RH_SERVER_PID RH_CLIENT_PID=$RH_CLIENT_PID"
+    echo "IPERF_PORT=$IPERF_PORT ECHO_PORT=$ECHO_PORT FWD_IPERF=${FWD_IPERF[remoteler]} FWD_ECHO=${FWD_ECHO[remoteler]}"
+    echo "RH_IPERF_PORT=$RH_IPERF_PORT RH_ECHO_PORT=$RH_ECHO_PORT"
+  } | tee "$WORK/hold.env"
+  say "holding (HOLD=1): the variables above are in $WORK/hold.env; stop with Ctrl-C"
+  sleep infinity
+fi
 
 # ---- 1. throughput -------------------------------------------------------------------------
 port_of() { case $1 in direct) echo "$IPERF_PORT" ;; rathole) echo "$RH_IPERF_PORT" ;; *) echo "${FWD_IPERF[$1]}" ;; esac; }

@@ -16,18 +16,21 @@
 //! 2. **Read and write without blocking**, with `recv`/`send` and `MSG_DONTWAIT` on the raw
 //!    descriptor: the call either moves bytes now or says `EAGAIN`, and nothing is ever left in
 //!    flight in the kernel. Received ciphertext lands in a **per-core scratch buffer** (one per
-//!    thread, 256 KiB), is decrypted there, and the plaintext is appended to the caller's
-//!    `BytesMut` (rustls 0.23 passes each record's plaintext through a `Vec` of its own on
-//!    the way). Outgoing records are encrypted into a per-core buffer and sent from it; only
-//!    what the kernel does not take is copied into the connection.
-//! 3. **rustls's unbuffered API** (`UnbufferedClientConnection`/`UnbufferedServerConnection`):
-//!    rustls then owns no ciphertext buffer either. The buffered `ClientConnection` keeps a
-//!    deframer buffer of at least 4 KiB (up to 18 KiB after a large record) for the life of
-//!    the connection.
+//!    thread, 256 KiB), is decrypted there in place, and the plaintext is appended to the
+//!    caller's `BytesMut`. Outgoing records are sealed into a per-core buffer, each gathered
+//!    straight from the caller's slices (one copy per byte), and sent from it; only what the
+//!    kernel does not take is copied into the connection.
+//! 3. **rustls's unbuffered API for the handshake** (`UnbufferedClientConnection`/
+//!    `UnbufferedServerConnection`): rustls owns no ciphertext buffer either. **Then our own
+//!    record layer** (`record`): once the handshake is done, rustls hands the traffic keys
+//!    over (its kernel-connection API, made for kTLS) and keeps only what derives the next
+//!    keys. rustls's own post-handshake path copies every plaintext byte twice and allocates
+//!    per record, and a full rustls connection keeps its deframer and queues for the
+//!    connection's life. A config without `enable_secret_extraction`, or a TLS 1.2
+//!    connection, stays on rustls throughout.
 //!
-//! An idle established connection therefore holds its keys and handshake results (the peer's
-//! certificates), a few small bookkeeping structures, and nothing else: no receive buffer, no
-//! send buffer. It does hold the tail of a record the peer has only partly sent (at most one
+//! An idle established connection therefore holds its keys, the peer's certificates and a
+//! few small bookkeeping structures, and nothing else: no receive buffer, no send buffer. It does hold the tail of a record the peer has only partly sent (at most one
 //! record, 18 KiB) and any ciphertext the kernel has not accepted yet (bounded by what the
 //! caller queues; see [`TlsWriter::pending`]).
 //!
@@ -89,8 +92,9 @@
 //!
 //! # Never a panic from the network
 //!
-//! Every byte from the peer goes through rustls, whose errors become [`TlsError`] values, and
-//! the code here indexes with checked accessors. After a protocol error the connection sends
+//! Every byte from the peer goes through rustls (the handshake) or the record layer (after
+//! it), whose errors become [`TlsError`] values, and the code here indexes with checked
+//! accessors. After a protocol error the connection sends
 //! rustls's alert if the socket takes it without waiting, and every later call returns the same
 //! error. A monoio task that panics takes every connection of its core down with it.
 //!
@@ -133,6 +137,7 @@
 
 mod error;
 mod handoff;
+mod record;
 mod session;
 mod sys;
 
@@ -154,6 +159,8 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use error::Fault;
 pub use error::{Peer, TlsError};
 pub use handoff::{ReuniteError, TransferError, TransferableTls};
+#[doc(hidden)]
+pub use record::{key_updates, set_key_update_after};
 use session::{Counting, Encrypt, Outcome, PlainSink, Session, Sink};
 use sys::{Direction, ReadinessWait, Scratch};
 
@@ -354,8 +361,14 @@ impl TlsConnection {
                 return Err(fault);
             }
             {
-                let state = self.reader.shared.state.borrow();
+                let mut state = self.reader.shared.state.borrow_mut();
                 if !state.session.is_handshaking() {
+                    // Everything rustls produced is sent: our record layer takes over.
+                    if !state.peer_closed {
+                        if let Err(fault) = state.session.establish() {
+                            return Err(state.fail(fault, fd));
+                        }
+                    }
                     return Ok(());
                 }
                 if state.peer_closed {
@@ -941,6 +954,9 @@ fn encrypt_parts(
     out: &mut Vec<u8>,
     fd: RawFd,
 ) -> Result<(), Fault> {
+    if enc.gathers() {
+        return encrypt_parts_gathered(enc, parts, out, fd);
+    }
     sys::with_scratch(Scratch::Plain, |staged| {
         sys::with_scratch(Scratch::Cipher, |cipher| {
             staged.clear();
@@ -986,6 +1002,54 @@ fn encrypt_parts(
     })
 }
 
+/// Slices one gathered record may be sealed from; a record of many tiny frames is sealed short
+/// once it has this many (rare: frames are at least 9 bytes, data frames much larger).
+const MAX_PIECES_PER_RECORD: usize = 64;
+
+/// [`encrypt_parts`] for our record layer, which seals a record straight from the slices it
+/// spans: every byte is copied once, into the record it is sealed in.
+fn encrypt_parts_gathered(
+    enc: &mut dyn Encrypt,
+    parts: &[&[u8]],
+    out: &mut Vec<u8>,
+    fd: RawFd,
+) -> Result<(), Fault> {
+    sys::with_scratch(Scratch::Cipher, |cipher| {
+        let mut sealed = Sealed {
+            buf: cipher,
+            used: 0,
+        };
+        let mut pieces: [&[u8]; MAX_PIECES_PER_RECORD] = [&[]; MAX_PIECES_PER_RECORD];
+        let mut count = 0;
+        let mut filled = 0;
+        for part in parts {
+            let mut rest: &[u8] = part;
+            while !rest.is_empty() {
+                let take = (sys::RECORD_PLAINTEXT - filled).min(rest.len());
+                let (piece, after) = rest.split_at(take);
+                rest = after;
+                if let Some(slot) = pieces.get_mut(count) {
+                    *slot = piece;
+                }
+                count += 1;
+                filled += take;
+                if filled == sys::RECORD_PLAINTEXT || count == MAX_PIECES_PER_RECORD {
+                    sealed.encrypt_gathered(enc, pieces.get(..count).unwrap_or_default())?;
+                    count = 0;
+                    filled = 0;
+                    if sealed.used >= sys::SEND_PIECE {
+                        sealed.send(out, fd)?;
+                    }
+                }
+            }
+        }
+        if count > 0 {
+            sealed.encrypt_gathered(enc, pieces.get(..count).unwrap_or_default())?;
+        }
+        sealed.send(out, fd)
+    })
+}
+
 /// Records encrypted into the per-core ciphertext buffer and not yet sent: `buf[..used]`.
 /// `buf` keeps its length (zero-filled once per core) so that reusing it costs nothing.
 struct Sealed<'a> {
@@ -999,6 +1063,15 @@ impl Sealed<'_> {
         let records = plaintext.len().div_ceil(sys::RECORD_PLAINTEXT).max(1);
         let estimate = plaintext.len() + records * sys::RECORD_OVERHEAD;
         self.encode(estimate, |buf| enc.encrypt(plaintext, buf))
+    }
+
+    /// Appends one record sealed from `pieces` (see [`Encrypt::encrypt_gathered`]).
+    fn encrypt_gathered(&mut self, enc: &mut dyn Encrypt, pieces: &[&[u8]]) -> Result<(), Fault> {
+        let len: usize = pieces.iter().map(|p| p.len()).sum();
+        self.encode(len + 2 * sys::RECORD_OVERHEAD, |buf| {
+            enc.encrypt_gathered(pieces, buf)
+                .unwrap_or(Err(EncryptError::EncryptExhausted))
+        })
     }
 
     fn encode(

@@ -63,18 +63,21 @@ fn configs() -> Configs {
     let verifier = WebPkiClientVerifier::builder_with_provider(ca.roots(), provider())
         .build()
         .unwrap();
-    let server_config = ServerConfig::builder_with_provider(provider())
+    let mut server_config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_client_cert_verifier(verifier)
         .with_single_cert(server.chain.clone(), server.key())
         .unwrap();
-    let client_config = ClientConfig::builder_with_provider(provider())
+    let mut client_config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(ca.roots())
         .with_client_auth_cert(client.chain.clone(), client.key())
         .unwrap();
+    // As the proxy's and the agent's: our record layer takes over after the handshake.
+    server_config.enable_secret_extraction = true;
+    client_config.enable_secret_extraction = true;
     Configs {
         server: Arc::new(server_config),
         client: Arc::new(client_config),

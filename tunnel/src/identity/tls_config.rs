@@ -129,7 +129,16 @@ pub fn server_config(
     // Our order, not the client's: agents and clients built before AES-128 came first still
     // offer AES-256 first, and the proxy carries both legs of every session.
     config.ignore_client_order = true;
+    config.enable_secret_extraction = true; // see `record_layer_after_handshake`
     Ok(config)
+}
+
+/// After the handshake our own record layer (`tls::record`) seals and opens the records, with
+/// the keys rustls negotiated: one copy per byte instead of rustls's two and an allocation per
+/// record, and no handshake state kept for an idle tunnel's life. rustls hands the keys over
+/// only when the config allows it.
+fn record_layer_after_handshake(config: &mut ClientConfig) {
+    config.enable_secret_extraction = true;
 }
 
 /// A client that verifies the server against `ca_certs` (the cluster CA it stored), and
@@ -145,7 +154,7 @@ pub fn client_config_trusting(
     let builder = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(VERSIONS)?
         .with_webpki_verifier(verifier);
-    Ok(match client_identity {
+    let mut config = match client_identity {
         Some((chain, key)) => {
             // The CA certificates are the server's trust anchors already: sending them costs
             // bytes in every handshake and, on the proxy, memory for the connection's life
@@ -159,7 +168,9 @@ pub fn client_config_trusting(
             builder.with_client_auth_cert(chain, key.to_rustls())?
         }
         None => builder.with_no_client_auth(),
-    })
+    };
+    record_layer_after_handshake(&mut config);
+    Ok(config)
 }
 
 /// A first-contact client (join, first login) that knows only the CA pin. It accepts the
@@ -182,6 +193,7 @@ pub fn client_config_pinned(pin: CaPin) -> Result<(ClientConfig, LearnedCa), Ide
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     config.resumption = Resumption::disabled();
+    record_layer_after_handshake(&mut config);
     Ok((config, learned))
 }
 

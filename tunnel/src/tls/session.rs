@@ -8,6 +8,9 @@
 //! [`Session::drive`] runs the state machine until it needs something from the network
 //! (`Outcome`), handing decrypted plaintext to a [`PlainSink`] and encoded records to an
 //! outgoing `Vec`. Nothing here touches a socket or awaits.
+//!
+//! Once the handshake is done, [`Session::establish`] hands the connection to our own record
+//! layer ([`super::record`]) and rustls keeps only what derives the next keys.
 
 use std::{fmt, sync::Arc};
 
@@ -22,7 +25,10 @@ use rustls::{
     },
 };
 
-use super::error::Fault;
+use super::{
+    error::Fault,
+    record::{Negotiated, RecordLayer},
+};
 
 /// Where [`Session::drive`] stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +91,19 @@ pub(super) trait Encrypt {
     /// Encrypts `plaintext` (fragmented into records) into `out`, preceded by any TLS message
     /// rustls has queued (a key update). Returns the bytes written.
     fn encrypt(&mut self, plaintext: &[u8], out: &mut [u8]) -> Result<usize, EncryptError>;
+    /// Whether [`encrypt_gathered`](Self::encrypt_gathered) works (our record layer's does).
+    fn gathers(&self) -> bool {
+        false
+    }
+    /// Seals one record gathered from `pieces` (at most a record's plaintext in all), without
+    /// first copying them together; `None` if this encrypter cannot (rustls's own).
+    fn encrypt_gathered(
+        &mut self,
+        _pieces: &[&[u8]],
+        _out: &mut [u8],
+    ) -> Option<Result<usize, EncryptError>> {
+        None
+    }
     /// Encodes a close_notify alert into `out`.
     fn close_notify(&mut self, out: &mut [u8]) -> Result<usize, EncryptError>;
 }
@@ -126,16 +145,28 @@ pub(super) struct Sink<'a> {
     pub(super) peer_closed: &'a mut bool,
 }
 
+/// A connection's TLS state: rustls while handshaking (boxed: it is large, and given back
+/// once the handshake is done), then our record layer.
 pub(super) enum Session {
-    Client(UnbufferedClientConnection),
-    Server(UnbufferedServerConnection),
+    Client(Box<UnbufferedClientConnection>, Extraction),
+    Server(Box<UnbufferedServerConnection>, Extraction),
+    Established(Box<RecordLayer>),
+    /// Only while [`Session::establish`] moves the state; never seen outside it.
+    Moving,
 }
+
+/// Whether the config lets rustls hand the keys over after the handshake
+/// (`enable_secret_extraction`); without it the connection stays on rustls throughout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Extraction(bool);
 
 impl fmt::Debug for Session {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (side, handshaking) = match self {
-            Self::Client(c) => ("client", c.is_handshaking()),
-            Self::Server(s) => ("server", s.is_handshaking()),
+            Self::Client(c, _) => ("client", c.is_handshaking()),
+            Self::Server(s, _) => ("server", s.is_handshaking()),
+            Self::Established(r) => return r.fmt(f),
+            Self::Moving => ("moving", false),
         };
         f.debug_struct("Session")
             .field("side", &side)
@@ -149,47 +180,91 @@ impl Session {
         config: Arc<rustls::ClientConfig>,
         server_name: ServerName<'static>,
     ) -> Result<Self, rustls::Error> {
-        UnbufferedClientConnection::new(config, server_name).map(Self::Client)
+        let extraction = Extraction(config.enable_secret_extraction);
+        UnbufferedClientConnection::new(config, server_name)
+            .map(|c| Self::Client(Box::new(c), extraction))
     }
 
     pub(super) fn server(config: Arc<rustls::ServerConfig>) -> Result<Self, rustls::Error> {
-        UnbufferedServerConnection::new(config).map(Self::Server)
+        let extraction = Extraction(config.enable_secret_extraction);
+        UnbufferedServerConnection::new(config).map(|s| Self::Server(Box::new(s), extraction))
     }
 
     pub(super) fn is_handshaking(&self) -> bool {
         match self {
-            Self::Client(c) => c.is_handshaking(),
-            Self::Server(s) => s.is_handshaking(),
+            Self::Client(c, _) => c.is_handshaking(),
+            Self::Server(s, _) => s.is_handshaking(),
+            Self::Established(_) | Self::Moving => false,
         }
     }
 
     pub(super) fn peer_certificates(&self) -> Option<&[CertificateDer<'static>]> {
         match self {
-            Self::Client(c) => c.peer_certificates(),
-            Self::Server(s) => s.peer_certificates(),
+            Self::Client(c, _) => c.peer_certificates(),
+            Self::Server(s, _) => s.peer_certificates(),
+            Self::Established(r) => r.peer_certificates(),
+            Self::Moving => None,
         }
     }
 
     pub(super) fn alpn_protocol(&self) -> Option<&[u8]> {
         match self {
-            Self::Client(c) => c.alpn_protocol(),
-            Self::Server(s) => s.alpn_protocol(),
+            Self::Client(c, _) => c.alpn_protocol(),
+            Self::Server(s, _) => s.alpn_protocol(),
+            Self::Established(r) => r.alpn_protocol(),
+            Self::Moving => None,
         }
     }
 
     pub(super) fn protocol_version(&self) -> Option<rustls::ProtocolVersion> {
         match self {
-            Self::Client(c) => c.protocol_version(),
-            Self::Server(s) => s.protocol_version(),
+            Self::Client(c, _) => c.protocol_version(),
+            Self::Server(s, _) => s.protocol_version(),
+            Self::Established(_) => Some(rustls::ProtocolVersion::TLSv1_3),
+            Self::Moving => None,
         }
     }
 
-    /// After [`drive`](Self::drive) failed with a rustls error, appends the alert rustls
-    /// queued for the peer (if any) to `out`. Call at most once, with the bytes kept.
+    /// Once the handshake is done and everything rustls produced has been taken out (the last
+    /// `drive` reached the traffic state): moves the connection to our record layer, keeping
+    /// the peer's certificates and the ALPN protocol. A TLS 1.2 connection, or one whose config
+    /// does not allow the keys out, stays on rustls. On failure the session is unusable.
+    pub(super) fn establish(&mut self) -> Result<(), Fault> {
+        let tls13 = self.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
+        match self {
+            Self::Client(_, Extraction(true)) | Self::Server(_, Extraction(true)) if tls13 => {}
+            _ => return Ok(()),
+        }
+        let negotiated = Negotiated {
+            peer_certificates: self.peer_certificates().map(<[_]>::to_vec),
+            alpn_protocol: self.alpn_protocol().map(<[u8]>::to_vec),
+        };
+        let layer = match std::mem::replace(self, Self::Moving) {
+            Self::Client(c, _) => {
+                let kernel = c.dangerous_into_kernel_connection().map_err(Fault::Tls)?;
+                RecordLayer::client(kernel, negotiated)?
+            }
+            Self::Server(s, _) => {
+                let kernel = s.dangerous_into_kernel_connection().map_err(Fault::Tls)?;
+                RecordLayer::server(kernel, negotiated)?
+            }
+            other => {
+                *self = other;
+                return Ok(());
+            }
+        };
+        *self = Self::Established(Box::new(layer));
+        Ok(())
+    }
+
+    /// After [`drive`](Self::drive) failed with a TLS error, appends the alert owed to the
+    /// peer (if any) to `out`. Call at most once, with the bytes kept.
     pub(super) fn encode_alert(&mut self, incoming: &mut [u8], out: &mut Vec<u8>) {
         match self {
-            Self::Client(c) => encode_alert(&mut **c, incoming, out),
-            Self::Server(s) => encode_alert(&mut **s, incoming, out),
+            Self::Client(c, _) => encode_alert(&mut ***c, incoming, out),
+            Self::Server(s, _) => encode_alert(&mut ***s, incoming, out),
+            Self::Established(r) => r.encode_alert(out),
+            Self::Moving => {}
         }
     }
 
@@ -208,8 +283,13 @@ impl Session {
         write: Option<WriteFn<'_>>,
     ) -> Driven {
         match self {
-            Self::Client(c) => drive(&mut **c, incoming, sink, write),
-            Self::Server(s) => drive(&mut **s, incoming, sink, write),
+            Self::Client(c, _) => drive(&mut ***c, incoming, sink, write),
+            Self::Server(s, _) => drive(&mut ***s, incoming, sink, write),
+            Self::Established(r) => r.drive(incoming, sink, write),
+            Self::Moving => Driven {
+                consumed: 0,
+                result: Err(Fault::Internal("tls state lost while moving".into())),
+            },
         }
     }
 }

@@ -2,6 +2,8 @@
 //! deterministic byte pattern to check streams against.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod pair;
+
 use std::sync::Arc;
 
 use rcgen::{
