@@ -553,4 +553,3 @@ impl super::session::Encrypt for RecordLayer {
         self.seal(ALERT, &[&[1, u8::from(AlertDescription::CloseNotify)]], out)
     }
 }
-
