@@ -384,7 +384,10 @@ impl RecordLayer {
                         [0] => {}
                         [1] => self.key_update_due = true,
                         _ => {
-                            return Err(self.refuse_message(InvalidMessage::InvalidKeyUpdate));
+                            return Err(self.refuse(
+                                AlertDescription::IllegalParameter,
+                                rustls::Error::InvalidMessage(InvalidMessage::InvalidKeyUpdate),
+                            ));
                         }
                     }
                     let next = self.kernel.next_rx().map_err(Fault::Tls)?;
