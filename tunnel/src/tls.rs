@@ -169,6 +169,11 @@ use sys::{Direction, ReadinessWait, Scratch};
 /// plus one record. Caps what a peer that never completes a message can make us hold.
 pub const MAX_PENDING_INCOMING: usize = 0x1_0000 + 2 * 18 * 1024;
 
+/// A read on an established connection that brings at least this much plaintext hands its
+/// whole receive buffer to the caller; less is copied into the caller's buffer (see
+/// `State::receive_established`). Bulk transfers read 256 KiB at a time.
+const HAND_OVER_FROM: usize = 64 * 1024;
+
 /// `read` yields to other tasks after this many receive rounds that delivered no plaintext.
 const MAX_ROUNDS_WITHOUT_YIELD: u32 = 8;
 
@@ -776,6 +781,14 @@ impl State {
         recv_now: bool,
         sink: Option<&mut dyn PlainSink>,
     ) -> Result<Received, Fault> {
+        let sink = match sink.map(|s| s.direct()) {
+            Some(Ok(buf)) if recv_now && matches!(self.session, Session::Established(_)) => {
+                return self.receive_established(fd, buf);
+            }
+            Some(Ok(buf)) => Some(buf as &mut dyn PlainSink),
+            Some(Err(sink)) => Some(sink),
+            None => None,
+        };
         let Self {
             session,
             incoming,
@@ -842,6 +855,69 @@ impl State {
                 full,
                 plaintext: counting.count,
             })
+        })
+    }
+
+    /// [`receive`](Self::receive) on an established connection, into `buf` without copying
+    /// the plaintext: the `recv` lands in a fresh buffer (the per-core spare one) after what
+    /// `buf` held and the start of a record kept from before, the records are opened where
+    /// they lie (`RecordLayer::open_in_place`), and the buffer becomes `buf` if it carries
+    /// [`HAND_OVER_FROM`] bytes of new plaintext or more. What `buf` held is copied once
+    /// (usually the start of a frame); the new bytes not at all.
+    fn receive_established(&mut self, fd: RawFd, buf: &mut BytesMut) -> Result<Received, Fault> {
+        let Self {
+            session,
+            incoming,
+            peer_closed,
+            ..
+        } = self;
+        let Session::Established(layer) = session else {
+            return Err(Fault::Internal("no record layer".into()));
+        };
+        let mut fresh = sys::take_recv_buffer();
+        fresh.reserve(buf.len() + incoming.len() + sys::RECV_CHUNK);
+        fresh.extend_from_slice(buf);
+        let start = fresh.len();
+        fresh.extend_from_slice(incoming);
+        let received = match sys::recv_into_spare(fd, &mut fresh, sys::RECV_CHUNK) {
+            Ok(0) => Ok(Received::Eof),
+            Ok(n) => Ok(Received::Data {
+                full: n == sys::RECV_CHUNK,
+                plaintext: 0,
+            }),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Received::WouldBlock),
+            Err(e) => Err(Fault::io(&e)),
+        };
+        let Ok(Received::Data { full, .. }) = received else {
+            sys::give_back_recv_buffer(fresh);
+            return received;
+        };
+        let region = fresh.get_mut(start..).unwrap_or_default();
+        let opened = layer.open_in_place(region, peer_closed);
+        let rest = region.get(opened.consumed..).unwrap_or_default();
+        if rest.is_empty() {
+            *incoming = Vec::new();
+        } else {
+            incoming.clear();
+            incoming.extend_from_slice(rest);
+        }
+        fresh.truncate(start + opened.plaintext);
+        if opened.plaintext >= HAND_OVER_FROM {
+            *buf = fresh;
+        } else {
+            // Little arrived: copied, so that the caller's buffer stays small (a connection
+            // that keeps its buffer between reads would otherwise keep a whole receive's
+            // room), and the big buffer serves the next read.
+            buf.extend_from_slice(fresh.get(start..).unwrap_or_default());
+            sys::give_back_recv_buffer(fresh);
+        }
+        opened.result?;
+        if incoming.len() > MAX_PENDING_INCOMING {
+            return Err(Fault::TooLarge(MAX_PENDING_INCOMING));
+        }
+        Ok(Received::Data {
+            full,
+            plaintext: opened.plaintext,
         })
     }
 

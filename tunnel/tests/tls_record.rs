@@ -467,3 +467,61 @@ fn a_user_canceled_warning_does_not_end_the_connection() {
         server.join().unwrap();
     });
 }
+
+/// A read appends after what the caller kept (the start of a frame, for the multiplexer):
+/// whether it hands over its whole receive buffer (large reads) or copies (small ones), the
+/// kept bytes stay in front and the stream stays whole.
+#[test]
+fn bytes_the_caller_kept_stay_in_front_of_what_a_read_appends() {
+    use bytes::Buf;
+    run(Driver::Fusion, || async {
+        let pki = Pki::new();
+        let (client, server) = common::pair::connect_pair(&pki).await;
+        let (_c_rd, mut c_wr) = client.split();
+        let (mut s_rd, _s_wr) = server.split();
+        let send = monoio::spawn(async move {
+            // Small writes, paced so that each arrives on its own, then bulk.
+            let mut sent = 0u64;
+            while sent < TOTAL {
+                let len = if sent < 20_000 { 1_000 } else { 200_000 };
+                let len = len.min((TOTAL - sent) as usize);
+                let bytes = common::pattern(7, sent, len);
+                c_wr.write_all(&[&bytes]).await.unwrap();
+                sent += len as u64;
+                if sent <= 20_000 {
+                    monoio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+            c_wr.close().await.unwrap();
+        });
+        let mut buf = BytesMut::new();
+        let mut offset = 0u64; // the stream offset of buf[0]
+        let (mut large, mut small) = (0, 0);
+        loop {
+            let before = buf.len();
+            let n = s_rd.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            assert_eq!(buf.len(), before + n);
+            if n >= 64 * 1024 {
+                large += 1
+            } else {
+                small += 1
+            }
+            assert_eq!(
+                &buf[..],
+                &common::pattern(7, offset, buf.len())[..],
+                "at {offset}"
+            );
+            // Keep an odd-sized tail, as a decoder keeps an incomplete frame.
+            let keep = buf.len().min(777 + n % 5000);
+            offset += (buf.len() - keep) as u64;
+            buf.advance(buf.len() - keep);
+        }
+        assert_eq!(offset + buf.len() as u64, TOTAL);
+        eprintln!("{large} large reads, {small} small");
+        assert!(large > 0 && small > 0, "{large} large reads, {small} small");
+        send.await;
+    });
+}

@@ -185,6 +185,15 @@ impl fmt::Debug for RecordLayer {
     }
 }
 
+/// What [`RecordLayer::open_in_place`] did.
+pub(super) struct Opened {
+    /// Bytes at the front of the region done with: whole records.
+    pub(super) consumed: usize,
+    /// Plaintext now at the front of the region.
+    pub(super) plaintext: usize,
+    pub(super) result: Result<(), Fault>,
+}
+
 /// What the handshake left that the record layer keeps.
 pub(super) struct Negotiated {
     pub(super) peer_certificates: Option<Vec<CertificateDer<'static>>>,
@@ -247,98 +256,132 @@ impl RecordLayer {
         self.alpn_protocol.as_deref()
     }
 
-    /// Opens every complete record at the front of `incoming` (in place) and hands its
-    /// content on; then, if `write` is given, lets it seal. Consumes whole records only.
+    /// Opens every complete record at the front of `incoming` and hands its content on;
+    /// then, if `write` is given, lets it seal. Consumes whole records only.
     pub(super) fn drive(
         &mut self,
         incoming: &mut [u8],
         sink: &mut Sink<'_>,
         write: Option<super::session::WriteFn<'_>>,
     ) -> Driven {
-        let mut consumed = 0;
-        let result = self.open_records(incoming, &mut consumed, sink);
-        let result = match (result, write) {
+        let opened = self.open_in_place(incoming, sink.peer_closed);
+        sink.plain
+            .put(incoming.get(..opened.plaintext).unwrap_or_default());
+        let result = match (opened.result, write) {
             (Ok(()), Some(write)) => write(self, sink.out).map(|()| Outcome::Traffic),
             (Ok(()), None) => Ok(Outcome::Traffic),
             (Err(fault), _) => Err(fault),
         };
-        Driven { consumed, result }
+        Driven {
+            consumed: opened.consumed,
+            result,
+        }
     }
 
-    fn open_records(
-        &mut self,
-        incoming: &mut [u8],
-        consumed: &mut usize,
-        sink: &mut Sink<'_>,
-    ) -> Result<(), Fault> {
+    /// Opens every complete record at the front of `region` where it lies, moving each
+    /// record's application data down onto the end of the last (ring's `open_within`), so
+    /// that `region[..plaintext]` is the plaintext of all of them, never copied elsewhere.
+    /// Alerts and handshake messages are acted on and leave nothing there. Stops at the
+    /// first incomplete record or failure; `region[consumed..]` is not touched.
+    pub(super) fn open_in_place(&mut self, region: &mut [u8], peer_closed: &mut bool) -> Opened {
+        let mut opened = Opened {
+            consumed: 0,
+            plaintext: 0,
+            result: Ok(()),
+        };
         loop {
-            let rest = incoming.get_mut(*consumed..).unwrap_or_default();
-            let Some(&[outer_type, _, _, len_hi, len_lo]) = rest.get(..HEADER) else {
-                return Ok(());
+            let rest = region.get(opened.consumed..).unwrap_or_default();
+            let Some(&[outer_type, v1, v2, len_hi, len_lo]) = rest.get(..HEADER) else {
+                return opened;
             };
             let len = usize::from(u16::from_be_bytes([len_hi, len_lo]));
             if outer_type != APPLICATION_DATA {
-                return Err(self.refuse(
+                opened.result = Err(self.refuse(
                     AlertDescription::UnexpectedMessage,
                     rustls::Error::InappropriateMessage {
                         expect_types: vec![ContentType::ApplicationData],
                         got_type: ContentType::from(outer_type),
                     },
                 ));
+                return opened;
             }
             if len > MAX_CIPHERTEXT {
-                return Err(self.refuse(
+                opened.result = Err(self.refuse(
                     AlertDescription::RecordOverflow,
                     rustls::Error::PeerSentOversizedRecord,
                 ));
+                return opened;
             }
-            let Some(record) = rest.get_mut(..HEADER + len) else {
-                return Ok(()); // the rest of the record has not arrived
-            };
-            *consumed += HEADER + len;
+            let end = opened.consumed + HEADER + len;
+            if end > region.len() {
+                return opened; // the rest of the record has not arrived
+            }
+            let body_at = opened.consumed + HEADER - opened.plaintext;
+            opened.consumed = end;
             if self.peer_closed {
                 continue; // RFC 8446 §6.1: data after close_notify is ignored
             }
-            let (header, body) = record.split_at_mut(HEADER);
-            let aad = aead::Aad::from(<[u8; HEADER]>::try_from(&*header).unwrap_or_default());
-            let nonce = self.rx.next_nonce()?;
-            let Ok(inner) = self.rx.key.open_in_place(nonce, aad, body) else {
-                return Err(
-                    self.refuse(AlertDescription::BadRecordMac, rustls::Error::DecryptError)
-                );
-            };
-            // The content type is the last non-zero byte; zeros after it are padding.
-            let Some(type_at) = inner.iter().rposition(|&b| b != 0) else {
-                return Err(self.refuse(
-                    AlertDescription::UnexpectedMessage,
-                    rustls::Error::InvalidMessage(InvalidMessage::InvalidContentType),
-                ));
-            };
-            let (content, inner_type) = inner.split_at(type_at);
-            if content.len() > MAX_PLAINTEXT {
-                return Err(self.refuse(
-                    AlertDescription::RecordOverflow,
-                    rustls::Error::PeerSentOversizedRecord,
-                ));
-            }
-            match inner_type.first().copied() {
-                Some(APPLICATION_DATA) => sink.plain.put(content),
-                Some(ALERT) => self.on_alert(content, sink)?,
-                Some(HANDSHAKE) => self.on_handshake(content)?,
-                other => {
-                    return Err(self.refuse(
-                        AlertDescription::UnexpectedMessage,
-                        rustls::Error::InappropriateMessage {
-                            expect_types: vec![ContentType::ApplicationData],
-                            got_type: ContentType::from(other.unwrap_or_default()),
-                        },
-                    ));
+            let aad = aead::Aad::from([outer_type, v1, v2, len_hi, len_lo]);
+            let nonce = match self.rx.next_nonce() {
+                Ok(nonce) => nonce,
+                Err(fault) => {
+                    opened.result = Err(fault);
+                    return opened;
                 }
+            };
+            let in_out = region.get_mut(opened.plaintext..end).unwrap_or_default();
+            let Ok(inner) = self.rx.key.open_within(nonce, aad, in_out, body_at..) else {
+                opened.result =
+                    Err(self.refuse(AlertDescription::BadRecordMac, rustls::Error::DecryptError));
+                return opened;
+            };
+            if let Err(fault) = self.take_inner(inner, &mut opened.plaintext, peer_closed) {
+                opened.result = Err(fault);
+                return opened;
             }
         }
     }
 
-    fn on_alert(&mut self, content: &[u8], sink: &mut Sink<'_>) -> Result<(), Fault> {
+    /// Acts on one opened record (`inner`: content, content type, zero padding); application
+    /// data stays where it is and counts into `plaintext`.
+    fn take_inner(
+        &mut self,
+        inner: &[u8],
+        plaintext: &mut usize,
+        peer_closed: &mut bool,
+    ) -> Result<(), Fault> {
+        // The content type is the last non-zero byte; zeros after it are padding.
+        let Some(type_at) = inner.iter().rposition(|&b| b != 0) else {
+            return Err(self.refuse(
+                AlertDescription::UnexpectedMessage,
+                rustls::Error::InvalidMessage(InvalidMessage::InvalidContentType),
+            ));
+        };
+        let (content, inner_type) = inner.split_at(type_at);
+        if content.len() > MAX_PLAINTEXT {
+            return Err(self.refuse(
+                AlertDescription::RecordOverflow,
+                rustls::Error::PeerSentOversizedRecord,
+            ));
+        }
+        match inner_type.first().copied() {
+            Some(APPLICATION_DATA) => {
+                *plaintext += content.len();
+                Ok(())
+            }
+            Some(ALERT) => self.on_alert(content, peer_closed),
+            Some(HANDSHAKE) => self.on_handshake(content),
+            other => Err(self.refuse(
+                AlertDescription::UnexpectedMessage,
+                rustls::Error::InappropriateMessage {
+                    expect_types: vec![ContentType::ApplicationData],
+                    got_type: ContentType::from(other.unwrap_or_default()),
+                },
+            )),
+        }
+    }
+
+    fn on_alert(&mut self, content: &[u8], peer_closed: &mut bool) -> Result<(), Fault> {
         let &[_level, description] = content else {
             return Err(self.refuse(
                 AlertDescription::DecodeError,
@@ -348,7 +391,7 @@ impl RecordLayer {
         match AlertDescription::from(description) {
             AlertDescription::CloseNotify => {
                 self.peer_closed = true;
-                *sink.peer_closed = true;
+                *peer_closed = true;
                 Ok(())
             }
             // A warning in TLS 1.3 only for this one; the peer goes on (RFC 8446 §6.1).

@@ -46,6 +46,9 @@ pub(super) trait PlainSink {
     fn put(&mut self, plaintext: &[u8]);
     /// Makes room for `additional` more bytes at once.
     fn reserve(&mut self, additional: usize);
+    /// The caller's own buffer, which an established connection reads into without a copy;
+    /// `Err(self)` for a sink that is not one.
+    fn direct(&mut self) -> Result<&mut BytesMut, &mut dyn PlainSink>;
 }
 
 impl PlainSink for Vec<u8> {
@@ -56,6 +59,10 @@ impl PlainSink for Vec<u8> {
     /// Nothing: this is the connection's own buffer for plaintext decrypted during the
     /// handshake, which must not keep spare capacity on an idle connection.
     fn reserve(&mut self, _additional: usize) {}
+
+    fn direct(&mut self) -> Result<&mut BytesMut, &mut dyn PlainSink> {
+        Err(self)
+    }
 }
 
 impl PlainSink for BytesMut {
@@ -65,6 +72,10 @@ impl PlainSink for BytesMut {
 
     fn reserve(&mut self, additional: usize) {
         BytesMut::reserve(self, additional);
+    }
+
+    fn direct(&mut self) -> Result<&mut BytesMut, &mut dyn PlainSink> {
+        Ok(self)
     }
 }
 
@@ -82,6 +93,10 @@ impl PlainSink for Counting<'_> {
 
     fn reserve(&mut self, additional: usize) {
         self.inner.reserve(additional);
+    }
+
+    fn direct(&mut self) -> Result<&mut BytesMut, &mut dyn PlainSink> {
+        Err(self)
     }
 }
 

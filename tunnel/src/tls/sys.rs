@@ -12,6 +12,7 @@ use std::{
     task::{Context, Poll},
 };
 
+use bytes::BytesMut;
 use monoio::net::TcpStream;
 
 /// Reads what the kernel has for `fd` into `buf` without waiting (`MSG_DONTWAIT`, whatever the
@@ -30,6 +31,57 @@ pub(super) fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
             return Err(err);
         }
     }
+}
+
+/// [`recv`] into the spare capacity of `buf` (at most `max` bytes, room reserved first),
+/// growing its length by what arrived.
+pub(super) fn recv_into_spare(fd: RawFd, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
+    buf.reserve(max);
+    let spare = buf.spare_capacity_mut();
+    let len = spare.len().min(max);
+    loop {
+        // SAFETY: the spare capacity is a valid, writable region of at least `len` bytes for
+        // the duration of the call (the kernel writes bytes, never reads them), and `fd` is an
+        // open socket owned by the caller's `TcpStream`.
+        let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), len, libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            let n = n.unsigned_abs();
+            // SAFETY: the kernel initialized the first `n` (at most `len`) bytes of the spare
+            // capacity, which directly follow the initialized bytes.
+            unsafe { buf.set_len(buf.len() + n) };
+            return Ok(n);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// Takes the per-core receive buffer for a read straight into a fresh buffer (see
+/// `State::receive_established`); empty, with whatever capacity it kept.
+pub(super) fn take_recv_buffer() -> BytesMut {
+    RECV_SPARE
+        .try_with(|cell| {
+            cell.try_borrow_mut()
+                .map(|mut b| std::mem::take(&mut *b))
+                .ok()
+        })
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+/// Gives a receive buffer that was not handed to a caller back for the next read.
+pub(super) fn give_back_recv_buffer(mut buf: BytesMut) {
+    buf.clear();
+    let _ = RECV_SPARE.try_with(|cell| {
+        if let Ok(mut slot) = cell.try_borrow_mut() {
+            if slot.capacity() < buf.capacity() {
+                *slot = buf;
+            }
+        }
+    });
 }
 
 /// Sends as much of `buf` as the kernel takes now. `MSG_NOSIGNAL`: a peer that has gone away
@@ -197,6 +249,9 @@ thread_local! {
     static PLAIN_SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     /// Ciphertext between encryption and `send`.
     static CIPHER_SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// The next read's buffer on an established connection, kept while no read has handed
+    /// it to a caller; one per core.
+    static RECV_SPARE: RefCell<BytesMut> = RefCell::new(BytesMut::new());
 }
 
 #[derive(Debug, Clone, Copy)]
