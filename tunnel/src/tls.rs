@@ -15,9 +15,13 @@
 //!    leaves one wait in the ring, not a thousand (see `sys::ReadinessWait`).
 //! 2. **Read and write without blocking**, with `recv`/`send` and `MSG_DONTWAIT` on the raw
 //!    descriptor: the call either moves bytes now or says `EAGAIN`, and nothing is ever left in
-//!    flight in the kernel. Received ciphertext lands in a **per-core scratch buffer** (one per
-//!    thread, 256 KiB), is decrypted there in place, and the plaintext is appended to the
-//!    caller's `BytesMut`. Outgoing records are sealed into a per-core buffer, each gathered
+//!    flight in the kernel. Received ciphertext lands in a **per-core buffer** (one per thread,
+//!    256 KiB), never one per connection. On an established connection the records are opened
+//!    where they landed, each one's plaintext moved down onto the end of the last, and a read
+//!    that brought 64 KiB or more hands that whole buffer to the caller (what the caller had
+//!    not consumed yet goes in front of it first); a smaller one is copied into the caller's
+//!    `BytesMut`. During the handshake rustls decrypts in the per-core buffer and the
+//!    plaintext is copied out. Outgoing records are sealed into a per-core buffer, each gathered
 //!    straight from the caller's slices (one copy per byte), and sent from it; only what the
 //!    kernel does not take is copied into the connection.
 //! 3. **rustls's unbuffered API for the handshake** (`UnbufferedClientConnection`/
