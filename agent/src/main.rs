@@ -30,6 +30,7 @@ async fn shutdown_requested() {
 }
 
 fn main() {
+    tunnel::allocator::tune_for_receive_buffers();
     let args: Args = argh::from_env();
     let Command::Start(start) = args.command;
     let config = match start.to_config() {

@@ -9,6 +9,7 @@ use client::home::{Home, USER_KEY_FILE};
 use client::{ClientError, block_on};
 
 fn main() {
+    tunnel::allocator::tune_for_receive_buffers();
     let args: Args = argh::from_env();
     if let Err(e) = run(args) {
         eprintln!("remoteler: {e}");

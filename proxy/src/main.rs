@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    tunnel::allocator::tune_for_receive_buffers();
     let args: proxy::cli::Args = argh::from_env();
     if !args.is_server() {
         // A one-shot command piped into `head` or `grep -q` ends quietly, with status 0, when

@@ -4,6 +4,7 @@
 //!
 //! It does not decide who may do what: authorization lives in the proxy.
 
+pub mod allocator;
 pub mod control;
 pub mod identity;
 pub mod mux;
