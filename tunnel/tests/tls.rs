@@ -7,7 +7,8 @@ mod common;
 use common::{
     Ca, localhost,
     pair::{
-        DEADLINE, Driver, Pki, connect_pair, listen, read_and_check, relay, run, write_pattern,
+        DEADLINE, Driver, Pki, connect_pair, exchange_both_ways, listen, read_and_check, relay,
+        run, write_pattern,
     },
     pattern, provider,
 };
@@ -37,19 +38,8 @@ fn bidirectional(driver: Driver) {
     run(driver, || async {
         const TOTAL: u64 = 16 * 1024 * 1024;
         let pki = Pki::new();
-        let (client, server) = connect_pair(&pki).await;
-        let (mut c_rd, mut c_wr) = client.split();
-        let (mut s_rd, mut s_wr) = server.split();
-
         let started = Instant::now();
-        let c_send = monoio::spawn(async move { write_pattern(&mut c_wr, 1, TOTAL).await });
-        let s_send = monoio::spawn(async move { write_pattern(&mut s_wr, 2, TOTAL).await });
-        let c_recv = monoio::spawn(async move { read_and_check(&mut c_rd, 2, TOTAL).await });
-        let s_recv = monoio::spawn(async move { read_and_check(&mut s_rd, 1, TOTAL).await });
-        c_send.await;
-        s_send.await;
-        assert_eq!(c_recv.await, TOTAL);
-        assert_eq!(s_recv.await, TOTAL);
+        exchange_both_ways(pki.server_config(), pki.client_config(), TOTAL).await;
         eprintln!("{driver:?}: 2 x 16 MiB in {:?}", started.elapsed());
     });
 }

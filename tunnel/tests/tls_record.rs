@@ -9,9 +9,7 @@ mod common;
 use std::{sync::Arc, time::Duration};
 
 use bytes::BytesMut;
-use common::pair::{
-    DEADLINE, Driver, Pki, connect_pair_with, listen, read_and_check, relay, run, write_pattern,
-};
+use common::pair::{DEADLINE, Driver, Pki, exchange_both_ways, listen, relay, run};
 use monoio::net::TcpStream;
 use rustls::{client::ClientConfig, server::ServerConfig};
 use tunnel::tls::{self, TlsError};
@@ -20,19 +18,8 @@ use tunnel::tls::{self, TlsError};
 const UPDATE_EVERY: u64 = 3;
 const TOTAL: u64 = 2 * 1024 * 1024;
 
-/// Sends `TOTAL` bytes each way at once and checks every byte.
 async fn both_ways(server_config: Arc<ServerConfig>, client_config: Arc<ClientConfig>) {
-    let (client, server) = connect_pair_with(server_config, client_config).await;
-    let (mut c_rd, mut c_wr) = client.split();
-    let (mut s_rd, mut s_wr) = server.split();
-    let c_send = monoio::spawn(async move { write_pattern(&mut c_wr, 1, TOTAL).await });
-    let s_send = monoio::spawn(async move { write_pattern(&mut s_wr, 2, TOTAL).await });
-    let c_recv = monoio::spawn(async move { read_and_check(&mut c_rd, 2, TOTAL).await });
-    let s_recv = monoio::spawn(async move { read_and_check(&mut s_rd, 1, TOTAL).await });
-    c_send.await;
-    s_send.await;
-    assert_eq!(c_recv.await, TOTAL);
-    assert_eq!(s_recv.await, TOTAL);
+    exchange_both_ways(server_config, client_config, TOTAL).await;
 }
 
 /// Each side of a 2 MiB exchange seals about 130 records: at one key per 3 records, each

@@ -10,6 +10,7 @@ use std::{
     pin::Pin,
     rc::Rc,
     task::{Context, Poll},
+    thread::LocalKey,
 };
 
 use bytes::BytesMut;
@@ -61,23 +62,33 @@ pub(super) fn recv_into_spare(fd: RawFd, buf: &mut BytesMut, max: usize) -> io::
 /// Takes the per-core receive buffer for a read straight into a fresh buffer (see
 /// `State::receive_established`); empty, with whatever capacity it kept.
 pub(super) fn take_recv_buffer() -> BytesMut {
-    RECV_SPARE
-        .try_with(|cell| {
-            cell.try_borrow_mut()
-                .map(|mut b| std::mem::take(&mut *b))
-                .ok()
-        })
-        .ok()
-        .flatten()
-        .unwrap_or_default()
+    take_per_core(&RECV_SPARE)
 }
 
 /// Gives a receive buffer that was not handed to a caller back for the next read.
 pub(super) fn give_back_recv_buffer(mut buf: BytesMut) {
     buf.clear();
-    let _ = RECV_SPARE.try_with(|cell| {
+    keep_per_core(&RECV_SPARE, buf, BytesMut::capacity);
+}
+
+/// Takes a per-core buffer out of its slot (a fresh one if the slot is busy, which the
+/// synchronous callers never make it).
+fn take_per_core<T: Default>(key: &'static LocalKey<RefCell<T>>) -> T {
+    key.try_with(|cell| {
+        cell.try_borrow_mut()
+            .map(|mut b| std::mem::take(&mut *b))
+            .ok()
+    })
+    .ok()
+    .flatten()
+    .unwrap_or_default()
+}
+
+/// Puts a buffer back into its per-core slot if it is larger than what the slot holds.
+fn keep_per_core<T>(key: &'static LocalKey<RefCell<T>>, buf: T, capacity: fn(&T) -> usize) {
+    let _ = key.try_with(|cell| {
         if let Ok(mut slot) = cell.try_borrow_mut() {
-            if slot.capacity() < buf.capacity() {
+            if capacity(&slot) < capacity(&buf) {
                 *slot = buf;
             }
         }
@@ -269,22 +280,8 @@ pub(super) fn with_scratch<R>(which: Scratch, f: impl FnOnce(&mut Vec<u8>) -> R)
         Scratch::Plain => &PLAIN_SCRATCH,
         Scratch::Cipher => &CIPHER_SCRATCH,
     };
-    let mut buf = key
-        .try_with(|cell| {
-            cell.try_borrow_mut()
-                .map(|mut b| std::mem::take(&mut *b))
-                .ok()
-        })
-        .ok()
-        .flatten()
-        .unwrap_or_default();
+    let mut buf = take_per_core(key);
     let result = f(&mut buf);
-    let _ = key.try_with(|cell| {
-        if let Ok(mut slot) = cell.try_borrow_mut() {
-            if slot.capacity() < buf.capacity() {
-                *slot = buf;
-            }
-        }
-    });
+    keep_per_core(key, buf, Vec::capacity);
     result
 }

@@ -245,3 +245,23 @@ pub async fn relay(
     let _ = down_wr.shutdown().await;
     drop(to_server);
 }
+
+/// Sends `total` bytes each way at once over a fresh pair with these configs, checking every
+/// byte.
+pub async fn exchange_both_ways(
+    server_config: Arc<ServerConfig>,
+    client_config: Arc<ClientConfig>,
+    total: u64,
+) {
+    let (client, server) = connect_pair_with(server_config, client_config).await;
+    let (mut c_rd, mut c_wr) = client.split();
+    let (mut s_rd, mut s_wr) = server.split();
+    let c_send = monoio::spawn(async move { write_pattern(&mut c_wr, 1, total).await });
+    let s_send = monoio::spawn(async move { write_pattern(&mut s_wr, 2, total).await });
+    let c_recv = monoio::spawn(async move { read_and_check(&mut c_rd, 2, total).await });
+    let s_recv = monoio::spawn(async move { read_and_check(&mut s_rd, 1, total).await });
+    c_send.await;
+    s_send.await;
+    assert_eq!(c_recv.await, total);
+    assert_eq!(s_recv.await, total);
+}
