@@ -34,9 +34,10 @@
 //!    connection, stays on rustls throughout.
 //!
 //! An idle established connection therefore holds its keys, the peer's certificates and a
-//! few small bookkeeping structures, and nothing else: no receive buffer, no send buffer. It does hold the tail of a record the peer has only partly sent (at most one
-//! record, 18 KiB) and any ciphertext the kernel has not accepted yet (bounded by what the
-//! caller queues; see [`TlsWriter::pending`]).
+//! few small bookkeeping structures, and nothing else: no receive buffer, no send buffer. It
+//! does hold the tail of a record the peer has only partly sent (at most one record, 18 KiB)
+//! and any ciphertext the kernel has not accepted yet (bounded by what the caller queues; see
+//! [`TlsWriter::pending`]).
 //!
 //! # Cancel-safety contract
 //!
@@ -98,9 +99,9 @@
 //!
 //! Every byte from the peer goes through rustls (the handshake) or the record layer (after
 //! it), whose errors become [`TlsError`] values, and the code here indexes with checked
-//! accessors. After a protocol error the connection sends
-//! rustls's alert if the socket takes it without waiting, and every later call returns the same
-//! error. A monoio task that panics takes every connection of its core down with it.
+//! accessors. After a protocol error the connection sends the alert owed to the peer if the
+//! socket takes it without waiting, and every later call returns the same error. A monoio
+//! task that panics takes every connection of its core down with it.
 //!
 //! # Moving a connection to another core
 //!
