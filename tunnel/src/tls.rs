@@ -844,18 +844,9 @@ impl State {
                 peer_closed,
             };
             let driven = session.drive(received, &mut sink, None);
-            // Kept even after an error: rustls needs the same bytes to encode its alert.
-            let rest = scratch.get(driven.consumed..filled).unwrap_or_default();
-            if rest.is_empty() {
-                *incoming = Vec::new();
-            } else if driven.consumed > 0 || filled > keep {
-                incoming.clear();
-                incoming.extend_from_slice(rest);
-            }
+            keep_unconsumed(incoming, scratch.get(driven.consumed..filled));
             driven.result?;
-            if incoming.len() > MAX_PENDING_INCOMING {
-                return Err(Fault::TooLarge(MAX_PENDING_INCOMING));
-            }
+            check_pending(incoming)?;
             Ok(Received::Data {
                 full,
                 plaintext: counting.count,
@@ -899,13 +890,7 @@ impl State {
         };
         let region = fresh.get_mut(start..).unwrap_or_default();
         let opened = layer.open_in_place(region, peer_closed);
-        let rest = region.get(opened.consumed..).unwrap_or_default();
-        if rest.is_empty() {
-            *incoming = Vec::new();
-        } else {
-            incoming.clear();
-            incoming.extend_from_slice(rest);
-        }
+        keep_unconsumed(incoming, region.get(opened.consumed..));
         fresh.truncate(start + opened.plaintext);
         if opened.plaintext >= HAND_OVER_FROM {
             *buf = fresh;
@@ -917,9 +902,7 @@ impl State {
             sys::give_back_recv_buffer(fresh);
         }
         opened.result?;
-        if incoming.len() > MAX_PENDING_INCOMING {
-            return Err(Fault::TooLarge(MAX_PENDING_INCOMING));
-        }
+        check_pending(incoming)?;
         Ok(Received::Data {
             full,
             plaintext: opened.plaintext,
@@ -1081,6 +1064,27 @@ fn encrypt_parts(
             sealed.send(out, fd)
         })
     })
+}
+
+/// Keeps the received bytes not consumed yet (the start of a record or of a handshake
+/// message) as the connection's `incoming`, without an allocation when there are none. Kept
+/// even after an error: rustls needs the same bytes to encode its alert.
+fn keep_unconsumed(incoming: &mut Vec<u8>, rest: Option<&[u8]>) {
+    match rest {
+        Some(rest) if !rest.is_empty() => {
+            incoming.clear();
+            incoming.extend_from_slice(rest);
+        }
+        _ => *incoming = Vec::new(),
+    }
+}
+
+/// Fails once a peer has made us hold more than [`MAX_PENDING_INCOMING`] unconsumed bytes.
+fn check_pending(incoming: &[u8]) -> Result<(), Fault> {
+    if incoming.len() > MAX_PENDING_INCOMING {
+        return Err(Fault::TooLarge(MAX_PENDING_INCOMING));
+    }
+    Ok(())
 }
 
 /// Slices one gathered record may be sealed from; a record of many tiny frames is sealed short

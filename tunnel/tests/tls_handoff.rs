@@ -712,9 +712,19 @@ fn leftover_watcher(src: Driver, dst: Driver) {
     const ANSWER: u64 = 256 * 1024;
     let cfg = configs();
     let (outbox, inbox) = mpsc::channel::<Handoff>();
+    // B reads only once the watcher has seen the bytes waiting: a B that drained the socket
+    // first (a loaded machine, a fast read) left the watcher nothing to see.
+    let seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen_by_b = Arc::clone(&seen);
 
     let b = destination(dst, inbox, move |conn, _| async move {
         let (mut rd, mut wr) = conn.split();
+        within("the watcher seeing the socket readable", async {
+            while !seen_by_b.load(std::sync::atomic::Ordering::SeqCst) {
+                monoio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await;
         let mut got = 0;
         read_checked(&mut rd, 1, &mut got, TOTAL, TOTAL).await;
         write_pattern(&mut wr, 2, 0, ANSWER).await;
@@ -743,6 +753,7 @@ fn leftover_watcher(src: Driver, dst: Driver) {
                         monoio::time::timeout(Duration::from_millis(10), ready).await
                     {
                         wakeups.set(wakeups.get() + 1);
+                        seen.store(true, std::sync::atomic::Ordering::SeqCst);
                         // Readable stays readable until B reads: do not spin on it.
                         monoio::time::sleep(Duration::from_millis(1)).await;
                     }

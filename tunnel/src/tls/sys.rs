@@ -20,18 +20,9 @@ use monoio::net::TcpStream;
 /// socket's blocking mode: monoio leaves io_uring sockets blocking). `Ok(0)` is the peer's FIN;
 /// `WouldBlock` means nothing is there now.
 pub(super) fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        // SAFETY: `buf` is a valid, writable region of `buf.len()` bytes for the duration of
-        // the call, and `fd` is an open socket owned by the caller's `TcpStream`.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-        if n >= 0 {
-            return Ok(n.unsigned_abs());
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
+    // SAFETY: `buf` is a valid, writable region of `buf.len()` bytes for the duration of the
+    // call.
+    unsafe { recv_raw(fd, buf.as_mut_ptr(), buf.len()) }
 }
 
 /// [`recv`] into the spare capacity of `buf` (at most `max` bytes, room reserved first),
@@ -40,17 +31,26 @@ pub(super) fn recv_into_spare(fd: RawFd, buf: &mut BytesMut, max: usize) -> io::
     buf.reserve(max);
     let spare = buf.spare_capacity_mut();
     let len = spare.len().min(max);
+    // SAFETY: the spare capacity is a valid, writable region of at least `len` bytes for the
+    // duration of the call (the kernel writes bytes, never reads them).
+    let n = unsafe { recv_raw(fd, spare.as_mut_ptr().cast(), len) }?;
+    // SAFETY: the kernel initialized the first `n` (at most `len`) bytes of the spare capacity,
+    // which directly follow the initialized bytes.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
+/// `recv` with `MSG_DONTWAIT`, retried when interrupted by a signal.
+///
+/// # Safety
+/// `ptr` must be valid for writes of `len` bytes for the duration of the call.
+unsafe fn recv_raw(fd: RawFd, ptr: *mut u8, len: usize) -> io::Result<usize> {
     loop {
-        // SAFETY: the spare capacity is a valid, writable region of at least `len` bytes for
-        // the duration of the call (the kernel writes bytes, never reads them), and `fd` is an
-        // open socket owned by the caller's `TcpStream`.
-        let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), len, libc::MSG_DONTWAIT) };
+        // SAFETY: the caller guarantees `ptr..ptr + len` is writable; `fd` is an open socket
+        // owned by the caller's `TcpStream` (a closed one gives `EBADF`, not harm).
+        let n = unsafe { libc::recv(fd, ptr.cast(), len, libc::MSG_DONTWAIT) };
         if n >= 0 {
-            let n = n.unsigned_abs();
-            // SAFETY: the kernel initialized the first `n` (at most `len`) bytes of the spare
-            // capacity, which directly follow the initialized bytes.
-            unsafe { buf.set_len(buf.len() + n) };
-            return Ok(n);
+            return Ok(n.unsigned_abs());
         }
         let err = io::Error::last_os_error();
         if err.kind() != io::ErrorKind::Interrupted {
