@@ -250,7 +250,9 @@ fn role_pattern(text: &str) -> Result<RolePattern, InvalidValue> {
         if !(text.starts_with('^') && text.ends_with('$')) || text.len() > MAX_ROLE_PATTERN_LEN {
             return Err(InvalidValue::new(expected, quoted(text)));
         }
-        return regex::Regex::new(text)
+        // The first and last characters say nothing about alternations (`^admin|ops$` would
+        // match `devops`): the whole pattern is wrapped so that it matches whole names only.
+        return regex::Regex::new(&format!("^(?:{text})$"))
             .map(RolePattern::Regex)
             .map_err(|e| InvalidValue::new(expected, format!("{} ({e})", quoted(text))));
     }
@@ -293,6 +295,12 @@ mod tests {
         // A regex must match the whole name.
         let anchored = role_map(vec![rule("^dev$", &["dev"])]).unwrap();
         assert!(anchored.map(&roles(&["devops"])).is_empty());
+        // Anchors at the ends do not anchor each alternative: the whole name must match.
+        let alternation = role_map(vec![rule("^admin|ops$", &["ops"])]).unwrap();
+        assert!(alternation.map(&roles(&["devops"])).is_empty());
+        assert!(alternation.map(&roles(&["administrator"])).is_empty());
+        assert_eq!(alternation.map(&roles(&["ops"])), ["ops"]);
+        assert_eq!(alternation.map(&roles(&["admin"])), ["ops"]);
         // An expansion that is not a role name is dropped.
         let bad = role_map(vec![rule("^x(.*)$", &["$1"])]).unwrap();
         assert!(bad.map(&roles(&["x"])).is_empty());
