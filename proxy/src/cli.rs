@@ -164,6 +164,14 @@ struct TokensAdd {
     /// how many joins it allows (default 1)
     #[argh(option, default = "1")]
     uses: u32,
+    /// node tokens: the only node name the token may join as; `*` stands for any characters
+    /// (`edge-*`). Without it the token may join as any name that is free
+    #[argh(option)]
+    node: Option<String>,
+    /// let the join take over a name that is taken: a static node, one with a tunnel, a node
+    /// joined with another key, a leaf cluster joined with another CA
+    #[argh(switch)]
+    replace: bool,
     /// the proxy's tunnel address for the printed agent command (default: first --host of
     /// init, port 3024)
     #[argh(option)]
@@ -575,6 +583,17 @@ fn tokens_add(args: TokensAdd) -> Result<(), ProxyError> {
     if args.uses == 0 {
         return Err(ProxyError::Usage("--uses: expected at least 1".into()));
     }
+    if let Some(pattern) = &args.node {
+        if kind != TokenKind::Node {
+            return Err(ProxyError::Usage(
+                "--node: only node tokens are bound to a node name".into(),
+            ));
+        }
+        // Every character but `*` must be one a node name may hold.
+        let literal = pattern.replace('*', "a");
+        config::NodeName::new(literal.as_str())
+            .map_err(|e| ProxyError::Usage(format!("--node {pattern:?}: {e}")))?;
+    }
     let random = |what: &str| ProxyError::Other(format!("cannot get random bytes for the {what}"));
     let secret = util::to_hex(&util::random_bytes::<32>().map_err(|_| random("token"))?);
     let id = util::to_hex(&util::random_bytes::<4>().map_err(|_| random("token id"))?);
@@ -586,6 +605,8 @@ fn tokens_add(args: TokensAdd) -> Result<(), ProxyError> {
         created_unix: now,
         expires_unix: now + ttl.as_secs(),
         uses_left: args.uses,
+        node: args.node.clone(),
+        replace: args.replace,
     };
     let store = StateStore::new(data.clone());
     let (hosts, cluster) = store.update(|state| {
@@ -865,6 +886,8 @@ fn nodes_rm(args: NodesRm) -> Result<(), ProxyError> {
             name: name.to_string(),
             revoked_unix: now,
         });
+        // The name is free again: the next join may bring any key.
+        state.node_keys.retain(|k| k.name != name.as_str());
         Ok::<(), ProxyError>(())
     })?;
     println!(

@@ -39,7 +39,7 @@ use super::resume;
 use super::sessions::{hello_in, outcome_reason};
 use super::tunnels::peek_hello;
 use super::{Context, Stats};
-use crate::state::{TokenKind, TrustedLeaf};
+use crate::state::JoinRefused;
 use crate::util;
 
 /// Lifetime of a cluster certificate issued at a cluster join.
@@ -131,10 +131,29 @@ pub fn check_cluster_join(
             ),
         ));
     }
+    // The leaf's CA: exactly one CA certificate of the leaf cluster itself. The root trusts it
+    // for nothing, but it is what owns the leaf's name here (see `State::admit_leaf`).
     let leaf_ca = certs_from_pem(&request.ca_pem)
         .ok()
         .filter(|c| !c.is_empty())
         .ok_or_else(|| error("bad_request", "ca_pem holds no PEM certificate"))?;
+    if leaf_ca.len() != 1 {
+        return Err(error(
+            "bad_request",
+            format!(
+                "ca_pem holds {} certificates; send the leaf cluster's one CA certificate",
+                leaf_ca.len()
+            ),
+        ));
+    }
+    let ca_cluster = tunnel::identity::ca_certificate_cluster(&leaf_ca[0])
+        .map_err(|e| error("bad_request", format!("ca_pem: {e}")))?;
+    if ca_cluster != leaf {
+        return Err(error(
+            "bad_request",
+            format!("ca_pem is the CA of cluster {ca_cluster:?}, not of the joining leaf {leaf:?}"),
+        ));
+    }
     let der = tunnel::control::from_hex(&request.public_key).ok_or_else(|| {
         error(
             "bad_public_key",
@@ -158,38 +177,21 @@ fn cluster_join(
         tracing::error!(error = %e, "cannot complete a cluster join");
         error("internal", format!("cannot complete the join: {e}"))
     };
+    let ca_pem = tunnel::identity::certificates_to_pem(&leaf_ca);
+    // Written only when the join is admitted: a refused one leaves the file alone.
     let token_id = store
         .update(|state| -> Result<String, StateOrBody> {
-            // The kind is checked before the use is consumed: a node token presented here is
-            // refused and still works for its node.
-            let mut probe = state.clone();
-            let used = probe
-                .consume_token(&request.token, util::unix_now())
+            let used = state
+                .admit_leaf(&request.token, leaf, &ca_pem, util::unix_now())
                 .map_err(|e| {
-                    error(
-                        e.code(),
-                        e.to_string()
+                    let text = match &e {
+                        JoinRefused::Token(_) => e
+                            .to_string()
                             .replace("--kind node", "--kind trusted-cluster"),
-                    )
+                        _ => e.to_string(),
+                    };
+                    error(e.code(), text)
                 })?;
-            if used.kind != TokenKind::TrustedCluster {
-                return Err(StateOrBody(error(
-                    "token_invalid",
-                    format!(
-                        "this is a {} token, not a trusted-cluster token; create one with \
-                         `remoteler-proxy tokens add --kind trusted-cluster`",
-                        used.kind.as_str()
-                    ),
-                )));
-            }
-            *state = probe;
-            state.trusted_leaves.retain(|l| l.name != leaf);
-            state.trusted_leaves.push(TrustedLeaf {
-                name: leaf.to_owned(),
-                ca_pem: tunnel::identity::certificates_to_pem(&leaf_ca),
-                joined_unix: util::unix_now(),
-                token_id: used.id.clone(),
-            });
             Ok(used.id)
         })
         .map_err(|e: StateOrBody| e.0)?;

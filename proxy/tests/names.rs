@@ -1,0 +1,364 @@
+//! Names belong to whoever was given them: node tokens bound to names, node names owned by
+//! the key that joined them, leaf cluster names owned by their CA, tokens of the wrong kind
+//! not spent, refused joins not written to disk. Real binary, crafted joins.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::IpAddr;
+use std::os::unix::fs::MetadataExt;
+
+use common::*;
+use tunnel::control::{ALPN_CLUSTER_JOIN, ClusterJoinRequest, ControlError, JoinResponse};
+use tunnel::identity::{ClusterCa, PrivateKey};
+
+fn refusal(result: Result<Credential, ControlError>) -> (String, String) {
+    match result {
+        Err(ControlError::Refused(body)) => (body.code, body.message),
+        Err(other) => panic!("expected a refusal, got {other}"),
+        Ok(_) => panic!("expected a refusal, got a certificate"),
+    }
+}
+
+/// A source address of its own per test step: refused joins count against their address
+/// (`guard::AUTH_FAILURE_LIMIT`), and this test is not about that.
+fn source(n: u8) -> IpAddr {
+    [127, 0, 13, n].into()
+}
+
+async fn join_as(
+    proxy: &Proxy,
+    n: u8,
+    token: &str,
+    node: &str,
+) -> Result<Credential, ControlError> {
+    join_with_key(
+        proxy,
+        source(n),
+        token,
+        node,
+        PrivateKey::generate().unwrap(),
+    )
+    .await
+}
+
+/// Waits until `node` shows as a tunnel node in `nodes ls`.
+async fn wait_online(proxy: &Proxy, node: &str) {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let text = stdout(&cli(&proxy.data, &["nodes", "ls"]));
+        if text
+            .lines()
+            .any(|l| l.starts_with(node) && l.contains("tunnel") && l.contains("yes"))
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{node} never came online: {text}"
+        );
+        monoio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn node_names_belong_to_the_key_that_joined_them() {
+    let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = Proxy::start(Some(&format!(
+        "[[nodes]]\nname = \"node-a\"\naddress = \"{}\"\n",
+        echo.local_addr().unwrap()
+    )));
+    let (first, _) = token_with_id(&proxy, &["--kind", "node"]);
+    let (spare, spare_id) = token_with_id(&proxy, &["--kind", "node", "--uses", "5"]);
+    let (bound, bound_id) = token_with_id(&proxy, &["--kind", "node", "--node", "edge-*"]);
+    let (replace, _) = token_with_id(
+        &proxy,
+        &["--kind", "node", "--node", "node-r1", "--replace"],
+    );
+
+    block_on(async {
+        // The real node-r1 joins and brings its tunnel up.
+        let key = PrivateKey::generate().unwrap();
+        let kept = PrivateKey::from_der(&key.to_rustls()).unwrap();
+        let real = join_with_key(&proxy, source(1), &first, "node-r1", key)
+            .await
+            .unwrap();
+        let _tunnel = agent(&proxy, &real, "node-r1").await;
+        wait_online(&proxy, "node-r1").await;
+
+        // An impostor with a valid token for a new device: node-r1 is owned by another key.
+        let (code, message) = refusal(join_as(&proxy, 2, &spare, "node-r1").await);
+        assert_eq!(code, "name_taken", "{message}");
+        assert!(
+            message.contains("another key")
+                && message.contains("tokens add --kind node --node node-r1 --replace")
+                && message.contains("nodes rm node-r1"),
+            "{message}"
+        );
+        // A static node's name.
+        let (code, message) = refusal(join_as(&proxy, 3, &spare, "node-a").await);
+        assert_eq!(code, "name_taken", "{message}");
+        assert!(message.contains("static node"), "{message}");
+        // The real node, having lost its certificate but kept its key, joins again (its
+        // tunnel is still up).
+        join_with_key(&proxy, source(7), &spare, "node-r1", kept)
+            .await
+            .unwrap();
+        // A live tunnel whose key the state file does not know (a node joined before keys
+        // were recorded): the tunnel alone keeps the name.
+        let mut state = state_json(&proxy);
+        state.as_object_mut().unwrap().remove("node_keys");
+        std::fs::write(
+            proxy.data.join("state.json"),
+            serde_json::to_vec_pretty(&state).unwrap(),
+        )
+        .unwrap();
+        let (code, message) = refusal(join_as(&proxy, 4, &spare, "node-r1").await);
+        assert_eq!(code, "name_taken", "{message}");
+        assert!(message.contains("live tunnel"), "{message}");
+        assert_eq!(
+            uses_left(&proxy, &spare_id),
+            4,
+            "a refused join spent a use"
+        );
+
+        // A token bound to `edge-*` joins an edge name and nothing else.
+        let (code, message) = refusal(join_as(&proxy, 5, &bound, "node-b").await);
+        assert_eq!(code, "token_wrong_node", "{message}");
+        assert_eq!(uses_left(&proxy, &bound_id), 1);
+        join_as(&proxy, 6, &bound, "edge-1").await.unwrap();
+
+        // With the operator's consent (`--replace`), a new key takes the name over...
+        join_as(&proxy, 8, &replace, "node-r1").await.unwrap();
+        // ...and owns it from then on: the old key is now the stranger.
+        let (code, _) = refusal(join_as(&proxy, 9, &spare, "node-r1").await);
+        assert_eq!(code, "name_taken");
+    });
+
+    let audit = proxy.audit_when(|records| {
+        records
+            .iter()
+            .filter(|r| r["event"] == "join" && r["code"] == "name_taken")
+            .count()
+            >= 4
+    });
+    let taken = audit
+        .iter()
+        .find(|r| r["event"] == "join" && r["code"] == "name_taken")
+        .unwrap();
+    assert_eq!(taken["success"], false);
+    assert_eq!(taken["node"], "node-r1");
+    assert!(
+        taken["reason"].as_str().unwrap().contains("--replace"),
+        "{taken}"
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|r| r["event"] == "join" && r["code"] == "token_wrong_node")
+    );
+}
+
+async fn cluster_join(
+    proxy: &Proxy,
+    n: u8,
+    token: &str,
+    leaf: &str,
+    ca_pem: String,
+) -> Result<JoinResponse, ControlError> {
+    let key = PrivateKey::generate().unwrap();
+    let request = ClusterJoinRequest {
+        token: token.into(),
+        cluster: leaf.into(),
+        ca_pem,
+        public_key: tunnel::control::to_hex(&key.public_key().to_spki_der()),
+    };
+    exchange_from(proxy, source(n), ALPN_CLUSTER_JOIN, &request).await
+}
+
+fn code_of<T>(result: Result<T, ControlError>) -> (String, String) {
+    match result {
+        Err(ControlError::Refused(body)) => (body.code, body.message),
+        Err(other) => panic!("expected a refusal, got {other}"),
+        Ok(_) => panic!("expected a refusal, got an answer"),
+    }
+}
+
+#[test]
+fn leaf_names_belong_to_the_ca_that_joined_them() {
+    let proxy = Proxy::start(None);
+    let (first, _) = token_with_id(&proxy, &["--kind", "trusted-cluster"]);
+    let (spare, spare_id) = token_with_id(&proxy, &["--kind", "trusted-cluster", "--uses", "5"]);
+    let (replace, _) = token_with_id(&proxy, &["--kind", "trusted-cluster", "--replace"]);
+    let real = ClusterCa::generate("leaf.example").unwrap();
+    let fake = ClusterCa::generate("leaf.example").unwrap();
+
+    block_on(async {
+        cluster_join(&proxy, 20, &first, "leaf.example", real.certificate_pem())
+            .await
+            .unwrap();
+        // Another CA for the same leaf name: refused, with what the operator can do.
+        let (code, message) =
+            code_of(cluster_join(&proxy, 21, &spare, "leaf.example", fake.certificate_pem()).await);
+        assert_eq!(code, "name_taken", "{message}");
+        assert!(
+            message.contains("another CA")
+                && message.contains("tokens add --kind trusted-cluster --replace")
+                && message.contains("clusters rm leaf.example"),
+            "{message}"
+        );
+        // What is presented as the leaf's CA must be one CA certificate of that leaf.
+        let key = PrivateKey::generate().unwrap();
+        let validity = tunnel::identity::Validity::for_ttl(
+            std::time::SystemTime::now(),
+            std::time::Duration::from_secs(3600),
+        )
+        .unwrap();
+        let not_a_ca = tunnel::identity::certificates_to_pem(&[fake
+            .issue_node("node-x", &key.public_key(), validity)
+            .unwrap()]);
+        let other_cluster = ClusterCa::generate("other.example").unwrap();
+        for (n, pem, expected) in [
+            (22, not_a_ca, "not a CA certificate"),
+            (
+                23,
+                other_cluster.certificate_pem(),
+                "not of the joining leaf",
+            ),
+            (
+                24,
+                format!("{}{}", fake.certificate_pem(), real.certificate_pem()),
+                "2 certificates",
+            ),
+            (25, "junk".to_owned(), "no PEM certificate"),
+        ] {
+            let (code, message) =
+                code_of(cluster_join(&proxy, n, &spare, "leaf.example", pem).await);
+            assert_eq!(code, "bad_request", "{message}");
+            assert!(message.contains(expected), "{expected}: {message}");
+        }
+        assert_eq!(
+            uses_left(&proxy, &spare_id),
+            5,
+            "a refused join spent a use"
+        );
+        // The leaf's own CA may join again (a leaf that lost its stored certificate).
+        cluster_join(&proxy, 26, &spare, "leaf.example", real.certificate_pem())
+            .await
+            .unwrap();
+        // With `--replace`, another CA takes the name over.
+        cluster_join(&proxy, 27, &replace, "leaf.example", fake.certificate_pem())
+            .await
+            .unwrap();
+    });
+    let leaves = state_json(&proxy)["trusted_leaves"].clone();
+    assert_eq!(leaves.as_array().unwrap().len(), 1);
+    assert_eq!(
+        leaves[0]["ca_pem"].as_str().unwrap(),
+        fake.certificate_pem().as_str()
+    );
+    let audit = proxy.audit_when(|records| {
+        records
+            .iter()
+            .any(|r| r["event"] == "cluster.join" && r["code"] == "name_taken")
+    });
+    let taken = audit
+        .iter()
+        .find(|r| r["event"] == "cluster.join" && r["code"] == "name_taken")
+        .unwrap();
+    assert_eq!(taken["success"], false);
+    assert_eq!(taken["cluster"], "leaf.example");
+}
+
+#[test]
+fn a_token_of_the_wrong_kind_is_refused_and_not_spent() {
+    let proxy = Proxy::start(None);
+    let (node, node_id) = token_with_id(&proxy, &["--kind", "node"]);
+    let (cluster, cluster_id) = token_with_id(&proxy, &["--kind", "trusted-cluster"]);
+    let ca = ClusterCa::generate("leaf.example").unwrap();
+    block_on(async {
+        let (code, message) = refusal(join_as(&proxy, 30, &cluster, "node-x").await);
+        assert_eq!(code, "token_wrong_kind", "{message}");
+        assert!(message.contains("--kind node"), "{message}");
+        let (code, message) =
+            code_of(cluster_join(&proxy, 31, &node, "leaf.example", ca.certificate_pem()).await);
+        assert_eq!(code, "token_wrong_kind", "{message}");
+        assert!(message.contains("--kind trusted-cluster"), "{message}");
+        assert_eq!(uses_left(&proxy, &node_id), 1);
+        assert_eq!(uses_left(&proxy, &cluster_id), 1);
+        // Both still work for what they are.
+        join_as(&proxy, 32, &node, "node-x").await.unwrap();
+        cluster_join(&proxy, 33, &cluster, "leaf.example", ca.certificate_pem())
+            .await
+            .unwrap();
+    });
+}
+
+/// The state file's identity: a write replaces it (new inode) and changes its mtime.
+fn file_id(proxy: &Proxy) -> (u64, i64, i64) {
+    let meta = std::fs::metadata(proxy.data.join("state.json")).unwrap();
+    (meta.ino(), meta.mtime(), meta.mtime_nsec())
+}
+
+#[test]
+fn refused_joins_do_not_write_the_state_file() {
+    let proxy = Proxy::start(None);
+    let (cluster, _) = token_with_id(&proxy, &["--kind", "trusted-cluster"]);
+    let (expired, expired_id) = token_with_id(&proxy, &["--kind", "node"]);
+    let (bound, _) = token_with_id(&proxy, &["--kind", "node", "--node", "edge-1"]);
+    let (good, _) = token_with_id(&proxy, &["--kind", "node", "--uses", "2"]);
+    // Expire one token by hand (no waiting): its expiry is in the past.
+    let mut state = state_json(&proxy);
+    for t in state["tokens"].as_array_mut().unwrap() {
+        if t["id"] == expired_id.as_str() {
+            t["expires_unix"] = serde_json::json!(t["created_unix"].as_u64().unwrap() - 10);
+        }
+    }
+    std::fs::write(
+        proxy.data.join("state.json"),
+        serde_json::to_vec_pretty(&state).unwrap(),
+    )
+    .unwrap();
+    let before = file_id(&proxy);
+    block_on(async {
+        join_as(&proxy, 40, &good, "node-r1").await.unwrap();
+    });
+    let after_good = file_id(&proxy);
+    assert_ne!(
+        before, after_good,
+        "a successful join did not save its token use"
+    );
+    block_on(async {
+        let wrong = "00".repeat(32);
+        for (n, token, node, expected) in [
+            (41, wrong.as_str(), "node-x", "token_invalid"),
+            (42, cluster.as_str(), "node-x", "token_wrong_kind"),
+            (43, expired.as_str(), "node-x", "token_expired"),
+            (44, bound.as_str(), "node-x", "token_wrong_node"),
+            (45, good.as_str(), "node-r1", "name_taken"),
+            (46, good.as_str(), "-bad", "bad_node_name"),
+        ] {
+            for _ in 0..3 {
+                let (code, _) = refusal(join_as(&proxy, n, token, node).await);
+                assert_eq!(code, expected);
+            }
+        }
+        let (code, _) =
+            code_of(cluster_join(&proxy, 47, &wrong, "leaf.example", String::new()).await);
+        assert_eq!(code, "bad_request");
+        let ca = ClusterCa::generate("leaf.example").unwrap();
+        let (code, _) =
+            code_of(cluster_join(&proxy, 48, &wrong, "leaf.example", ca.certificate_pem()).await);
+        assert_eq!(code, "token_invalid");
+    });
+    assert_eq!(
+        file_id(&proxy),
+        after_good,
+        "a refused join wrote the state file"
+    );
+    block_on(async {
+        join_as(&proxy, 49, &good, "node-r2").await.unwrap();
+    });
+    assert_ne!(file_id(&proxy), after_good);
+}
