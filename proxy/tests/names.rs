@@ -362,3 +362,113 @@ fn refused_joins_do_not_write_the_state_file() {
     });
     assert_ne!(file_id(&proxy), after_good);
 }
+
+/// The secret appears on the `token:` line and nowhere else: not on a command line, not in a
+/// configuration snippet.
+fn assert_secret_only_on_its_line(text: &str, secret: &str) {
+    for line in text.lines() {
+        if line.contains(secret) {
+            assert_eq!(line, format!("token: {secret}"), "{text}");
+        }
+    }
+}
+
+#[test]
+fn tokens_add_prints_what_is_configured_and_no_token_on_a_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let out = cli(
+        &data,
+        &[
+            "init",
+            "--cluster",
+            "root.example",
+            "--host",
+            "proxy.example",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let config = tmp.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "cluster_name = \"root.example\"\ndata_dir = {:?}\n[listen]\ntunnels = \"0.0.0.0:4024\"\n",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let mut all = vec!["tokens", "add"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--config", config.to_str().unwrap()]);
+        let out = std::process::Command::new(bin())
+            .args(&all)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    let field = |text: &str, name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).map(str::to_owned))
+            .unwrap()
+    };
+
+    let text = run(&["--kind", "node", "--node", "edge-1"]);
+    let secret = field(&text, "token: ");
+    let command = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("remoteler-agent start"))
+        .unwrap_or_else(|| panic!("no agent command: {text}"));
+    assert!(
+        command.contains("--proxy proxy.example:4024")
+            && command.contains("--token-file ")
+            && !command.contains("--token ")
+            && command.contains("--node-name edge-1"),
+        "{command}"
+    );
+    assert_secret_only_on_its_line(&text, &secret);
+
+    let text = run(&["--kind", "trusted-cluster"]);
+    let secret = field(&text, "token: ");
+    assert_secret_only_on_its_line(&text, &secret);
+    assert!(text.contains("proxy = \"proxy.example:4024\""), "{text}");
+    assert!(text.contains("token_file = \""), "{text}");
+    assert!(!text.contains("token = \""), "{text}");
+    let role_map = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("role_map"))
+        .unwrap();
+    assert!(
+        role_map.contains("remote = \"dev\"") && !role_map.contains("\"*\""),
+        "{role_map}"
+    );
+    // The snippet is a valid leaf configuration once the token file exists.
+    let token_file = field(&text, "  token_file = ").trim_matches('"').to_owned();
+    let snippet: String = text
+        .lines()
+        .skip_while(|l| l.trim() != "[[trusted_clusters]]")
+        .take_while(|l| l.starts_with("  "))
+        .map(|l| format!("{}\n", l.trim().replace(&token_file, "/dev/null")))
+        .collect();
+    let leaf = tmp.path().join("leaf.toml");
+    std::fs::write(
+        &leaf,
+        format!(
+            "cluster_name = \"leaf.example\"\ndata_dir = {:?}\n[[roles]]\nname = \"dev\"\n\
+             allow = {{ nodes = [\"*\"] }}\n{snippet}",
+            tmp.path().join("leafdata").display().to_string()
+        ),
+    )
+    .unwrap();
+    config::ProxyConfig::load(&leaf).unwrap_or_else(|e| panic!("{e}:\n{snippet}"));
+
+    // Without a configuration file, the running proxy's tunnel port.
+    let proxy = Proxy::start(None);
+    let out = cli(&proxy.data, &["tokens", "add", "--kind", "node"]);
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("--proxy 127.0.0.1:{} ", proxy.tunnels.port())),
+        "{text}"
+    );
+}
