@@ -160,21 +160,47 @@ fn node_names_belong_to_the_key_that_joined_them() {
     );
 }
 
-async fn cluster_join(
+/// A leaf's cluster join: `ca_pem` as the leaf's CA, with the proof of its key made by
+/// `prover` (the leaf's CA, or an impostor's), for the root `test.example`.
+async fn cluster_join_proved(
     proxy: &Proxy,
     n: u8,
     token: &str,
     leaf: &str,
     ca_pem: String,
+    prover: Option<&ClusterCa>,
 ) -> Result<JoinResponse, ControlError> {
     let key = PrivateKey::generate().unwrap();
+    let ca_proof_pem = prover.map_or_else(String::new, |ca| {
+        let validity = tunnel::identity::Validity::for_ttl(
+            std::time::SystemTime::now(),
+            std::time::Duration::from_secs(600),
+        )
+        .unwrap();
+        let proof = ca
+            .issue_cluster("test.example", &key.public_key(), validity)
+            .unwrap();
+        tunnel::identity::certificates_to_pem(&[proof])
+    });
     let request = ClusterJoinRequest {
         token: token.into(),
         cluster: leaf.into(),
         ca_pem,
         public_key: tunnel::control::to_hex(&key.public_key().to_spki_der()),
+        ca_proof_pem,
     };
     exchange_from(proxy, source(n), ALPN_CLUSTER_JOIN, &request).await
+}
+
+/// An honest leaf's cluster join with its CA `ca`.
+async fn cluster_join(
+    proxy: &Proxy,
+    n: u8,
+    token: &str,
+    leaf: &str,
+    ca: &ClusterCa,
+) -> Result<JoinResponse, ControlError> {
+    cluster_join_proved(proxy, n, token, leaf, ca.certificate_pem(), Some(ca)).await
 }
 
 fn code_of<T>(result: Result<T, ControlError>) -> (String, String) {
@@ -195,12 +221,12 @@ fn leaf_names_belong_to_the_ca_that_joined_them() {
     let fake = ClusterCa::generate("leaf.example").unwrap();
 
     block_on(async {
-        cluster_join(&proxy, 20, &first, "leaf.example", real.certificate_pem())
+        cluster_join(&proxy, 20, &first, "leaf.example", &real)
             .await
             .unwrap();
         // Another CA for the same leaf name: refused, with what the operator can do.
         let (code, message) =
-            code_of(cluster_join(&proxy, 21, &spare, "leaf.example", fake.certificate_pem()).await);
+            code_of(cluster_join(&proxy, 21, &spare, "leaf.example", &fake).await);
         assert_eq!(code, "name_taken", "{message}");
         assert!(
             message.contains("another CA")
@@ -233,10 +259,27 @@ fn leaf_names_belong_to_the_ca_that_joined_them() {
             ),
             (25, "junk".to_owned(), "no PEM certificate"),
         ] {
-            let (code, message) =
-                code_of(cluster_join(&proxy, n, &spare, "leaf.example", pem).await);
+            let (code, message) = code_of(
+                cluster_join_proved(&proxy, n, &spare, "leaf.example", pem, Some(&fake)).await,
+            );
             assert_eq!(code, "bad_request", "{message}");
             assert!(message.contains(expected), "{expected}: {message}");
+        }
+        // The real leaf's CA certificate is public (its proxy shows it in every handshake):
+        // presented without proof of its key, or with a proof by another CA, it is refused.
+        for (n, prover) in [(28, None), (29, Some(&fake))] {
+            let (code, message) = code_of(
+                cluster_join_proved(
+                    &proxy,
+                    n,
+                    &spare,
+                    "leaf.example",
+                    real.certificate_pem(),
+                    prover,
+                )
+                .await,
+            );
+            assert_eq!(code, "bad_ca_proof", "{message}");
         }
         assert_eq!(
             uses_left(&proxy, &spare_id),
@@ -244,11 +287,11 @@ fn leaf_names_belong_to_the_ca_that_joined_them() {
             "a refused join spent a use"
         );
         // The leaf's own CA may join again (a leaf that lost its stored certificate).
-        cluster_join(&proxy, 26, &spare, "leaf.example", real.certificate_pem())
+        cluster_join(&proxy, 26, &spare, "leaf.example", &real)
             .await
             .unwrap();
         // With `--replace`, another CA takes the name over.
-        cluster_join(&proxy, 27, &replace, "leaf.example", fake.certificate_pem())
+        cluster_join(&proxy, 27, &replace, "leaf.example", &fake)
             .await
             .unwrap();
     });
@@ -281,15 +324,14 @@ fn a_token_of_the_wrong_kind_is_refused_and_not_spent() {
         let (code, message) = refusal(join_as(&proxy, 30, &cluster, "node-x").await);
         assert_eq!(code, "token_wrong_kind", "{message}");
         assert!(message.contains("--kind node"), "{message}");
-        let (code, message) =
-            code_of(cluster_join(&proxy, 31, &node, "leaf.example", ca.certificate_pem()).await);
+        let (code, message) = code_of(cluster_join(&proxy, 31, &node, "leaf.example", &ca).await);
         assert_eq!(code, "token_wrong_kind", "{message}");
         assert!(message.contains("--kind trusted-cluster"), "{message}");
         assert_eq!(uses_left(&proxy, &node_id), 1);
         assert_eq!(uses_left(&proxy, &cluster_id), 1);
         // Both still work for what they are.
         join_as(&proxy, 32, &node, "node-x").await.unwrap();
-        cluster_join(&proxy, 33, &cluster, "leaf.example", ca.certificate_pem())
+        cluster_join(&proxy, 33, &cluster, "leaf.example", &ca)
             .await
             .unwrap();
     });
@@ -344,12 +386,12 @@ fn refused_joins_do_not_write_the_state_file() {
                 assert_eq!(code, expected);
             }
         }
-        let (code, _) =
-            code_of(cluster_join(&proxy, 47, &wrong, "leaf.example", String::new()).await);
-        assert_eq!(code, "bad_request");
         let ca = ClusterCa::generate("leaf.example").unwrap();
-        let (code, _) =
-            code_of(cluster_join(&proxy, 48, &wrong, "leaf.example", ca.certificate_pem()).await);
+        let (code, _) = code_of(
+            cluster_join_proved(&proxy, 47, &wrong, "leaf.example", String::new(), Some(&ca)).await,
+        );
+        assert_eq!(code, "bad_request");
+        let (code, _) = code_of(cluster_join(&proxy, 48, &wrong, "leaf.example", &ca).await);
         assert_eq!(code, "token_invalid");
     });
     assert_eq!(
@@ -470,5 +512,78 @@ fn tokens_add_prints_what_is_configured_and_no_token_on_a_command_line() {
     assert!(
         text.contains(&format!("--proxy 127.0.0.1:{} ", proxy.tunnels.port())),
         "{text}"
+    );
+}
+
+/// A real leaf proxy joins a real root with the printed snippet's keys (`token_file`): its
+/// join carries the proof of its CA's key, and its tunnel comes up.
+#[test]
+fn a_real_leaf_joins_with_a_token_file_and_its_ca_proof() {
+    let root = Proxy::start(None);
+    let (secret, _) = token_with_id(&root, &["--kind", "trusted-cluster"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("leaf");
+    let out = cli(
+        &data,
+        &["init", "--cluster", "leaf.example", "--host", "127.0.0.1"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let token_file = tmp.path().join("root.token");
+    std::fs::write(&token_file, format!("{secret}\n")).unwrap();
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let config = tmp.path().join("leaf.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "cluster_name = \"leaf.example\"\ndata_dir = {:?}\n[[roles]]\nname = \"dev\"\n\
+             allow = {{ nodes = [\"*\"] }}\n[[trusted_clusters]]\nname = \"test.example\"\n\
+             proxy = \"{}\"\ntoken_file = {:?}\nca_pin = \"{}\"\n\
+             role_map = [{{ remote = \"dev\", local = [\"dev\"] }}]\n",
+            data.display().to_string(),
+            root.tunnels,
+            token_file.display().to_string(),
+            root.pin
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(tmp.path().join("leaf.log")).unwrap();
+    let mut leaf = std::process::Command::new(bin())
+        .args(["start", "--config", config.to_str().unwrap()])
+        .args(["--users", "127.0.0.1:0", "--tunnels", "127.0.0.1:0"])
+        .args(["--auth", "127.0.0.1:0", "--metrics", "off"])
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + DEADLINE * 3;
+    let connected = loop {
+        let audit = root.audit();
+        if audit
+            .iter()
+            .any(|r| r["event"] == "cluster.connect" && r["cluster"] == "leaf.example")
+        {
+            break true;
+        }
+        if std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let _ = leaf.kill();
+    let _ = leaf.wait();
+    assert!(
+        connected,
+        "the leaf never connected; root audit: {:#?}\nleaf log: {}",
+        root.audit(),
+        std::fs::read_to_string(tmp.path().join("leaf.log")).unwrap_or_default()
+    );
+    assert!(
+        root.audit()
+            .iter()
+            .any(|r| r["event"] == "cluster.join" && r["success"] == true)
     );
 }

@@ -162,7 +162,52 @@ pub fn check_cluster_join(
     })?;
     let key = tunnel::identity::PublicKey::from_spki_der(&der)
         .map_err(|e| error("bad_public_key", e.to_string()))?;
+    check_ca_proof(cluster, leaf, &leaf_ca, &der, &request.ca_proof_pem)?;
     Ok((leaf_ca, key))
+}
+
+/// Lifetime of the proof a leaf sends with its cluster join ([`check_ca_proof`]).
+const CA_PROOF_TTL: Duration = Duration::from_secs(600);
+
+/// Checks that the joining leaf holds its CA's key: `proof_pem` must be a `cluster`
+/// certificate for `root`, issued by `leaf_ca` (signature and validity checked now) on the
+/// join's public key (`spki`). A CA certificate alone proves nothing: it is public.
+fn check_ca_proof(
+    root: &str,
+    leaf: &str,
+    leaf_ca: &[CertificateDer<'static>],
+    spki: &[u8],
+    proof_pem: &str,
+) -> Result<(), tunnel::control::ErrorBody> {
+    let bad = |why: String| {
+        error(
+            "bad_ca_proof",
+            format!(
+                "ca_proof_pem: {why}; a leaf proxy proves it holds its CA's key with a \
+                 certificate its CA issues for the join's key (leaf proxies older than this \
+                 root do not: upgrade the leaf)"
+            ),
+        )
+    };
+    let proof = certs_from_pem(proof_pem)
+        .ok()
+        .filter(|c| c.len() == 1)
+        .ok_or_else(|| bad("expected one PEM certificate".into()))?;
+    let identity = tunnel::identity::verify_client_chain(leaf_ca, &proof, SystemTime::now())
+        .map_err(|e| bad(format!("not issued by the leaf's CA: {e}")))?;
+    if identity.kind != IdentityKind::Cluster || identity.cluster != leaf || identity.name != root {
+        return Err(bad(format!(
+            "it is a {} certificate for {:?} of cluster {:?}; expected a cluster certificate \
+             for {root:?} of cluster {leaf:?}",
+            identity.kind, identity.name, identity.cluster
+        )));
+    }
+    let same_key = tunnel::identity::CaPin::of_certificate(&proof[0])
+        .is_ok_and(|pin| pin == tunnel::identity::CaPin::of_spki(spki));
+    if !same_key {
+        return Err(bad("it is not for the join's public_key".into()));
+    }
+    Ok(())
 }
 
 fn cluster_join(
@@ -618,11 +663,20 @@ async fn join_root(ctx: &Context, trusted: &TrustedCluster, dir: &Path) -> Resul
     tls.alpn_protocols = vec![ALPN_CLUSTER_JOIN.to_vec()];
     let conn = connect(ctx, &trusted.proxy, Arc::new(tls), ALPN_CLUSTER_JOIN).await?;
     let key = PrivateKey::generate().map_err(|e| e.to_string())?;
+    // The root takes our CA certificate as the owner of our name only with proof that we
+    // hold its key: our CA certifies the join's key, for the root's name.
+    let proof = Validity::for_ttl(SystemTime::now(), CA_PROOF_TTL)
+        .and_then(|v| {
+            ctx.ca
+                .issue_cluster(trusted.name.as_str(), &key.public_key(), v)
+        })
+        .map_err(|e| format!("cannot make the CA proof for the join: {e}"))?;
     let request = ClusterJoinRequest {
         token: token.expose().to_owned(),
         cluster: ctx.cluster.clone(),
         ca_pem: ctx.ca.certificate_pem(),
         public_key: tunnel::control::to_hex(&key.public_key().to_spki_der()),
+        ca_proof_pem: tunnel::identity::certificates_to_pem(&[proof]),
     };
     let (mut reader, mut writer) = conn.split();
     let mut buf = BytesMut::new();
