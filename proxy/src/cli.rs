@@ -745,8 +745,8 @@ fn tokens_ls(data: &DataDir) -> Result<(), ProxyError> {
     let state = StateStore::new(data.clone()).read()?;
     let now = util::unix_now();
     println!(
-        "{:<10} {:<15} {:<26} {:<9} STATUS",
-        "ID", "KIND", "EXPIRES", "USES-LEFT"
+        "{:<10} {:<15} {:<26} {:<9} {:<8} NODE",
+        "ID", "KIND", "EXPIRES", "USES-LEFT", "STATUS"
     );
     for t in &state.tokens {
         let status = if now >= t.expires_unix {
@@ -756,8 +756,15 @@ fn tokens_ls(data: &DataDir) -> Result<(), ProxyError> {
         } else {
             "valid"
         };
+        // Which names it may join as, and whether it may take over a taken one.
+        let node = match (t.node.as_deref(), t.replace) {
+            (Some(n), true) => format!("{n} (replace)"),
+            (Some(n), false) => n.to_owned(),
+            (None, true) => "any (replace)".to_owned(),
+            (None, false) => "-".to_owned(),
+        };
         println!(
-            "{:<10} {:<15} {:<26} {:<9} {status}",
+            "{:<10} {:<15} {:<26} {:<9} {status:<8} {node}",
             t.id,
             t.kind.as_str(),
             util::rfc3339_unix(t.expires_unix),

@@ -77,6 +77,18 @@ fn node_names_belong_to_the_key_that_joined_them() {
         &["--kind", "node", "--node", "node-r1", "--replace"],
     );
 
+    let listing = stdout(&cli(&proxy.data, &["tokens", "ls"]));
+    let row = |id: &str| {
+        listing
+            .lines()
+            .find(|l| l.starts_with(id))
+            .unwrap()
+            .to_owned()
+    };
+    assert!(row(&bound_id).ends_with(" edge-*"), "{listing}");
+    assert!(row(&spare_id).ends_with(" -"), "{listing}");
+    assert!(listing.contains(" node-r1 (replace)"), "{listing}");
+
     block_on(async {
         // The real node-r1 joins and brings its tunnel up.
         let key = PrivateKey::generate().unwrap();
