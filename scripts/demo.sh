@@ -28,10 +28,12 @@ say "4. node-r1: a real sshd on 127.0.0.1:2222 inside the site"
 start_sshd node-r1 2222 demo-r1
 
 say "5. a join token, and the agent inside the site joining with it"
-TOKEN=$("$BIN/remoteler-proxy" tokens add --kind node --ttl 15m --data-dir "$WORK/proxy" | grep -o '[0-9a-f]\{64\}' | head -1)
-echo "token: ${TOKEN:0:8}... (single use, 15 minutes)"
+# The token goes into a file the agent reads (--token-file), never onto a command line.
+TOKEN=$("$BIN/remoteler-proxy" tokens add --kind node --node node-r1 --ttl 15m --data-dir "$WORK/proxy" | grep -o '[0-9a-f]\{64\}' | head -1)
+(umask 077; echo "$TOKEN" >"$WORK/join-token")
+echo "token: ${TOKEN:0:8}... (single use, 15 minutes, only for node-r1)"
 bg agent ip netns exec demo-r1 "$BIN/remoteler-agent" start --proxy "10.77.0.1:$TUNNEL_PORT" \
-  --token "$TOKEN" --ca-pin "$PIN" --node-name node-r1 --data-dir "$WORK/agent" \
+  --token-file "$WORK/join-token" --ca-pin "$PIN" --node-name node-r1 --data-dir "$WORK/agent" \
   --label env=edge --forward ssh=127.0.0.1:2222 >/dev/null
 export REMOTELER_HOME="$WORK/home"
 wait_for "node-r1 to come online" 30 sh -c "'$BIN/remoteler-proxy' nodes ls --data-dir '$WORK/proxy' | grep -q 'node-r1.*tunnel.*yes'"

@@ -144,7 +144,22 @@ pub async fn join(
     let (mut tls_config, learned) =
         identity::client_config_pinned(pin).map_err(|e| fatal(e.into()))?;
     tls_config.alpn_protocols = vec![ALPN_JOIN.to_vec()];
-    let key = PrivateKey::generate().map_err(|e| fatal(e.into()))?;
+    // A join again (certificate expired or lost) keeps the node's key: the proxy gives a name
+    // to the key that joined it, and a new key would need the operator's `--replace` token.
+    let key_path = config.data_dir.join(NODE_KEY_FILE);
+    let kept = key_path
+        .exists()
+        .then(|| identity::read_private_key(&key_path, FileRole::PrivateKey))
+        .and_then(|read| {
+            read.map_err(|e| {
+                tracing::warn!(error = %e, "cannot reuse the stored node key; joining with a new one (the proxy refuses it for a name joined before unless the token was made with --replace)")
+            })
+            .ok()
+        });
+    let key = match kept {
+        Some(key) => key,
+        None => PrivateKey::generate().map_err(|e| fatal(e.into()))?,
+    };
     let request = JoinRequest {
         token: token.expose().to_owned(),
         node: config.node_name.as_str().to_owned(),

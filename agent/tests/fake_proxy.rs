@@ -87,6 +87,8 @@ struct TunnelConn {
 struct ProxyState {
     joins: usize,
     join_nodes: Vec<String>,
+    /// The public key of each join, hex.
+    join_keys: Vec<String>,
     tunnels: VecDeque<TunnelConn>,
 }
 
@@ -185,6 +187,7 @@ async fn serve_join(conn: tls::TlsConnection, ca: &ClusterCa, state: &RefCell<Pr
         let mut s = state.borrow_mut();
         s.joins += 1;
         s.join_nodes.push(request.node.clone());
+        s.join_keys.push(request.public_key.clone());
         Reply::Ok(JoinResponse {
             cluster: CLUSTER.into(),
             certificate_pem: chain,
@@ -421,6 +424,46 @@ fn join_stores_identity_once_and_announces() {
         proxy.next_tunnel().await;
         assert_eq!(proxy.joins(), 1);
         run.stop().unwrap();
+    });
+}
+
+#[test]
+fn an_expired_certificate_is_renewed_with_the_same_key() {
+    block_on(async {
+        let proxy = FakeProxy::start();
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("agent-data");
+        let (echo, _) = echo_server();
+        let config = agent_config(&proxy, &data, vec![("ssh", echo.to_string())]);
+        let run = AgentRun::start(config.clone());
+        proxy.next_tunnel().await;
+        run.stop().unwrap();
+        // The stored certificate runs out; the key stays.
+        let key = tunnel::identity::read_private_key(
+            &data.join("node.key"),
+            tunnel::identity::FileRole::PrivateKey,
+        )
+        .unwrap();
+        let now = SystemTime::now();
+        let past = Validity::between(
+            now - Duration::from_secs(7200),
+            now - Duration::from_secs(3600),
+        )
+        .unwrap();
+        let expired = proxy
+            .ca
+            .issue_node("node-r1", &key.public_key(), past)
+            .unwrap();
+        let chain: String = proxy.ca.chain(expired).iter().map(|c| pem(c)).collect();
+        std::fs::write(data.join("node.crt"), chain).unwrap();
+
+        let run = AgentRun::start(config);
+        proxy.next_tunnel().await;
+        run.stop().unwrap();
+        let state = proxy.state.borrow();
+        assert_eq!(state.joins, 2, "the agent did not join again");
+        // The proxy gives a name to the key that joined it: a renewal keeps the key.
+        assert_eq!(state.join_keys[0], state.join_keys[1]);
     });
 }
 

@@ -164,8 +164,17 @@ struct TokensAdd {
     /// how many joins it allows (default 1)
     #[argh(option, default = "1")]
     uses: u32,
+    /// node tokens: the only node name the token may join as; `*` stands for any characters
+    /// (`edge-*`). Without it the token may join as any name that is free
+    #[argh(option)]
+    node: Option<String>,
+    /// let the join take over a name that is taken: a static node, one with a tunnel, a node
+    /// joined with another key, a leaf cluster joined with another CA
+    #[argh(switch)]
+    replace: bool,
     /// the proxy's tunnel address for the printed agent command (default: first --host of
-    /// init, port 3024)
+    /// init, with the port of listen.tunnels from --config, else of the running proxy, else
+    /// 3024)
     #[argh(option)]
     proxy: Option<String>,
     /// data directory (default /var/lib/remoteler)
@@ -553,8 +562,49 @@ fn start(args: StartArgs) -> Result<(), ProxyError> {
 
 // ---- tokens ---------------------------------------------------------------------------------
 
+/// The tunnels listener's port agents and leaves should dial, and where it came from:
+/// `listen.tunnels` of the configuration file the command was given, else the port the running
+/// proxy of the data directory listens on (its ready file), else the default.
+fn tunnel_port(config: Option<&ProxyConfig>, data: &DataDir) -> (u16, String) {
+    if let Some(config) = config {
+        return (
+            config.listen.tunnels.port(),
+            "listen.tunnels of the configuration file".into(),
+        );
+    }
+    let running = std::fs::read_to_string(data.ready_file())
+        .ok()
+        .and_then(|ready| {
+            ready
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("tunnels="))
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+        });
+    if let Some(addr) = running {
+        return (
+            addr.port(),
+            format!(
+                "the running proxy's tunnel listener ({})",
+                data.ready_file().display()
+            ),
+        );
+    }
+    let default = config::DEFAULT_TUNNEL_LISTEN
+        .parse::<SocketAddr>()
+        .map_or(3024, |a| a.port());
+    (
+        default,
+        "the default listen.tunnels; pass --config to use the proxy's own".into(),
+    )
+}
+
 fn tokens_add(args: TokensAdd) -> Result<(), ProxyError> {
-    let data = data_dir(args.data_dir, args.config.as_deref())?;
+    let config = args.config.as_deref().map(ProxyConfig::load).transpose()?;
+    let data = match (&args.data_dir, &config) {
+        (Some(dir), _) => DataDir::new(dir),
+        (None, Some(config)) => DataDir::new(&config.data_dir),
+        (None, None) => DataDir::new(config::DEFAULT_PROXY_DATA_DIR),
+    };
     let kind = match args.kind.as_str() {
         "node" => TokenKind::Node,
         "trusted-cluster" => TokenKind::TrustedCluster,
@@ -575,6 +625,17 @@ fn tokens_add(args: TokensAdd) -> Result<(), ProxyError> {
     if args.uses == 0 {
         return Err(ProxyError::Usage("--uses: expected at least 1".into()));
     }
+    if let Some(pattern) = &args.node {
+        if kind != TokenKind::Node {
+            return Err(ProxyError::Usage(
+                "--node: only node tokens are bound to a node name".into(),
+            ));
+        }
+        // Every character but `*` must be one a node name may hold.
+        let literal = pattern.replace('*', "a");
+        config::NodeName::new(literal.as_str())
+            .map_err(|e| ProxyError::Usage(format!("--node {pattern:?}: {e}")))?;
+    }
     let random = |what: &str| ProxyError::Other(format!("cannot get random bytes for the {what}"));
     let secret = util::to_hex(&util::random_bytes::<32>().map_err(|_| random("token"))?);
     let id = util::to_hex(&util::random_bytes::<4>().map_err(|_| random("token id"))?);
@@ -586,6 +647,8 @@ fn tokens_add(args: TokensAdd) -> Result<(), ProxyError> {
         created_unix: now,
         expires_unix: now + ttl.as_secs(),
         uses_left: args.uses,
+        node: args.node.clone(),
+        replace: args.replace,
     };
     let store = StateStore::new(data.clone());
     let (hosts, cluster) = store.update(|state| {
@@ -593,36 +656,87 @@ fn tokens_add(args: TokensAdd) -> Result<(), ProxyError> {
         Ok::<_, ProxyError>((state.hosts.clone(), state.cluster.clone()))
     })?;
     let pin = ca_pin(&data)?;
-    let proxy = args.proxy.unwrap_or_else(|| match hosts.first() {
-        Some(h) if h.contains(':') && !h.starts_with('[') => format!("[{h}]:3024"),
-        Some(h) => format!("{h}:3024"),
-        None => "PROXY_HOST:3024".into(),
-    });
+    let (port, port_from) = tunnel_port(config.as_ref(), &data);
+    let (proxy, proxy_from) = match args.proxy {
+        Some(p) => (p, "--proxy".to_owned()),
+        None => {
+            let host = match hosts.first() {
+                Some(h) if h.contains(':') && !h.starts_with('[') => format!("[{h}]"),
+                Some(h) => h.clone(),
+                None => "PROXY_HOST".into(),
+            };
+            (
+                format!("{host}:{port}"),
+                format!("host from init --host, port from {port_from}"),
+            )
+        }
+    };
     println!("token: {secret}");
     println!("id: {id}");
     println!(
-        "kind: {}, uses: {}, expires: {} (in {})",
+        "kind: {}, uses: {}, expires: {} (in {}){}{}",
         kind.as_str(),
         args.uses,
         util::rfc3339_unix(now + ttl.as_secs()),
-        util::human_duration(ttl)
+        util::human_duration(ttl),
+        args.node
+            .as_deref()
+            .map(|n| format!(", node: {n}"))
+            .unwrap_or_default(),
+        if args.replace {
+            ", may replace a taken name"
+        } else {
+            ""
+        }
     );
     println!("ca pin: {pin}");
+    println!("proxy: {proxy} ({proxy_from})");
     println!();
+    // The token goes into a file, never onto a command line (`ps` shows those to every user
+    // of the machine) nor into a configuration file others may read.
     if kind == TokenKind::TrustedCluster {
-        println!("The token is shown only now. In the leaf cluster's proxy configuration, add:");
+        let file = format!("{}/trusted-{cluster}.token", config::DEFAULT_PROXY_DATA_DIR);
+        println!(
+            "The token is shown only now. On the leaf cluster's proxy, store it in a file only the \
+             proxy's user can read (paste the token, then Ctrl-D):"
+        );
+        println!("  (umask 077; cat > {file})");
+        println!("and add to the leaf's proxy configuration:");
         println!("  [[trusted_clusters]]");
-        println!("  name = \"{}\"", cluster);
+        println!("  name = \"{cluster}\"");
         println!("  proxy = \"{proxy}\"");
-        println!("  token = \"{secret}\"");
+        println!("  token_file = \"{file}\"");
         println!("  ca_pin = \"{pin}\"");
-        println!("  role_map = [{{ remote = \"*\", local = [\"access\"] }}]");
+        println!(
+            "  # Least privilege: map only the roles of this (root) cluster that need the leaf, each"
+        );
+        println!(
+            "  # to a leaf role made for them (here root role \"dev\" to leaf role \"dev\"); a root"
+        );
+        println!(
+            "  # user none of whose roles maps gets nothing. Never map \"*\" to a broad role."
+        );
+        println!("  role_map = [{{ remote = \"dev\", local = [\"dev\"] }}]");
         println!("and restart the leaf proxy; it joins once and keeps a tunnel to this proxy.");
         return Ok(());
     }
-    println!("The token is shown only now. On the node, run:");
+    let file = format!("{}/join-token", config::DEFAULT_AGENT_DATA_DIR);
+    let node_name = args
+        .node
+        .as_deref()
+        .filter(|n| !n.contains('*'))
+        .unwrap_or("NODE_NAME");
     println!(
-        "  remoteler-agent start --proxy {proxy} --ca-pin {pin} --token {secret} --node-name NODE_NAME"
+        "The token is shown only now. On the node, store it in a file only the agent's user can \
+         read (paste the token, then Ctrl-D):"
+    );
+    println!(
+        "  (umask 077; mkdir -p {}; cat > {file})",
+        config::DEFAULT_AGENT_DATA_DIR
+    );
+    println!("then start the agent:");
+    println!(
+        "  remoteler-agent start --proxy {proxy} --ca-pin {pin} --token-file {file} --node-name {node_name}"
     );
     Ok(())
 }
@@ -631,8 +745,8 @@ fn tokens_ls(data: &DataDir) -> Result<(), ProxyError> {
     let state = StateStore::new(data.clone()).read()?;
     let now = util::unix_now();
     println!(
-        "{:<10} {:<15} {:<26} {:<9} STATUS",
-        "ID", "KIND", "EXPIRES", "USES-LEFT"
+        "{:<10} {:<15} {:<26} {:<9} {:<8} NODE",
+        "ID", "KIND", "EXPIRES", "USES-LEFT", "STATUS"
     );
     for t in &state.tokens {
         let status = if now >= t.expires_unix {
@@ -642,8 +756,15 @@ fn tokens_ls(data: &DataDir) -> Result<(), ProxyError> {
         } else {
             "valid"
         };
+        // Which names it may join as, and whether it may take over a taken one.
+        let node = match (t.node.as_deref(), t.replace) {
+            (Some(n), true) => format!("{n} (replace)"),
+            (Some(n), false) => n.to_owned(),
+            (None, true) => "any (replace)".to_owned(),
+            (None, false) => "-".to_owned(),
+        };
         println!(
-            "{:<10} {:<15} {:<26} {:<9} {status}",
+            "{:<10} {:<15} {:<26} {:<9} {status:<8} {node}",
             t.id,
             t.kind.as_str(),
             util::rfc3339_unix(t.expires_unix),
@@ -865,6 +986,8 @@ fn nodes_rm(args: NodesRm) -> Result<(), ProxyError> {
             name: name.to_string(),
             revoked_unix: now,
         });
+        // The name is free again: the next join may bring any key.
+        state.node_keys.retain(|k| k.name != name.as_str());
         Ok::<(), ProxyError>(())
     })?;
     println!(

@@ -350,6 +350,37 @@ impl NodeDirectory {
         }
     }
 
+    /// Why `node` is taken in this proxy, if it is: a static `[[nodes]]` entry, a live tunnel,
+    /// a tunnel that went offline (it may be detached, waiting to resume; `nodes rm` forgets
+    /// it), or a registration for direct dialling. A join for a taken name needs the
+    /// operator's consent (a `--replace` token) unless it comes with the name's own key.
+    pub fn name_in_use(&self, node: &str) -> Option<String> {
+        if self.static_nodes.iter().any(|n| n.name.as_str() == node) {
+            return Some("it is a static node (`[[nodes]]` in the proxy configuration)".into());
+        }
+        let entries = self.lock();
+        if let Some(info) = entries.tunnels.get(node) {
+            // No addresses: the answer goes to a peer that has not joined yet.
+            return Some(format!(
+                "it has a live tunnel since {}",
+                crate::util::rfc3339_unix(crate::util::unix_secs(info.since))
+            ));
+        }
+        if let Some(off) = entries.offline.get(node) {
+            return Some(format!(
+                "its tunnel went offline at {} and may resume",
+                crate::util::rfc3339_unix(crate::util::unix_secs(off.since))
+            ));
+        }
+        if let Some(reg) = entries.registered.get(node) {
+            return Some(format!(
+                "it is registered for direct dialling (last heartbeat {})",
+                crate::util::rfc3339_unix(crate::util::unix_secs(reg.last_seen))
+            ));
+        }
+        None
+    }
+
     /// How many tunnels are up, on every core.
     pub fn tunnel_count(&self) -> usize {
         self.lock().tunnels.len()

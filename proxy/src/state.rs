@@ -54,6 +54,24 @@ pub struct State {
     /// Leaf clusters that joined this (root) cluster with a `trusted-cluster` token.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_leaves: Vec<TrustedLeaf>,
+    /// The key each node name was last joined with: a name belongs to that key, and a join
+    /// for it with another key needs a `--replace` token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_keys: Vec<NodeKey>,
+}
+
+/// The public key a node name was joined with.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeKey {
+    /// The node name.
+    pub name: String,
+    /// SHA-256 of the joining key's SubjectPublicKeyInfo DER, hex.
+    pub public_key_sha256: String,
+    /// When it joined, Unix seconds.
+    pub joined_unix: u64,
+    /// The id of the token it joined with.
+    pub token_id: String,
 }
 
 /// A leaf cluster that joined this one: its proxy may hold cluster tunnels here.
@@ -117,6 +135,15 @@ pub struct Token {
     pub expires_unix: u64,
     /// Joins left.
     pub uses_left: u32,
+    /// Node tokens only: the node name, or a pattern where `*` stands for any characters,
+    /// that the token may join as (`tokens add --node`); none: any name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The operator's consent to take over a name that is in use (`tokens add --replace`):
+    /// a static or connected node, a name joined with another key, a leaf joined with
+    /// another CA.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replace: bool,
 }
 
 /// A user as stored.
@@ -175,6 +202,87 @@ impl TokenError {
     }
 }
 
+/// Why a join was refused after its token was found; nothing was consumed or written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JoinRefused {
+    /// The token is missing, expired or used up.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// A token of another kind.
+    #[error(
+        "this is a {} token, not a {} token; create one with `remoteler-proxy tokens add --kind {}`",
+        .found.as_str(), .expected.as_str(), .expected.as_str()
+    )]
+    WrongKind {
+        /// What the join needs.
+        expected: TokenKind,
+        /// What the token is.
+        found: TokenKind,
+    },
+    /// The token is bound to other node names (`tokens add --node`).
+    #[error(
+        "this token may only join as node {pattern:?}, not {name:?}; create a token for \
+         {name:?} with `remoteler-proxy tokens add --kind node --node {name}`"
+    )]
+    WrongName {
+        /// The name asked for.
+        name: String,
+        /// The token's name or pattern.
+        pattern: String,
+    },
+    /// The name belongs to someone else and the token does not say `--replace`.
+    #[error("{}", taken_message(*.kind, .name, .why))]
+    NameTaken {
+        /// Node, or trusted cluster.
+        kind: TokenKind,
+        /// The name asked for.
+        name: String,
+        /// Why it is taken.
+        why: String,
+    },
+}
+
+fn taken_message(kind: TokenKind, name: &str, why: &str) -> String {
+    let (what, who, remedy, remove) = match kind {
+        TokenKind::Node => (
+            "node",
+            "agent",
+            format!("remoteler-proxy tokens add --kind node --node {name} --replace"),
+            format!("remoteler-proxy nodes rm {name}"),
+        ),
+        TokenKind::TrustedCluster => (
+            "cluster",
+            "leaf proxy",
+            "remoteler-proxy tokens add --kind trusted-cluster --replace".to_owned(),
+            format!("remoteler-proxy clusters rm {name}"),
+        ),
+    };
+    format!(
+        "{what} {name:?} is taken: {why}; to hand the name to the new {who} anyway, create a \
+         token with `{remedy}`, or remove the old one first (`{remove}`)"
+    )
+}
+
+impl JoinRefused {
+    /// Stable code for the wire and the audit log.
+    pub fn code(&self) -> &'static str {
+        match self {
+            JoinRefused::Token(e) => e.code(),
+            JoinRefused::WrongKind { .. } => "token_wrong_kind",
+            JoinRefused::WrongName { .. } => "token_wrong_node",
+            JoinRefused::NameTaken { .. } => "name_taken",
+        }
+    }
+
+    fn node_taken(name: &str, why: String) -> Self {
+        JoinRefused::NameTaken {
+            kind: TokenKind::Node,
+            name: name.to_owned(),
+            why,
+        }
+    }
+}
+
 /// A token that was accepted (and one use consumed).
 #[derive(Debug, Clone)]
 pub struct TokenUse {
@@ -186,10 +294,41 @@ pub struct TokenUse {
     pub uses_left: u32,
 }
 
+/// Whether `name` matches `pattern`, where `*` stands for any run of characters (none too)
+/// and everything else for itself.
+pub fn name_matches(pattern: &str, name: &str) -> bool {
+    let (pattern, name) = (pattern.as_bytes(), name.as_bytes());
+    // Greedy matching with backtracking to the last `*`: linear in practice, and names and
+    // patterns are short (at most `MAX_NAME_LEN`).
+    let (mut p, mut n) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while n < name.len() {
+        match pattern.get(p) {
+            Some(b'*') => {
+                star = Some((p, n));
+                p += 1;
+            }
+            Some(&c) if c == name[n] => {
+                p += 1;
+                n += 1;
+            }
+            _ => match star {
+                Some((sp, sn)) => {
+                    p = sp + 1;
+                    n = sn + 1;
+                    star = Some((sp, sn + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
+}
+
 impl State {
-    /// Finds the token whose secret is `secret`, comparing hashes in constant time, and
-    /// consumes one use.
-    pub fn consume_token(&mut self, secret: &str, now: u64) -> Result<TokenUse, TokenError> {
+    /// The index of the token whose secret is `secret`, if it may still be used. Compares
+    /// hashes in constant time; changes nothing.
+    fn usable_token(&self, secret: &str, now: u64) -> Result<usize, TokenError> {
         let presented = util::sha256_hex(secret.as_bytes());
         let mut found = None;
         for (i, token) in self.tokens.iter().enumerate() {
@@ -198,21 +337,132 @@ impl State {
                 found = Some(i);
             }
         }
-        let token = found
-            .and_then(|i| self.tokens.get_mut(i))
-            .ok_or(TokenError::Invalid)?;
+        let i = found.ok_or(TokenError::Invalid)?;
+        let token = &self.tokens[i];
         if now >= token.expires_unix {
             return Err(TokenError::Expired(token.expires_unix));
         }
         if token.uses_left == 0 {
             return Err(TokenError::UsedUp);
         }
+        Ok(i)
+    }
+
+    /// Consumes one use of token `i` (found by [`State::usable_token`]).
+    fn consume(&mut self, i: usize) -> TokenUse {
+        let token = &mut self.tokens[i];
         token.uses_left -= 1;
-        Ok(TokenUse {
+        TokenUse {
             id: token.id.clone(),
             kind: token.kind,
             uses_left: token.uses_left,
-        })
+        }
+    }
+
+    /// Admits a node join for `name` with the key whose SPKI hashes to `key_sha256`: checks
+    /// the token (kind, name binding), then who owns the name. `in_use` says why the running
+    /// proxy considers the name taken (static node, live or detached tunnel), if it does. On
+    /// success one use of the token is consumed and the key recorded as the name's owner; on
+    /// failure the state is left exactly as it was (so nothing needs to be written).
+    pub fn admit_node(
+        &mut self,
+        secret: &str,
+        name: &str,
+        key_sha256: &str,
+        in_use: Option<String>,
+        now: u64,
+    ) -> Result<TokenUse, JoinRefused> {
+        let i = self.usable_token(secret, now)?;
+        let token = &self.tokens[i];
+        if token.kind != TokenKind::Node {
+            return Err(JoinRefused::WrongKind {
+                expected: TokenKind::Node,
+                found: token.kind,
+            });
+        }
+        if let Some(pattern) = token.node.as_deref().filter(|p| !name_matches(p, name)) {
+            return Err(JoinRefused::WrongName {
+                name: name.to_owned(),
+                pattern: pattern.to_owned(),
+            });
+        }
+        if !token.replace {
+            match self.node_keys.iter().find(|k| k.name == name) {
+                // The same key again (an agent that lost its certificate, not its key).
+                Some(owner) if owner.public_key_sha256 == key_sha256 => {}
+                Some(owner) => {
+                    return Err(JoinRefused::node_taken(
+                        name,
+                        format!(
+                            "it joined on {} with another key (token {})",
+                            util::rfc3339_unix(owner.joined_unix),
+                            owner.token_id
+                        ),
+                    ));
+                }
+                None => {
+                    if let Some(why) = in_use {
+                        return Err(JoinRefused::node_taken(name, why));
+                    }
+                }
+            }
+        }
+        let used = self.consume(i);
+        self.node_keys.retain(|k| k.name != name);
+        self.node_keys.push(NodeKey {
+            name: name.to_owned(),
+            public_key_sha256: key_sha256.to_owned(),
+            joined_unix: now,
+            token_id: used.id.clone(),
+        });
+        Ok(used)
+    }
+
+    /// Admits a trusted-cluster join of leaf `name` whose CA certificate is `ca_pem` (as
+    /// [`tunnel::identity::certificates_to_pem`] writes it): checks the token's kind and that
+    /// the name is not owned by another CA. On success one use is consumed and the leaf
+    /// recorded; on failure the state is left exactly as it was.
+    pub fn admit_leaf(
+        &mut self,
+        secret: &str,
+        name: &str,
+        ca_pem: &str,
+        now: u64,
+    ) -> Result<TokenUse, JoinRefused> {
+        let i = self.usable_token(secret, now)?;
+        let token = &self.tokens[i];
+        if token.kind != TokenKind::TrustedCluster {
+            return Err(JoinRefused::WrongKind {
+                expected: TokenKind::TrustedCluster,
+                found: token.kind,
+            });
+        }
+        if !token.replace {
+            if let Some(owner) = self
+                .trusted_leaves
+                .iter()
+                .find(|l| l.name == name && l.ca_pem != ca_pem)
+            {
+                return Err(JoinRefused::NameTaken {
+                    kind: TokenKind::TrustedCluster,
+                    name: name.to_owned(),
+                    why: format!(
+                        "it joined on {} with another CA certificate (token {})",
+                        util::rfc3339_unix(owner.joined_unix),
+                        owner.token_id
+                    ),
+                });
+            }
+        }
+        let used = self.consume(i);
+        self.trusted_leaves.retain(|l| l.name != name);
+        self.trusted_leaves.push(TrustedLeaf {
+            name: name.to_owned(),
+            ca_pem: ca_pem.to_owned(),
+            joined_unix: now,
+            token_id: used.id.clone(),
+        });
+        Ok(used)
     }
 
     /// The user named `name`.
@@ -342,6 +592,24 @@ impl StateStore {
         Ok(out)
     }
 
+    /// Runs `change` on the current state under the exclusive lock and writes the result only
+    /// if `change` says it changed something; returns that. A refused join changes nothing,
+    /// so unauthenticated traffic never writes the file (and expired tokens are pruned only
+    /// by writes that happen anyway).
+    pub fn update_if_changed(
+        &self,
+        change: impl FnOnce(&mut State) -> bool,
+    ) -> Result<bool, ProxyError> {
+        let _guard = self.lock(true)?;
+        let mut state = self.read_unlocked()?;
+        state.prune(util::unix_now());
+        if !change(&mut state) {
+            return Ok(false);
+        }
+        self.write(&state)?;
+        Ok(true)
+    }
+
     /// Reads the state; the caller holds the lock.
     fn read_unlocked(&self) -> Result<State, ProxyError> {
         let path = self.dir.state();
@@ -448,7 +716,13 @@ mod tests {
             created_unix: 0,
             expires_unix: expires,
             uses_left: uses,
+            node: None,
+            replace: false,
         }
+    }
+
+    fn code(r: Result<TokenUse, JoinRefused>) -> &'static str {
+        r.map(|_| "ok").unwrap_or_else(|e| e.code())
     }
 
     #[test]
@@ -458,17 +732,106 @@ mod tests {
             ..State::default()
         };
         assert_eq!(
-            state.consume_token("bad", 10).unwrap_err(),
-            TokenError::Invalid
+            code(state.admit_node("bad", "n", "k", None, 10)),
+            "token_invalid"
         );
         assert_eq!(
-            state.consume_token("good", 100).unwrap_err().code(),
+            code(state.admit_node("good", "n", "k", None, 100)),
             "token_expired"
         );
-        assert_eq!(state.consume_token("good", 10).unwrap().uses_left, 0);
         assert_eq!(
-            state.consume_token("good", 10).unwrap_err(),
-            TokenError::UsedUp
+            state
+                .admit_node("good", "n", "k", None, 10)
+                .unwrap()
+                .uses_left,
+            0
         );
+        assert_eq!(
+            code(state.admit_node("good", "n", "k", None, 10)),
+            "token_used_up"
+        );
+    }
+
+    #[test]
+    fn refused_joins_change_nothing() {
+        let cluster = Token {
+            kind: TokenKind::TrustedCluster,
+            secret_sha256: util::sha256_hex(b"leaf"),
+            ..token("x", 100, 5)
+        };
+        let bound = Token {
+            secret_sha256: util::sha256_hex(b"bound"),
+            node: Some("edge-*".into()),
+            ..token("x", 100, 5)
+        };
+        let mut state = State {
+            tokens: vec![token("node", 100, 5), cluster, bound],
+            ..State::default()
+        };
+        state.admit_node("node", "n1", "k1", None, 10).unwrap();
+        state.admit_leaf("leaf", "leaf", "CA1", 10).unwrap();
+        let before = serde_json::to_string(&state).unwrap();
+        for (result, expected) in [
+            (
+                state.admit_node("leaf", "n2", "k", None, 10),
+                "token_wrong_kind",
+            ),
+            (
+                state.admit_leaf("node", "leaf2", "CA", 10),
+                "token_wrong_kind",
+            ),
+            (
+                state.admit_node("bound", "core-1", "k", None, 10),
+                "token_wrong_node",
+            ),
+            (state.admit_node("node", "n1", "k2", None, 10), "name_taken"),
+            (
+                state.admit_node("node", "n3", "k3", Some("static".into()), 10),
+                "name_taken",
+            ),
+            (state.admit_leaf("leaf", "leaf", "CA2", 10), "name_taken"),
+        ] {
+            assert_eq!(code(result), expected);
+            assert_eq!(
+                serde_json::to_string(&state).unwrap(),
+                before,
+                "{expected} changed the state"
+            );
+        }
+        // The same key may join its name again, even while the name is in use; a bound
+        // token joins a name its pattern matches; the same CA may join its leaf again.
+        state
+            .admit_node("node", "n1", "k1", Some("live".into()), 10)
+            .unwrap();
+        state.admit_node("bound", "edge-7", "k7", None, 10).unwrap();
+        state.admit_leaf("leaf", "leaf", "CA1", 10).unwrap();
+        // `--replace` takes a name over, and the new key owns it from then on.
+        state.tokens[0].replace = true;
+        state
+            .admit_node("node", "n1", "k9", Some("live".into()), 10)
+            .unwrap();
+        state.tokens[0].replace = false;
+        assert_eq!(
+            code(state.admit_node("node", "n1", "k1", None, 10)),
+            "name_taken"
+        );
+    }
+
+    #[test]
+    fn node_patterns() {
+        for (pattern, name, matches) in [
+            ("node-r1", "node-r1", true),
+            ("node-r1", "node-r10", false),
+            ("edge-*", "edge-", true),
+            ("edge-*", "edge-17", true),
+            ("edge-*", "core-edge-1", false),
+            ("*-lab", "a-lab", true),
+            ("*-lab", "a-lab-b", false),
+            ("a*b*c", "axxbyyc", true),
+            ("a*b*c", "axxbyy", false),
+            ("*", "anything", true),
+        ] {
+            assert_eq!(name_matches(pattern, name), matches, "{pattern} vs {name}");
+        }
     }
 }

@@ -6,6 +6,10 @@
 //! a core must not wait for it, and threads racing for the file lock are not served in order
 //! (a join could starve behind hundreds of others during a reconnect storm; the load test saw
 //! joins time out that way). An answer is given only once the change is on disk.
+//!
+//! A change that fails (a refused join) leaves the state as it was and is not written: when
+//! every change of a batch failed, the file is not touched at all, so unauthenticated traffic
+//! never makes the proxy write to disk.
 
 use std::future::poll_fn;
 use std::sync::mpsc::{Sender, channel};
@@ -20,8 +24,9 @@ use crate::state::{State, StateStore};
 const MAX_BATCH: usize = 512;
 
 struct Job {
-    /// Applies the change to the state read for this batch; keeps its result for `done`.
-    apply: Box<dyn FnOnce(&mut State) + Send>,
+    /// Applies the change to the state read for this batch; keeps its result for `done`;
+    /// returns whether it changed the state.
+    apply: Box<dyn FnOnce(&mut State) -> bool + Send>,
     /// The batch is on disk (`Ok`), or it could not be read or written (`Err`).
     done: Box<dyn FnOnce(Result<(), String>) + Send>,
 }
@@ -66,12 +71,14 @@ impl StateWriter {
                         done.push(job.done);
                     }
                     let written = store
-                        .update(|state| {
+                        .update_if_changed(|state| {
+                            let mut changed = false;
                             for apply in applies {
-                                apply(state);
+                                changed |= apply(state);
                             }
-                            Ok::<(), ProxyError>(())
+                            changed
                         })
+                        .map(|_| ())
                         .map_err(|e| e.to_string());
                     for d in done {
                         d(written.clone());
@@ -85,12 +92,14 @@ impl StateWriter {
         })
     }
 
-    /// Applies `change` to the state and saves it; returns what `change` returned once it is on
-    /// disk, or why the state could not be read or written.
-    pub async fn update<T: Send + 'static>(
+    /// Applies `change` to the state and, if it succeeds, saves it; returns what `change`
+    /// returned once it is on disk, or why the state could not be read or written. A `change`
+    /// that returns `Err` must leave the state as it found it: it is not saved for it (another
+    /// change of the same batch may still be).
+    pub async fn update<T: Send + 'static, E: Send + 'static>(
         &self,
-        change: impl FnOnce(&mut State) -> T + Send + 'static,
-    ) -> Result<T, String> {
+        change: impl FnOnce(&mut State) -> Result<T, E> + Send + 'static,
+    ) -> Result<Result<T, E>, String> {
         let slot = Arc::new(Mutex::new(Slot {
             output: None,
             result: None,
@@ -100,7 +109,9 @@ impl StateWriter {
         let job = Job {
             apply: Box::new(move |state| {
                 let out = change(state);
+                let changed = out.is_ok();
                 lock(&for_apply).output = Some(out);
+                changed
             }),
             done: Box::new(move |written| {
                 let mut slot = lock(&for_done);
@@ -175,9 +186,10 @@ mod tests {
                     writer
                         .update(move |state| {
                             state.hosts.push(format!("h{i}"));
-                            state.hosts.len()
+                            Ok::<_, ()>(state.hosts.len())
                         })
                         .await
+                        .map(|r| r.unwrap_or_default())
                 }));
             }
             let mut out = Vec::new();

@@ -85,6 +85,11 @@ pub struct ClusterJoinRequest {
     pub ca_pem: String,
     /// The leaf proxy's public key for the cluster certificate, SubjectPublicKeyInfo DER, hex.
     pub public_key: String,
+    /// Proof that the leaf holds the key of `ca_pem` (whose certificate anyone who reaches the
+    /// leaf can copy): a short-lived `cluster` certificate, PEM, that the leaf's CA issued for
+    /// `public_key`, named after the root cluster.
+    #[serde(default)]
+    pub ca_proof_pem: String,
 }
 
 impl std::fmt::Debug for ClusterJoinRequest {

@@ -109,7 +109,10 @@ mod peer;
 mod pin;
 mod tls_config;
 
-pub use ca::{CA_CERT_FILE, CA_KEY_FILE, CA_TTL, ClusterCa, DEFAULT_USER_TTL, Validity};
+pub use ca::{
+    CA_CERT_FILE, CA_KEY_FILE, CA_TTL, ClusterCa, DEFAULT_USER_TTL, Validity,
+    ca_certificate_cluster,
+};
 pub use error::{FileRole, IdentityError};
 pub use files::{
     certificates_to_pem, create_private_file, read_certificates, read_private_file,

@@ -39,7 +39,7 @@ use super::resume;
 use super::sessions::{hello_in, outcome_reason};
 use super::tunnels::peek_hello;
 use super::{Context, Stats};
-use crate::state::{TokenKind, TrustedLeaf};
+use crate::state::JoinRefused;
 use crate::util;
 
 /// Lifetime of a cluster certificate issued at a cluster join.
@@ -131,10 +131,29 @@ pub fn check_cluster_join(
             ),
         ));
     }
+    // The leaf's CA: exactly one CA certificate of the leaf cluster itself. The root trusts it
+    // for nothing, but it is what owns the leaf's name here (see `State::admit_leaf`).
     let leaf_ca = certs_from_pem(&request.ca_pem)
         .ok()
         .filter(|c| !c.is_empty())
         .ok_or_else(|| error("bad_request", "ca_pem holds no PEM certificate"))?;
+    if leaf_ca.len() != 1 {
+        return Err(error(
+            "bad_request",
+            format!(
+                "ca_pem holds {} certificates; send the leaf cluster's one CA certificate",
+                leaf_ca.len()
+            ),
+        ));
+    }
+    let ca_cluster = tunnel::identity::ca_certificate_cluster(&leaf_ca[0])
+        .map_err(|e| error("bad_request", format!("ca_pem: {e}")))?;
+    if ca_cluster != leaf {
+        return Err(error(
+            "bad_request",
+            format!("ca_pem is the CA of cluster {ca_cluster:?}, not of the joining leaf {leaf:?}"),
+        ));
+    }
     let der = tunnel::control::from_hex(&request.public_key).ok_or_else(|| {
         error(
             "bad_public_key",
@@ -143,7 +162,52 @@ pub fn check_cluster_join(
     })?;
     let key = tunnel::identity::PublicKey::from_spki_der(&der)
         .map_err(|e| error("bad_public_key", e.to_string()))?;
+    check_ca_proof(cluster, leaf, &leaf_ca, &der, &request.ca_proof_pem)?;
     Ok((leaf_ca, key))
+}
+
+/// Lifetime of the proof a leaf sends with its cluster join ([`check_ca_proof`]).
+const CA_PROOF_TTL: Duration = Duration::from_secs(600);
+
+/// Checks that the joining leaf holds its CA's key: `proof_pem` must be a `cluster`
+/// certificate for `root`, issued by `leaf_ca` (signature and validity checked now) on the
+/// join's public key (`spki`). A CA certificate alone proves nothing: it is public.
+fn check_ca_proof(
+    root: &str,
+    leaf: &str,
+    leaf_ca: &[CertificateDer<'static>],
+    spki: &[u8],
+    proof_pem: &str,
+) -> Result<(), tunnel::control::ErrorBody> {
+    let bad = |why: String| {
+        error(
+            "bad_ca_proof",
+            format!(
+                "ca_proof_pem: {why}; a leaf proxy proves it holds its CA's key with a \
+                 certificate its CA issues for the join's key (leaf proxies older than this \
+                 root do not: upgrade the leaf)"
+            ),
+        )
+    };
+    let proof = certs_from_pem(proof_pem)
+        .ok()
+        .filter(|c| c.len() == 1)
+        .ok_or_else(|| bad("expected one PEM certificate".into()))?;
+    let identity = tunnel::identity::verify_client_chain(leaf_ca, &proof, SystemTime::now())
+        .map_err(|e| bad(format!("not issued by the leaf's CA: {e}")))?;
+    if identity.kind != IdentityKind::Cluster || identity.cluster != leaf || identity.name != root {
+        return Err(bad(format!(
+            "it is a {} certificate for {:?} of cluster {:?}; expected a cluster certificate \
+             for {root:?} of cluster {leaf:?}",
+            identity.kind, identity.name, identity.cluster
+        )));
+    }
+    let same_key = tunnel::identity::CaPin::of_certificate(&proof[0])
+        .is_ok_and(|pin| pin == tunnel::identity::CaPin::of_spki(spki));
+    if !same_key {
+        return Err(bad("it is not for the join's public_key".into()));
+    }
+    Ok(())
 }
 
 fn cluster_join(
@@ -158,38 +222,21 @@ fn cluster_join(
         tracing::error!(error = %e, "cannot complete a cluster join");
         error("internal", format!("cannot complete the join: {e}"))
     };
+    let ca_pem = tunnel::identity::certificates_to_pem(&leaf_ca);
+    // Written only when the join is admitted: a refused one leaves the file alone.
     let token_id = store
         .update(|state| -> Result<String, StateOrBody> {
-            // The kind is checked before the use is consumed: a node token presented here is
-            // refused and still works for its node.
-            let mut probe = state.clone();
-            let used = probe
-                .consume_token(&request.token, util::unix_now())
+            let used = state
+                .admit_leaf(&request.token, leaf, &ca_pem, util::unix_now())
                 .map_err(|e| {
-                    error(
-                        e.code(),
-                        e.to_string()
+                    let text = match &e {
+                        JoinRefused::Token(_) => e
+                            .to_string()
                             .replace("--kind node", "--kind trusted-cluster"),
-                    )
+                        _ => e.to_string(),
+                    };
+                    error(e.code(), text)
                 })?;
-            if used.kind != TokenKind::TrustedCluster {
-                return Err(StateOrBody(error(
-                    "token_invalid",
-                    format!(
-                        "this is a {} token, not a trusted-cluster token; create one with \
-                         `remoteler-proxy tokens add --kind trusted-cluster`",
-                        used.kind.as_str()
-                    ),
-                )));
-            }
-            *state = probe;
-            state.trusted_leaves.retain(|l| l.name != leaf);
-            state.trusted_leaves.push(TrustedLeaf {
-                name: leaf.to_owned(),
-                ca_pem: tunnel::identity::certificates_to_pem(&leaf_ca),
-                joined_unix: util::unix_now(),
-                token_id: used.id.clone(),
-            });
             Ok(used.id)
         })
         .map_err(|e: StateOrBody| e.0)?;
@@ -616,11 +663,20 @@ async fn join_root(ctx: &Context, trusted: &TrustedCluster, dir: &Path) -> Resul
     tls.alpn_protocols = vec![ALPN_CLUSTER_JOIN.to_vec()];
     let conn = connect(ctx, &trusted.proxy, Arc::new(tls), ALPN_CLUSTER_JOIN).await?;
     let key = PrivateKey::generate().map_err(|e| e.to_string())?;
+    // The root takes our CA certificate as the owner of our name only with proof that we
+    // hold its key: our CA certifies the join's key, for the root's name.
+    let proof = Validity::for_ttl(SystemTime::now(), CA_PROOF_TTL)
+        .and_then(|v| {
+            ctx.ca
+                .issue_cluster(trusted.name.as_str(), &key.public_key(), v)
+        })
+        .map_err(|e| format!("cannot make the CA proof for the join: {e}"))?;
     let request = ClusterJoinRequest {
         token: token.expose().to_owned(),
         cluster: ctx.cluster.clone(),
         ca_pem: ctx.ca.certificate_pem(),
         public_key: tunnel::control::to_hex(&key.public_key().to_spki_der()),
+        ca_proof_pem: tunnel::identity::certificates_to_pem(&[proof]),
     };
     let (mut reader, mut writer) = conn.split();
     let mut buf = BytesMut::new();

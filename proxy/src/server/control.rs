@@ -19,7 +19,7 @@ use tunnel::tls::{TlsConnection, TlsReader, TlsWriter};
 use super::{Context, Stats};
 use crate::error::ProxyError;
 use crate::sshca::SshCertError;
-use crate::state::{TokenError, TokenKind};
+use crate::state::JoinRefused;
 use crate::util;
 
 /// Lifetime of a node certificate issued at join.
@@ -140,7 +140,7 @@ pub fn public_key(hex: &str) -> Result<PublicKey, ErrorBody> {
 
 #[derive(Debug)]
 enum JoinFailure {
-    Token(TokenError),
+    Token(JoinRefused),
     Refused(ErrorBody),
 }
 
@@ -213,12 +213,17 @@ pub fn check_join(request: &JoinRequest) -> Result<PublicKey, ErrorBody> {
 
 async fn join(ctx: &Context, request: &JoinRequest) -> Result<(JoinResponse, String), JoinFailure> {
     let key = check_join(request).map_err(JoinFailure::Refused)?;
+    let key_sha256 = util::sha256_hex(&key.to_spki_der());
+    // Whether the running proxy holds the name (static, connected, detached): decided here,
+    // the key the name was joined with is decided in the state file below.
+    let in_use = ctx.directory.name_in_use(&request.node);
     // The token's use is saved by the state writer (a locked read-modify-write with fsyncs, in
-    // order and in batches); the answer waits until it is on disk.
-    let token = request.token.clone();
+    // order and in batches); the answer waits until it is on disk. A refused join changes
+    // nothing and writes nothing.
+    let (token, node) = (request.token.clone(), request.node.clone());
     let used = ctx
         .state_writer
-        .update(move |state| state.consume_token(&token, util::unix_now()))
+        .update(move |state| state.admit_node(&token, &node, &key_sha256, in_use, util::unix_now()))
         .await
         .map_err(|e| {
             tracing::error!(error = %e, "cannot update the state file during a join");
@@ -228,12 +233,6 @@ async fn join(ctx: &Context, request: &JoinRequest) -> Result<(JoinResponse, Str
             ))
         })?
         .map_err(JoinFailure::Token)?;
-    if used.kind != TokenKind::Node {
-        return Err(JoinFailure::Refused(error(
-            "token_invalid",
-            format!("this is a {} token, not a node token", used.kind.as_str()),
-        )));
-    }
     let internal = |e: tunnel::identity::IdentityError| {
         tracing::error!(error = %e, "cannot issue a node certificate");
         JoinFailure::Refused(error(

@@ -559,3 +559,76 @@ pub fn random_bytes(n: usize) -> Bytes {
     getrandom::fill(&mut v).unwrap();
     Bytes::from(v)
 }
+
+/// `join` from `source` with a key of the caller's (an agent that kept its key, or an
+/// impostor choosing one).
+pub async fn join_with_key(
+    proxy: &Proxy,
+    source: std::net::IpAddr,
+    token: &str,
+    node: &str,
+    key: PrivateKey,
+) -> Result<Credential, ControlError> {
+    let request = JoinRequest {
+        token: token.into(),
+        node: node.into(),
+        public_key: control::to_hex(&key.public_key().to_spki_der()),
+    };
+    let response: JoinResponse = exchange_from(proxy, source, ALPN_JOIN, &request).await?;
+    assert_eq!(response.cluster, "test.example");
+    Ok(Credential {
+        chain: parse_chain(&response.certificate_pem),
+        key,
+    })
+}
+
+/// One request line on `alpn` at the tunnels listener from `source`, and its answer.
+pub async fn exchange_from<Q: serde::Serialize, A: serde::de::DeserializeOwned>(
+    proxy: &Proxy,
+    source: std::net::IpAddr,
+    alpn: &[u8],
+    request: &Q,
+) -> Result<A, ControlError> {
+    let tcp = tcp_from(source, proxy.tunnels);
+    tcp.set_nonblocking(true).unwrap();
+    let tcp = TcpStream::from_std(tcp).unwrap();
+    let mut config = pinned(proxy.pin);
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let conn = tls::connect(tcp, Arc::new(config), server_name(), DEADLINE).await?;
+    let (mut reader, mut writer) = conn.split();
+    control::write_line(&mut writer, request).await?;
+    let mut buf = BytesMut::new();
+    control::read_reply(&mut reader, &mut buf).await
+}
+
+/// `tokens add` with `args`; returns the secret and the id.
+pub fn token_with_id(proxy: &Proxy, args: &[&str]) -> (String, String) {
+    let mut all = vec!["tokens", "add"];
+    all.extend_from_slice(args);
+    let out = cli(&proxy.data, &all);
+    assert!(out.status.success(), "tokens add: {}", stderr(&out));
+    let text = stdout(&out);
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).map(str::to_owned))
+            .unwrap_or_else(|| panic!("no {name:?} in {text}"))
+    };
+    (field("token: "), field("id: "))
+}
+
+/// The state file as JSON.
+pub fn state_json(proxy: &Proxy) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(proxy.data.join("state.json")).unwrap()).unwrap()
+}
+
+/// Uses left of token `id`, from the state file.
+pub fn uses_left(proxy: &Proxy, id: &str) -> u64 {
+    state_json(proxy)["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == id)
+        .unwrap_or_else(|| panic!("no token {id} in the state file"))["uses_left"]
+        .as_u64()
+        .unwrap()
+}

@@ -437,6 +437,23 @@ fn host_san(host: &str) -> Result<SanType, IdentityError> {
 
 /// The cluster name of a CA certificate we made: subject exactly `CN=<cluster> CA, O=<cluster>`
 /// as UTF8Strings, which is also what `ca_subject` rebuilds for the issuer.
+/// Checks that `der` is one CA certificate as `remoteler-proxy init` makes them
+/// (basicConstraints CA:TRUE, subject `CN=<cluster> CA, O=<cluster>`) and returns its cluster name. A root uses it on the CA a leaf presents at its join.
+pub fn ca_certificate_cluster(der: &[u8]) -> Result<String, IdentityError> {
+    let bad = |detail: String| IdentityError::BadCertificate { detail };
+    let (rest, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+        .map_err(|e| bad(format!("cannot parse it ({e})")))?;
+    if !rest.is_empty() {
+        return Err(bad("trailing bytes after the certificate".into()));
+    }
+    if !cert.is_ca() {
+        return Err(bad(
+            "it is not a CA certificate (basicConstraints CA:FALSE)".into(),
+        ));
+    }
+    ca_cluster_name(&cert).map_err(bad)
+}
+
 fn ca_cluster_name(cert: &x509_parser::certificate::X509Certificate<'_>) -> Result<String, String> {
     let not_ours = || {
         format!(
