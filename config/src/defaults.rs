@@ -91,6 +91,17 @@ pub const MAX_MAX_ANNOUNCE_BYTES: u32 = 64 << 20;
 pub const DEFAULT_MAX_TUNNELS: u32 = 100_000;
 /// Upper bound for `limits.max_tunnels`.
 pub const MAX_MAX_TUNNELS: u32 = 1_000_000;
+/// Failed password logins in a row that lock an account out (`limits.login_lockout_failures`).
+pub const DEFAULT_LOGIN_LOCKOUT_FAILURES: u32 = 10;
+/// Upper bound for `limits.login_lockout_failures`.
+pub const MAX_LOGIN_LOCKOUT_FAILURES: u32 = 1_000;
+/// How long an account stays locked out (`limits.login_lockout`); `users unlock` lifts it
+/// sooner.
+pub const DEFAULT_LOGIN_LOCKOUT: Duration = Duration::from_secs(15 * 60);
+/// Shortest `limits.login_lockout`.
+pub const MIN_LOGIN_LOCKOUT: Duration = Duration::from_secs(1);
+/// Longest `limits.login_lockout`.
+pub const MAX_LOGIN_LOCKOUT: Duration = Duration::from_secs(24 * 3600);
 
 // ---- proxy: resumption and draining ---------------------------------------------------------
 
