@@ -17,8 +17,8 @@ use crate::directory::NodeRecord;
 use crate::error::ProxyError;
 use crate::roles::Policy;
 use crate::sshca::SshUserCa;
-use crate::state::{StateStore, Token, TokenKind, User};
 use crate::state::UserRevocation;
+use crate::state::{StateStore, Token, TokenKind, User};
 use crate::util;
 
 /// Lifetime of the proxy's own server certificate.

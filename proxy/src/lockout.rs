@@ -141,9 +141,20 @@ mod tests {
         assert!(lockout.check("alice", t0).is_none());
         let locked = lockout.failed("alice", t0).unwrap();
         assert_eq!(locked.failures, 3);
-        assert!(lockout.check("alice", t0 + Duration::from_secs(59)).is_some());
-        assert!(lockout.check("bob", t0).is_none(), "other accounts untouched");
-        assert!(lockout.check("alice", t0 + Duration::from_secs(61)).is_none());
+        assert!(
+            lockout
+                .check("alice", t0 + Duration::from_secs(59))
+                .is_some()
+        );
+        assert!(
+            lockout.check("bob", t0).is_none(),
+            "other accounts untouched"
+        );
+        assert!(
+            lockout
+                .check("alice", t0 + Duration::from_secs(61))
+                .is_none()
+        );
         assert_eq!(lockout.failed("alice", t0 + Duration::from_secs(62)), None);
 
         for _ in 0..3 {
@@ -163,10 +174,22 @@ mod tests {
         assert_eq!(lockout.failed("alice", t0 + Duration::from_secs(120)), None);
         lockout.succeeded("alice");
         assert_eq!(lockout.failed("alice", t0 + Duration::from_secs(121)), None);
-        assert!(lockout.failed("alice", t0 + Duration::from_secs(122)).is_some());
+        assert!(
+            lockout
+                .failed("alice", t0 + Duration::from_secs(122))
+                .is_some()
+        );
         lockout.unlock_if_before("alice", crate::util::unix_now() - 3600);
-        assert!(lockout.check("alice", t0 + Duration::from_secs(122)).is_some());
+        assert!(
+            lockout
+                .check("alice", t0 + Duration::from_secs(122))
+                .is_some()
+        );
         lockout.unlock_if_before("alice", crate::util::unix_now());
-        assert!(lockout.check("alice", t0 + Duration::from_secs(122)).is_none());
+        assert!(
+            lockout
+                .check("alice", t0 + Duration::from_secs(122))
+                .is_none()
+        );
     }
 }

@@ -6,8 +6,8 @@
 //! A removal names the node or user and the time: every certificate of that name issued at or
 //! before it is refused. A certificate issued later (the node joined again with a new token,
 //! the user was added again or unlocked and logged in again) is accepted, so removing and
-//! re-adding needs no other cleanup. A locked user's certificates are refused whenever they
-//! were issued, until `users unlock`.
+//! re-adding needs no other cleanup. A locked user cannot log in until `users unlock`, so no
+//! certificate is issued after the lock meanwhile.
 
 use std::collections::HashMap;
 use std::sync::{PoisonError, RwLock};
@@ -35,7 +35,7 @@ struct UserBan {
     revoked_unix: u64,
     /// Why: the user was removed or locked.
     why: UserRevocation,
-    /// Locked now: every certificate is refused.
+    /// Locked now (for the message: the user must be unlocked first).
     locked: bool,
     /// The last `users unlock`, Unix seconds.
     unlocked_unix: Option<u64>,
@@ -144,13 +144,18 @@ impl Revocations {
         changes
     }
 
-    /// Why the certificate of local user `user` is refused, if it is: the user is locked, or
-    /// the certificate was issued at or before the user's removal or lock.
+    /// Why the certificate of local user `user` is refused, if it is: it was issued at or
+    /// before the user's removal or lock.
     pub fn check_user(&self, user: &PeerIdentity) -> Result<(), String> {
         let users = self.users.read().unwrap_or_else(PoisonError::into_inner);
         let Some(ban) = users.get(&user.name) else {
             return Ok(());
         };
+        // A locked user cannot log in, so a certificate issued after the lock comes from a
+        // login after `users unlock` (which the watcher may not have applied yet).
+        if issued_unix(user) > ban.revoked_unix {
+            return Ok(());
+        }
         let at = crate::util::rfc3339_unix(ban.revoked_unix);
         if ban.locked {
             return Err(format!(
@@ -158,9 +163,6 @@ impl Revocations {
                  unlock it (`remoteler-proxy users unlock {}`), then run `remoteler login` again",
                 user.name, user.name
             ));
-        }
-        if issued_unix(user) > ban.revoked_unix {
-            return Ok(());
         }
         Err(match ban.why {
             UserRevocation::Removed => format!(

@@ -134,13 +134,8 @@ async fn refusal(proxy: &Proxy, config: rustls::ClientConfig, node: &str) -> Opt
     };
     let opened = monoio::time::timeout(DEADLINE, conn.tunnel.open(open_request(node))).await;
     match opened {
-        Ok(Ok(stream)) => {
-            // Opened: the session is live only if bytes come back.
-            match echo(&stream, b"still here?").await {
-                Ok(()) => None,
-                Err(e) => Some(e),
-            }
-        }
+        // Opened: the session is live only if bytes come back.
+        Ok(Ok(stream)) => echo(&stream, b"still here?").await.err(),
         Ok(Err(e)) => {
             let detail = ended_reason(conn).await;
             Some(format!("{e}; {detail}"))
@@ -171,7 +166,9 @@ fn an_expired_certificate_is_refused_even_when_the_tls_session_resumes() {
     block_on(async {
         let node = join(&proxy, &token, "node-x").await.unwrap();
         let _agent = agent(&proxy, &node, "node-x").await;
-        let (cred, response) = login_ttl(&proxy, "alice", "correct horse", 2).await.unwrap();
+        let (cred, response) = login_ttl(&proxy, "alice", "correct horse", 2)
+            .await
+            .unwrap();
         let not_after = certificate_of(&cred).not_after;
         assert!(response.expires_unix <= 3 + now_unix(), "asked for 2 s");
         // A crafted client that keeps TLS sessions to resume them.
@@ -227,7 +224,13 @@ fn removed_and_locked_users_lose_access_at_once_and_for_good() {
     let token = proxy.token(&["--ttl", "15m", "--uses", "2"]);
     // One node on each core: a user's connection moves to its node's core.
     let names: Vec<String> = (0..64).map(|i| format!("node-{i}")).collect();
-    let on = |core| names.iter().find(|n| owner_core(n, 2) == core).unwrap().clone();
+    let on = |core| {
+        names
+            .iter()
+            .find(|n| owner_core(n, 2) == core)
+            .unwrap()
+            .clone()
+    };
     let nodes = [on(0), on(1)];
     block_on(async {
         let mut agents = Vec::new();
@@ -285,10 +288,15 @@ fn removed_and_locked_users_lose_access_at_once_and_for_good() {
         let out = cli(&proxy.data, &["users", "unlock", "alice"]);
         assert!(out.status.success(), "{}", stderr(&out));
         let again = login(&proxy, "alice", "correct horse").await.unwrap();
-        assert_eq!(refusal(&proxy, again.config(&proxy.ca), &nodes[0]).await, None);
+        assert_eq!(
+            refusal(&proxy, again.config(&proxy.ca), &nodes[0]).await,
+            None
+        );
         let why = refusal(&proxy, alice.config(&proxy.ca), &nodes[0]).await;
         assert!(
-            why.as_deref().unwrap_or("").contains("issued before"),
+            why.as_deref()
+                .unwrap_or("")
+                .contains("user alice was locked at"),
             "{why:?}"
         );
 
@@ -297,7 +305,11 @@ fn removed_and_locked_users_lose_access_at_once_and_for_good() {
         assert!(out.status.success(), "{}", stderr(&out));
         let why = ended_reason(bob_conn).await;
         assert!(why.contains("user bob was removed at"), "{why}");
-        assert!(refusal(&proxy, bob.config(&proxy.ca), &nodes[1]).await.is_some());
+        assert!(
+            refusal(&proxy, bob.config(&proxy.ca), &nodes[1])
+                .await
+                .is_some()
+        );
         drop(agents);
     });
     let audit = proxy.audit_when(|r| {
@@ -343,7 +355,9 @@ fn a_removed_users_certificate_stays_refused_after_a_restart() {
         let _agent = agent(&proxy, &node, "node-r").await;
         let why = refusal(&proxy, bob.config(&proxy.ca), "node-r").await;
         assert!(
-            why.as_deref().unwrap_or("").contains("user bob was removed"),
+            why.as_deref()
+                .unwrap_or("")
+                .contains("user bob was removed"),
             "{why:?}"
         );
     });
@@ -364,8 +378,7 @@ fn an_account_is_locked_out_after_failed_logins() {
             let (code, _) = login_refusal(login_ttl(&proxy, "alice", guess, 60).await);
             assert_eq!(code, "bad_password");
         }
-        let (code, message) =
-            login_refusal(login_ttl(&proxy, "alice", "correct horse", 60).await);
+        let (code, message) = login_refusal(login_ttl(&proxy, "alice", "correct horse", 60).await);
         assert_eq!(code, "locked_out", "{message}");
         assert!(
             message.contains("users unlock alice") && message.contains("not checked"),
@@ -446,4 +459,62 @@ fn another_users_colliding_session_id_does_not_evict_a_detached_session() {
         .collect();
     assert_eq!(resumed.len(), 1);
     assert_eq!(resumed[0]["user"], "alice");
+}
+
+/// Issue 13, item 1, for nodes: an agent's tunnel ends when its node certificate expires,
+/// and the expired certificate is refused from then on. The certificate is issued here with
+/// the cluster's CA (joins give 90 days).
+#[test]
+fn a_node_tunnel_ends_when_its_certificate_expires() {
+    let proxy = Proxy::start(Some("workers = 2\n"));
+    let ca = tunnel::identity::ClusterCa::load(&proxy.data).unwrap();
+    let key = PrivateKey::generate().unwrap();
+    let now = SystemTime::now();
+    let not_after = now + Duration::from_secs(2);
+    let validity =
+        tunnel::identity::Validity::between(now - Duration::from_secs(60), not_after).unwrap();
+    let leaf = ca
+        .issue_node("node-brief", &key.public_key(), validity)
+        .unwrap();
+    let cred = Credential {
+        chain: ca.chain(leaf),
+        key,
+    };
+    block_on(async {
+        let conn = connect(
+            proxy.tunnels,
+            cred.config(&proxy.ca),
+            tunnel::control::ALPN_TUNNEL,
+        )
+        .await
+        .unwrap();
+        let mut session = SessionConfig::new(Role::Agent, true);
+        session.resume_grace = Duration::ZERO;
+        let tunnel = Tunnel::new(Session::new(session, rand_id(), Instant::now()));
+        let driven = tunnel.clone();
+        let driver = monoio::spawn(async move { drive(&driven, conn, BytesMut::new()).await });
+        assert!(tunnel.connected().await);
+        tunnel
+            .announce(&frame::Announce {
+                cluster: String::new(),
+                nodes: vec![frame::NodeInfo {
+                    name: "node-brief".into(),
+                    online: true,
+                    tunnel: true,
+                    labels: Vec::new(),
+                    services: vec!["ssh".into()],
+                }],
+            })
+            .unwrap();
+        let why = match monoio::time::timeout(Duration::from_secs(30), driver).await {
+            Ok(DriveOutcome::Ended(e)) => e.to_string(),
+            Ok(other) => format!("{other:?}"),
+            Err(_) => panic!("the tunnel outlived its certificate"),
+        };
+        assert!(
+            why.contains("certificate of node node-brief expired at"),
+            "{why}"
+        );
+        assert!(SystemTime::now() > not_after);
+    });
 }

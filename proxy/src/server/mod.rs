@@ -462,6 +462,9 @@ pub struct Context {
     cluster_tunnels: RefCell<HashMap<[u8; 16], (String, Tunnel)>>,
     /// Which core serves which user connection (shared by the cores).
     session_homes: Arc<resume::SessionHomes>,
+    /// This core's agent tunnels by the end of their node certificate's validity (Unix
+    /// seconds) and directory id, with the node's name: see `tunnels::close_expired_tunnels`.
+    node_expiries: RefCell<std::collections::BTreeMap<(u64, u64), Box<str>>>,
     /// Users' session connections, for GOAWAY on drain and for a client resuming before
     /// this side saw its old connection fail.
     user_tunnels: RefCell<HashMap<u64, UserConnection>>,
@@ -570,9 +573,10 @@ impl Context {
     pub(crate) fn certificate_refusal(&self, identity: &PeerIdentity) -> Option<String> {
         if let Err(e) = identity.check_valid_at(std::time::SystemTime::now()) {
             return Some(match (&e, identity.kind) {
-                (tunnel::identity::IdentityError::Expired { not_after, .. }, IdentityKind::User) => {
-                    expired_reason(*not_after)
-                }
+                (
+                    tunnel::identity::IdentityError::Expired { not_after, .. },
+                    IdentityKind::User,
+                ) => expired_reason(*not_after),
                 (tunnel::identity::IdentityError::Expired { not_after, .. }, _) => format!(
                     "the certificate of {} {} expired at {}; it must join again with a new token",
                     identity.kind.as_str(),
@@ -991,6 +995,7 @@ async fn serve_core(
         detached_users: RefCell::new(HashMap::new()),
         detached_clusters: RefCell::new(HashMap::new()),
         cluster_tunnels: RefCell::new(HashMap::new()),
+        node_expiries: RefCell::default(),
         session_homes: shared.session_homes,
         user_tunnels: RefCell::new(HashMap::new()),
         user_tunnel_ids: Cell::new(0),
@@ -1024,6 +1029,7 @@ async fn serve_core(
             ListenerKind::Auth,
         )),
         monoio::spawn(inbox_loop(ctx.clone(), inbox)),
+        monoio::spawn(tunnels::close_expired_tunnels(ctx.clone())),
     ];
     for trusted in &ctx.config.trusted_clusters {
         if !trusted.enabled {
@@ -1078,7 +1084,12 @@ fn close_user(ctx: &Context, user: &str) {
         .filter(|c| c.identity.name == user && c.identity.cluster == ctx.cluster)
         .filter_map(|c| {
             let why = ctx.certificate_refusal(&c.identity)?;
-            Some((c.tunnel.clone(), c.tunnel.peer_id(), c.identity.clone(), why))
+            Some((
+                c.tunnel.clone(),
+                c.tunnel.peer_id(),
+                c.identity.clone(),
+                why,
+            ))
         })
         .collect();
     for (tunnel, peer_id, identity, why) in refused {

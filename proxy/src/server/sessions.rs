@@ -340,7 +340,14 @@ pub(super) async fn handle_open(
     // The certificate is checked at every OPEN, not only at the handshake: it may have
     // expired, or the user been removed or locked, since.
     if let Some(why) = ctx.certificate_refusal(&user) {
-        reject(&ctx, incoming, &user, &client_addr, ErrorCode::ACCESS_DENIED, &why);
+        reject(
+            &ctx,
+            incoming,
+            &user,
+            &client_addr,
+            ErrorCode::ACCESS_DENIED,
+            &why,
+        );
         return;
     }
     let target = match connect_target(&ctx, &request, &user, &client_addr, credential).await {
