@@ -846,8 +846,12 @@ fn users_ls(data: &DataDir) -> Result<(), ProxyError> {
     let state = StateStore::new(data.clone()).read()?;
     println!("{:<20} {:<24} {:<24} CREATED", "NAME", "ROLES", "LOGINS");
     for u in &state.users {
+        let locked = u
+            .locked_unix
+            .map(|at| format!("  locked since {}", util::rfc3339_unix(at)))
+            .unwrap_or_default();
         println!(
-            "{:<20} {:<24} {:<24} {}",
+            "{:<20} {:<24} {:<24} {}{locked}",
             u.name,
             u.roles.join(","),
             u.logins.join(","),

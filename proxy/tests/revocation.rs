@@ -283,6 +283,8 @@ fn removed_and_locked_users_lose_access_at_once_and_for_good() {
         assert!(why.as_deref().unwrap_or("").contains("locked"), "{why:?}");
         let (code, _) = login_refusal(login_ttl(&proxy, "alice", "correct horse", 60).await);
         assert_eq!(code, "user_locked");
+        let listed = stdout(&cli(&proxy.data, &["users", "ls"]));
+        assert!(listed.contains("locked since"), "{listed}");
 
         // Unlocked: the old certificate stays refused, a new login works.
         let out = cli(&proxy.data, &["users", "unlock", "alice"]);
