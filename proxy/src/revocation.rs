@@ -178,12 +178,6 @@ impl Revocations {
         })
     }
 
-    /// When `user` was last unlocked (`users unlock`), Unix seconds.
-    pub fn unlocked_at(&self, user: &str) -> Option<u64> {
-        let users = self.users.read().unwrap_or_else(PoisonError::into_inner);
-        users.get(user).and_then(|b| b.unlocked_unix)
-    }
-
     /// When `node` was last removed, Unix seconds.
     pub fn removed_at(&self, node: &str) -> Option<u64> {
         let removed = self.removed.read().unwrap_or_else(PoisonError::into_inner);
@@ -226,7 +220,7 @@ pub fn modified(path: &std::path::Path) -> Option<SystemTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::RevokedNode;
+    use crate::state::{RevokedNode, RevokedUser, UserRevocation};
     use tunnel::identity::IdentityKind;
 
     fn node(name: &str, issued_unix: u64) -> PeerIdentity {
@@ -268,5 +262,85 @@ mod tests {
             "joined again later"
         );
         assert!(revocations.check(&node("node-b", 1)).is_ok());
+    }
+
+    fn user(name: &str, issued_unix: u64) -> PeerIdentity {
+        PeerIdentity {
+            kind: IdentityKind::User,
+            ..node(name, issued_unix)
+        }
+    }
+
+    fn state_with(users: &[(&str, Option<u64>, Option<u64>)], revoked: &[RevokedUser]) -> State {
+        State {
+            users: users
+                .iter()
+                .map(|&(name, locked_unix, unlocked_unix)| crate::state::User {
+                    name: name.into(),
+                    roles: Vec::new(),
+                    logins: Vec::new(),
+                    password_hash: String::new(),
+                    created_unix: 0,
+                    locked_unix,
+                    unlocked_unix,
+                })
+                .collect(),
+            revoked_users: revoked.to_vec(),
+            ..State::default()
+        }
+    }
+
+    #[test]
+    fn users_removed_or_locked_refuse_older_certificates_and_report_changes() {
+        let revocations = Revocations::default();
+        let locked = RevokedUser {
+            name: "alice".into(),
+            revoked_unix: 1_000,
+            reason: UserRevocation::Locked,
+        };
+        let removed = RevokedUser {
+            name: "bob".into(),
+            revoked_unix: 2_000,
+            reason: UserRevocation::Removed,
+        };
+        let state = state_with(&[("alice", Some(1_000), None)], &[locked.clone(), removed]);
+        let mut changes = revocations.load_users(&state);
+        changes.sort_by(|a, b| a.user().cmp(b.user()));
+        assert_eq!(
+            changes,
+            vec![
+                UserChange::Locked {
+                    user: "alice".into(),
+                    at: 1_000
+                },
+                UserChange::Removed {
+                    user: "bob".into(),
+                    at: 2_000
+                },
+            ]
+        );
+        assert!(revocations.load_users(&state).is_empty(), "nothing new");
+        let why = revocations.check_user(&user("alice", 999)).unwrap_err();
+        assert!(why.contains("users unlock alice"), "{why}");
+        let why = revocations.check_user(&user("bob", 2_000)).unwrap_err();
+        assert!(why.contains("user bob was removed"), "{why}");
+        assert!(
+            revocations.check_user(&user("bob", 2_001)).is_ok(),
+            "added again"
+        );
+        assert!(revocations.check_user(&user("carol", 1)).is_ok());
+
+        // Unlocked: reported once; older certificates stay refused, newer ones pass.
+        let state = state_with(&[("alice", None, Some(1_500))], &[locked]);
+        assert_eq!(
+            revocations.load_users(&state),
+            vec![UserChange::Unlocked {
+                user: "alice".into(),
+                at: 1_500
+            }]
+        );
+        let why = revocations.check_user(&user("alice", 1_000)).unwrap_err();
+        assert!(why.contains("run `remoteler login` again"), "{why}");
+        assert!(revocations.check_user(&user("alice", 1_501)).is_ok());
     }
 }
