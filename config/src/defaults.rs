@@ -152,7 +152,8 @@ pub const USER_LOGINS_TEMPLATE: &str = "{{user.logins}}";
 pub const DEFAULT_ROLE_MAX_CERT_TTL: Duration = Duration::from_secs(12 * 3600);
 /// Shortest `max_cert_ttl`.
 pub const MIN_ROLE_MAX_CERT_TTL: Duration = Duration::from_secs(60);
-/// Longest `max_cert_ttl`: a user certificate cannot be revoked, only outlived.
+/// Longest `max_cert_ttl`: a stolen certificate is useful until it expires or the user is
+/// locked (`users lock`), whichever comes first.
 pub const MAX_ROLE_MAX_CERT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Most `[[roles]]` entries, and most patterns or logins in one role.
 pub const MAX_ROLES: usize = 256;
