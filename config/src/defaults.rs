@@ -91,6 +91,17 @@ pub const MAX_MAX_ANNOUNCE_BYTES: u32 = 64 << 20;
 pub const DEFAULT_MAX_TUNNELS: u32 = 100_000;
 /// Upper bound for `limits.max_tunnels`.
 pub const MAX_MAX_TUNNELS: u32 = 1_000_000;
+/// Failed password logins in a row that lock an account out (`limits.login_lockout_failures`).
+pub const DEFAULT_LOGIN_LOCKOUT_FAILURES: u32 = 10;
+/// Upper bound for `limits.login_lockout_failures`.
+pub const MAX_LOGIN_LOCKOUT_FAILURES: u32 = 1_000;
+/// How long an account stays locked out (`limits.login_lockout`); `users unlock` lifts it
+/// sooner.
+pub const DEFAULT_LOGIN_LOCKOUT: Duration = Duration::from_secs(15 * 60);
+/// Shortest `limits.login_lockout`.
+pub const MIN_LOGIN_LOCKOUT: Duration = Duration::from_secs(1);
+/// Longest `limits.login_lockout`.
+pub const MAX_LOGIN_LOCKOUT: Duration = Duration::from_secs(24 * 3600);
 
 // ---- proxy: resumption and draining ---------------------------------------------------------
 
@@ -141,7 +152,8 @@ pub const USER_LOGINS_TEMPLATE: &str = "{{user.logins}}";
 pub const DEFAULT_ROLE_MAX_CERT_TTL: Duration = Duration::from_secs(12 * 3600);
 /// Shortest `max_cert_ttl`.
 pub const MIN_ROLE_MAX_CERT_TTL: Duration = Duration::from_secs(60);
-/// Longest `max_cert_ttl`: a user certificate cannot be revoked, only outlived.
+/// Longest `max_cert_ttl`: a stolen certificate is useful until it expires or the user is
+/// locked (`users lock`), whichever comes first.
 pub const MAX_ROLE_MAX_CERT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Most `[[roles]]` entries, and most patterns or logins in one role.
 pub const MAX_ROLES: usize = 256;

@@ -207,6 +207,14 @@ pub struct LimitsConfig {
     /// Tunnels held at once, 1 to [`MAX_MAX_TUNNELS`]; default [`DEFAULT_MAX_TUNNELS`]. The
     /// process's open-file limit may bind first.
     pub max_tunnels: u32,
+    /// Failed password logins in a row that lock the account out, 1 to
+    /// [`MAX_LOGIN_LOCKOUT_FAILURES`]; default [`DEFAULT_LOGIN_LOCKOUT_FAILURES`]. Guessing one
+    /// account's password from many addresses stops there.
+    pub login_lockout_failures: u32,
+    /// How long a locked-out account's logins are refused (without checking the password),
+    /// [`MIN_LOGIN_LOCKOUT`] to [`MAX_LOGIN_LOCKOUT`]; default [`DEFAULT_LOGIN_LOCKOUT`].
+    /// `remoteler-proxy users unlock` lifts it sooner.
+    pub login_lockout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -219,6 +227,8 @@ impl Default for LimitsConfig {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_announce_bytes: DEFAULT_MAX_ANNOUNCE_BYTES,
             max_tunnels: DEFAULT_MAX_TUNNELS,
+            login_lockout_failures: DEFAULT_LOGIN_LOCKOUT_FAILURES,
+            login_lockout: DEFAULT_LOGIN_LOCKOUT,
         }
     }
 }
@@ -397,6 +407,8 @@ struct RawLimits {
     handshake_timeout: Option<RawDuration>,
     max_announce_bytes: Option<RawSize>,
     max_tunnels: Option<i64>,
+    login_lockout_failures: Option<i64>,
+    login_lockout: Option<RawDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -613,6 +625,20 @@ impl TryFrom<RawLimits> for LimitsConfig {
             .for_key("max_announce_bytes")?,
             max_tunnels: integer_in(raw.max_tunnels, DEFAULT_MAX_TUNNELS, 1, MAX_MAX_TUNNELS)
                 .for_key("max_tunnels")?,
+            login_lockout_failures: integer_in(
+                raw.login_lockout_failures,
+                DEFAULT_LOGIN_LOCKOUT_FAILURES,
+                1,
+                MAX_LOGIN_LOCKOUT_FAILURES,
+            )
+            .for_key("login_lockout_failures")?,
+            login_lockout: duration_in(
+                raw.login_lockout,
+                DEFAULT_LOGIN_LOCKOUT,
+                MIN_LOGIN_LOCKOUT,
+                MAX_LOGIN_LOCKOUT,
+            )
+            .for_key("login_lockout")?,
         })
     }
 }

@@ -853,3 +853,33 @@ fn bad_trusted_clusters_name_the_key() {
         assert!(err.to_string().contains(expected), "{text}\n{err}");
     }
 }
+
+#[test]
+fn login_lockout_keys() {
+    let config = parse("cluster_name = \"example.com\"\n").unwrap();
+    assert_eq!(config.limits.login_lockout_failures, 10);
+    assert_eq!(config.limits.login_lockout, Duration::from_secs(15 * 60));
+    let config =
+        parse("cluster_name = \"example.com\"\n[limits]\nlogin_lockout_failures = 3\nlogin_lockout = \"90s\"\n")
+            .unwrap();
+    assert_eq!(config.limits.login_lockout_failures, 3);
+    assert_eq!(config.limits.login_lockout, Duration::from_secs(90));
+    for (text, key, expected) in [
+        (
+            "cluster_name = \"example.com\"\n[limits]\nlogin_lockout_failures = 0",
+            "limits.login_lockout_failures",
+            "an integer from 1 to 1000",
+        ),
+        (
+            "cluster_name = \"example.com\"\n[limits]\nlogin_lockout = \"0s\"",
+            "limits.login_lockout",
+            "a duration from 1s to 1d",
+        ),
+    ] {
+        let message = error(text).to_string();
+        assert!(
+            message.contains(key) && message.contains(expected),
+            "{message}"
+        );
+    }
+}

@@ -17,6 +17,7 @@ use crate::directory::NodeRecord;
 use crate::error::ProxyError;
 use crate::roles::Policy;
 use crate::sshca::SshUserCa;
+use crate::state::UserRevocation;
 use crate::state::{StateStore, Token, TokenKind, User};
 use crate::util;
 
@@ -226,6 +227,8 @@ enum UsersCommand {
     Add(UsersAdd),
     Ls(UsersLs),
     Rm(UsersRm),
+    Lock(UsersLock),
+    Unlock(UsersUnlock),
 }
 
 /// Add a user.
@@ -264,7 +267,40 @@ struct UsersLs {
     config: Option<PathBuf>,
 }
 
-/// Remove a user.
+/// Lock a user: no login, their certificates are refused and a running proxy ends their
+/// sessions within a second, until `users unlock`.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "lock")]
+struct UsersLock {
+    /// user name
+    #[argh(positional)]
+    name: String,
+    /// data directory (default /var/lib/remoteler)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+    /// configuration file to take data_dir from
+    #[argh(option)]
+    config: Option<PathBuf>,
+}
+
+/// Unlock a user locked with `users lock` or locked out after failed logins; certificates
+/// issued before a lock stay refused (the user logs in again).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "unlock")]
+struct UsersUnlock {
+    /// user name
+    #[argh(positional)]
+    name: String,
+    /// data directory (default /var/lib/remoteler)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+    /// configuration file to take data_dir from
+    #[argh(option)]
+    config: Option<PathBuf>,
+}
+
+/// Remove a user: their certificates are refused and a running proxy ends their sessions
+/// within a second.
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "rm")]
 struct UsersRm {
@@ -394,6 +430,12 @@ pub fn run(args: Args) -> Result<(), ProxyError> {
             UsersCommand::Add(a) => users_add(a),
             UsersCommand::Ls(a) => users_ls(&data_dir(a.data_dir, a.config.as_deref())?),
             UsersCommand::Rm(a) => users_rm(&data_dir(a.data_dir, a.config.as_deref())?, &a.name),
+            UsersCommand::Lock(a) => {
+                users_lock(&data_dir(a.data_dir, a.config.as_deref())?, &a.name, true)
+            }
+            UsersCommand::Unlock(a) => {
+                users_lock(&data_dir(a.data_dir, a.config.as_deref())?, &a.name, false)
+            }
         },
         Command::Nodes(n) => match n.command {
             NodesCommand::Ls(a) => nodes_ls(a),
@@ -852,6 +894,8 @@ fn users_add(args: UsersAdd) -> Result<(), ProxyError> {
         logins: logins.clone(),
         password_hash: hash,
         created_unix: util::unix_now(),
+        locked_unix: None,
+        unlocked_unix: None,
     };
     store.update(|state| {
         if state.user(&user.name).is_some() {
@@ -923,8 +967,12 @@ fn users_ls(data: &DataDir) -> Result<(), ProxyError> {
     let state = StateStore::new(data.clone()).read()?;
     println!("{:<20} {:<24} {:<24} CREATED", "NAME", "ROLES", "LOGINS");
     for u in &state.users {
+        let locked = u
+            .locked_unix
+            .map(|at| format!("  locked since {}", util::rfc3339_unix(at)))
+            .unwrap_or_default();
         println!(
-            "{:<20} {:<24} {:<24} {}",
+            "{:<20} {:<24} {:<24} {}{locked}",
             u.name,
             u.roles.join(","),
             u.logins.join(","),
@@ -935,6 +983,7 @@ fn users_ls(data: &DataDir) -> Result<(), ProxyError> {
 }
 
 fn users_rm(data: &DataDir, name: &str) -> Result<(), ProxyError> {
+    let now = util::unix_now();
     StateStore::new(data.clone()).update(|state| {
         let before = state.users.len();
         state.users.retain(|u| u.name != name);
@@ -943,10 +992,59 @@ fn users_rm(data: &DataDir, name: &str) -> Result<(), ProxyError> {
                 "no user named {name:?}; `remoteler-proxy users ls` lists them"
             )));
         }
+        state.revoke_user(name, now, UserRevocation::Removed);
         Ok(())
     })?;
-    println!("user {name} removed; certificates already issued stay valid until they expire");
+    after_revocation_second(now);
+    println!(
+        "user {name} removed: their certificates are refused from now on and a running proxy \
+         ends their sessions within a second. Adding the user again needs a new login."
+    );
     Ok(())
+}
+
+/// `users lock` (`lock`) and `users unlock`.
+fn users_lock(data: &DataDir, name: &str, lock: bool) -> Result<(), ProxyError> {
+    let now = util::unix_now();
+    StateStore::new(data.clone()).update(|state| {
+        let Some(user) = state.users.iter_mut().find(|u| u.name == name) else {
+            return Err(ProxyError::Usage(format!(
+                "no user named {name:?}; `remoteler-proxy users ls` lists them"
+            )));
+        };
+        if lock {
+            user.locked_unix = Some(now);
+            state.revoke_user(name, now, UserRevocation::Locked);
+        } else {
+            user.locked_unix = None;
+            user.unlocked_unix = Some(now);
+        }
+        Ok(())
+    })?;
+    if lock {
+        after_revocation_second(now);
+        println!(
+            "user {name} locked: no login, their certificates are refused from now on and a \
+             running proxy ends their sessions within a second. `remoteler-proxy users unlock \
+             {name}` lifts it."
+        );
+    } else {
+        println!(
+            "user {name} unlocked (an operator's lock and any lockout after failed logins); \
+             certificates issued before a lock stay refused: the user runs `remoteler login` again"
+        );
+    }
+    Ok(())
+}
+
+/// Waits for the second after `revoked_unix` (certificates carry whole seconds, and those
+/// issued in the second of a revocation are refused), so that a login after this command
+/// returns gets a certificate that is accepted.
+fn after_revocation_second(revoked_unix: u64) {
+    let next = std::time::UNIX_EPOCH + Duration::from_secs(revoked_unix + 1);
+    if let Ok(wait) = next.duration_since(SystemTime::now()) {
+        std::thread::sleep(wait);
+    }
 }
 
 // ---- nodes, status --------------------------------------------------------------------------

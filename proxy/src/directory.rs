@@ -765,6 +765,11 @@ impl CoreDirectory {
         self.local.borrow().get(&id).cloned()
     }
 
+    /// This core's tunnel with the directory id `id`, if it is still up (or detached).
+    pub fn local_tunnel_by_id(&self, id: u64) -> Option<Tunnel> {
+        self.local.borrow().get(&id).cloned()
+    }
+
     /// How many tunnels this core holds.
     pub fn local_tunnel_count(&self) -> usize {
         self.local.borrow().len() + self.cluster_local.borrow().len()

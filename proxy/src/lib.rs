@@ -22,6 +22,7 @@ pub mod datadir;
 pub mod directory;
 pub mod error;
 pub mod guard;
+pub mod lockout;
 pub mod logging;
 pub mod metrics;
 pub mod revocation;

@@ -51,6 +51,10 @@ pub struct State {
     /// are refused.
     #[serde(default)]
     pub revoked_nodes: Vec<RevokedNode>,
+    /// Users removed with `users rm` or locked with `users lock`: their certificates issued up
+    /// to then are refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_users: Vec<RevokedUser>,
     /// Leaf clusters that joined this (root) cluster with a `trusted-cluster` token.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_leaves: Vec<TrustedLeaf>,
@@ -97,6 +101,41 @@ pub struct RevokedNode {
     pub name: String,
     /// Unix seconds of `nodes rm`.
     pub revoked_unix: u64,
+}
+
+/// A user whose certificates issued at or before `revoked_unix` are refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokedUser {
+    /// The user name.
+    pub name: String,
+    /// Unix seconds of `users rm` or `users lock`.
+    pub revoked_unix: u64,
+    /// Which of the two.
+    pub reason: UserRevocation,
+}
+
+/// Why a user's certificates were revoked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UserRevocation {
+    /// `users rm`.
+    Removed,
+    /// `users lock`.
+    Locked,
+}
+
+impl State {
+    /// Records that `name`'s certificates issued up to `now` are refused (replacing an
+    /// earlier record of the same user).
+    pub fn revoke_user(&mut self, name: &str, now: u64, reason: UserRevocation) {
+        self.revoked_users.retain(|r| r.name != name);
+        self.revoked_users.push(RevokedUser {
+            name: name.to_owned(),
+            revoked_unix: now,
+            reason,
+        });
+    }
 }
 
 /// What a token lets its bearer do.
@@ -160,6 +199,14 @@ pub struct User {
     pub password_hash: String,
     /// Creation, Unix seconds.
     pub created_unix: u64,
+    /// Locked by an operator (`users lock`) at this time, Unix seconds: no login, and every
+    /// certificate refused, until `users unlock`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked_unix: Option<u64>,
+    /// The last `users unlock`, Unix seconds: it also lifts a lockout after failed logins
+    /// that began before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unlocked_unix: Option<u64>,
 }
 
 impl fmt::Debug for User {
@@ -168,6 +215,8 @@ impl fmt::Debug for User {
             .field("name", &self.name)
             .field("roles", &self.roles)
             .field("logins", &self.logins)
+            .field("locked_unix", &self.locked_unix)
+            .field("unlocked_unix", &self.unlocked_unix)
             .field("password_hash", &"MASKED")
             .finish()
     }

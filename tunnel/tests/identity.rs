@@ -1006,3 +1006,27 @@ fn node_certificate_cannot_serve() {
     let (side, err) = expect_failure(handshake(client, server, "localhost"));
     assert!(matches!(side, Side::Client), "{side:?} {err}");
 }
+
+/// A resumed handshake skips the client certificate's verification (rustls takes the chain
+/// from the session as it was): the proxy must resume nothing, so that an expired or revoked
+/// certificate cannot come back through a session ticket. The client here keeps a session
+/// store on purpose, as a crafted client would.
+#[test]
+fn the_proxy_resumes_no_tls_session() {
+    let ca = ClusterCa::generate(CLUSTER).unwrap();
+    let user = identity_of(&ca, |k| {
+        ca.issue_user("alice", &strings(&["dev"]), &[], k, hours(1))
+    });
+    let server = proxy_config(&ca, ClientAuth::Optional);
+    let mut client =
+        client_config_trusting(&[ca.certificate().clone()], Some((user.chain, &user.key))).unwrap();
+    client.resumption = rustls::client::Resumption::in_memory_sessions(16);
+    for round in 0..3 {
+        let (client, _) = handshake(client.clone(), server.clone(), PROXY_HOST).unwrap();
+        assert_eq!(
+            client.handshake_kind(),
+            Some(rustls::HandshakeKind::Full),
+            "handshake {round} was not a full one"
+        );
+    }
+}

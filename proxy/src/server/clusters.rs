@@ -328,7 +328,10 @@ pub(super) async fn accept_cluster_tunnel(
     let hello = peek_hello(&ctx, &mut conn, &mut input).await;
     let home = hello
         .filter(|h| h.resuming)
-        .and_then(|h| ctx.session_homes.core_of(h.session_id))
+        .and_then(|h| {
+            let key = resume::SessionKey::new(&identity, h.session_id);
+            ctx.session_homes.core_of(&key)
+        })
         .filter(|&core| core != ctx.core);
     let conn = match home {
         Some(core) => match ctx.move_to(core, conn, |conn| Handoff::ClusterTunnel {
@@ -374,7 +377,8 @@ pub(super) async fn serve_cluster_tunnel(
             return;
         }
     }
-    let leaf_session = hello.map(|h| h.session_id);
+    let leaf_session = hello.as_ref().map(|h| h.session_id);
+    let home_key = hello.map(|h| resume::SessionKey::new(&identity, h.session_id));
     let tunnel = Tunnel::new(ctx.new_resumable_session());
     let refusal = if ctx.draining.get() {
         Stats::bump(&ctx.stats.dropped_draining);
@@ -430,8 +434,10 @@ pub(super) async fn serve_cluster_tunnel(
     let count = nodes.len();
     ctx.directory
         .attach_cluster_tunnel(&leaf, id, peer, &tunnel, nodes);
+    if let Some(key) = &home_key {
+        ctx.session_homes.insert(key.clone(), ctx.core);
+    }
     if let Some(session) = leaf_session {
-        ctx.session_homes.insert(session, ctx.core);
         ctx.cluster_tunnels
             .borrow_mut()
             .insert(session, (leaf.clone(), tunnel.clone()));
@@ -565,8 +571,10 @@ pub(super) async fn serve_cluster_tunnel(
     }
     watcher.await;
     rejecter.await;
+    if let Some(key) = &home_key {
+        ctx.session_homes.remove(key, ctx.core);
+    }
     if let Some(session) = leaf_session {
-        ctx.session_homes.remove(session, ctx.core);
         let mut attached = ctx.cluster_tunnels.borrow_mut();
         if attached.get(&session).is_some_and(|(_, t)| {
             t.with_session(|s| s.local_id()) == tunnel.with_session(|s| s.local_id())

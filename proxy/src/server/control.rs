@@ -324,6 +324,9 @@ async fn login(ctx: &Context, request: LoginRequest) -> Result<LoginResponse, Er
         )
     })?;
     let user = state.user(&request.user).cloned();
+    if let Some(user) = &user {
+        refuse_locked(ctx, user)?;
+    }
     // An unknown user is checked against a dummy hash: same cost, same answer.
     let hash = user
         .as_ref()
@@ -345,8 +348,18 @@ async fn login(ctx: &Context, request: LoginRequest) -> Result<LoginResponse, Er
     .unwrap_or(false);
     ctx.stats.logins.fetch_sub(1, Ordering::Relaxed);
     let user = match user {
-        Some(user) if verified => user,
-        _ => {
+        Some(user) if verified => {
+            ctx.login_lockout.succeeded(&user.name);
+            user
+        }
+        Some(user) => {
+            count_account_failure(ctx, &user.name);
+            return Err(error(
+                "bad_password",
+                format!("wrong user name or password for cluster {}", ctx.cluster),
+            ));
+        }
+        None => {
             return Err(error(
                 "bad_password",
                 format!("wrong user name or password for cluster {}", ctx.cluster),
@@ -399,6 +412,56 @@ async fn login(ctx: &Context, request: LoginRequest) -> Result<LoginResponse, Er
         ssh_certificate,
         ssh_note,
     })
+}
+
+/// Refuses the login of a user an operator locked (`users lock`) or who is locked out after
+/// failed logins, before the password is checked: guessing stops while it lasts.
+fn refuse_locked(ctx: &Context, user: &crate::state::User) -> Result<(), ErrorBody> {
+    let name = &user.name;
+    if let Some(at) = user.locked_unix {
+        return Err(error(
+            "user_locked",
+            format!(
+                "user {name} was locked by an operator at {} (`remoteler-proxy users lock`); \
+                 ask them to run `remoteler-proxy users unlock {name}`",
+                util::rfc3339_unix(at)
+            ),
+        ));
+    }
+    if let Some(at) = user.unlocked_unix {
+        ctx.login_lockout.unlock_if_before(name, at);
+    }
+    match ctx.login_lockout.check(name, std::time::Instant::now()) {
+        None => Ok(()),
+        Some(locked) => Err(error(
+            "locked_out",
+            format!(
+                "user {name} is locked out after {} failed logins in a row \
+                 (`limits.login_lockout_failures`) until {} (`limits.login_lockout`); the \
+                 password was not checked. Try again then, or ask an operator to run \
+                 `remoteler-proxy users unlock {name}`",
+                locked.failures,
+                util::rfc3339(locked.until)
+            ),
+        )),
+    }
+}
+
+/// Counts a wrong password for the existing user `name`; audits the lockout it may start.
+fn count_account_failure(ctx: &Context, name: &str) {
+    let Some(locked) = ctx.login_lockout.failed(name, std::time::Instant::now()) else {
+        return;
+    };
+    tracing::warn!(
+        user = %name, failures = locked.failures, until = %util::rfc3339(locked.until),
+        "user locked out after failed logins (`limits.login_lockout_failures`)"
+    );
+    ctx.audit.record(
+        "user.locked_out",
+        serde_json::json!({
+            "user": name, "failures": locked.failures, "until": util::rfc3339(locked.until),
+        }),
+    );
 }
 
 /// ALPN_REGISTER: heartbeats of a node the proxy dials directly.

@@ -343,6 +343,9 @@ impl Stats {
 pub(crate) enum Handoff {
     /// Close the node's tunnel: the node was removed.
     CloseNode { node: String, reason: String },
+    /// Close this cluster's user's connections (attached or waiting to be resumed) whose
+    /// certificate is no longer accepted: the user was removed or locked. Sent to every core.
+    CloseUser { user: String },
     /// An agent's tunnel, authenticated.
     Tunnel {
         conn: TransferableTls,
@@ -369,9 +372,9 @@ pub(crate) enum Handoff {
 /// A user's connection being served on this core.
 struct UserConnection {
     tunnel: Tunnel,
-    /// Whose it is: only the same user may resume it.
-    user: String,
-    user_cluster: String,
+    /// Whose it is (only the same user may resume it), with the certificate it was last
+    /// attached with: checked again when the user is removed or locked.
+    identity: PeerIdentity,
 }
 
 /// What the cores share, built once by [`run`].
@@ -385,6 +388,7 @@ struct Shared {
     audit: Arc<AuditLog>,
     guard: Arc<crate::guard::SourceGuard>,
     revocations: Arc<crate::revocation::Revocations>,
+    login_lockout: Arc<crate::lockout::LoginLockout>,
     state_writer: Arc<crate::state_writer::StateWriter>,
     policy: Arc<Policy>,
     ssh_ca: Arc<SshUserCa>,
@@ -421,8 +425,10 @@ pub struct Context {
     pub audit: Arc<AuditLog>,
     /// Per-address limits: handshakes, failed joins and logins.
     pub guard: Arc<crate::guard::SourceGuard>,
-    /// Removed nodes.
+    /// Removed nodes, removed and locked users.
     pub revocations: Arc<crate::revocation::Revocations>,
+    /// Accounts locked out after failed logins.
+    pub login_lockout: Arc<crate::lockout::LoginLockout>,
     /// Saves changes to the state file (token uses).
     pub state_writer: Arc<crate::state_writer::StateWriter>,
     /// The roles: who may reach which node as which login.
@@ -446,9 +452,9 @@ pub struct Context {
     /// Agents' tunnels whose connection was lost, by node, waiting for the agent to come back
     /// within `resume.grace` and resume them.
     pub detached: RefCell<HashMap<String, Rc<resume::Detached>>>,
-    /// Users' connections whose connection was lost, by the client's session id, waiting for
-    /// the client to come back within `resume.grace` and resume them.
-    detached_users: RefCell<HashMap<[u8; 16], Rc<resume::Detached>>>,
+    /// Users' connections whose connection was lost, by user and the client's session id,
+    /// waiting for the client to come back within `resume.grace` and resume them.
+    detached_users: RefCell<HashMap<resume::SessionKey, Rc<resume::Detached>>>,
     /// Leaf clusters' tunnels whose connection was lost, by the leaf's session id.
     detached_clusters: RefCell<HashMap<[u8; 16], Rc<resume::Detached>>>,
     /// This core's attached leaf cluster tunnels, by the leaf's session id, with the leaf's
@@ -456,6 +462,9 @@ pub struct Context {
     cluster_tunnels: RefCell<HashMap<[u8; 16], (String, Tunnel)>>,
     /// Which core serves which user connection (shared by the cores).
     session_homes: Arc<resume::SessionHomes>,
+    /// This core's agent tunnels by the end of their node certificate's validity (Unix
+    /// seconds) and directory id, with the node's name: see `tunnels::close_expired_tunnels`.
+    node_expiries: RefCell<std::collections::BTreeMap<(u64, u64), Box<str>>>,
     /// Users' session connections, for GOAWAY on drain and for a client resuming before
     /// this side saw its old connection fail.
     user_tunnels: RefCell<HashMap<u64, UserConnection>>,
@@ -544,11 +553,48 @@ impl Context {
         self.user_tunnel_ids.set(id);
         let connection = UserConnection {
             tunnel: tunnel.clone(),
-            user: user.name.clone(),
-            user_cluster: user.cluster.clone(),
+            identity: user.clone(),
         };
         self.user_tunnels.borrow_mut().insert(id, connection);
         id
+    }
+
+    /// The user connection `id` was resumed with the certificate `user` (maybe a new one).
+    fn update_user_tunnel(&self, id: u64, user: &PeerIdentity) {
+        if let Some(c) = self.user_tunnels.borrow_mut().get_mut(&id) {
+            c.identity = user.clone();
+        }
+    }
+
+    /// Why `identity`'s certificate may not be used now, if it may not: outside its validity
+    /// period (a resumed TLS session or a long connection can outlive it), or revoked (a node
+    /// or user of this cluster that was removed or locked). Checked at every connection and
+    /// every OPEN.
+    pub(crate) fn certificate_refusal(&self, identity: &PeerIdentity) -> Option<String> {
+        if let Err(e) = identity.check_valid_at(std::time::SystemTime::now()) {
+            return Some(match (&e, identity.kind) {
+                (
+                    tunnel::identity::IdentityError::Expired { not_after, .. },
+                    IdentityKind::User,
+                ) => expired_reason(*not_after),
+                (tunnel::identity::IdentityError::Expired { not_after, .. }, _) => format!(
+                    "the certificate of {} {} expired at {}; it must join again with a new token",
+                    identity.kind.as_str(),
+                    identity.name,
+                    crate::util::rfc3339(*not_after)
+                ),
+                _ => format!("the certificate of {}: {e}", identity.name),
+            });
+        }
+        if identity.cluster != self.cluster {
+            return None; // a trusted root's user on a leaf: the root revokes its own users
+        }
+        let revoked = match identity.kind {
+            IdentityKind::Node => self.revocations.check(identity),
+            IdentityKind::User => self.revocations.check_user(identity),
+            _ => Ok(()),
+        };
+        revoked.err()
     }
 
     /// This core's attached user connection that `user`'s client calls `session_id`.
@@ -557,8 +603,8 @@ impl Context {
             .borrow()
             .values()
             .find(|c| {
-                c.user == user.name
-                    && c.user_cluster == user.cluster
+                c.identity.name == user.name
+                    && c.identity.cluster == user.cluster
                     && !c.tunnel.is_detached()
                     && c.tunnel.peer_id() == Some(session_id)
             })
@@ -690,7 +736,9 @@ pub fn run(
     // Fail now, not at the first join, if the state file is bad.
     let state_modified = crate::revocation::modified(&data.state());
     let revocations = crate::revocation::Revocations::default();
-    revocations.load(&store.read()?);
+    let state = store.read()?;
+    revocations.load(&state);
+    revocations.load_users(&state);
     let addrs = listeners.addrs()?;
     let workers = listeners.workers();
 
@@ -708,6 +756,10 @@ pub fn run(
     let shared = Shared {
         state_writer: state_writer.clone(),
         revocations: Arc::new(revocations),
+        login_lockout: Arc::new(crate::lockout::LoginLockout::new(
+            config.limits.login_lockout_failures,
+            config.limits.login_lockout,
+        )),
         guard: Arc::new(crate::guard::SourceGuard::new(
             config.limits.max_handshakes_per_source,
         )),
@@ -929,6 +981,7 @@ async fn serve_core(
         audit: shared.audit,
         guard: shared.guard,
         revocations: shared.revocations,
+        login_lockout: shared.login_lockout,
         state_writer: shared.state_writer,
         policy: shared.policy,
         ssh_ca: shared.ssh_ca,
@@ -942,6 +995,7 @@ async fn serve_core(
         detached_users: RefCell::new(HashMap::new()),
         detached_clusters: RefCell::new(HashMap::new()),
         cluster_tunnels: RefCell::new(HashMap::new()),
+        node_expiries: RefCell::default(),
         session_homes: shared.session_homes,
         user_tunnels: RefCell::new(HashMap::new()),
         user_tunnel_ids: Cell::new(0),
@@ -975,6 +1029,7 @@ async fn serve_core(
             ListenerKind::Auth,
         )),
         monoio::spawn(inbox_loop(ctx.clone(), inbox)),
+        monoio::spawn(tunnels::close_expired_tunnels(ctx.clone())),
     ];
     for trusted in &ctx.config.trusted_clusters {
         if !trusted.enabled {
@@ -1009,6 +1064,45 @@ async fn serve_core(
         }
     }
     Ok((ctx, loops))
+}
+
+/// What a user whose certificate expired during a connection is told.
+pub(crate) fn expired_reason(not_after: std::time::SystemTime) -> String {
+    format!(
+        "your certificate expired at {}; run `remoteler login` again",
+        crate::util::rfc3339(not_after)
+    )
+}
+
+/// Closes the connections of this cluster's user `user` on this core (live, or waiting to be
+/// resumed) whose certificate is no longer accepted (the user was removed or locked).
+fn close_user(ctx: &Context, user: &str) {
+    let refused: Vec<(Tunnel, Option<[u8; 16]>, PeerIdentity, String)> = ctx
+        .user_tunnels
+        .borrow()
+        .values()
+        .filter(|c| c.identity.name == user && c.identity.cluster == ctx.cluster)
+        .filter_map(|c| {
+            let why = ctx.certificate_refusal(&c.identity)?;
+            Some((
+                c.tunnel.clone(),
+                c.tunnel.peer_id(),
+                c.identity.clone(),
+                why,
+            ))
+        })
+        .collect();
+    for (tunnel, peer_id, identity, why) in refused {
+        tracing::info!(user = %identity.name, serial = %identity.serial, reason = %why, "closing a user's connection");
+        if let Some(id) = peer_id {
+            let key = resume::SessionKey::new(&identity, id);
+            let waiting = ctx.detached_users.borrow_mut().remove(&key);
+            if let Some(waiting) = waiting {
+                waiting.cancel(&why);
+            }
+        }
+        tunnel.close(ErrorCode::ACCESS_DENIED, &why);
+    }
 }
 
 /// Closes a removed node's tunnel on this core (live, or waiting to be resumed).
@@ -1066,6 +1160,34 @@ async fn watch_removals(ctx: Rc<Context>, mut seen: Option<std::time::SystemTime
                 let _ = inbox.send(Handoff::CloseNode { node, reason });
             }
         }
+        for change in ctx.revocations.load_users(&state) {
+            apply_user_change(&ctx, change);
+        }
+    }
+}
+
+/// Audits a user's removal, lock or unlock that the state file shows, and acts on it: a
+/// removed or locked user's connections end on every core (a user's connections may be on
+/// any), an unlock lifts a lockout after failed logins.
+fn apply_user_change(ctx: &Context, change: crate::revocation::UserChange) {
+    use crate::revocation::UserChange;
+    let user = change.user().to_owned();
+    let (event, at) = match &change {
+        UserChange::Removed { at, .. } => ("user.removed", *at),
+        UserChange::Locked { at, .. } => ("user.locked", *at),
+        UserChange::Unlocked { at, .. } => ("user.unlocked", *at),
+    };
+    tracing::info!(%user, event, at = %crate::util::rfc3339_unix(at), "user access changed");
+    ctx.audit.record(
+        event,
+        serde_json::json!({ "user": user, "at": crate::util::rfc3339_unix(at), "at_unix": at }),
+    );
+    if let UserChange::Unlocked { .. } = change {
+        ctx.login_lockout.unlock(&user);
+        return;
+    }
+    for inbox in ctx.inboxes.iter() {
+        let _ = inbox.send(Handoff::CloseUser { user: user.clone() });
     }
 }
 
@@ -1079,6 +1201,7 @@ async fn inbox_loop(ctx: Rc<Context>, inbox: flume::Receiver<Handoff>) {
         let Ok(handoff) = next else { break };
         match handoff {
             Handoff::CloseNode { node, reason } => close_node(&ctx, &node, &reason),
+            Handoff::CloseUser { user } => close_user(&ctx, &user),
             Handoff::Tunnel {
                 conn,
                 peer,
@@ -1148,11 +1271,12 @@ async fn drain(ctx: &Rc<Context>) {
             .close(ErrorCode::GOING_AWAY, "proxy shutting down");
     }
     let detached_clusters: Vec<_> = ctx.detached_clusters.borrow_mut().drain().collect();
-    for (_, waiting) in ctx
+    for waiting in ctx
         .detached_users
         .borrow_mut()
         .drain()
-        .chain(detached_clusters)
+        .map(|(_, w)| w)
+        .chain(detached_clusters.into_iter().map(|(_, w)| w))
     {
         waiting.cancel("proxy shutting down");
         waiting
@@ -1373,7 +1497,9 @@ async fn handle_connection(
                                 ctx.directory.cluster_owner(&cluster, &node)
                             }
                         }
-                        Some(FirstRequest::Resume(id)) => ctx.session_homes.core_of(id),
+                        Some(FirstRequest::Resume(session)) => ctx
+                            .session_homes
+                            .core_of(&resume::SessionKey::new(&id, session)),
                         None => None,
                     };
                     let conn = match owner.filter(|&core| core != ctx.core) {
@@ -1473,8 +1599,10 @@ fn check_identity(
             identity.kind.as_str()
         ));
     }
-    if kind == IdentityKind::Node {
-        ctx.revocations.check(&identity)?;
+    // The handshake verified the validity period only if it was a full one: checked again
+    // here, with the removals and locks.
+    if let Some(why) = ctx.certificate_refusal(&identity) {
+        return Err(why);
     }
     Ok(identity)
 }

@@ -187,34 +187,58 @@ pub(super) async fn take_over(
     found.ok().flatten()
 }
 
-/// Which core serves each user connection, by the client's session id: a client that
-/// reconnects to resume lands on any core and is moved to the one that holds its session.
+/// A user's connection or a leaf cluster's tunnel as its peer names it: whose it is (the
+/// certificate's kind, name and cluster) and the peer's session id. Peers choose their ids,
+/// so an id alone names nothing: another peer sending the same id must not find, replace or
+/// move this one's session.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct SessionKey {
+    kind: tunnel::identity::IdentityKind,
+    name: String,
+    cluster: String,
+    id: [u8; 16],
+}
+
+impl SessionKey {
+    pub(super) fn new(peer: &tunnel::identity::PeerIdentity, id: [u8; 16]) -> Self {
+        SessionKey {
+            kind: peer.kind,
+            name: peer.name.clone(),
+            cluster: peer.cluster.clone(),
+            id,
+        }
+    }
+}
+
+/// Which core serves each user connection and leaf cluster tunnel, by its [`SessionKey`]: a
+/// peer that reconnects to resume lands on any core and is moved to the one that holds its
+/// session.
 /// Touched once when a user connection starts and once when it ends.
 #[derive(Debug, Default)]
 pub struct SessionHomes {
-    cores: Mutex<HashMap<[u8; 16], usize>>,
+    cores: Mutex<HashMap<SessionKey, usize>>,
 }
 
 impl SessionHomes {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 16], usize>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionKey, usize>> {
         self.cores.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records that core `core` serves the session the client calls `id`.
-    pub fn insert(&self, id: [u8; 16], core: usize) {
-        self.lock().insert(id, core);
+    /// Records that core `core` serves the session `key`.
+    pub(super) fn insert(&self, key: SessionKey, core: usize) {
+        self.lock().insert(key, core);
     }
 
-    /// Forgets `id`, if core `core` still serves it.
-    pub fn remove(&self, id: [u8; 16], core: usize) {
+    /// Forgets `key`, if core `core` still serves it.
+    pub(super) fn remove(&self, key: &SessionKey, core: usize) {
         let mut cores = self.lock();
-        if cores.get(&id) == Some(&core) {
-            cores.remove(&id);
+        if cores.get(key) == Some(&core) {
+            cores.remove(key);
         }
     }
 
-    /// The core serving the session the client calls `id`.
-    pub fn core_of(&self, id: [u8; 16]) -> Option<usize> {
-        self.lock().get(&id).copied()
+    /// The core serving the session `key`.
+    pub(super) fn core_of(&self, key: &SessionKey) -> Option<usize> {
+        self.lock().get(key).copied()
     }
 }

@@ -93,18 +93,19 @@ pub(super) async fn serve_session(
     conn: TlsConnection,
     input: BytesMut,
     peer: SocketAddr,
-    user: PeerIdentity,
+    mut user: PeerIdentity,
 ) {
     let owner = format!("{}@{}", user.name, user.cluster);
     let hello = hello_in(&input);
     if let Some(id) = hello.as_ref().filter(|h| h.resuming).map(|h| h.session_id) {
+        let key = resume::SessionKey::new(&user, id);
         let detached = || {
-            let waiting = ctx.detached_users.borrow().get(&id).cloned();
+            let waiting = ctx.detached_users.borrow().get(&key).cloned();
             waiting.filter(|w| w.resumable_by(id, &owner))
         };
         let attached = ctx.attached_user_tunnel(id, &user);
         if let Some(waiting) = Box::pin(resume::take_over(detached, attached)).await {
-            ctx.detached_users.borrow_mut().remove(&id);
+            ctx.detached_users.borrow_mut().remove(&key);
             tracing::info!(%peer, user = %user.name, "user reconnected; resuming the connection's sessions");
             waiting.hand_over((conn, input, peer));
             return;
@@ -115,14 +116,10 @@ pub(super) async fn serve_session(
     }
     // The leaf of a trusted cluster checks the user's certificate itself: it goes along with
     // OPENs that name one.
-    let credential = conn
-        .peer_certificates()
-        .and_then(|chain| chain.into_iter().next())
-        .map(|leaf| Bytes::copy_from_slice(leaf.as_ref()))
-        .unwrap_or_default();
-    let client_id = hello.map(|h| h.session_id);
-    if let Some(id) = client_id {
-        ctx.session_homes.insert(id, ctx.core);
+    let mut credential = leaf_certificate(&conn);
+    let client_key = hello.map(|h| resume::SessionKey::new(&user, h.session_id));
+    if let Some(key) = &client_key {
+        ctx.session_homes.insert(key.clone(), ctx.core);
     }
     let tunnel = tunnel::mux::Tunnel::new(ctx.new_resumable_session());
     let registration = ctx.add_user_tunnel(&tunnel, &user);
@@ -141,7 +138,8 @@ pub(super) async fn serve_session(
         ))
         .await;
         let reason = outcome_reason(&outcome);
-        let (true, false, Some(id)) = (tunnel.is_detached(), ctx.draining.get(), client_id) else {
+        let (true, false, Some(key)) = (tunnel.is_detached(), ctx.draining.get(), &client_key)
+        else {
             break reason;
         };
         let grace = ctx.config.resume.grace;
@@ -157,12 +155,29 @@ pub(super) async fn serve_session(
                 "client_addr": peer.to_string(), "reason": reason,
             }),
         );
-        let next =
-            resume::await_resume(&ctx.detached_users, id, &tunnel, &owner, &reason, grace).await;
+        let next = resume::await_resume(
+            &ctx.detached_users,
+            key.clone(),
+            &tunnel,
+            &owner,
+            &reason,
+            grace,
+        )
+        .await;
         let (conn, input, new_peer) = match next {
             Ok(transport) => transport,
             Err((why, _)) => break why,
         };
+        // The new connection's certificate (checked at its handshake, and of the same user)
+        // may be a newer one: from now on its expiry and revocation count.
+        let resumed_with = leaf_certificate(&conn);
+        if let Ok(id) = PeerIdentity::from_der(&resumed_with) {
+            if id.name == user.name && id.cluster == user.cluster {
+                user = id;
+                credential = resumed_with;
+                ctx.update_user_tunnel(registration, &user);
+            }
+        }
         if let Err(e) = tunnel.reattach() {
             break format!("{reason}; cannot resume: {e}");
         }
@@ -183,14 +198,23 @@ pub(super) async fn serve_session(
         tunnel.close(ErrorCode::GOING_AWAY, "connection lost");
     }
     ctx.remove_user_tunnel(registration);
-    if let Some(id) = client_id {
-        ctx.session_homes.remove(id, ctx.core);
+    if let Some(key) = &client_key {
+        ctx.session_homes.remove(key, ctx.core);
     }
     tracing::debug!(%peer, user = %user.name, %reason, "user connection closed");
 }
 
+/// The client's certificate (leaf), as the bytes passed on to a trusted leaf cluster.
+fn leaf_certificate(conn: &TlsConnection) -> Bytes {
+    conn.peer_certificates()
+        .and_then(|chain| chain.into_iter().next())
+        .map(|leaf| Bytes::copy_from_slice(leaf.as_ref()))
+        .unwrap_or_default()
+}
+
 /// Serves the OPENs of a user's connection until its transport ends (the session ended, or
-/// it is detached).
+/// it is detached). The connection ends when the user's certificate expires: a session may
+/// not outlive the certificate that opened it.
 async fn serve_opens(
     ctx: &Rc<Context>,
     tunnel: &tunnel::mux::Tunnel,
@@ -199,12 +223,19 @@ async fn serve_opens(
     client_addr: &str,
     credential: &Bytes,
 ) -> DriveOutcome {
+    let mut expiry = std::pin::pin!(until_expired(user.not_after));
     loop {
         if tunnel.is_ended() {
             return driver.await;
         }
         monoio::select! {
             outcome = &mut *driver => return outcome,
+            () = &mut expiry => {
+                let why = super::expired_reason(user.not_after);
+                tracing::info!(user = %user.name, serial = %user.serial, %client_addr, "closing a user connection: its certificate expired");
+                tunnel.close(ErrorCode::ACCESS_DENIED, &why);
+                expiry.set(until_expired(SystemTime::now() + Duration::from_secs(3600)));
+            }
             incoming = tunnel.incoming() => {
                 if let Some(incoming) = incoming {
                     monoio::spawn(handle_open(
@@ -216,6 +247,19 @@ async fn serve_opens(
                     ));
                 }
             }
+        }
+    }
+}
+
+/// Returns once `not_after` has passed (by the wall clock: certificates are checked
+/// against it).
+pub(super) async fn until_expired(not_after: SystemTime) {
+    loop {
+        let now = SystemTime::now();
+        match not_after.duration_since(now) {
+            // `check_valid_at` accepts `not_after` itself: one more millisecond.
+            Ok(left) => monoio::time::sleep(left + Duration::from_millis(1)).await,
+            Err(_) => return,
         }
     }
 }
@@ -293,6 +337,19 @@ pub(super) async fn handle_open(
     credential: Bytes,
 ) {
     let request = incoming.request.clone();
+    // The certificate is checked at every OPEN, not only at the handshake: it may have
+    // expired, or the user been removed or locked, since.
+    if let Some(why) = ctx.certificate_refusal(&user) {
+        reject(
+            &ctx,
+            incoming,
+            &user,
+            &client_addr,
+            ErrorCode::ACCESS_DENIED,
+            &why,
+        );
+        return;
+    }
     let target = match connect_target(&ctx, &request, &user, &client_addr, credential).await {
         Ok(target) => target,
         Err((code, reason)) => {

@@ -260,6 +260,10 @@ pub(super) async fn serve_tunnel(
             &format!("replaced by a newer tunnel for node {node} from {peer}"),
         );
     }
+    let not_after_unix = crate::util::unix_secs(identity.not_after);
+    ctx.node_expiries
+        .borrow_mut()
+        .insert((not_after_unix, id), node.as_str().into());
     Stats::bump(&ctx.stats.tunnels_connected);
     tracing::info!(%node, %peer, tunnel_id = id, serial = %identity.serial, "tunnel connected");
     ctx.audit.record(
@@ -279,6 +283,7 @@ pub(super) async fn serve_tunnel(
         driver,
         seen: version,
         started,
+        not_after_unix,
     })));
 }
 
@@ -295,6 +300,9 @@ struct Connected {
     /// The last inventory version seen.
     seen: u64,
     started: Instant,
+    /// The end of the node certificate's validity, Unix seconds: its key in
+    /// `Context::node_expiries`.
+    not_after_unix: u64,
 }
 
 /// Serves a connected tunnel until it ends: inventory changes, detaching when the connection
@@ -378,6 +386,9 @@ fn serve_connected(mut c: Connected) -> impl std::future::Future<Output = ()> {
         if !tunnel.is_ended() {
             tunnel.close(ErrorCode::GOING_AWAY, "transport lost");
         }
+        ctx.node_expiries
+            .borrow_mut()
+            .remove(&(c.not_after_unix, id));
         let was_current = ctx.directory.detach_tunnel(node, id);
         let replaced = replaced_while_detached.unwrap_or(!was_current);
         Stats::bump(&ctx.stats.tunnels_disconnected);
@@ -393,6 +404,48 @@ fn serve_connected(mut c: Connected) -> impl std::future::Future<Output = ()> {
                 "replaced": replaced, "duration_ms": duration.as_millis() as u64,
             }),
         );
+    }
+}
+
+/// Ends this core's agent tunnels whose node certificate expires, when it does: a tunnel may
+/// not outlive the certificate it was opened with (the agent joins again for a new one). One
+/// timer per core over `Context::node_expiries`, not one per tunnel (a timer is larger than an
+/// idle tunnel's whole task).
+pub(super) async fn close_expired_tunnels(ctx: Rc<Context>) {
+    /// Looks again at least this often: a tunnel that connected meanwhile may expire first.
+    const RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
+    loop {
+        let now = crate::util::unix_now();
+        let next = ctx.node_expiries.borrow().keys().next().map(|&(at, _)| at);
+        let wait = match next {
+            Some(at) if at < now => std::time::Duration::ZERO,
+            Some(at) => std::time::Duration::from_secs(at - now + 1).min(RECHECK),
+            None => RECHECK,
+        };
+        monoio::select! {
+            _ = monoio::time::sleep(wait) => {}
+            _ = ctx.shutdown.wait() => break,
+        }
+        let now = crate::util::unix_now();
+        let due: Vec<((u64, u64), Box<str>)> = {
+            let mut expiries = ctx.node_expiries.borrow_mut();
+            let later = expiries.split_off(&(now, 0));
+            std::mem::replace(&mut *expiries, later)
+                .into_iter()
+                .collect()
+        };
+        for ((at, id), node) in due {
+            let Some(tunnel) = ctx.directory.local_tunnel_by_id(id) else {
+                continue;
+            };
+            let why = format!(
+                "the certificate of node {node} expired at {}; the agent must join again with \
+                 a new token",
+                crate::util::rfc3339_unix(at)
+            );
+            tracing::info!(%node, tunnel_id = id, reason = %why, "closing a tunnel: its certificate expired");
+            tunnel.close(ErrorCode::ACCESS_DENIED, &why);
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::{Resumption, WebPkiServerVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 
 use super::error::{FileRole, IdentityError};
@@ -109,6 +109,11 @@ fn root_store(roots: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, I
 /// present: the cluster CA, plus the CA of a trusted root cluster where one is configured.
 /// `chain` should be `[leaf, cluster CA]` (see [`super::ClusterCa::chain`]) so that pinned
 /// clients can learn the CA.
+///
+/// No TLS session is ever resumed: a resumed handshake skips the client certificate's
+/// verification (rustls takes the chain from the ticket or cache as it was), so a session
+/// ticket would let a certificate outlive its `notAfter` or its revocation. Every connection
+/// is a full handshake, and the certificate is checked again.
 pub fn server_config(
     client_roots: &[CertificateDer<'static>],
     chain: Vec<CertificateDer<'static>>,
@@ -130,6 +135,10 @@ pub fn server_config(
     // offer AES-256 first, and the proxy carries both legs of every session.
     config.ignore_client_order = true;
     config.enable_secret_extraction = true; // see `record_layer_after_handshake`
+    // No resumption (see above): no stateful cache, no TLS 1.3 tickets; the default ticketer
+    // never produces stateless tickets, and stays so.
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 
@@ -169,6 +178,9 @@ pub fn client_config_trusting(
         }
         None => builder.with_no_client_auth(),
     };
+    // The proxy resumes no TLS session (see `server_config`): a session cache would only
+    // hold memory and offer tickets the server never accepts.
+    config.resumption = Resumption::disabled();
     record_layer_after_handshake(&mut config);
     Ok(config)
 }
