@@ -27,6 +27,10 @@
 //! acknowledges that many bytes, so the sender keeps every sent byte until it is
 //! acknowledged (at most one window per stream: [`Session::send`] accepts no more than the
 //! credit) and can resend it after a reconnect. A stalled reader stalls only its stream.
+//!
+//! The credit we take is the peer's window capped at our own: a peer announcing 4 GiB cannot
+//! make us queue more for it than we let it queue for us. Across streams, the session holds
+//! at most [`SessionConfig::max_buffered`] each way (see [`DEFAULT_MAX_BUFFERED`]).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};

@@ -163,3 +163,12 @@ fn a_hostile_agents_window_does_not_pull_a_users_upload_into_the_proxy() {
         assert_eq!(held.borrow().len(), 1);
     });
 }
+
+/// The proxy's configured default and the protocol crate's default are one number.
+#[test]
+fn the_memory_budget_default_is_the_protocols() {
+    assert_eq!(
+        config::DEFAULT_MAX_BUFFERED_PER_CONNECTION,
+        frame::DEFAULT_MAX_BUFFERED
+    );
+}
