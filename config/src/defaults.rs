@@ -62,6 +62,16 @@ pub const MAX_MAX_FRAME: u32 = 64 << 10;
 pub const DEFAULT_MAX_STREAMS_PER_TUNNEL: u32 = 1024;
 /// Upper bound for `limits.max_streams_per_tunnel`.
 pub const MAX_MAX_STREAMS_PER_TUNNEL: u32 = 65_535;
+/// Stream bytes one connection (a tunnel or a user's connection) may make the proxy hold each
+/// way, across its streams: 256 MiB, room for 256 streams stalled with a full 1 MiB window
+/// while windows alone would allow 1,024 of them (1 GiB). Inbound, unread bytes beyond it end
+/// the connection (LIMIT_EXCEEDED); outbound, sending waits. The same as
+/// `frame::DEFAULT_MAX_BUFFERED`.
+pub const DEFAULT_MAX_BUFFERED_PER_CONNECTION: u32 = 256 << 20;
+/// Smallest `limits.max_buffered_per_connection`: one stream with the largest window fits.
+pub const MIN_MAX_BUFFERED_PER_CONNECTION: u32 = MAX_WINDOW;
+/// Largest `limits.max_buffered_per_connection` (the session counts it in 32 bits).
+pub const MAX_MAX_BUFFERED_PER_CONNECTION: u32 = 3 << 30;
 /// Most OPENs sent on one tunnel and not yet answered.
 pub const DEFAULT_MAX_PENDING_OPENS: u32 = 64;
 /// Upper bound for `limits.max_pending_opens`.

@@ -189,6 +189,10 @@ pub struct LimitsConfig {
     /// Streams open at once on one tunnel, 1 to [`MAX_MAX_STREAMS_PER_TUNNEL`]; default
     /// [`DEFAULT_MAX_STREAMS_PER_TUNNEL`]. With the window, bounds the memory of one tunnel.
     pub max_streams_per_tunnel: u32,
+    /// Stream bytes one connection may make the proxy hold each way across its streams,
+    /// [`MIN_MAX_BUFFERED_PER_CONNECTION`] to [`MAX_MAX_BUFFERED_PER_CONNECTION`]; default
+    /// [`DEFAULT_MAX_BUFFERED_PER_CONNECTION`]. Windows bound a stream; this bounds a tunnel.
+    pub max_buffered_per_connection: u32,
     /// OPENs waiting for an answer on one tunnel, 1 to [`MAX_MAX_PENDING_OPENS`]; default
     /// [`DEFAULT_MAX_PENDING_OPENS`]. An agent that never answers cannot pile up sessions.
     pub max_pending_opens: u32,
@@ -221,6 +225,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_streams_per_tunnel: DEFAULT_MAX_STREAMS_PER_TUNNEL,
+            max_buffered_per_connection: DEFAULT_MAX_BUFFERED_PER_CONNECTION,
             max_pending_opens: DEFAULT_MAX_PENDING_OPENS,
             max_handshakes_in_progress: DEFAULT_MAX_HANDSHAKES_IN_PROGRESS,
             max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
@@ -401,6 +406,7 @@ struct RawListen {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     max_streams_per_tunnel: Option<i64>,
+    max_buffered_per_connection: Option<RawSize>,
     max_pending_opens: Option<i64>,
     max_handshakes_in_progress: Option<i64>,
     max_handshakes_per_source: Option<i64>,
@@ -588,6 +594,13 @@ impl TryFrom<RawLimits> for LimitsConfig {
                 MAX_MAX_STREAMS_PER_TUNNEL,
             )
             .for_key("max_streams_per_tunnel")?,
+            max_buffered_per_connection: size_in(
+                raw.max_buffered_per_connection,
+                DEFAULT_MAX_BUFFERED_PER_CONNECTION,
+                MIN_MAX_BUFFERED_PER_CONNECTION,
+                MAX_MAX_BUFFERED_PER_CONNECTION,
+            )
+            .for_key("max_buffered_per_connection")?,
             max_pending_opens: integer_in(
                 raw.max_pending_opens,
                 DEFAULT_MAX_PENDING_OPENS,

@@ -53,6 +53,7 @@ fn defaults_are_applied() {
     assert_eq!(config.flow.window(), 1 << 20);
     assert_eq!(config.flow.max_frame(), 64 << 10);
     assert_eq!(config.limits.max_streams_per_tunnel, 1024);
+    assert_eq!(config.limits.max_buffered_per_connection, 256 << 20);
     assert_eq!(config.limits.max_pending_opens, 64);
     assert_eq!(config.limits.max_handshakes_in_progress, 1024);
     assert_eq!(config.limits.handshake_timeout, Duration::from_secs(10));
@@ -84,6 +85,7 @@ window = 262144
 max_frame = "64KiB"
 [limits]
 max_streams_per_tunnel = 10
+max_buffered_per_connection = "96MiB"
 max_pending_opens = 2
 max_handshakes_in_progress = 3
 handshake_timeout = "2m"
@@ -118,6 +120,7 @@ address = "[fd00::6]:2222"
     assert_eq!(config.flow.window(), 256 << 10);
     assert_eq!(config.flow.max_frame(), 64 << 10);
     assert_eq!(config.limits.max_streams_per_tunnel, 10);
+    assert_eq!(config.limits.max_buffered_per_connection, 96 << 20);
     assert_eq!(config.limits.max_pending_opens, 2);
     assert_eq!(config.limits.max_handshakes_in_progress, 3);
     assert_eq!(config.limits.handshake_timeout, Duration::from_secs(120));
@@ -384,6 +387,12 @@ const RULES: &[(&str, &str, &str, &str)] = &[
         "limits.max_streams_per_tunnel",
         "an integer from 1 to 65535",
         "0",
+    ),
+    (
+        "[limits]\nmax_buffered_per_connection = \"1MiB\"",
+        "limits.max_buffered_per_connection",
+        "a size from 64MiB to 3GiB",
+        "\"1MiB\"",
     ),
     (
         "[limits]\nmax_pending_opens = 100000",

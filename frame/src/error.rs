@@ -110,7 +110,8 @@ impl Error {
             Error::Protocol(ProtocolError::FlowControl { .. })
             | Error::Protocol(ProtocolError::AckBeyondSent { .. }) => ErrorCode::FLOW_CONTROL,
             Error::Protocol(ProtocolError::VersionMismatch { .. }) => ErrorCode::VERSION_MISMATCH,
-            Error::Protocol(ProtocolError::AnnounceTooLarge { .. }) => ErrorCode::LIMIT_EXCEEDED,
+            Error::Protocol(ProtocolError::AnnounceTooLarge { .. })
+            | Error::Protocol(ProtocolError::MemoryBudget { .. }) => ErrorCode::LIMIT_EXCEEDED,
             Error::Protocol(_) => ErrorCode::PROTOCOL,
             Error::Ended(EndReason::KeepaliveTimeout { .. }) => ErrorCode::KEEPALIVE_TIMEOUT,
             Error::Ended(EndReason::ResumeExpired { .. }) => ErrorCode::RESUME_FAILED,
@@ -263,6 +264,19 @@ pub enum ProtocolError {
         offset: u64,
         /// Credit limit we granted.
         limit: u64,
+    },
+    /// The peer's unread DATA across streams passed the session's memory budget.
+    #[error(
+        "stream {stream}: peer's unread data across streams would reach {held} bytes, over the \
+         connection's memory budget of {limit} bytes (SessionConfig::max_buffered)"
+    )]
+    MemoryBudget {
+        /// The stream whose DATA passed the budget.
+        stream: u32,
+        /// Bytes unread across streams with that DATA.
+        held: u64,
+        /// The budget.
+        limit: u32,
     },
     /// A WINDOW acknowledged bytes we never sent.
     #[error("stream {stream}: peer acknowledged up to byte {acked} but only {sent} were sent")]

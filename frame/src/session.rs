@@ -27,6 +27,10 @@
 //! acknowledges that many bytes, so the sender keeps every sent byte until it is
 //! acknowledged (at most one window per stream: [`Session::send`] accepts no more than the
 //! credit) and can resend it after a reconnect. A stalled reader stalls only its stream.
+//!
+//! The credit we take is the peer's window capped at our own: a peer announcing 4 GiB cannot
+//! make us queue more for it than we let it queue for us. Across streams, the session holds
+//! at most [`SessionConfig::max_buffered`] each way (see [`DEFAULT_MAX_BUFFERED`]).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -57,6 +61,12 @@ pub const DEFAULT_KEEPALIVE_COUNT: u32 = 3;
 const MAX_CONTROL_BACKLOG: usize = 4096;
 /// How long streams wait for a lost transport to come back.
 pub const DEFAULT_RESUME_GRACE: Duration = Duration::from_secs(30);
+/// Stream bytes one session may hold each way, across its streams: 256 MiB. Inbound, unread
+/// bytes beyond it are a protocol error of the peer (LIMIT_EXCEEDED); outbound, `send` takes no
+/// more than fits (queued plus sent but unacknowledged). Windows alone bound a stream, not a
+/// tunnel: 1,024 streams × 1 MiB is 1 GiB each way; this bounds the tunnel at a quarter of
+/// that while leaving room for 256 streams whose readers stall with a full window.
+pub const DEFAULT_MAX_BUFFERED: u32 = 0x1000_0000;
 
 /// DATA payloads shorter than this are copied out of the buffer they were decoded from. A
 /// payload is a view of the driver's read buffer (a whole read's worth, up to 256 KiB), and a
@@ -89,6 +99,9 @@ pub struct SessionConfig {
     pub keepalive_count: u32,
     /// How long streams survive a lost transport; zero ends the session at once.
     pub resume_grace: Duration,
+    /// The session's memory budget: stream bytes it holds each way across its streams
+    /// ([`DEFAULT_MAX_BUFFERED`] says how each way is enforced).
+    pub max_buffered: u32,
 }
 
 impl SessionConfig {
@@ -105,6 +118,7 @@ impl SessionConfig {
             keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
             keepalive_count: DEFAULT_KEEPALIVE_COUNT,
             resume_grace: DEFAULT_RESUME_GRACE,
+            max_buffered: DEFAULT_MAX_BUFFERED,
         }
     }
 }
@@ -373,10 +387,22 @@ impl Stream {
         self.next + u64::from(self.fin == LocalFin::Sent)
     }
 
-    /// Drops kept bytes below `offset` (acknowledged, or known to be at the peer).
-    fn release_to(&mut self, offset: u64) {
+    /// Bytes kept to send or resend (queued plus sent and unacknowledged).
+    fn held_out(&self) -> u64 {
+        self.written - self.base
+    }
+
+    /// Received bytes the application has not read.
+    fn held_in(&self) -> u64 {
+        self.received - (self.consumed - u64::from(self.fin_consumed))
+    }
+
+    /// Drops kept bytes below `offset` (acknowledged, or known to be at the peer); returns
+    /// how many.
+    fn release_to(&mut self, offset: u64) -> u64 {
         let target = offset.min(self.next);
-        let mut n = target.saturating_sub(self.base);
+        let released = target.saturating_sub(self.base);
+        let mut n = released;
         self.base = self.base.max(target);
         while n > 0 {
             let Some(front) = self.unacked.front_mut() else {
@@ -391,6 +417,7 @@ impl Stream {
                 n = 0;
             }
         }
+        released
     }
 
     fn check_invariants(&self) {
@@ -412,7 +439,13 @@ impl Stream {
 struct Peer {
     session_id: [u8; 16],
     role: Role,
+    /// The window the peer's HELLO announced: its RESUME's credit limits count from it.
     initial_window: u32,
+    /// The credit we take per stream: the peer's window, capped at our own
+    /// (`SessionConfig::initial_window`). A peer cannot make us hold more for it than we
+    /// would let it make us hold: without the cap, a peer announcing 4 GiB and never reading
+    /// has us queue 4 GiB per stream.
+    send_window: u32,
     max_frame: u32,
     max_streams: u32,
 }
@@ -441,6 +474,11 @@ pub struct Session {
     ping_due: bool,
     /// Streams with bytes or a FIN to send, served round robin one frame at a time.
     sendable: VecDeque<(usize, u32)>,
+    /// Stream bytes held across streams, against `config.max_buffered`: received and not
+    /// read (`Stream::held_in`), and kept to send or resend (`Stream::held_out`). Each is at
+    /// most the budget, so a `u32` holds it.
+    held_in: u32,
+    held_out: u32,
     events: VecDeque<Event>,
     /// What an idle tunnel does not use, allocated on first use (see [`Cold`]).
     cold: Option<Box<Cold>>,
@@ -499,6 +537,8 @@ impl Session {
             pending_pong: None,
             ping_due: false,
             sendable: VecDeque::new(),
+            held_in: 0,
+            held_out: 0,
             events: VecDeque::new(),
             cold: None,
             goaway_received: false,
@@ -565,19 +605,33 @@ impl Session {
     }
 
     /// Bytes the application may still [`send`](Session::send) on a stream before it must
-    /// wait for a `Writable` event.
+    /// wait for a `Writable` event: the stream's credit, within the session's budget.
     pub fn send_capacity(&self, stream: u32) -> usize {
         self.ids
             .get(&stream)
             .map(|&k| {
                 let s = &self.streams[k];
                 if s.phase == StreamPhase::Open && s.fin == LocalFin::NotYet {
-                    s.limit.saturating_sub(s.written) as usize
+                    s.limit.saturating_sub(s.written).min(self.budget_room()) as usize
                 } else {
                     0
                 }
             })
             .unwrap_or(0)
+    }
+
+    /// Stream bytes the session holds across its streams: `(inbound, outbound)`, received
+    /// and not yet read, and queued or sent and not yet acknowledged. Each stays within
+    /// [`SessionConfig::max_buffered`].
+    pub fn buffered(&self) -> (u64, u64) {
+        (u64::from(self.held_in), u64::from(self.held_out))
+    }
+
+    /// Bytes of send credit a stream has: its credit limit minus what was written; how much
+    /// the peer still lets us queue on it (for tests and diagnostics).
+    pub fn stream_credit(&self, stream: u32) -> Option<u64> {
+        let s = &self.streams[*self.ids.get(&stream)?];
+        Some(s.limit.saturating_sub(s.written))
     }
 
     // ---- inputs -------------------------------------------------------------------------
@@ -594,7 +648,10 @@ impl Session {
         loop {
             let frame = match codec::decode(buf, &self.limits) {
                 Ok(Some(frame)) => frame,
-                Ok(None) => return Ok(()),
+                Ok(None) => {
+                    self.check_budget();
+                    return Ok(());
+                }
                 Err(err) => return Err(self.fail(err.into())),
             };
             self.heard_since_tick = true;
@@ -748,6 +805,7 @@ impl Session {
             session_id: hello.session_id,
             role: hello.role,
             initial_window: hello.initial_window,
+            send_window: hello.initial_window.min(self.config.initial_window),
             max_frame: hello.max_frame.min(MAX_DATA_PAYLOAD as u32),
             max_streams: hello.max_streams,
         });
@@ -809,6 +867,7 @@ impl Session {
         let listed: HashMap<u32, ResumeStream> =
             resume.streams.iter().map(|e| (e.stream, *e)).collect();
         let peer_window = self.peer_window();
+        let send_window = self.send_window();
         // In id order, so that OPENs sent again keep increasing ids.
         let mut keys: Vec<usize> = self.streams.iter().map(|(k, _)| k).collect();
         keys.sort_by_key(|&k| self.streams[k].id);
@@ -834,12 +893,13 @@ impl Session {
                     }
                     // Bytes the peer holds need not be sent again; the rest are.
                     s.acked = peer_acked;
-                    s.release_to(entry.received);
+                    let released = s.release_to(entry.received);
                     while let Some(chunk) = s.unacked.pop_back() {
                         s.unsent.push_front(chunk);
                     }
                     s.next = entry.received;
-                    s.limit = entry.credit_limit.max(s.written.min(entry.credit_limit));
+                    // Our credit is capped at our own window, as on a fresh stream.
+                    s.limit = entry.credit_limit.min(peer_acked + send_window);
                     if s.fin == LocalFin::Sent && !entry.fin_received {
                         s.fin = LocalFin::Pending;
                     }
@@ -849,6 +909,7 @@ impl Session {
                         self.events.push_back(Event::Opened { stream: id });
                     }
                     s.check_invariants();
+                    self.released(released);
                     self.schedule(key);
                     self.maybe_complete(key);
                 }
@@ -868,7 +929,8 @@ impl Session {
                     // it had every byte and our FIN. Keep what our application has not read.
                     if s.phase == StreamPhase::Open && s.fin == LocalFin::Sent && s.fin_received {
                         s.acked = s.written + 1;
-                        s.release_to(s.next);
+                        let released = s.release_to(s.next);
+                        self.released(released);
                         self.maybe_complete(key);
                         continue;
                     }
@@ -997,7 +1059,7 @@ impl Session {
         if self.streams[key].phase != StreamPhase::OpeningLocal {
             return Err(self.wrong_state(Kind::OpenOk, key));
         }
-        let window = self.peer_window();
+        let window = self.send_window();
         let s = &mut self.streams[key];
         s.phase = StreamPhase::Open;
         s.request = None;
@@ -1027,6 +1089,17 @@ impl Session {
         if payload.is_empty() {
             return Ok(());
         }
+        let held = u64::from(self.held_in) + payload.len() as u64;
+        if held > u64::from(self.config.max_buffered) {
+            return Err(ProtocolError::MemoryBudget {
+                stream,
+                held,
+                limit: self.config.max_buffered,
+            }
+            .into());
+        }
+        self.held_in = held as u32;
+        let s = &mut self.streams[key];
         s.received = end;
         let payload = if payload.len() < COPY_DATA_BELOW {
             Bytes::copy_from_slice(&payload)
@@ -1056,13 +1129,14 @@ impl Session {
             .into());
         }
         s.acked = acked;
-        s.release_to(acked);
+        let released = s.release_to(acked);
         s.limit += u64::from(increment);
-        if s.blocked && s.fin == LocalFin::NotYet {
+        if s.blocked && s.fin == LocalFin::NotYet && s.limit > s.written {
             s.blocked = false;
             self.events.push_back(Event::Writable { stream });
         }
         s.check_invariants();
+        self.released(released);
         self.maybe_complete(key);
         Ok(())
     }
@@ -1265,7 +1339,7 @@ impl Session {
                 StreamError::Invalid("stream is not waiting to be accepted".into()),
             ));
         }
-        let window = self.peer_window();
+        let window = self.send_window();
         let s = &mut self.streams[key];
         s.phase = StreamPhase::Open;
         s.limit = window;
@@ -1306,16 +1380,22 @@ impl Session {
         if s.fin != LocalFin::NotYet {
             return Err(self.stream_err(stream, StreamError::Finished));
         }
-        let capacity = s.limit.saturating_sub(s.written) as usize;
+        let credit = s.limit.saturating_sub(s.written);
+        let room = u64::from(self.config.max_buffered).saturating_sub(u64::from(self.held_out));
+        let capacity = credit.min(room) as usize;
         let n = capacity.min(data.len());
         if n == capacity {
-            s.blocked = true; // credit used up: say so when it comes back
+            // Credit or budget used up: say so when it comes back. A send the budget cuts
+            // short fills it exactly, which is how `released` knows to wake streams.
+            s.blocked = true;
         }
         if n > 0 {
             s.unsent.push_back(data.slice(..n));
             s.written += n as u64;
+            self.held_out += n as u32; // within the budget: `n` ≤ `room`
             self.schedule(key);
         }
+        self.check_budget();
         Ok(n)
     }
 
@@ -1358,7 +1438,14 @@ impl Session {
     /// Takes the next bytes received on a stream. Consuming returns credit to the peer.
     pub fn recv(&mut self, stream: u32) -> Result<Received, Error> {
         let key = self.key(stream)?;
-        let threshold = u64::from(self.config.initial_window / 4).max(1);
+        // The peer's credit is the smaller of the two windows (it caps ours at its own, as
+        // we do), so WINDOWs go out at a quarter of that: a quarter of our own, larger one
+        // would leave the peer waiting for the keepalive's flush.
+        let window = match self.peer {
+            Some(p) => self.config.initial_window.min(p.initial_window),
+            None => self.config.initial_window,
+        };
+        let threshold = u64::from(window / 4).max(1);
         let s = &mut self.streams[key];
         let Some(chunk) = s.inbox.pop_front() else {
             if s.fin_received && s.phase == StreamPhase::Open {
@@ -1379,6 +1466,8 @@ impl Session {
         };
         s.consumed += chunk.len() as u64;
         s.unreported += chunk.len() as u64;
+        self.held_in -= chunk.len() as u32;
+        let s = &mut self.streams[key];
         // Batch WINDOWs, but never leave the last bytes of a finished stream unacknowledged.
         let drained = s.fin_received && s.consumed == s.received;
         if s.unreported >= threshold || drained {
@@ -1581,6 +1670,12 @@ impl Session {
         true
     }
 
+    /// The credit each stream starts with toward the peer (its window, capped at ours).
+    fn send_window(&self) -> u64 {
+        u64::from(self.peer.map(|p| p.send_window).unwrap_or(0))
+    }
+
+    /// The window the peer announced, from which its RESUME counts its credit limits.
     fn peer_window(&self) -> u64 {
         u64::from(self.peer.map(|p| p.initial_window).unwrap_or(0))
     }
@@ -1689,6 +1784,45 @@ impl Session {
     fn remove(&mut self, key: usize) {
         let s = self.streams.remove(key);
         self.ids.remove(&s.id);
+        self.held_in -= s.held_in() as u32;
+        self.released(s.held_out());
+    }
+
+    /// How many more bytes `send` may queue across streams.
+    fn budget_room(&self) -> u64 {
+        u64::from(self.config.max_buffered).saturating_sub(u64::from(self.held_out))
+    }
+
+    /// Outbound bytes were let go (acknowledged, or their stream is gone): streams that
+    /// the budget held back may go on.
+    fn released(&mut self, bytes: u64) {
+        let was_full = self.held_out >= self.config.max_buffered;
+        self.held_out -= bytes as u32;
+        if bytes == 0 || !was_full {
+            return;
+        }
+        for (_, s) in self.streams.iter_mut() {
+            if s.blocked && s.fin == LocalFin::NotYet && s.limit > s.written {
+                s.blocked = false;
+                self.events.push_back(Event::Writable { stream: s.id });
+            }
+        }
+    }
+
+    /// Debug builds: the budget counters agree with the streams.
+    fn check_budget(&self) {
+        if cfg!(debug_assertions) {
+            let (held_in, held_out) = self
+                .streams
+                .iter()
+                .fold((0, 0), |(i, o), (_, s)| (i + s.held_in(), o + s.held_out()));
+            debug_assert_eq!(
+                (u64::from(self.held_in), u64::from(self.held_out)),
+                (held_in, held_out)
+            );
+            debug_assert!(self.held_in <= self.config.max_buffered);
+            debug_assert!(self.held_out <= self.config.max_buffered);
+        }
     }
 
     fn reset_all(&mut self, code: ErrorCode, reason: &str) {
@@ -1696,6 +1830,8 @@ impl Session {
         self.streams.clear();
         self.ids.clear();
         self.sendable.clear();
+        self.held_in = 0;
+        self.held_out = 0;
         self.pending_opens = 0;
         for stream in ids {
             self.events.push_back(Event::Reset {

@@ -1141,3 +1141,127 @@ fn small_data_is_copied_out_of_the_read_buffer_and_bulk_data_is_not() {
     );
     assert!(inside(&got[1]), "the bulk payload was copied");
 }
+
+/// A peer that announces a 4 GiB window and never reads (never sends WINDOW) gets no more
+/// credit than our own window: the sender queues at most one window for it, before and after
+/// a reconnect, however much its application offers.
+#[test]
+fn a_peer_announcing_a_huge_window_gets_at_most_our_own_window() {
+    let own = 64 * 1024;
+    let mut greedy = config(Role::Client, false);
+    greedy.initial_window = u32::MAX;
+    let mut pair = Pair::new(config(Role::Agent, true), greedy);
+    let id = open_stream(&mut pair, "node-r1");
+    pair.b.app.paused.insert(id); // never reads, so never sends WINDOW
+    pair.a.queue(id, Rng(9).bytes(4_000_000), 16 * 1024, false);
+    pair.settle(Duration::from_secs(5));
+
+    let (written, _) = pair.a.session.stream_bytes(id).unwrap();
+    assert_eq!(written, own, "the sender queued beyond its own window");
+    assert_eq!(pair.a.session.stream_credit(id), Some(0));
+    assert_eq!(pair.a.session.buffered(), (0, own));
+    let (_, received) = pair.b.session.stream_bytes(id).unwrap();
+    assert_eq!(received, own);
+
+    // Resumption restores the same cap: the RESUME's credit limit counts from the peer's
+    // announced window, ours from our own.
+    pair.cut();
+    pair.run_for(Duration::from_millis(100));
+    pair.reconnect();
+    pair.settle(Duration::from_secs(5));
+    assert!(pair.a.saw(|e| matches!(e, Event::Resumed { .. })));
+    assert_eq!(pair.a.session.stream_bytes(id).unwrap().0, own);
+    assert_eq!(pair.a.session.stream_credit(id), Some(0));
+
+    // Once it reads, credit comes back a window at a time and every byte arrives.
+    pair.b.app.paused.remove(&id);
+    pair.settle(Duration::from_secs(30));
+    assert_eq!(pair.b.app.received[&id].len(), 4_000_000);
+    pair.run_for(Duration::from_secs(2)); // the keepalive flushes the last, small credit
+    assert_eq!(pair.a.session.buffered(), (0, 0));
+}
+
+/// Windows bound a stream; the memory budget bounds the session: a peer that reads none of
+/// many streams makes us queue at most `max_buffered`, and the streams go on (`Writable`)
+/// once it reads.
+#[test]
+fn outbound_bytes_across_streams_stay_within_the_memory_budget() {
+    let budget = 200 * 1024;
+    let mut sender = config(Role::Agent, true);
+    sender.max_buffered = budget;
+    let mut pair = Pair::new(sender, config(Role::Proxy, false));
+    let ids: Vec<u32> = (0..8)
+        .map(|i| open_stream(&mut pair, &format!("node-{i}")))
+        .collect();
+    let mut rng = Rng(11);
+    let data: Vec<Bytes> = ids.iter().map(|_| rng.bytes(300_000)).collect();
+    for (id, bytes) in ids.iter().zip(&data) {
+        pair.b.app.paused.insert(*id);
+        pair.a.queue(*id, bytes.clone(), 10_000, true);
+    }
+    pair.settle(Duration::from_secs(5));
+    // 8 × 64 KiB of credit, but only 200 KiB of budget.
+    assert_eq!(pair.a.session.buffered(), (0, u64::from(budget)));
+    for id in &ids {
+        pair.b.app.paused.remove(id);
+    }
+    pair.settle(Duration::from_secs(60));
+    for (id, bytes) in ids.iter().zip(&data) {
+        assert_eq!(&pair.b.app.received[id], bytes, "stream {id}");
+    }
+    assert_eq!(pair.a.session.buffered(), (0, 0));
+}
+
+/// Inbound, the budget is the peer's to respect: unread DATA across streams beyond it ends
+/// the session with LIMIT_EXCEEDED, though each stream stayed within its window.
+#[test]
+fn unread_data_beyond_the_memory_budget_is_a_protocol_error() {
+    let now = Instant::now();
+    let mut cfg = config(Role::Proxy, false);
+    cfg.max_buffered = 100 * 1024;
+    let mut session = Session::new(cfg, [1; 16], now);
+    let mut buf = BytesMut::new();
+    Frame::Hello(hello()).encode(&mut buf);
+    for stream in [1, 3] {
+        Frame::Open {
+            stream,
+            open: request("node-a"),
+        }
+        .encode(&mut buf);
+    }
+    session.handle_input(&mut buf, now).unwrap();
+    session.accept(1).unwrap();
+    session.accept(3).unwrap();
+    let chunk = Bytes::from(vec![0u8; 4096]);
+    for _ in 0..16 {
+        Frame::Data {
+            stream: 1,
+            payload: chunk.clone(),
+        }
+        .encode(&mut buf);
+    }
+    for _ in 0..9 {
+        Frame::Data {
+            stream: 3,
+            payload: chunk.clone(),
+        }
+        .encode(&mut buf);
+    }
+    session.handle_input(&mut buf, now).unwrap(); // 100 KiB: exactly the budget
+    assert_eq!(session.buffered(), (100 * 1024, 0));
+    Frame::Data {
+        stream: 3,
+        payload: Bytes::from_static(b"x"),
+    }
+    .encode(&mut buf);
+    let err = session.handle_input(&mut buf, now).unwrap_err();
+    assert_eq!(
+        err,
+        Error::Protocol(ProtocolError::MemoryBudget {
+            stream: 3,
+            held: 100 * 1024 + 1,
+            limit: 100 * 1024,
+        })
+    );
+    assert_eq!(goaway_code(&mut session), Some(ErrorCode::LIMIT_EXCEEDED));
+}

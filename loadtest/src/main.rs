@@ -16,6 +16,10 @@
 //!   (direct, through `remoteler forward`, through another tunnel); HDR percentiles. Starts no
 //!   proxy: benches/compare.sh uses it side by side with rathole.
 //!
+//! * `hostile-window --streams N --attack 4s`: N users announce a 4 GiB window and read
+//!   nothing from a stream to a node that talks fast; the proxy's RSS growth while they are
+//!   connected and after they drop (issue 13, item 8; goal: ≤ 2 windows per stream).
+//!
 //! * `relay --listen ADDR --to ADDR [--delay 50ms] [--jitter 10ms] [--loss P]`: a TCP relay
 //!   adding delay, jitter and "loss" in user space, stalled and resumed with SIGUSR1 and
 //!   SIGUSR2 (scripts/faults.sh puts it in an agent's path).
@@ -30,6 +34,7 @@
 mod agents;
 mod baseline;
 mod env;
+mod hostile;
 mod identity;
 mod modes;
 mod net;
@@ -69,6 +74,7 @@ enum Mode {
     Sessions(SessionsCli),
     Storm(StormArgs),
     Baseline(BaselineArgs),
+    HostileWindow(HostileCli),
     Rtt(RttCli),
     Worker(WorkerArgs),
     Relay(RelayArgs),
@@ -250,6 +256,20 @@ common_options! {
     }
 }
 
+common_options! {
+    /// Users announcing a 4 GiB window read nothing from a talking node: the proxy's RSS.
+    #[derive(FromArgs, Debug)]
+    #[argh(subcommand, name = "hostile-window")]
+    struct HostileCli {
+        /// hostile users, one stream each (default 4)
+        #[argh(option, default = "4")]
+        streams: usize,
+        /// how long the attack runs, and again after the users disconnect (default 4s)
+        #[argh(option, default = "String::from(\"4s\")")]
+        attack: String,
+    }
+}
+
 /// Round trips against a TCP echo service (no proxy started): HDR percentiles per message.
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "rtt")]
@@ -383,6 +403,13 @@ fn run(args: Args) -> anyhow::Result<bool> {
             modes::storm(a.common()?, a.count.max(1), event, timeout)
         }
         Mode::Baseline(a) => modes::baseline(a.common()?, a.count.max(1)),
+        Mode::HostileWindow(a) => {
+            let args = hostile::HostileArgs {
+                streams: a.streams.max(1),
+                attack: duration(&a.attack, "--attack")?,
+            };
+            hostile::run(a.common()?, args)
+        }
         Mode::Rtt(a) => {
             if !(a.rate >= 0.0 && a.rate.is_finite()) {
                 bail!("--rate: expected messages per second, 0 or more");

@@ -5,6 +5,15 @@
 //! (`read` returns `None`, or TCP EOF) becomes a half-close (FIN, or TCP `shutdown`) of the
 //! other side; both directions must end before the splice is over. An error on either side
 //! stops both directions at once, and what is still open is reset with the reason.
+//!
+//! Backpressure: a direction reads its source only after the previous chunk was taken by
+//! the destination, and a `MuxStream::write` waits while the destination stream has no
+//! credit. That credit is the receiving peer's window capped at ours (`frame::Session`), and
+//! the session's memory budget caps what all its streams queue. So while the receiver does
+//! not read (or its session is detached, waiting for a resume), the source is not read
+//! either: its unread bytes stay within the window we granted and no WINDOW re-opens it.
+//! One direction holds at most two windows (one queued toward the receiver, one unread from
+//! the source) and the chunk in between. Test: `proxy/tests/memory.rs`.
 
 use std::cell::Cell;
 use std::future::{Future, poll_fn};

@@ -600,7 +600,9 @@ impl MuxStream {
     }
 
     /// Sends all of `data`, waiting for credit as needed. Cancel-safe in the sense that what
-    /// was already queued stays queued.
+    /// was already queued stays queued. The session queues no more than the stream's credit
+    /// (the peer's window capped at ours) and its memory budget allow, so a caller that
+    /// awaits this before reading more (a splice) stops reading while the peer does not.
     pub async fn write(&self, mut data: Bytes) -> Result<(), StreamError> {
         poll_fn(|cx| {
             let mut s = self.tunnel.shared.borrow_mut();

@@ -498,6 +498,7 @@ impl Context {
         s.initial_window = c.flow.window();
         s.max_frame = c.flow.max_frame();
         s.max_streams = c.limits.max_streams_per_tunnel;
+        s.max_buffered = c.limits.max_buffered_per_connection;
         s.max_pending_opens = c.limits.max_pending_opens;
         s.max_announce = c.limits.max_announce_bytes;
         s.keepalive_interval = c.keepalive.interval;

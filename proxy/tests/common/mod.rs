@@ -418,8 +418,22 @@ pub fn run_session(
     conn: TlsConnection,
     role: Role,
 ) -> (Tunnel, monoio::task::JoinHandle<DriveOutcome>) {
+    run_session_with(conn, dialer_config(role))
+}
+
+/// The settings `run_session` uses: defaults for `role`, dialling, no resumption. Crafted
+/// peers change them (a hostile window, say) and pass them to `run_session_with`.
+pub fn dialer_config(role: Role) -> SessionConfig {
     let mut config = SessionConfig::new(role, true);
     config.resume_grace = Duration::ZERO;
+    config
+}
+
+/// `run_session` with the session's settings given.
+pub fn run_session_with(
+    conn: TlsConnection,
+    config: SessionConfig,
+) -> (Tunnel, monoio::task::JoinHandle<DriveOutcome>) {
     let tunnel = Tunnel::new(Session::new(config, rand_id(), Instant::now()));
     let driven = tunnel.clone();
     let handle = monoio::spawn(async move { drive(&driven, conn, BytesMut::new()).await });
@@ -434,6 +448,26 @@ pub fn rand_id() -> [u8; 16] {
 
 /// The fake agent: tunnel up, node announced, every OPEN accepted and echoed.
 pub async fn agent(proxy: &Proxy, cred: &Credential, node: &str) -> Tunnel {
+    let tunnel = agent_with(proxy, cred, node, dialer_config(Role::Agent)).await;
+    let acceptor = tunnel.clone();
+    monoio::spawn(async move {
+        while let Some(incoming) = acceptor.incoming().await {
+            assert_eq!(incoming.request.service, "ssh");
+            let stream = incoming.accept().unwrap();
+            monoio::spawn(echo(stream));
+        }
+    });
+    tunnel
+}
+
+/// A crafted agent with the session settings given: tunnel up, node announced; the caller
+/// answers its OPENs (`Tunnel::incoming`).
+pub async fn agent_with(
+    proxy: &Proxy,
+    cred: &Credential,
+    node: &str,
+    config: SessionConfig,
+) -> Tunnel {
     let conn = connect(
         proxy.tunnels,
         cred.config(&proxy.ca),
@@ -441,7 +475,7 @@ pub async fn agent(proxy: &Proxy, cred: &Credential, node: &str) -> Tunnel {
     )
     .await
     .unwrap();
-    let (tunnel, _driver) = run_session(conn, Role::Agent);
+    let (tunnel, _driver) = run_session_with(conn, config);
     assert!(tunnel.connected().await, "agent tunnel did not connect");
     tunnel
         .announce(&Announce {
@@ -455,14 +489,6 @@ pub async fn agent(proxy: &Proxy, cred: &Credential, node: &str) -> Tunnel {
             }],
         })
         .unwrap();
-    let acceptor = tunnel.clone();
-    monoio::spawn(async move {
-        while let Some(incoming) = acceptor.incoming().await {
-            assert_eq!(incoming.request.service, "ssh");
-            let stream = incoming.accept().unwrap();
-            monoio::spawn(echo(stream));
-        }
-    });
     tunnel
 }
 
@@ -507,21 +533,53 @@ pub async fn open_as(
     )
     .await
     .unwrap();
-    let (tunnel, _driver) = run_session(conn, Role::Client);
+    open_with(conn, node, login, dialer_config(Role::Client)).await
+}
+
+/// A crafted user: a session connection with the settings given (a hostile window, say)
+/// and one OPEN to `node` as `login`; returns the driver's task too.
+pub async fn open_hostile(
+    proxy: &Proxy,
+    cred: &Credential,
+    node: &str,
+    config: SessionConfig,
+) -> Result<(Tunnel, MuxStream, monoio::task::JoinHandle<DriveOutcome>), tunnel::mux::StreamError> {
+    let conn = connect(
+        proxy.users,
+        cred.config(&proxy.ca),
+        tunnel::control::ALPN_SESSION,
+    )
+    .await
+    .unwrap();
+    let (tunnel, driver) = run_session_with(conn, config);
+    let stream = tunnel.open(user_open(node, "root", rand_id())).await?;
+    Ok((tunnel, stream, driver))
+}
+
+async fn open_with(
+    conn: TlsConnection,
+    node: &str,
+    login: &str,
+    config: SessionConfig,
+) -> Result<(Tunnel, MuxStream, [u8; 16]), tunnel::mux::StreamError> {
+    let (tunnel, _driver) = run_session_with(conn, config);
     let session_id = rand_id();
-    let stream = tunnel
-        .open(Open {
-            session_id,
-            cluster: String::new(),
-            node: node.into(),
-            service: "ssh".into(),
-            user: "mallory".into(),
-            login: login.into(),
-            client_addr: String::new(),
-            credential: Bytes::new(),
-        })
-        .await?;
+    let stream = tunnel.open(user_open(node, login, session_id)).await?;
     Ok((tunnel, stream, session_id))
+}
+
+/// The OPEN a user's `remoteler proxy ssh` sends for `node` as `login`.
+fn user_open(node: &str, login: &str, session_id: [u8; 16]) -> Open {
+    Open {
+        session_id,
+        cluster: String::new(),
+        node: node.into(),
+        service: "ssh".into(),
+        user: "mallory".into(),
+        login: login.into(),
+        client_addr: String::new(),
+        credential: Bytes::new(),
+    }
 }
 
 /// Sends `data` and reads the same number of bytes back, concurrently; then half-closes and
