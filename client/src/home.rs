@@ -36,6 +36,11 @@ pub const SSH_KEY_FILE: &str = "ssh_key";
 pub const SSH_PUBLIC_KEY_FILE: &str = "ssh_key.pub";
 /// SSH certificate file name: ssh's own convention for the key's certificate.
 pub const SSH_CERT_FILE: &str = "ssh_key-cert.pub";
+/// The cluster's SSH host CA public key, from the login.
+pub const SSH_HOST_CA_FILE: &str = "ssh_host_ca.pub";
+/// The known_hosts file `remoteler config` and `remoteler ssh` point ssh at: `@cert-authority`
+/// lines for the cluster's (and trusted leaves') nodes.
+pub const KNOWN_HOSTS_FILE: &str = "known_hosts";
 
 /// Where the profile lives.
 #[derive(Debug, Clone)]
@@ -243,6 +248,48 @@ impl Home {
                 ))),
             },
         }
+    }
+
+    /// Stores the cluster's SSH host CA public key from a login (one OpenSSH public key
+    /// line), or removes an older one when the proxy sent none.
+    pub fn save_ssh_host_ca(&self, line: Option<&str>) -> Result<(), ClientError> {
+        let path = self.file(SSH_HOST_CA_FILE);
+        match line {
+            Some(line) => {
+                // It goes into known_hosts: one well-formed key, nothing else.
+                let key = ssh_key::PublicKey::from_openssh(line.trim()).map_err(|e| {
+                    ClientError::msg(format!(
+                        "the proxy's SSH host CA is not an OpenSSH public key: {e}"
+                    ))
+                })?;
+                let line = key
+                    .to_openssh()
+                    .map_err(|e| ClientError::msg(format!("cannot encode the SSH host CA: {e}")))?;
+                write_atomic(&path, format!("{line}\n").as_bytes(), 0o644)
+            }
+            None => match std::fs::remove_file(&path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(ClientError::msg(format!(
+                    "cannot remove {}: {e}",
+                    path.display()
+                ))),
+            },
+        }
+    }
+
+    /// The cluster's SSH host CA public key line, if the login stored one.
+    pub fn ssh_host_ca(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.file(SSH_HOST_CA_FILE)).ok()?;
+        let key = ssh_key::PublicKey::from_openssh(text.trim()).ok()?;
+        key.to_openssh().ok()
+    }
+
+    /// Replaces the known_hosts file (mode 0644) and returns its path.
+    pub fn write_known_hosts(&self, text: &str) -> Result<PathBuf, ClientError> {
+        let path = self.file(KNOWN_HOSTS_FILE);
+        write_atomic(&path, text.as_bytes(), 0o644)?;
+        Ok(path)
     }
 
     /// The SSH key and certificate files, when a login stored a certificate.

@@ -196,6 +196,7 @@ pub async fn login(
         public_key: control::to_hex(&key.public_key().to_spki_der()),
         ttl_secs: Some(ttl.as_secs()),
         ssh_public_key: Some(home_ssh_key(home)?),
+        ssh_host_ca: true,
     };
     let conn = net::connect(&proxy, Arc::new(config), ALPN_LOGIN).await?;
     let (mut reader, mut writer) = conn.split();
@@ -252,6 +253,11 @@ pub async fn login(
     )?;
     tls.save(&home.file(USER_CERT_FILE), &home.file(USER_KEY_FILE))?;
     home.save_ssh_certificate(response.ssh_certificate.as_deref())?;
+    home.save_ssh_host_ca(response.ssh_host_ca.as_deref())?;
+    // `remoteler ssh` verifies nodes from now on; `remoteler config` adds the node names.
+    if let Some(ca) = home.ssh_host_ca() {
+        home.write_known_hosts(&ssh::known_hosts(&response.cluster, &[], &ca, &[]))?;
+    }
     if let Some(note) = &response.ssh_note {
         eprintln!("no SSH certificate: {note}");
     }

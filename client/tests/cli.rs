@@ -153,6 +153,7 @@ async fn serve_login(conn: tls::TlsConnection, ca: &ClusterCa) {
             ssh_certificate: None,
             ssh_logins: Vec::new(),
             ssh_note: None,
+            ssh_host_ca: None,
         })
     };
     control::write_line(&mut writer, &reply).await.unwrap();

@@ -336,6 +336,7 @@ async fn login(ctx: &Context, request: LoginRequest) -> Result<LoginResponse, Er
         ));
     }
     ctx.stats.logins.fetch_add(1, Ordering::Relaxed);
+    let want_host_ca = request.ssh_host_ca;
     let password = request.password;
     let verified = crate::blocking::run(move || {
         Argon2::default()
@@ -399,6 +400,14 @@ async fn login(ctx: &Context, request: LoginRequest) -> Result<LoginResponse, Er
         },
         ssh_certificate,
         ssh_note,
+        ssh_host_ca: if want_host_ca {
+            Some(ctx.ssh_host_ca.public_line().map_err(|e| {
+                tracing::error!(error = %e, "cannot encode the SSH host CA public key");
+                error("internal", "cannot encode the SSH host CA public key")
+            })?)
+        } else {
+            None
+        },
     })
 }
 
