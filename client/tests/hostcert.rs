@@ -6,6 +6,8 @@
 //!
 //! Needs root (sshd) and openssh-server; skipped with a message where either is missing.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::net::TcpListener;
@@ -102,6 +104,7 @@ fn ssh(home: &Path, config: &Path, node: &str) -> Output {
 
 #[test]
 fn ssh_verifies_the_node_by_its_host_certificate() {
+    // SAFETY: geteuid has no preconditions and touches no memory.
     if !Path::new(SSHD).exists() || unsafe { libc::geteuid() } != 0 {
         eprintln!("skipped: needs root and openssh-server ({SSHD})");
         return;
