@@ -391,6 +391,26 @@ pub async fn list_nodes(
     }
 }
 
+/// The SSH host CAs of the trusted leaf clusters the user may reach: (leaf, public key line),
+/// each checked to be one OpenSSH public key and re-encoded, since it goes into known_hosts.
+pub async fn leaf_ssh_host_cas(
+    home: &Home,
+    profile: &Profile,
+) -> Result<Vec<(String, String)>, ClientError> {
+    match api(home, profile, &ApiRequest::SshHostCas).await? {
+        ApiResponse::SshHostCas(cas) => Ok(cas
+            .into_iter()
+            .filter_map(|(leaf, line)| {
+                let key = ssh_key::PublicKey::from_openssh(line.trim()).ok()?;
+                Some((leaf, key.to_openssh().ok()?))
+            })
+            .collect()),
+        other => Err(ClientError::msg(format!(
+            "the proxy answered {other:?} to a host CA request"
+        ))),
+    }
+}
+
 /// The trusted leaf clusters the user may reach.
 pub async fn list_clusters(
     home: &Home,

@@ -172,6 +172,9 @@ fn run(args: Args) -> Result<(), ClientError> {
             let proxy_command = client::ssh::proxy_command(&exe, remoteler_home().as_deref(), None);
             // Every trusted leaf cluster that is online now, with its nodes.
             let mut leaves = Vec::new();
+            // A proxy from before leaf host CAs does not know the request: none then.
+            let leaf_cas =
+                block_on(client::leaf_ssh_host_cas(&home, &profile))?.unwrap_or_default();
             // A proxy from before trusted clusters does not know the request: no leaves then.
             let clusters = block_on(client::list_clusters(&home, &profile))?.unwrap_or_else(|e| {
                 eprintln!("remoteler: no trusted clusters listed: {e}");
@@ -207,8 +210,11 @@ fn run(args: Args) -> Result<(), ClientError> {
                         .map(|n| n.name)
                         .filter(|n| config::NodeName::new(n.as_str()).is_ok())
                         .collect(),
+                    host_ca: leaf_cas
+                        .iter()
+                        .find(|(name, _)| *name == leaf.name)
+                        .map(|(_, ca)| ca.clone()),
                     cluster: leaf.name,
-                    host_ca: None,
                 });
             }
             let hint = match remoteler_home() {

@@ -185,6 +185,7 @@ async fn serve_api(conn: tls::TlsConnection) {
             roles: vec![],
         }),
         ApiRequest::ListClusters => Reply::Ok(ApiResponse::Clusters(vec![])),
+        ApiRequest::SshHostCas => Reply::Ok(ApiResponse::SshHostCas(vec![])),
     };
     control::write_line(&mut writer, &reply).await.unwrap();
     let _ = writer.close().await;

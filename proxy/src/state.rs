@@ -69,6 +69,10 @@ pub struct TrustedLeaf {
     pub joined_unix: u64,
     /// The id of the token it joined with.
     pub token_id: String,
+    /// The leaf's SSH host CA public key as it sent it at the join (checked to be one OpenSSH
+    /// public key), handed to this cluster's users for the leaf's node names only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_host_ca: Option<String>,
 }
 
 /// A node whose certificates issued at or before `revoked_unix` are refused.

@@ -89,6 +89,10 @@ pub struct ClusterJoinRequest {
     pub ca_pem: String,
     /// The leaf proxy's public key for the cluster certificate, SubjectPublicKeyInfo DER, hex.
     pub public_key: String,
+    /// The leaf's SSH host CA public key (`ssh-ed25519 AAAA...`): the root hands it to its
+    /// users for the leaf's node names only (`*.LEAF` in their known_hosts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_host_ca: Option<String>,
 }
 
 impl std::fmt::Debug for ClusterJoinRequest {
@@ -233,6 +237,8 @@ pub enum ApiRequest {
     WhoAmI,
     /// The trusted leaf clusters the caller may reach.
     ListClusters,
+    /// The SSH host CAs of the trusted leaf clusters the caller may reach, for known_hosts.
+    SshHostCas,
 }
 
 /// One trusted leaf cluster as a user sees it.
@@ -278,6 +284,8 @@ pub enum ApiResponse {
     },
     /// The trusted leaf clusters.
     Clusters(Vec<ClusterView>),
+    /// Leaf cluster name and its SSH host CA public key line, for each leaf that sent one.
+    SshHostCas(Vec<(String, String)>),
 }
 
 /// A refusal, sent instead of a response.

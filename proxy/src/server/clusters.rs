@@ -154,6 +154,11 @@ fn cluster_join(
 ) -> Result<(JoinResponse, String), tunnel::control::ErrorBody> {
     let leaf = request.cluster.as_str();
     let (leaf_ca, key) = check_cluster_join(cluster, request)?;
+    let ssh_host_ca = request
+        .ssh_host_ca
+        .as_deref()
+        .map(check_ssh_host_ca)
+        .transpose()?;
     let internal = |e: String| {
         tracing::error!(error = %e, "cannot complete a cluster join");
         error("internal", format!("cannot complete the join: {e}"))
@@ -189,6 +194,7 @@ fn cluster_join(
                 ca_pem: tunnel::identity::certificates_to_pem(&leaf_ca),
                 joined_unix: util::unix_now(),
                 token_id: used.id.clone(),
+                ssh_host_ca: ssh_host_ca.clone(),
             });
             Ok(used.id)
         })
@@ -225,6 +231,19 @@ impl From<crate::error::ProxyError> for StateOrBody {
             "the proxy cannot read its state; the operator should check its log",
         ))
     }
+}
+
+/// A leaf's SSH host CA line, as it goes into users' known_hosts: one OpenSSH public key,
+/// re-encoded (so no second line or pattern can ride along).
+fn check_ssh_host_ca(line: &str) -> Result<String, tunnel::control::ErrorBody> {
+    ssh_key::PublicKey::from_openssh(line.trim())
+        .and_then(|key| key.to_openssh())
+        .map_err(|e| {
+            error(
+                "bad_request",
+                format!("ssh_host_ca is not an OpenSSH public key line: {e}"),
+            )
+        })
 }
 
 fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -621,6 +640,7 @@ async fn join_root(ctx: &Context, trusted: &TrustedCluster, dir: &Path) -> Resul
         cluster: ctx.cluster.clone(),
         ca_pem: ctx.ca.certificate_pem(),
         public_key: tunnel::control::to_hex(&key.public_key().to_spki_der()),
+        ssh_host_ca: ctx.ssh_host_ca.public_line().ok(),
     };
     let (mut reader, mut writer) = conn.split();
     let mut buf = BytesMut::new();

@@ -554,6 +554,23 @@ pub(super) async fn serve_api(
                 })
                 .collect(),
         )),
+        ApiRequest::SshHostCas => {
+            let store = ctx.store.clone();
+            match crate::blocking::run(move || store.read()).await {
+                Some(Ok(state)) => Reply::Ok(ApiResponse::SshHostCas(
+                    state
+                        .trusted_leaves
+                        .into_iter()
+                        .filter(|l| ctx.policy.check_cluster(&user, &l.name).is_ok())
+                        .filter_map(|l| Some((l.name, l.ssh_host_ca?)))
+                        .collect(),
+                )),
+                _ => Reply::Error(error(
+                    "internal",
+                    "the proxy cannot read its state; the operator should check its log",
+                )),
+            }
+        }
         ApiRequest::WhoAmI => Reply::Ok(ApiResponse::WhoAmI {
             user: user.name.clone(),
             cluster: user.cluster.clone(),
