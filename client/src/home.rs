@@ -257,14 +257,12 @@ impl Home {
         match line {
             Some(line) => {
                 // It goes into known_hosts: one well-formed key, nothing else.
-                let key = ssh_key::PublicKey::from_openssh(line.trim()).map_err(|e| {
-                    ClientError::msg(format!(
-                        "the proxy's SSH host CA is not an OpenSSH public key: {e}"
-                    ))
+                let line = one_public_key(line).ok_or_else(|| {
+                    ClientError::msg(
+                        "the proxy's SSH host CA is not one OpenSSH public key line; not \
+                         stored (nodes' host keys are not verified until it is)",
+                    )
                 })?;
-                let line = key
-                    .to_openssh()
-                    .map_err(|e| ClientError::msg(format!("cannot encode the SSH host CA: {e}")))?;
                 write_atomic(&path, format!("{line}\n").as_bytes(), 0o644)
             }
             None => match std::fs::remove_file(&path) {
@@ -281,8 +279,7 @@ impl Home {
     /// The cluster's SSH host CA public key line, if the login stored one.
     pub fn ssh_host_ca(&self) -> Option<String> {
         let text = std::fs::read_to_string(self.file(SSH_HOST_CA_FILE)).ok()?;
-        let key = ssh_key::PublicKey::from_openssh(text.trim()).ok()?;
-        key.to_openssh().ok()
+        one_public_key(&text)
     }
 
     /// Replaces the known_hosts file (mode 0644) and returns its path.
@@ -323,6 +320,20 @@ impl Home {
         }
         Ok(removed)
     }
+}
+
+/// `line` as one OpenSSH public key line, re-encoded, for known_hosts; `None` if it is not
+/// one, or holds a control character (the parser takes a comment's newline as part of it, and
+/// a second line would be a known_hosts entry of its own).
+pub fn one_public_key(line: &str) -> Option<String> {
+    let line = line.trim();
+    if line.chars().any(char::is_control) {
+        return None;
+    }
+    ssh_key::PublicKey::from_openssh(line)
+        .ok()?
+        .to_openssh()
+        .ok()
 }
 
 /// Temporary file, sync, rename.
@@ -427,5 +438,29 @@ mod tests {
         assert!(home.remove_credentials().unwrap());
         assert!(!home.file(USER_KEY_FILE).exists());
         assert!(!home.remove_credentials().unwrap());
+    }
+
+    /// The host CA line goes into known_hosts: a newline in its comment would add an entry.
+    #[test]
+    fn a_host_ca_line_is_one_key_or_nothing() {
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ";
+        assert_eq!(
+            one_public_key(&format!("{key} ca@c\n")).as_deref(),
+            Some(format!("{key} ca@c").as_str())
+        );
+        assert_eq!(
+            one_public_key(&format!("{key} c\n@cert-authority * {key}")),
+            None
+        );
+        assert_eq!(one_public_key("ssh-ed25519 !!!"), None);
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(dir.path());
+        assert!(
+            home.save_ssh_host_ca(Some(&format!("{key} x\r\n* {key}")))
+                .is_err()
+        );
+        home.save_ssh_host_ca(Some(key)).unwrap();
+        assert_eq!(home.ssh_host_ca().as_deref(), Some(key));
     }
 }

@@ -400,10 +400,7 @@ pub async fn leaf_ssh_host_cas(
     match api(home, profile, &ApiRequest::SshHostCas).await? {
         ApiResponse::SshHostCas(cas) => Ok(cas
             .into_iter()
-            .filter_map(|(leaf, line)| {
-                let key = ssh_key::PublicKey::from_openssh(line.trim()).ok()?;
-                Some((leaf, key.to_openssh().ok()?))
-            })
+            .filter_map(|(leaf, line)| Some((leaf, home::one_public_key(&line)?)))
             .collect()),
         other => Err(ClientError::msg(format!(
             "the proxy answered {other:?} to a host CA request"

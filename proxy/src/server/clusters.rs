@@ -236,6 +236,13 @@ impl From<crate::error::ProxyError> for StateOrBody {
 /// A leaf's SSH host CA line, as it goes into users' known_hosts: one OpenSSH public key,
 /// re-encoded (so no second line or pattern can ride along).
 fn check_ssh_host_ca(line: &str) -> Result<String, tunnel::control::ErrorBody> {
+    // The comment is free text to the parser, newlines included.
+    if line.trim().chars().any(char::is_control) {
+        return Err(error(
+            "bad_request",
+            "ssh_host_ca must be a single line without control characters",
+        ));
+    }
     ssh_key::PublicKey::from_openssh(line.trim())
         .and_then(|key| key.to_openssh())
         .map_err(|e| {
@@ -1271,5 +1278,28 @@ mod tests {
         other.cluster = "elsewhere".into();
         let (code, _) = root_user("leaf", &s.trust, &other, now).unwrap_err();
         assert_eq!(code, ErrorCode::CLUSTER_UNKNOWN);
+    }
+
+    /// A leaf's SSH host CA goes into users' known_hosts: one key, re-encoded, or refused; a
+    /// second line (a CA for every host) cannot ride along.
+    #[test]
+    fn a_leaf_host_ca_is_one_public_key() {
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ";
+        assert_eq!(
+            super::check_ssh_host_ca(&format!("{key} remoteler-host-ca@leaf\n")).unwrap(),
+            format!("{key} remoteler-host-ca@leaf")
+        );
+        for bad in [
+            format!("{key} c\n@cert-authority * {key}"),
+            format!("@cert-authority * {key}"),
+            "ssh-ed25519 !!!".to_owned(),
+        ] {
+            assert_eq!(
+                super::check_ssh_host_ca(&bad).unwrap_err().code,
+                "bad_request",
+                "{bad:?}"
+            );
+        }
     }
 }
