@@ -206,6 +206,50 @@ mod tests {
     const KEY: &str =
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ";
 
+    fn key(seed: u8) -> ssh_key::PrivateKey {
+        ssh_key::PrivateKey::from(ssh_key::private::Ed25519Keypair::from_seed(&[seed; 32]))
+    }
+
+    /// A host certificate of `host` for `principal`, valid from 1000 for 3000 seconds.
+    fn cert(host: &ssh_key::PrivateKey, principal: &str) -> String {
+        let mut builder = ssh_key::certificate::Builder::new(
+            vec![0; 32],
+            host.public_key().key_data().clone(),
+            1000,
+            4000,
+        )
+        .unwrap();
+        builder.cert_type(CertType::Host).unwrap();
+        builder.valid_principal(principal).unwrap();
+        builder.sign(&key(9)).unwrap().to_openssh().unwrap()
+    }
+
+    /// Renewed when the key changed, the name differs, or two thirds of the validity passed.
+    #[test]
+    fn renews_for_another_key_another_name_or_two_thirds() {
+        let host = key(1);
+        let public = host.public_key();
+        let ours = cert(&host, "node-r1");
+        assert_eq!(renewal(public, Some(&ours), "node-r1", 2000), None);
+        assert_eq!(renewal(public, Some(&ours), "node-r1", 2999), None);
+        assert_eq!(
+            renewal(public, Some(&ours), "node-r1", 3000),
+            Some(Renew::Expiring)
+        );
+        assert_eq!(
+            renewal(public, Some(&ours), "node-r1", 500),
+            Some(Renew::Expiring)
+        );
+        assert_eq!(
+            renewal(public, Some(&cert(&key(2), "node-r1")), "node-r1", 2000),
+            Some(Renew::OtherKey)
+        );
+        assert_eq!(
+            renewal(public, Some(&ours), "node-b", 2000),
+            Some(Renew::OtherName)
+        );
+    }
+
     #[test]
     fn a_missing_or_foreign_certificate_is_renewed() {
         let key = PublicKey::from_openssh(KEY).unwrap();

@@ -254,9 +254,16 @@ pub async fn login(
     tls.save(&home.file(USER_CERT_FILE), &home.file(USER_KEY_FILE))?;
     home.save_ssh_certificate(response.ssh_certificate.as_deref())?;
     home.save_ssh_host_ca(response.ssh_host_ca.as_deref())?;
-    // `remoteler ssh` verifies nodes from now on; `remoteler config` adds the node names.
+    // `remoteler ssh` verifies nodes from now on; `remoteler config` adds the node names and
+    // the leaves' CAs. A file that already trusts this CA for this cluster (written by an
+    // earlier login or `remoteler config`) is kept, with its leaves.
     if let Some(ca) = home.ssh_host_ca() {
-        home.write_known_hosts(&ssh::known_hosts(&response.cluster, &[], &ca, &[]))?;
+        let current =
+            std::fs::read_to_string(home.file(home::KNOWN_HOSTS_FILE)).unwrap_or_default();
+        let cluster_line = ssh::known_hosts(&response.cluster, &[], &ca, &[]);
+        if !ssh::trusts(&current, &response.cluster, &ca) {
+            home.write_known_hosts(&cluster_line)?;
+        }
     }
     if let Some(note) = &response.ssh_note {
         eprintln!("no SSH certificate: {note}");

@@ -121,6 +121,17 @@ pub fn known_hosts(cluster: &str, nodes: &[String], host_ca: &str, leaves: &[Lea
     out
 }
 
+/// Whether the known_hosts text `current` (of [`known_hosts`]) already trusts `host_ca` for the
+/// nodes of `cluster`.
+pub fn trusts(current: &str, cluster: &str, host_ca: &str) -> bool {
+    let suffix = format!(" {}", host_ca.trim());
+    current.lines().any(|line| {
+        line.strip_prefix("@cert-authority ")
+            .and_then(|rest| rest.strip_suffix(suffix.as_str()))
+            .is_some_and(|patterns| patterns.split(',').any(|p| p == format!("*.{cluster}")))
+    })
+}
+
 /// The `-o` options that make ssh verify the node's host certificate against the cluster's
 /// host CA in `known_hosts`, and refuse any other host key.
 pub fn verify_options(known_hosts: &Path) -> Vec<String> {
@@ -426,6 +437,26 @@ mod tests {
                 "@cert-authority *.leaf.example.com ssh-ed25519 BBBB remoteler-host-ca@leaf.example.com",
             ]
         );
+        assert!(trusts(
+            &text,
+            "example.com",
+            "ssh-ed25519 AAAA remoteler-host-ca@example.com"
+        ));
+        assert!(trusts(
+            &text,
+            "leaf.example.com",
+            "ssh-ed25519 BBBB remoteler-host-ca@leaf.example.com"
+        ));
+        assert!(!trusts(
+            &text,
+            "example.com",
+            "ssh-ed25519 CCCC remoteler-host-ca@example.com"
+        ));
+        assert!(!trusts(
+            &text,
+            "other.com",
+            "ssh-ed25519 AAAA remoteler-host-ca@example.com"
+        ));
         assert_eq!(
             verify_options(Path::new("/h/known_hosts")),
             [
