@@ -141,7 +141,7 @@ OUT=$(timeout 10 "$A" start --proxy "10.78.0.1:$TUNNEL_PORT" --token "$(printf '
 contains "$OUT" "token"
 echo "ok - a wrong token is refused with a message about the token"
 USED=$(token)
-timeout 20 "$A" start --proxy "10.78.0.1:$TUNNEL_PORT" --token "$USED" --ca-pin "$PIN" --node-name node-u1 --data-dir "$WORK/agent-u1" >"$WORK/agent-u1.log" 2>&1 &
+timeout 20 "$A" start --proxy "10.78.0.1:$TUNNEL_PORT" --token "$USED" --ca-pin "$PIN" --node-name node-u1 --data-dir "$WORK/agent-u1" --ssh-host-key "" >"$WORK/agent-u1.log" 2>&1 &
 U1=$!
 wait_for "node-u1 joined" 20 test -f "$WORK/agent-u1/node.crt"
 kill $U1 2>/dev/null || true
