@@ -2,7 +2,7 @@
 //! has its sshd's host key certified by the cluster, `remoteler config` writes known_hosts
 //! with the cluster's host CA, and `ssh NODE` verifies the node with `StrictHostKeyChecking
 //! yes` and no earlier known_hosts entry; a node whose sshd shows a host key certified for
-//! another name is refused by ssh itself.
+//! another name, or an uncertified one, is refused by ssh itself.
 //!
 //! Needs root (sshd) and openssh-server; skipped with a message where either is missing.
 
@@ -210,6 +210,19 @@ fn ssh_verifies_the_node_by_its_host_certificate() {
     let (_agent_b, _) = agent("node-b", port_b, "", &dir.join("unused"));
     let _sshd_b = sshd(dir, "node-b", port_b, &key_b, &cert_b, &user_ca);
 
+    // node-c: its sshd's host key is not certified at all (no certificate file).
+    let key_c = host_key(dir, "host_c");
+    let port_c = free_port();
+    let (_agent_c, _) = agent("node-c", port_c, "", &dir.join("unused"));
+    let _sshd_c = sshd(
+        dir,
+        "node-c",
+        port_c,
+        &key_c,
+        &dir.join("host_c-cert.pub"),
+        &user_ca,
+    );
+
     let home = dir.join("home");
     let login = Command::new(CLIENT)
         .args(["login", "--proxy", &addr("users"), "--user", "alice"])
@@ -230,7 +243,7 @@ fn ssh_verifies_the_node_by_its_host_certificate() {
             .unwrap();
         assert!(out.status.success(), "config: {}", text(&out));
         let config = String::from_utf8_lossy(&out.stdout).into_owned();
-        if config.contains("Host node-a node-b ") {
+        if config.contains("Host node-a node-b node-c ") {
             break config;
         }
         assert!(Instant::now() < deadline, "nodes never listed:\n{config}");
@@ -248,7 +261,7 @@ fn ssh_verifies_the_node_by_its_host_certificate() {
         .collect();
     assert_eq!(entries.len(), 1, "{known_hosts}");
     assert!(
-        entries[0].starts_with("@cert-authority node-a,node-b,*.hc.test ssh-ed25519 "),
+        entries[0].starts_with("@cert-authority node-a,node-b,node-c,*.hc.test ssh-ed25519 "),
         "{known_hosts}"
     );
     let ssh_config = dir.join("ssh_config");
@@ -268,4 +281,15 @@ fn ssh_verifies_the_node_by_its_host_certificate() {
     let err = String::from_utf8_lossy(&b.stderr);
     assert!(err.contains("Host key verification failed"), "{err}");
     assert!(b.stdout.is_empty(), "{}", text(&b));
+
+    let c = ssh(&home, &ssh_config, "node-c");
+    assert!(!c.status.success(), "ssh node-c answered: {}", text(&c));
+    let err = String::from_utf8_lossy(&c.stderr);
+    assert!(err.contains("Host key verification failed"), "{err}");
+    assert!(c.stdout.is_empty(), "{}", text(&c));
+    // Nothing learned from the refused nodes either.
+    assert_eq!(
+        std::fs::read_to_string(home.join("known_hosts")).unwrap(),
+        known_hosts
+    );
 }
