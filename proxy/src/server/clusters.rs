@@ -235,7 +235,7 @@ impl From<crate::error::ProxyError> for StateOrBody {
 
 /// A leaf's SSH host CA line, as it goes into users' known_hosts: one OpenSSH public key,
 /// re-encoded (so no second line or pattern can ride along).
-fn check_ssh_host_ca(line: &str) -> Result<String, tunnel::control::ErrorBody> {
+pub fn check_ssh_host_ca(line: &str) -> Result<String, tunnel::control::ErrorBody> {
     // The comment is free text to the parser, newlines included.
     if line.trim().chars().any(char::is_control) {
         return Err(error(

@@ -19,7 +19,7 @@ mod tunnels;
 /// they need no runtime and no state; public for the `control_lines` fuzz target.
 #[doc(hidden)]
 pub mod checks {
-    pub use super::clusters::check_cluster_join;
+    pub use super::clusters::{check_cluster_join, check_ssh_host_ca};
     pub use super::control::{Registration, check_join, check_register, public_key};
 }
 
