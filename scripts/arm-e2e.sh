@@ -48,9 +48,10 @@ echo "$TOKEN" >"$WORK/join-token"
 AGENT_PID=$(bg agent-arm ip netns exec arm-r1 qemu-aarch64 -L "$AARCH64_SYSROOT" \
   -D "$WORK/qemu-syscalls.log" -strace "$ARM_AGENT" start --proxy "10.79.0.1:$TUNNEL_PORT" \
   --token-file "$WORK/join-token" --ca-pin "$PIN" --node-name node-arm --data-dir "$WORK/agent-arm" \
-  --label arch=aarch64 --forward ssh=127.0.0.1:2222)
+  --label arch=aarch64 --forward ssh=127.0.0.1:2222 $(host_cert_flags node-arm))
 online() { "$P" nodes ls --data-dir "$WORK/proxy" | grep -Eq '^node-arm +tunnel +yes'; }
 wait_for "node-arm online via its tunnel" 60 online
+sshd_cert_from_agent node-arm
 check "the agent process is qemu-aarch64 emulating the aarch64 build" \
   test "$(readlink "/proc/$AGENT_PID/exe")" = "$(readlink -f "$(command -v qemu-aarch64)")"
 check "the proxy cannot dial into the site (as behind NAT)" \
@@ -65,8 +66,6 @@ cat >>"$WORK/ssh_config" <<EOF
 Host *
   User root
   IdentityFile $(user_key)
-  UserKnownHostsFile $WORK/known_hosts
-  StrictHostKeyChecking accept-new
   BatchMode yes
 EOF
 S() { ssh -F "$WORK/ssh_config" "$@"; }

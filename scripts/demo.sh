@@ -34,10 +34,12 @@ TOKEN=$("$BIN/remoteler-proxy" tokens add --kind node --node node-r1 --ttl 15m -
 echo "token: ${TOKEN:0:8}... (single use, 15 minutes, only for node-r1)"
 bg agent ip netns exec demo-r1 "$BIN/remoteler-agent" start --proxy "10.77.0.1:$TUNNEL_PORT" \
   --token-file "$WORK/join-token" --ca-pin "$PIN" --node-name node-r1 --data-dir "$WORK/agent" \
-  --label env=edge --forward ssh=127.0.0.1:2222 >/dev/null
+  --label env=edge --forward ssh=127.0.0.1:2222 $(host_cert_flags node-r1) >/dev/null
 export REMOTELER_HOME="$WORK/home"
 wait_for "node-r1 to come online" 30 sh -c "'$BIN/remoteler-proxy' nodes ls --data-dir '$WORK/proxy' | grep -q 'node-r1.*tunnel.*yes'"
 "$BIN/remoteler-proxy" nodes ls --data-dir "$WORK/proxy"
+# The agent had node-r1's sshd host key certified by the cluster; sshd loads it on reload.
+sshd_cert_from_agent node-r1
 
 say "6. user alice, and her login"
 echo "correct horse battery staple" >"$WORK/alice.password"
@@ -51,11 +53,9 @@ cat >>"$WORK/ssh_config" <<EOF
 Host *
   User root
   IdentityFile $(user_key)
-  UserKnownHostsFile $WORK/known_hosts
-  StrictHostKeyChecking accept-new
 EOF
 
-say "8. ssh node-r1 'echo hello from \$NODE_NAME; uname -n'  (through the reverse tunnel)"
+say "8. ssh node-r1 'echo hello from \$NODE_NAME; uname -n'  (through the reverse tunnel; its host key verified by the cluster's host CA)"
 ssh -F "$WORK/ssh_config" node-r1 'echo "hello from $NODE_NAME"; uname -n'
 
 say "9. the proxy's own view: remoteler-proxy status, and its Prometheus metrics"

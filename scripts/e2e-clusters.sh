@@ -39,6 +39,7 @@ cl_sshd() {
 Port $port
 ListenAddress 127.0.0.1
 HostKey $dir/host_key
+HostCertificate $dir/host_key-cert.pub
 PidFile $dir/sshd.pid
 AuthorizedKeysFile $dir/authorized_keys
 PasswordAuthentication no
@@ -49,6 +50,7 @@ PermitRootLogin prohibit-password
 SetEnv NODE_NAME=$name
 LogLevel ERROR
 EOF
+  echo "$port $ns" >"$dir/listen"
   ip netns exec "$ns" /usr/sbin/sshd -f "$dir/sshd_config" -E "$dir/sshd.log"
 }
 
@@ -168,7 +170,8 @@ start_leaf() {
 start_leaf 1
 LEAF_NODE_TOKEN=$("$P" tokens add --kind node --ttl 15m --data-dir "$WORK/leaf" | grep -o '[0-9a-f]\{64\}' | head -1)
 bg agent-r ip netns exec cl-leaf "$A" start --proxy 127.0.0.1:3024 --token "$LEAF_NODE_TOKEN" --ca-pin "$LEAF_PIN" \
-  --node-name node-r --data-dir "$WORK/agent-r" --forward ssh=127.0.0.1:2203 >/dev/null
+  --node-name node-r --data-dir "$WORK/agent-r" --forward ssh=127.0.0.1:2203 \
+  --ssh-host-key "$WORK/leaf-node-r/host_key.pub" --ssh-host-cert "$WORK/leaf-node-r/host_key-cert.pub" >/dev/null
 
 clusters() { "$P" clusters ls --data-dir "$WORK/root"; }
 leaf_up_with() { clusters | grep -Eq "^leaf +yes +$1 "; }
@@ -179,6 +182,17 @@ check "the root recorded the trusted leaf" grep -q '"name": "leaf"' "$WORK/root/
 check "the token is used up (a second join would fail)" \
   bash -c "\"$P\" tokens ls --data-dir \"$WORK/root\" | grep trusted-cluster | grep -q 'used up'"
 echo "--- clusters ls:"; clusters
+
+say "host certificates: each cluster's host CA certifies its own nodes"
+# Static nodes are signed by their own cluster's operator; node-r's agent asks the leaf.
+"$P" ssh-host-cert sign --node node-a --host-key "$WORK/root-node-a/host_key.pub" \
+  --out "$WORK/root-node-a/host_key-cert.pub" --data-dir "$WORK/root" 2>/dev/null
+reload_sshd root-node-a
+"$P" ssh-host-cert sign --node node-a --host-key "$WORK/leaf-node-a/host_key.pub" \
+  --out "$WORK/leaf-node-a/host_key-cert.pub" --data-dir "$WORK/leaf" 2>/dev/null
+reload_sshd leaf-node-a
+sshd_cert_from_agent leaf-node-r
+check "the root recorded the leaf's SSH host CA at the join" grep -q '"ssh_host_ca": "ssh-ed25519 ' "$WORK/root/state.json"
 
 say "the root cannot dial into the leaf (outbound only)"
 check "10.81.0.2:3023 is unreachable from cl-root" \
@@ -198,12 +212,14 @@ echo "ok - remoteler ls --cluster leaf lists node-a and node-r"
 contains "$(cat "$WORK/ssh_config")" "Host node-a.leaf node-r.leaf \*.leaf"
 contains "$(cat "$WORK/ssh_config")" "proxy ssh --cluster leaf"
 echo "ok - remoteler config emits node-a.leaf and node-r.leaf with --cluster leaf"
+KH=$(cat "$REMOTELER_HOME/known_hosts")
+contains "$KH" '^@cert-authority node-a,\*\.root\.test,!\*\.leaf ssh-ed25519 .* remoteler-host-ca@root.test$'
+contains "$KH" '^@cert-authority \*\.leaf ssh-ed25519 .* remoteler-host-ca@leaf$'
+echo "ok - known_hosts trusts the root's host CA for its nodes and the leaf's for node names under leaf only"
 cat >>"$WORK/ssh_config" <<EOF
 Host *
   User root
   IdentityFile $(user_key)
-  UserKnownHostsFile $WORK/known_hosts
-  StrictHostKeyChecking accept-new
   BatchMode yes
 EOF
 S() { ssh -F "$WORK/ssh_config" "$@"; }
@@ -213,7 +229,7 @@ check "ssh node-a reaches the root's node-a" test "$(S node-a 'echo $NODE_NAME')
 check "ssh node-a.leaf reaches the leaf's node-a (direct)" test "$(S node-a.leaf 'echo $NODE_NAME')" = leaf-node-a
 check "ssh node-r.leaf reaches the leaf's node-r (leaf agent tunnel)" test "$(S node-r.leaf 'echo $NODE_NAME')" = leaf-node-r
 check "remoteler ssh --cluster leaf works too" \
-  test "$("$C" ssh --cluster leaf -o IdentityFile="$(user_key)" -o UserKnownHostsFile="$WORK/known_hosts" -o StrictHostKeyChecking=accept-new -o BatchMode=yes root@node-r 'echo $NODE_NAME')" = leaf-node-r
+  test "$("$C" ssh --cluster leaf -o IdentityFile="$(user_key)" -o BatchMode=yes root@node-r 'echo $NODE_NAME')" = leaf-node-r
 
 say "byte-exact transfers through both clusters"
 head -c 6M /dev/urandom >"$WORK/blob"

@@ -33,6 +33,7 @@ start_ca_sshd() {
 Port $port
 ListenAddress 127.0.0.1
 HostKey $dir/host_key
+HostCertificate $dir/host_key-cert.pub
 PidFile $dir/sshd.pid
 TrustedUserCAKeys $WORK/user_ca.pub
 AuthorizedKeysFile none
@@ -44,6 +45,7 @@ PermitRootLogin prohibit-password
 SetEnv NODE_NAME=$node
 LogLevel VERBOSE
 EOF
+  echo "$port" >"$dir/listen"
   /usr/sbin/sshd -f "$dir/sshd_config" -E "$dir/sshd.log"
 }
 
@@ -88,8 +90,12 @@ bg proxy "$P" start --config "$WORK/proxy.toml" >/dev/null
 wait_for "the proxy to listen" 30 test -f "$WORK/proxy/proxy.ready"
 TOKEN=$("$P" tokens add --kind node --ttl 15m --data-dir "$WORK/proxy" | grep -o '[0-9a-f]\{64\}' | head -1)
 bg agent-a "$A" start --proxy "127.0.0.1:$TUNNEL_PORT" --token "$TOKEN" --ca-pin "$PIN" \
-  --node-name node-a --data-dir "$WORK/agent-a" --label env=dev --forward "ssh=127.0.0.1:$SSH_A" >/dev/null
+  --node-name node-a --data-dir "$WORK/agent-a" --label env=dev --forward "ssh=127.0.0.1:$SSH_A" \
+  $(host_cert_flags node-a) >/dev/null
 wait_for "node-a online via tunnel" 30 bash -c "'$P' nodes ls --data-dir '$WORK/proxy' | grep -Eq '^node-a +tunnel +yes'"
+# Host certificates: node-a's agent asks for its own; node-b is static, the operator signs it.
+sshd_cert_from_agent node-a
+sshd_cert_static node-b "$WORK/proxy"
 
 say "users: roles are checked against the configuration"
 echo "roles-e2e-password" >"$WORK/pw"
@@ -108,7 +114,9 @@ as() { local user=$1; shift; REMOTELER_HOME="$WORK/home-$user" "$@"; }
 login() {
   as "$1" "$C" login --proxy "127.0.0.1:$USERS_PORT" --user "$1" --password-file "$WORK/pw" --ca-pin "$PIN" "${@:2}"
 }
-SSHOPTS=(-o UserKnownHostsFile="$WORK/known_hosts" -o StrictHostKeyChecking=accept-new -o BatchMode=yes)
+# Host keys are verified against the cluster's host CA: the known_hosts that `remoteler login`
+# wrote (`remoteler ssh` and the generated ssh_config name it themselves).
+SSHOPTS=(-o BatchMode=yes)
 
 say "alice (role dev, login root): the SSH certificate"
 login alice
@@ -143,6 +151,7 @@ check "plain ssh node-a through the ssh_config of remoteler config" \
 # A ProxyCommand that does not tell the proxy the login (no %r): only sshd can refuse it.
 OUT=$(ssh "${SSHOPTS[@]}" -o IdentitiesOnly=yes -i "$WORK/home-alice/ssh_key" \
   -o CertificateFile="$CERT" -o HostKeyAlias=node-a.roles.test \
+  -o UserKnownHostsFile="$WORK/home-alice/known_hosts" -o StrictHostKeyChecking=yes \
   -o ProxyCommand="env REMOTELER_HOME=$WORK/home-alice $C proxy ssh %h:%p" daemon@node-a true 2>&1 || true)
 contains "$OUT" "Permission denied"
 check "sshd itself says the login is not a principal of the certificate" \

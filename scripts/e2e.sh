@@ -57,16 +57,21 @@ start_agent_r1() {
   [ -n "${1:-}" ] && token=(--token "$1")
   AGENT_R1_PID=$(bg agent-r1 ip netns exec e2e-r1 "$A" start --proxy "10.78.0.1:$TUNNEL_PORT" \
     "${token[@]}" --ca-pin "$PIN" --node-name node-r1 --data-dir "$WORK/agent-r1" \
-    --label env=edge --forward ssh=127.0.0.1:2222)
+    --label env=edge --forward ssh=127.0.0.1:2222 $(host_cert_flags node-r1))
 }
 start_agent_r1 "$(token)"
 bg agent-a "$A" start --auth "127.0.0.1:$AUTH_PORT" --token "$(token)" --ca-pin "$PIN" \
-  --node-name node-a --data-dir "$WORK/agent-a" --forward "ssh=127.0.0.1:$SSH_A" >/dev/null
+  --node-name node-a --data-dir "$WORK/agent-a" --forward "ssh=127.0.0.1:$SSH_A" \
+  $(host_cert_flags node-a) >/dev/null
 online() { "$P" nodes ls --data-dir "$WORK/proxy" | grep -Eq "^$1 +$2 +yes"; }
 offline() { "$P" nodes ls --data-dir "$WORK/proxy" | grep -Eq "^$1 +$2 +no"; }
 gone() { while kill -0 "$1" 2>/dev/null; do sleep 0.1; done; }
 wait_for "node-r1 online via tunnel" 30 online node-r1 tunnel
 wait_for "node-a online via direct" 30 online node-a direct
+# Host certificates: the agents ask for theirs; node-b is static, the operator signs it.
+sshd_cert_from_agent node-r1
+sshd_cert_from_agent node-a
+sshd_cert_static node-b "$WORK/proxy"
 
 say "the proxy cannot dial into the site (as behind NAT)"
 check "10.78.0.2:2222 is unreachable from the host" \
@@ -87,11 +92,13 @@ cat >>"$WORK/ssh_config" <<EOF
 Host *
   User root
   IdentityFile $(user_key)
-  UserKnownHostsFile $WORK/known_hosts
-  StrictHostKeyChecking accept-new
   BatchMode yes
 EOF
 S() { ssh -F "$WORK/ssh_config" "$@"; }
+contains "$(cat "$WORK/ssh_config")" "StrictHostKeyChecking yes"
+grep -q '^@cert-authority .*\*\.e2e\.test ssh-ed25519 ' "$REMOTELER_HOME/known_hosts" \
+  || fail "known_hosts has no @cert-authority line for the cluster's nodes"
+echo "ok - remoteler config verifies host keys against the cluster's host CA"
 
 say "commands and 64 MiB each way on every node"
 head -c 64M /dev/urandom >"$WORK/blob"
@@ -104,7 +111,7 @@ for node in node-r1 node-a node-b; do
   check "64 MiB down from $node arrive intact" test "$(sha256sum <"$WORK/back-$node" | cut -d' ' -f1)" = "$SUM"
   S "$node" "rm -f /tmp/remoteler-e2e-$node"; rm -f "$WORK/back-$node"
 done
-check "remoteler ssh works too" test "$("$C" ssh -o IdentityFile="$(user_key)" -o UserKnownHostsFile="$WORK/known_hosts" -o StrictHostKeyChecking=accept-new -o BatchMode=yes root@node-r1 'echo $NODE_NAME')" = node-r1
+check "remoteler ssh works too" test "$("$C" ssh -o IdentityFile="$(user_key)" -o BatchMode=yes root@node-r1 'echo $NODE_NAME')" = node-r1
 
 say "a running ssh session survives its tunnel's link dying and coming back (RESUME)"
 # 12 MiB sent slowly (1 MiB every 0.5 s) while the site drops every packet for 6 s: both
@@ -134,7 +141,7 @@ OUT=$(timeout 10 "$A" start --proxy "10.78.0.1:$TUNNEL_PORT" --token "$(printf '
 contains "$OUT" "token"
 echo "ok - a wrong token is refused with a message about the token"
 USED=$(token)
-timeout 20 "$A" start --proxy "10.78.0.1:$TUNNEL_PORT" --token "$USED" --ca-pin "$PIN" --node-name node-u1 --data-dir "$WORK/agent-u1" >"$WORK/agent-u1.log" 2>&1 &
+timeout 20 "$A" start --proxy "10.78.0.1:$TUNNEL_PORT" --token "$USED" --ca-pin "$PIN" --node-name node-u1 --data-dir "$WORK/agent-u1" --ssh-host-key "" >"$WORK/agent-u1.log" 2>&1 &
 U1=$!
 wait_for "node-u1 joined" 20 test -f "$WORK/agent-u1/node.crt"
 kill $U1 2>/dev/null || true
@@ -149,7 +156,7 @@ echo "ok - a proxy whose CA does not match the pin is refused"
 # A node whose agent forwards only "web": ssh to it is refused by the agent itself.
 start_sshd node-w "$(free_port)" >/dev/null
 bg agent-w "$A" start --proxy "10.78.0.1:$TUNNEL_PORT" --token "$(token)" --ca-pin "$PIN" \
-  --node-name node-w --data-dir "$WORK/agent-w" --forward web=127.0.0.1:9 >/dev/null
+  --node-name node-w --data-dir "$WORK/agent-w" --forward web=127.0.0.1:9 --ssh-host-key "" >/dev/null
 wait_for "node-w online" 30 online node-w tunnel
 OUT=$(S node-w.e2e.test true 2>&1 || true); contains "$OUT" "not allowed"
 echo "ok - a forward the agent does not allow is refused"

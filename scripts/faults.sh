@@ -89,6 +89,8 @@ cat >"$WORK/agent.toml" <<EOF
 node_name = "node-f1"
 proxy = "$HOST_IP:$TUNNEL_PORT"
 data_dir = "$WORK/agent-f1"
+ssh_host_key = "$WORK/node-f1/host_key.pub"
+ssh_host_cert = "$WORK/node-f1/host_key-cert.pub"
 [join]
 token_file = "$WORK/join-token"
 ca_pin = "$PIN"
@@ -120,6 +122,9 @@ online() { local l; l=$(nodes) && grep -Eq "^$1 +$2 +yes" <<<"$l"; }
 offline() { local l; l=$(nodes) && grep -Eq "^$1 +$2 +no" <<<"$l"; }
 gone() { while kill -0 "$1" 2>/dev/null; do sleep 0.1; done; }
 wait_for "node-f1 online via tunnel" 30 online node-f1 tunnel
+# Host certificates: the agent asks for node-f1's; node-s is static, the operator signs it.
+sshd_cert_from_agent node-f1
+sshd_cert_static node-s "$WORK/proxy"
 
 echo "s3cret-faults-password" >"$WORK/alice.pw"
 "$P" users add alice --roles access --logins root --password-file "$WORK/alice.pw" --data-dir "$WORK/proxy" >/dev/null
@@ -129,8 +134,6 @@ cat >>"$WORK/ssh_config" <<EOF
 Host *
   User root
   IdentityFile $(user_key)
-  UserKnownHostsFile $WORK/known_hosts
-  StrictHostKeyChecking accept-new
   BatchMode yes
   ServerAliveInterval 0
 EOF

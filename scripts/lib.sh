@@ -79,6 +79,7 @@ start_sshd() {
 Port $port
 ListenAddress 127.0.0.1
 HostKey $dir/host_key
+HostCertificate $dir/host_key-cert.pub
 PidFile $dir/sshd.pid
 AuthorizedKeysFile $dir/authorized_keys
 PasswordAuthentication no
@@ -89,11 +90,42 @@ PermitRootLogin prohibit-password
 SetEnv NODE_NAME=$node
 LogLevel ERROR
 EOF
+  echo "$port ${ns:-}" >"$dir/listen"
   if [ -n "$ns" ]; then
     ip netns exec "$ns" /usr/sbin/sshd -f "$dir/sshd_config" -E "$dir/sshd.log"
   else
     /usr/sbin/sshd -f "$dir/sshd_config" -E "$dir/sshd.log"
   fi
+}
+
+# The agent flags that have NODE's sshd host key (from start_sshd) certified by the cluster.
+host_cert_flags() {
+  echo --ssh-host-key "$WORK/$1/host_key.pub" --ssh-host-cert "$WORK/$1/host_key-cert.pub"
+}
+
+# reload_sshd NODE: sshd reads its HostCertificate at start and on SIGHUP; waits until it
+# listens again.
+reload_sshd() {
+  local dir="$WORK/$1" port ns
+  read -r port ns <"$dir/listen"
+  kill -HUP "$(cat "$dir/sshd.pid")"
+  local probe=(bash -c "exec 3<>/dev/tcp/127.0.0.1/$port")
+  [ -n "$ns" ] && probe=(ip netns exec "$ns" "${probe[@]}")
+  wait_for "sshd of $1 listening again" 10 "${probe[@]}"
+}
+
+# sshd_cert_from_agent NODE: waits for NODE's agent to write the host certificate, then has
+# sshd load it.
+sshd_cert_from_agent() {
+  wait_for "the host certificate of $1" 30 test -s "$WORK/$1/host_key-cert.pub"
+  reload_sshd "$1"
+}
+
+# sshd_cert_static NODE DATA_DIR: a static node (no agent): the operator signs its host key.
+sshd_cert_static() {
+  "$P" ssh-host-cert sign --node "$1" --host-key "$WORK/$1/host_key.pub" \
+    --out "$WORK/$1/host_key-cert.pub" --data-dir "$2" 2>/dev/null
+  reload_sshd "$1"
 }
 
 # make_nat_site NS HOST_IP SITE_IP: a namespace joined to the host by a veth pair. The site

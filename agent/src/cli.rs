@@ -65,6 +65,14 @@ pub struct StartArgs {
     /// a forward NAME=HOST:PORT (repeatable; replaces the file's forwards)
     #[argh(option)]
     pub forward: Vec<String>,
+    /// the local sshd's host public key to have certified by the cluster (default
+    /// /etc/ssh/ssh_host_ed25519_key.pub if it exists; "" for none)
+    #[argh(option)]
+    pub ssh_host_key: Option<PathBuf>,
+    /// where to write its host certificate, for sshd's HostCertificate (default: beside the
+    /// key, `*-cert.pub`)
+    #[argh(option)]
+    pub ssh_host_cert: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for StartArgs {
@@ -79,6 +87,8 @@ impl std::fmt::Debug for StartArgs {
             .field("data_dir", &self.data_dir)
             .field("label", &self.label)
             .field("forward", &self.forward)
+            .field("ssh_host_key", &self.ssh_host_key)
+            .field("ssh_host_cert", &self.ssh_host_cert)
             .finish_non_exhaustive()
     }
 }
@@ -182,6 +192,23 @@ impl StartArgs {
         }
         if let Some(dir) = &self.data_dir {
             config.data_dir = dir.clone();
+        }
+        if self.ssh_host_key.is_some() || self.ssh_host_cert.is_some() {
+            let (key, cert) = match config.host_cert.paths() {
+                Some((key, cert)) => (Some(key.to_owned()), Some(cert.to_owned())),
+                None => (Some(PathBuf::new()), None),
+            };
+            let key = self.ssh_host_key.clone().or(key);
+            // A new key gets the certificate path derived from it unless one is given.
+            let cert = self
+                .ssh_host_cert
+                .clone()
+                .or(if self.ssh_host_key.is_some() {
+                    None
+                } else {
+                    cert
+                });
+            config.host_cert = config::HostCertConfig::from_paths(key, cert);
         }
         if !self.label.is_empty() {
             let mut labels: BTreeMap<String, String> = config.labels.as_map().clone();

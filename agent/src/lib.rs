@@ -10,6 +10,8 @@
 //! * **direct** (`auth = "host:3025"`): registers its `ssh_address` with heartbeats; the proxy
 //!   dials the node itself.
 //!
+//! In both modes it keeps the local sshd's host certificate fresh ([`hostcert`]).
+//!
 //! Whatever goes wrong with the network, it reconnects forever with jittered exponential
 //! backoff. It runs on one thread (a monoio runtime, io_uring or epoll) and holds no buffers
 //! while idle beyond what the TLS session needs.
@@ -19,6 +21,7 @@
 
 pub mod backoff;
 pub mod cli;
+pub mod hostcert;
 pub mod net;
 pub mod register;
 pub mod splice;
@@ -180,6 +183,13 @@ pub async fn run_until(config: AgentConfig, stop: &Stop) -> Result<(), AgentErro
         "identity loaded"
     );
     backoff.reset();
+    let hostcert_tls = node.client_config(tunnel::control::ALPN_HOSTCERT)?;
+    monoio::spawn(hostcert::keep(
+        config.clone(),
+        addr.clone(),
+        hostcert_tls,
+        stop.clone(),
+    ));
     let mut detached = None;
     loop {
         let end = match &config.mode {

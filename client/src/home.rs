@@ -36,6 +36,11 @@ pub const SSH_KEY_FILE: &str = "ssh_key";
 pub const SSH_PUBLIC_KEY_FILE: &str = "ssh_key.pub";
 /// SSH certificate file name: ssh's own convention for the key's certificate.
 pub const SSH_CERT_FILE: &str = "ssh_key-cert.pub";
+/// The cluster's SSH host CA public key, from the login.
+pub const SSH_HOST_CA_FILE: &str = "ssh_host_ca.pub";
+/// The known_hosts file `remoteler config` and `remoteler ssh` point ssh at: `@cert-authority`
+/// lines for the cluster's (and trusted leaves') nodes.
+pub const KNOWN_HOSTS_FILE: &str = "known_hosts";
 
 /// Where the profile lives.
 #[derive(Debug, Clone)]
@@ -245,6 +250,45 @@ impl Home {
         }
     }
 
+    /// Stores the cluster's SSH host CA public key from a login (one OpenSSH public key
+    /// line), or removes an older one when the proxy sent none.
+    pub fn save_ssh_host_ca(&self, line: Option<&str>) -> Result<(), ClientError> {
+        let path = self.file(SSH_HOST_CA_FILE);
+        match line {
+            Some(line) => {
+                // It goes into known_hosts: one well-formed key, nothing else.
+                let line = one_public_key(line).ok_or_else(|| {
+                    ClientError::msg(
+                        "the proxy's SSH host CA is not one OpenSSH public key line; not \
+                         stored (nodes' host keys are not verified until it is)",
+                    )
+                })?;
+                write_atomic(&path, format!("{line}\n").as_bytes(), 0o644)
+            }
+            None => match std::fs::remove_file(&path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(ClientError::msg(format!(
+                    "cannot remove {}: {e}",
+                    path.display()
+                ))),
+            },
+        }
+    }
+
+    /// The cluster's SSH host CA public key line, if the login stored one.
+    pub fn ssh_host_ca(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.file(SSH_HOST_CA_FILE)).ok()?;
+        one_public_key(&text)
+    }
+
+    /// Replaces the known_hosts file (mode 0644) and returns its path.
+    pub fn write_known_hosts(&self, text: &str) -> Result<PathBuf, ClientError> {
+        let path = self.file(KNOWN_HOSTS_FILE);
+        write_atomic(&path, text.as_bytes(), 0o644)?;
+        Ok(path)
+    }
+
     /// The SSH key and certificate files, when a login stored a certificate.
     pub fn ssh_identity(&self) -> Option<(PathBuf, PathBuf)> {
         let key = self.file(SSH_KEY_FILE);
@@ -276,6 +320,20 @@ impl Home {
         }
         Ok(removed)
     }
+}
+
+/// `line` as one OpenSSH public key line, re-encoded, for known_hosts; `None` if it is not
+/// one, or holds a control character (the parser takes a comment's newline as part of it, and
+/// a second line would be a known_hosts entry of its own).
+pub fn one_public_key(line: &str) -> Option<String> {
+    let line = line.trim();
+    if line.chars().any(char::is_control) {
+        return None;
+    }
+    ssh_key::PublicKey::from_openssh(line)
+        .ok()?
+        .to_openssh()
+        .ok()
 }
 
 /// Temporary file, sync, rename.
@@ -380,5 +438,29 @@ mod tests {
         assert!(home.remove_credentials().unwrap());
         assert!(!home.file(USER_KEY_FILE).exists());
         assert!(!home.remove_credentials().unwrap());
+    }
+
+    /// The host CA line goes into known_hosts: a newline in its comment would add an entry.
+    #[test]
+    fn a_host_ca_line_is_one_key_or_nothing() {
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ";
+        assert_eq!(
+            one_public_key(&format!("{key} ca@c\n")).as_deref(),
+            Some(format!("{key} ca@c").as_str())
+        );
+        assert_eq!(
+            one_public_key(&format!("{key} c\n@cert-authority * {key}")),
+            None
+        );
+        assert_eq!(one_public_key("ssh-ed25519 !!!"), None);
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(dir.path());
+        assert!(
+            home.save_ssh_host_ca(Some(&format!("{key} x\r\n* {key}")))
+                .is_err()
+        );
+        home.save_ssh_host_ca(Some(key)).unwrap();
+        assert_eq!(home.ssh_host_ca().as_deref(), Some(key));
     }
 }

@@ -196,6 +196,7 @@ pub async fn login(
         public_key: control::to_hex(&key.public_key().to_spki_der()),
         ttl_secs: Some(ttl.as_secs()),
         ssh_public_key: Some(home_ssh_key(home)?),
+        ssh_host_ca: true,
     };
     let conn = net::connect(&proxy, Arc::new(config), ALPN_LOGIN).await?;
     let (mut reader, mut writer) = conn.split();
@@ -252,6 +253,18 @@ pub async fn login(
     )?;
     tls.save(&home.file(USER_CERT_FILE), &home.file(USER_KEY_FILE))?;
     home.save_ssh_certificate(response.ssh_certificate.as_deref())?;
+    home.save_ssh_host_ca(response.ssh_host_ca.as_deref())?;
+    // `remoteler ssh` verifies nodes from now on; `remoteler config` adds the node names and
+    // the leaves' CAs. A file that already trusts this CA for this cluster (written by an
+    // earlier login or `remoteler config`) is kept, with its leaves.
+    if let Some(ca) = home.ssh_host_ca() {
+        let current =
+            std::fs::read_to_string(home.file(home::KNOWN_HOSTS_FILE)).unwrap_or_default();
+        let cluster_line = ssh::known_hosts(&response.cluster, &[], &ca, &[]);
+        if !ssh::trusts(&current, &response.cluster, &ca) {
+            home.write_known_hosts(&cluster_line)?;
+        }
+    }
     if let Some(note) = &response.ssh_note {
         eprintln!("no SSH certificate: {note}");
     }
@@ -381,6 +394,23 @@ pub async fn list_nodes(
         ApiResponse::Nodes(nodes) => Ok(nodes),
         other => Err(ClientError::msg(format!(
             "the proxy answered {other:?} to a node list request"
+        ))),
+    }
+}
+
+/// The SSH host CAs of the trusted leaf clusters the user may reach: (leaf, public key line),
+/// each checked to be one OpenSSH public key and re-encoded, since it goes into known_hosts.
+pub async fn leaf_ssh_host_cas(
+    home: &Home,
+    profile: &Profile,
+) -> Result<Vec<(String, String)>, ClientError> {
+    match api(home, profile, &ApiRequest::SshHostCas).await? {
+        ApiResponse::SshHostCas(cas) => Ok(cas
+            .into_iter()
+            .filter_map(|(leaf, line)| Some((leaf, home::one_public_key(&line)?)))
+            .collect()),
+        other => Err(ClientError::msg(format!(
+            "the proxy answered {other:?} to a host CA request"
         ))),
     }
 }

@@ -105,6 +105,17 @@ fn run(args: Args) -> Result<(), ClientError> {
                 }
                 None => Vec::new(),
             };
+            // Verified against the cluster's host CA (the login wrote known_hosts); a leaf's
+            // nodes only when `remoteler config` found the leaf's CA.
+            let known_hosts = home.file(client::home::KNOWN_HOSTS_FILE);
+            let verified = match leaf {
+                None => home.ssh_host_ca().is_some(),
+                Some(leaf) => std::fs::read_to_string(&known_hosts)
+                    .is_ok_and(|t| t.contains(&format!("@cert-authority *.{leaf} "))),
+            };
+            if verified && known_hosts.exists() {
+                options.extend(client::ssh::verify_options(&absolute(&known_hosts)));
+            }
             options.extend(ssh.option.iter().cloned());
             let args = client::ssh::ssh_args(
                 &ssh.destination,
@@ -161,6 +172,9 @@ fn run(args: Args) -> Result<(), ClientError> {
             let proxy_command = client::ssh::proxy_command(&exe, remoteler_home().as_deref(), None);
             // Every trusted leaf cluster that is online now, with its nodes.
             let mut leaves = Vec::new();
+            // A proxy from before leaf host CAs does not know the request: none then.
+            let leaf_cas =
+                block_on(client::leaf_ssh_host_cas(&home, &profile))?.unwrap_or_default();
             // A proxy from before trusted clusters does not know the request: no leaves then.
             let clusters = block_on(client::list_clusters(&home, &profile))?.unwrap_or_else(|e| {
                 eprintln!("remoteler: no trusted clusters listed: {e}");
@@ -196,6 +210,10 @@ fn run(args: Args) -> Result<(), ClientError> {
                         .map(|n| n.name)
                         .filter(|n| config::NodeName::new(n.as_str()).is_ok())
                         .collect(),
+                    host_ca: leaf_cas
+                        .iter()
+                        .find(|(name, _)| *name == leaf.name)
+                        .map(|(_, ca)| ca.clone()),
                     cluster: leaf.name,
                 });
             }
@@ -206,6 +224,27 @@ fn run(args: Args) -> Result<(), ClientError> {
             let identity = home
                 .ssh_identity()
                 .map(|(key, cert)| (absolute(&key), absolute(&cert)));
+            let known_hosts = match home.ssh_host_ca() {
+                Some(ca) => Some(absolute(&home.write_known_hosts(
+                    &client::ssh::known_hosts(&profile.cluster, &names, &ca, &leaves),
+                )?)),
+                None => {
+                    eprintln!(
+                        "remoteler: the proxy sent no SSH host CA at login; nodes' host keys \
+                         are not verified by the cluster (log in again after upgrading the proxy)"
+                    );
+                    None
+                }
+            };
+            let logins = if profile.ssh_logins.is_empty() {
+                &profile.logins
+            } else {
+                &profile.ssh_logins
+            };
+            let user = match logins.as_slice() {
+                [only] if config::NodeName::new(only.as_str()).is_ok() => Some(only.as_str()),
+                _ => None,
+            };
             print!(
                 "{}",
                 client::ssh::ssh_config(
@@ -215,6 +254,8 @@ fn run(args: Args) -> Result<(), ClientError> {
                     &hint,
                     identity.as_ref().map(|(k, c)| (k.as_path(), c.as_path())),
                     &leaves,
+                    known_hosts.as_deref(),
+                    user,
                 )
             );
         }

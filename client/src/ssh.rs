@@ -89,6 +89,56 @@ pub struct LeafHosts {
     pub nodes: Vec<String>,
     /// `proxy_command(.., Some(cluster))`.
     pub proxy_command: String,
+    /// The leaf's SSH host CA public key line, when the root passed it on; without it, its
+    /// nodes' host keys are not verified by a CA.
+    pub host_ca: Option<String>,
+}
+
+/// The known_hosts file of `remoteler config`: one `@cert-authority` line per cluster whose
+/// SSH host CA is known. The root's CA covers the names `ssh_config` gives its nodes (the bare
+/// names, and `*.CLUSTER`, which also matches the `NODE.CLUSTER` HostKeyAlias) but not the
+/// names under a leaf (`!*.LEAF`): a leaf's nodes are vouched for by the leaf's CA alone, and
+/// a leaf's CA only for names under the leaf.
+pub fn known_hosts(cluster: &str, nodes: &[String], host_ca: &str, leaves: &[LeafHosts]) -> String {
+    let mut patterns: Vec<String> = nodes.to_vec();
+    patterns.push(format!("*.{cluster}"));
+    patterns.extend(leaves.iter().map(|l| format!("!*.{}", l.cluster)));
+    let mut out = format!(
+        "# Remoteler: SSH host CAs, written by `remoteler login` and `remoteler config`; \
+         rewritten each time.\n@cert-authority {} {}\n",
+        patterns.join(","),
+        host_ca.trim()
+    );
+    for leaf in leaves {
+        if let Some(ca) = &leaf.host_ca {
+            out.push_str(&format!(
+                "@cert-authority *.{} {}\n",
+                leaf.cluster,
+                ca.trim()
+            ));
+        }
+    }
+    out
+}
+
+/// Whether the known_hosts text `current` (of [`known_hosts`]) already trusts `host_ca` for the
+/// nodes of `cluster`.
+pub fn trusts(current: &str, cluster: &str, host_ca: &str) -> bool {
+    let suffix = format!(" {}", host_ca.trim());
+    current.lines().any(|line| {
+        line.strip_prefix("@cert-authority ")
+            .and_then(|rest| rest.strip_suffix(suffix.as_str()))
+            .is_some_and(|patterns| patterns.split(',').any(|p| p == format!("*.{cluster}")))
+    })
+}
+
+/// The `-o` options that make ssh verify the node's host certificate against the cluster's
+/// host CA in `known_hosts`, and refuse any other host key.
+pub fn verify_options(known_hosts: &Path) -> Vec<String> {
+    vec![
+        format!("UserKnownHostsFile={}", quote_for_ssh_config(known_hosts)),
+        "StrictHostKeyChecking=yes".to_owned(),
+    ]
 }
 
 /// A path for an ssh_config line or a `-o` option: double-quoted, `%` escaped.
@@ -133,9 +183,12 @@ pub fn ssh_args(
 }
 
 /// The ssh_config block printed by `remoteler config`.
-/// `identity` is the SSH key and certificate of the login, when it has one.
+/// `identity` is the SSH key and certificate of the login, when it has one; `known_hosts` the
+/// file of [`known_hosts`], when the cluster's host CA is known (then ssh verifies every node
+/// against it, `StrictHostKeyChecking yes`); `user` the login when the user has only one.
 /// Nodes of trusted leaf clusters come first as `NODE.LEAF` (ssh takes the first value it
 /// finds for an option, and a leaf's name may end in the root's).
+#[allow(clippy::too_many_arguments)]
 pub fn ssh_config(
     cluster: &str,
     nodes: &[String],
@@ -143,12 +196,23 @@ pub fn ssh_config(
     home_hint: &str,
     identity: Option<(&Path, &Path)>,
     leaves: &[LeafHosts],
+    known_hosts: Option<&Path>,
+    user: Option<&str>,
 ) -> String {
-    let identity_lines = identity.map_or_else(String::new, |(key, cert)| {
+    let mut identity_lines = identity.map_or_else(String::new, |(key, cert)| {
         format!(
             "    IdentityFile {}\n    CertificateFile {}\n    IdentitiesOnly yes\n",
             quote_for_ssh_config(key),
             quote_for_ssh_config(cert)
+        )
+    });
+    if let Some(user) = user {
+        identity_lines.push_str(&format!("    User {user}\n"));
+    }
+    let verify_lines = known_hosts.map_or_else(String::new, |path| {
+        format!(
+            "    UserKnownHostsFile {}\n    StrictHostKeyChecking yes\n",
+            quote_for_ssh_config(path)
         )
     });
     let mut hosts: Vec<String> = nodes.to_vec();
@@ -176,11 +240,15 @@ pub fn ssh_config(
         out.push_str(&format!("Host {}\n", names.join(" ")));
         out.push_str(&format!("    ProxyCommand {}\n", leaf.proxy_command));
         out.push_str(&identity_lines);
+        if leaf.host_ca.is_some() {
+            out.push_str(&verify_lines);
+        }
         out.push('\n');
     }
     out.push_str(&format!("Host {}\n", hosts.join(" ")));
     out.push_str(&format!("    ProxyCommand {proxy_command}\n"));
     out.push_str(&identity_lines);
+    out.push_str(&verify_lines);
     for node in nodes {
         // The same known_hosts entry as `remoteler ssh NODE`.
         out.push_str(&format!(
@@ -299,7 +367,20 @@ mod tests {
                 cluster: "leaf.example.com".into(),
                 nodes: vec!["node-a".into()],
                 proxy_command: leaf_pc.clone(),
+                host_ca: None,
             }],
+            Some(Path::new("/tmp/h/known_hosts")),
+            Some("root"),
+        );
+        assert!(
+            text.contains("    User root\n    UserKnownHostsFile \"/tmp/h/known_hosts\"\n    StrictHostKeyChecking yes\n"),
+            "{text}"
+        );
+        // A leaf without a known host CA is not held to one it cannot meet.
+        let leaf_end = text.find("\nHost node-a node-r1").unwrap();
+        assert!(
+            !text[..leaf_end].contains("StrictHostKeyChecking"),
+            "{text}"
         );
         // The leaf's block comes before `*.example.com`, which its names also match.
         let leaf_block = text
@@ -332,5 +413,56 @@ mod tests {
                 "{line}"
             );
         }
+    }
+
+    #[test]
+    fn known_hosts_trusts_each_ca_for_its_own_names() {
+        let leaf = LeafHosts {
+            cluster: "leaf.example.com".into(),
+            nodes: vec!["node-a".into()],
+            proxy_command: String::new(),
+            host_ca: Some("ssh-ed25519 BBBB remoteler-host-ca@leaf.example.com".into()),
+        };
+        let text = known_hosts(
+            "example.com",
+            &["node-a".into(), "node-r1".into()],
+            "ssh-ed25519 AAAA remoteler-host-ca@example.com\n",
+            &[leaf],
+        );
+        let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            lines,
+            [
+                "@cert-authority node-a,node-r1,*.example.com,!*.leaf.example.com ssh-ed25519 AAAA remoteler-host-ca@example.com",
+                "@cert-authority *.leaf.example.com ssh-ed25519 BBBB remoteler-host-ca@leaf.example.com",
+            ]
+        );
+        assert!(trusts(
+            &text,
+            "example.com",
+            "ssh-ed25519 AAAA remoteler-host-ca@example.com"
+        ));
+        assert!(trusts(
+            &text,
+            "leaf.example.com",
+            "ssh-ed25519 BBBB remoteler-host-ca@leaf.example.com"
+        ));
+        assert!(!trusts(
+            &text,
+            "example.com",
+            "ssh-ed25519 CCCC remoteler-host-ca@example.com"
+        ));
+        assert!(!trusts(
+            &text,
+            "other.com",
+            "ssh-ed25519 AAAA remoteler-host-ca@example.com"
+        ));
+        assert_eq!(
+            verify_options(Path::new("/h/known_hosts")),
+            [
+                "UserKnownHostsFile=\"/h/known_hosts\"",
+                "StrictHostKeyChecking=yes"
+            ]
+        );
     }
 }

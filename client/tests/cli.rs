@@ -153,6 +153,7 @@ async fn serve_login(conn: tls::TlsConnection, ca: &ClusterCa) {
             ssh_certificate: None,
             ssh_logins: Vec::new(),
             ssh_note: None,
+            ssh_host_ca: None,
         })
     };
     control::write_line(&mut writer, &reply).await.unwrap();
@@ -184,6 +185,7 @@ async fn serve_api(conn: tls::TlsConnection) {
             roles: vec![],
         }),
         ApiRequest::ListClusters => Reply::Ok(ApiResponse::Clusters(vec![])),
+        ApiRequest::SshHostCas => Reply::Ok(ApiResponse::SshHostCas(vec![])),
     };
     control::write_line(&mut writer, &reply).await.unwrap();
     let _ = writer.close().await;

@@ -43,6 +43,85 @@ pub struct AgentConfig {
     pub resume: crate::proxy::ResumeConfig,
     /// `[log]`: the program's log.
     pub log: LogConfig,
+    /// `ssh_host_key` and `ssh_host_cert`: the local sshd's host key, which the agent has
+    /// certified by the cluster's SSH host CA, and where it writes the certificate.
+    pub host_cert: HostCertConfig,
+}
+
+/// Which sshd host key the agent has certified, and where the certificate goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostCertConfig {
+    /// `ssh_host_key = ""`: no host certificate.
+    Off,
+    /// `ssh_host_key` absent: [`DEFAULT_SSH_HOST_KEY`] if it exists, else nothing.
+    Default {
+        /// The key's `.pub` file.
+        host_key: PathBuf,
+        /// `ssh_host_cert`, or the key's path with `.pub` replaced by `-cert.pub`.
+        cert: PathBuf,
+    },
+    /// `ssh_host_key` set: a missing file is a warning at each check.
+    Configured {
+        /// The key's `.pub` file.
+        host_key: PathBuf,
+        /// `ssh_host_cert`, or the key's path with `.pub` replaced by `-cert.pub`.
+        cert: PathBuf,
+    },
+}
+
+impl Default for HostCertConfig {
+    fn default() -> Self {
+        let host_key = PathBuf::from(DEFAULT_SSH_HOST_KEY);
+        HostCertConfig::Default {
+            cert: cert_path_for(&host_key),
+            host_key,
+        }
+    }
+}
+
+impl HostCertConfig {
+    /// From the two keys; `host_key` `Some("")` turns host certificates off.
+    pub fn from_paths(host_key: Option<PathBuf>, cert: Option<PathBuf>) -> Self {
+        match host_key {
+            Some(key) if key.as_os_str().is_empty() => HostCertConfig::Off,
+            Some(host_key) => HostCertConfig::Configured {
+                cert: cert.unwrap_or_else(|| cert_path_for(&host_key)),
+                host_key,
+            },
+            None => {
+                let host_key = PathBuf::from(DEFAULT_SSH_HOST_KEY);
+                HostCertConfig::Default {
+                    cert: cert.unwrap_or_else(|| cert_path_for(&host_key)),
+                    host_key,
+                }
+            }
+        }
+    }
+
+    /// The key and certificate paths, unless off.
+    pub fn paths(&self) -> Option<(&Path, &Path)> {
+        match self {
+            HostCertConfig::Off => None,
+            HostCertConfig::Default { host_key, cert }
+            | HostCertConfig::Configured { host_key, cert } => Some((host_key, cert)),
+        }
+    }
+
+    fn resolve(&mut self, base: &Path) {
+        if let HostCertConfig::Default { host_key, cert }
+        | HostCertConfig::Configured { host_key, cert } = self
+        {
+            *host_key = base.join(&*host_key);
+            *cert = base.join(&*cert);
+        }
+    }
+}
+
+/// OpenSSH's naming: `ssh_host_ed25519_key.pub` → `ssh_host_ed25519_key-cert.pub`.
+pub fn cert_path_for(host_key: &Path) -> PathBuf {
+    let text = host_key.to_string_lossy();
+    let stem = text.strip_suffix(".pub").unwrap_or(&text);
+    PathBuf::from(format!("{stem}-cert.pub"))
 }
 
 impl AgentConfig {
@@ -63,6 +142,7 @@ impl AgentConfig {
             if let JoinToken::File(token_file) = &mut config.join.token {
                 *token_file = base.join(&*token_file);
             }
+            config.host_cert.resolve(base);
         }
         Ok(config)
     }
@@ -83,6 +163,7 @@ impl AgentConfig {
             flow: FlowConfig::default(),
             resume: crate::proxy::ResumeConfig::default(),
             log: LogConfig::default(),
+            host_cert: HostCertConfig::default(),
         }
     }
 }
@@ -356,6 +437,8 @@ pub(crate) struct RawAgentConfig {
     resume: crate::proxy::RawResume,
     #[serde(default)]
     log: RawLog,
+    ssh_host_key: Option<PathBuf>,
+    ssh_host_cert: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -459,6 +542,10 @@ impl TryFrom<RawAgentConfig> for AgentConfig {
             flow: FlowConfig::try_from(raw.flow).within("flow")?,
             resume: crate::proxy::ResumeConfig::try_from(raw.resume).within("resume")?,
             log: LogConfig::try_from(raw.log).within("log")?,
+            host_cert: HostCertConfig::from_paths(
+                raw.ssh_host_key,
+                path_key(raw.ssh_host_cert, "ssh_host_cert")?,
+            ),
         })
     }
 }

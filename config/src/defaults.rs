@@ -132,6 +132,9 @@ pub const DEFAULT_AGENT_DATA_DIR: &str = "/var/lib/remoteler-agent";
 pub const DEFAULT_FORWARD_NAME: &str = "ssh";
 /// ...and its target, the local sshd.
 pub const DEFAULT_FORWARD_TARGET: &str = "127.0.0.1:22";
+/// The sshd host key the agent has certified when `ssh_host_key` is absent (used only if the
+/// file exists); its certificate goes beside it as `ssh_host_ed25519_key-cert.pub`.
+pub const DEFAULT_SSH_HOST_KEY: &str = "/etc/ssh/ssh_host_ed25519_key.pub";
 /// Most forwards one agent may have; each is announced.
 pub const MAX_FORWARDS: usize = 64;
 /// First wait before reconnecting after a tunnel drops.

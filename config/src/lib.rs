@@ -33,7 +33,9 @@ mod proxy;
 mod trust;
 mod value;
 
-pub use agent::{AgentConfig, AgentMode, BackoffConfig, Forward, Forwards, JoinConfig, JoinToken};
+pub use agent::{
+    AgentConfig, AgentMode, BackoffConfig, Forward, Forwards, HostCertConfig, JoinConfig, JoinToken,
+};
 pub use common::{FlowConfig, KeepaliveConfig, LogConfig, LogFilter, LogFormat};
 pub use defaults::*;
 pub use error::{ConfigError, InvalidValue, Location};

@@ -412,3 +412,39 @@ fn quick_start_matches_a_minimal_file() {
     let quick = AgentConfig::new(file.node_name.clone(), file.mode.clone(), file.join.clone());
     assert_eq!(quick, file);
 }
+
+/// `ssh_host_key` / `ssh_host_cert`: default the local ed25519 host key with its certificate
+/// beside it; a set key derives the certificate path the OpenSSH way; "" turns it off;
+/// relative paths are the file's directory's.
+#[test]
+fn ssh_host_key_and_cert() {
+    use config::HostCertConfig;
+    let config = parse(&tunnel_agent("")).unwrap();
+    assert_eq!(
+        config.host_cert,
+        HostCertConfig::Default {
+            host_key: "/etc/ssh/ssh_host_ed25519_key.pub".into(),
+            cert: "/etc/ssh/ssh_host_ed25519_key-cert.pub".into(),
+        }
+    );
+    let config = parse(&tunnel_agent("ssh_host_key = \"keys/host.pub\"")).unwrap();
+    assert_eq!(
+        config.host_cert,
+        HostCertConfig::Configured {
+            host_key: "/etc/remoteler/keys/host.pub".into(),
+            cert: "/etc/remoteler/keys/host-cert.pub".into(),
+        }
+    );
+    let config = parse(&tunnel_agent(
+        "ssh_host_key = \"/k.pub\"\nssh_host_cert = \"/var/lib/remoteler-agent/c.pub\"",
+    ))
+    .unwrap();
+    assert_eq!(
+        config.host_cert.paths().unwrap().1,
+        Path::new("/var/lib/remoteler-agent/c.pub")
+    );
+    let config = parse(&tunnel_agent("ssh_host_key = \"\"")).unwrap();
+    assert_eq!(config.host_cert, HostCertConfig::Off);
+    let err = error(&tunnel_agent("ssh_host_cert = \"\""));
+    assert_eq!(err.key(), Some("ssh_host_cert"), "{err}");
+}

@@ -27,8 +27,8 @@ use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use serde::{Serialize, de::DeserializeOwned};
 use tunnel::control::{
-    ApiRequest, ClusterJoinRequest, ControlError, JoinRequest, LoginRequest, MAX_REQUEST_BYTES,
-    RegisterRequest, from_hex, parse_line, take_line,
+    ApiRequest, ClusterJoinRequest, ControlError, HostCertRequest, JoinRequest, LoginRequest,
+    MAX_REQUEST_BYTES, RegisterRequest, from_hex, parse_line, take_line,
 };
 
 /// The cluster name the cluster-join check compares the leaf's name against.
@@ -143,6 +143,16 @@ fn check_line(line: &[u8]) {
             }
             Err(body) => refusal_is_readable(&body),
         }
+        // The leaf's host CA goes into users' known_hosts: one line or a refusal.
+        if let Some(ca) = &request.ssh_host_ca {
+            match proxy::server::checks::check_ssh_host_ca(ca) {
+                Ok(line) => assert!(!line.chars().any(char::is_control)),
+                Err(body) => refusal_is_readable(&body),
+            }
+        }
+    }
+    if let Some(request) = parse::<HostCertRequest>(line) {
+        drop(format!("{request:?}"));
     }
     if let Some(request) = parse::<LoginRequest>(line) {
         let mut blank = request.clone();

@@ -115,6 +115,7 @@ pub async fn login(
         public_key: control::to_hex(&key.public_key().to_spki_der()),
         ttl_secs: Some(3600),
         ssh_public_key: None,
+        ssh_host_ca: false,
     };
     let conn = net::connect_tls(from, proxy, Arc::new(config), ALPN_LOGIN).await?;
     let (mut reader, mut writer) = conn.split();

@@ -1,5 +1,5 @@
 //! The command line: `init`, `start`, `tokens`, `users`, `nodes`, `clusters`, `status`,
-//! `export`, `audit`.
+//! `export`, `ssh-host-cert`, `audit`.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
@@ -9,14 +9,14 @@ use std::time::{Duration, SystemTime};
 use argh::FromArgs;
 use argon2::{Argon2, PasswordHasher};
 use config::ProxyConfig;
-use tunnel::identity::{CaPin, ClusterCa, PrivateKey, TlsIdentity, Validity};
+use tunnel::identity::{CaPin, ClusterCa, FileRole, PrivateKey, TlsIdentity, Validity};
 
 use crate::admin::{self, AdminClientError, AdminRequest, StatusView};
 use crate::datadir::DataDir;
 use crate::directory::NodeRecord;
 use crate::error::ProxyError;
 use crate::roles::Policy;
-use crate::sshca::SshUserCa;
+use crate::sshca::{SshHostCa, SshUserCa};
 use crate::state::UserRevocation;
 use crate::state::{StateStore, Token, TokenKind, User};
 use crate::util;
@@ -51,15 +51,56 @@ enum Command {
     Clusters(ClustersArgs),
     Status(StatusArgs),
     Export(ExportArgs),
+    SshHostCert(SshHostCertArgs),
     Audit(AuditArgs),
 }
 
+/// SSH host certificates for nodes whose agent does not ask for one itself (static
+/// `[[nodes]]`, or a node without an agent).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "ssh-host-cert")]
+struct SshHostCertArgs {
+    #[argh(subcommand)]
+    command: SshHostCertCommand,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+enum SshHostCertCommand {
+    Sign(SshHostCertSignArgs),
+}
+
+/// Sign an sshd's host public key as node NAME (principals NAME and NAME.CLUSTER); put the
+/// result where that sshd's `HostCertificate` points.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "sign")]
+struct SshHostCertSignArgs {
+    /// the node's name, as users type it after `ssh`
+    #[argh(option)]
+    node: String,
+    /// the sshd's host public key, e.g. a copy of /etc/ssh/ssh_host_ed25519_key.pub
+    #[argh(option)]
+    host_key: PathBuf,
+    /// where to write the certificate (mode 0644, atomically); default: standard output
+    #[argh(option)]
+    out: Option<PathBuf>,
+    /// lifetime, e.g. 30d or 365d (default 30d); sign again before it ends
+    #[argh(option)]
+    ttl: Option<String>,
+    /// data directory (default /var/lib/remoteler)
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+    /// configuration file to take data_dir from
+    #[argh(option)]
+    config: Option<PathBuf>,
+}
+
 /// Print the cluster's public keys for other programs: ssh-user-ca (the line for sshd's
-/// TrustedUserCAKeys).
+/// TrustedUserCAKeys), ssh-host-ca (the @cert-authority line for ssh's known_hosts).
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "export")]
 struct ExportArgs {
-    /// what to print: ssh-user-ca
+    /// what to print: ssh-user-ca or ssh-host-ca
     #[argh(positional)]
     what: String,
     /// data directory (default /var/lib/remoteler)
@@ -449,6 +490,9 @@ pub fn run(args: Args) -> Result<(), ProxyError> {
         },
         Command::Status(a) => status(&data_dir(a.data_dir, a.config.as_deref())?),
         Command::Export(a) => export(a),
+        Command::SshHostCert(c) => match c.command {
+            SshHostCertCommand::Sign(a) => ssh_host_cert_sign(a),
+        },
         Command::Audit(a) => audit(a),
     }
 }
@@ -528,6 +572,7 @@ fn init(args: InitArgs) -> Result<(), ProxyError> {
     };
     identity.save(&data.proxy_cert(), &data.proxy_key())?;
     SshUserCa::generate(cluster.as_str())?.save(data.root())?;
+    SshHostCa::generate(cluster.as_str())?.save(data.root())?;
     StateStore::new(data.clone()).create(cluster.as_str(), &args.host)?;
 
     let dir = data.root().display();
@@ -535,6 +580,9 @@ fn init(args: InitArgs) -> Result<(), ProxyError> {
     println!("CA pin: {}", ca.pin());
     println!(
         "SSH user CA (for sshd's TrustedUserCAKeys): remoteler-proxy export ssh-user-ca --data-dir {dir}"
+    );
+    println!(
+        "SSH host CA (for ssh's known_hosts; `remoteler config` writes it): remoteler-proxy export ssh-host-ca --data-dir {dir}"
     );
     println!();
     println!("Next steps:");
@@ -1237,10 +1285,59 @@ fn export(args: ExportArgs) -> Result<(), ProxyError> {
             );
             Ok(())
         }
+        "ssh-host-ca" => {
+            let ca = ClusterCa::load(data.root())?;
+            println!("{}", load_host_ca(&data, ca.cluster())?.known_hosts_line()?);
+            Ok(())
+        }
         other => Err(ProxyError::Usage(format!(
-            "export: unknown item {other:?}; this version exports: ssh-user-ca"
+            "export: unknown item {other:?}; this version exports: ssh-user-ca, ssh-host-ca"
         ))),
     }
+}
+
+fn load_host_ca(data: &DataDir, cluster: &str) -> Result<SshHostCa, ProxyError> {
+    if !SshHostCa::path(data.root()).exists() {
+        return Err(ProxyError::Other(format!(
+            "{} has no SSH host CA yet ({} is missing); this data directory predates SSH host \
+             certificates: start the proxy once, it creates the key",
+            data.root().display(),
+            SshHostCa::path(data.root()).display()
+        )));
+    }
+    SshHostCa::load(data.root(), cluster)
+}
+
+fn ssh_host_cert_sign(args: SshHostCertSignArgs) -> Result<(), ProxyError> {
+    let data = data_dir(args.data_dir, args.config.as_deref())?;
+    let ttl = match &args.ttl {
+        None => crate::sshca::HOST_CERT_TTL,
+        Some(text) => {
+            config::parse_duration(text).map_err(|e| ProxyError::Usage(format!("--ttl: {e}")))?
+        }
+    };
+    let host_key = std::fs::read_to_string(&args.host_key)
+        .map_err(|e| ProxyError::io("cannot read the host key", &args.host_key, e))?;
+    let ca = ClusterCa::load(data.root())?;
+    let host_ca = load_host_ca(&data, ca.cluster())?;
+    let cert = host_ca
+        .issue_host(&host_key, &args.node, SystemTime::now(), ttl)
+        .map_err(|e| ProxyError::Usage(format!("{}: {e}", args.host_key.display())))?;
+    let line = format!("{}\n", cert.line);
+    match &args.out {
+        Some(out) => {
+            tunnel::identity::write_public_file(out, line.as_bytes(), FileRole::Certificate)?;
+            eprintln!(
+                "wrote {} (principals {}, valid until {}); sshd_config: HostCertificate {}",
+                out.display(),
+                cert.principals.join(", "),
+                humantime::format_rfc3339_seconds(cert.not_after),
+                out.display()
+            );
+        }
+        None => print!("{line}"),
+    }
+    Ok(())
 }
 
 fn audit(args: AuditArgs) -> Result<(), ProxyError> {

@@ -91,6 +91,10 @@ pub struct TrustedLeaf {
     pub joined_unix: u64,
     /// The id of the token it joined with.
     pub token_id: String,
+    /// The leaf's SSH host CA public key as it sent it at the join (checked to be one OpenSSH
+    /// public key), handed to this cluster's users for the leaf's node names only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_host_ca: Option<String>,
 }
 
 /// A node whose certificates issued at or before `revoked_unix` are refused.
@@ -470,12 +474,13 @@ impl State {
     /// Admits a trusted-cluster join of leaf `name` whose CA certificate is `ca_pem` (as
     /// [`tunnel::identity::certificates_to_pem`] writes it): checks the token's kind and that
     /// the name is not owned by another CA. On success one use is consumed and the leaf
-    /// recorded; on failure the state is left exactly as it was.
+    /// recorded, with its SSH host CA line; on failure the state is left exactly as it was.
     pub fn admit_leaf(
         &mut self,
         secret: &str,
         name: &str,
         ca_pem: &str,
+        ssh_host_ca: Option<String>,
         now: u64,
     ) -> Result<TokenUse, JoinRefused> {
         let i = self.usable_token(secret, now)?;
@@ -510,6 +515,7 @@ impl State {
             ca_pem: ca_pem.to_owned(),
             joined_unix: now,
             token_id: used.id.clone(),
+            ssh_host_ca,
         });
         Ok(used)
     }
@@ -818,7 +824,7 @@ mod tests {
             ..State::default()
         };
         state.admit_node("node", "n1", "k1", None, 10).unwrap();
-        state.admit_leaf("leaf", "leaf", "CA1", 10).unwrap();
+        state.admit_leaf("leaf", "leaf", "CA1", None, 10).unwrap();
         let before = serde_json::to_string(&state).unwrap();
         for (result, expected) in [
             (
@@ -826,7 +832,7 @@ mod tests {
                 "token_wrong_kind",
             ),
             (
-                state.admit_leaf("node", "leaf2", "CA", 10),
+                state.admit_leaf("node", "leaf2", "CA", None, 10),
                 "token_wrong_kind",
             ),
             (
@@ -838,7 +844,10 @@ mod tests {
                 state.admit_node("node", "n3", "k3", Some("static".into()), 10),
                 "name_taken",
             ),
-            (state.admit_leaf("leaf", "leaf", "CA2", 10), "name_taken"),
+            (
+                state.admit_leaf("leaf", "leaf", "CA2", None, 10),
+                "name_taken",
+            ),
         ] {
             assert_eq!(code(result), expected);
             assert_eq!(
@@ -853,7 +862,7 @@ mod tests {
             .admit_node("node", "n1", "k1", Some("live".into()), 10)
             .unwrap();
         state.admit_node("bound", "edge-7", "k7", None, 10).unwrap();
-        state.admit_leaf("leaf", "leaf", "CA1", 10).unwrap();
+        state.admit_leaf("leaf", "leaf", "CA1", None, 10).unwrap();
         // `--replace` takes a name over, and the new key owns it from then on.
         state.tokens[0].replace = true;
         state

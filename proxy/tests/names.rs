@@ -200,6 +200,7 @@ async fn cluster_join_proved(
         ca_pem,
         public_key: tunnel::control::to_hex(&key.public_key().to_spki_der()),
         ca_proof_pem,
+        ssh_host_ca: None,
     };
     exchange_from(proxy, source(n), ALPN_CLUSTER_JOIN, &request).await
 }

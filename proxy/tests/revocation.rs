@@ -33,6 +33,7 @@ async fn login_ttl(
         public_key: control::to_hex(&key.public_key().to_spki_der()),
         ttl_secs: Some(ttl_secs),
         ssh_public_key: None,
+        ssh_host_ca: false,
     };
     control::write_line(&mut writer, &request).await?;
     let mut buf = BytesMut::new();

@@ -10,6 +10,7 @@
 //! | `remoteler-session/1` | user               | the frame protocol; one OPEN per connection  |
 //! | `remoteler-register/1`| node               | [`RegisterRequest`] heartbeats → [`Ack`]     |
 //! | `remoteler-api/1`     | user               | one [`ApiRequest`] → [`ApiResponse`]         |
+//! | `remoteler-hostcert/1`| node               | one [`HostCertRequest`] → [`HostCertResponse`] |
 //!
 //! A JSON message is one line of at most [`MAX_REQUEST_BYTES`] (its newline not counted),
 //! answered by one line holding either `{"ok": ...}` or `{"error": {"code": ..., "message":
@@ -39,6 +40,9 @@ pub const ALPN_SESSION: &[u8] = b"remoteler-session/1";
 pub const ALPN_REGISTER: &[u8] = b"remoteler-register/1";
 /// ALPN of a user's queries (list nodes, clusters).
 pub const ALPN_API: &[u8] = b"remoteler-api/1";
+
+/// ALPN of a node's request for an SSH host certificate (tunnel and auth listeners).
+pub const ALPN_HOSTCERT: &[u8] = b"remoteler-hostcert/1";
 
 /// Longest JSON line accepted: a join or login request is a few hundred bytes; 64 KiB
 /// leaves room for a large node list in a response while capping what a peer can send.
@@ -90,6 +94,10 @@ pub struct ClusterJoinRequest {
     /// `public_key`, named after the root cluster.
     #[serde(default)]
     pub ca_proof_pem: String,
+    /// The leaf's SSH host CA public key (`ssh-ed25519 AAAA...`): the root hands it to its
+    /// users for the leaf's node names only (`*.LEAF` in their known_hosts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_host_ca: Option<String>,
 }
 
 impl std::fmt::Debug for ClusterJoinRequest {
@@ -130,6 +138,10 @@ pub struct LoginRequest {
     /// certificate; absent, none is issued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh_public_key: Option<String>,
+    /// Asks for the cluster's SSH host CA in the answer (a client from before host
+    /// certificates does not ask, and gets the answer it knows).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ssh_host_ca: bool,
 }
 
 impl std::fmt::Debug for LoginRequest {
@@ -139,6 +151,7 @@ impl std::fmt::Debug for LoginRequest {
             .field("password", &"MASKED")
             .field("ttl_secs", &self.ttl_secs)
             .field("ssh_public_key", &self.ssh_public_key)
+            .field("ssh_host_ca", &self.ssh_host_ca)
             .finish()
     }
 }
@@ -169,6 +182,10 @@ pub struct LoginResponse {
     /// Why no SSH certificate was issued although one was asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh_note: Option<String>,
+    /// The cluster's SSH host CA public key (`ssh-ed25519 AAAA... remoteler-host-ca@CLUSTER`)
+    /// for the client's known_hosts, when the request set `ssh_host_ca`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_host_ca: Option<String>,
 }
 
 /// A heartbeat of a node the proxy dials directly (agent given the auth address).
@@ -182,6 +199,28 @@ pub struct RegisterRequest {
     pub labels: Vec<(String, String)>,
     /// Seconds until the proxy should consider the node offline without another heartbeat.
     pub ttl_secs: u64,
+}
+
+/// A node asks for an OpenSSH host certificate for the host key of the sshd it serves. The
+/// certificate's principals come from the node's TLS certificate, not from the request: there
+/// is no field to name them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HostCertRequest {
+    /// The sshd's host public key, an OpenSSH line (`ssh-ed25519 AAAA...`).
+    pub host_key: String,
+}
+
+/// The host certificate.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HostCertResponse {
+    /// The `*-cert.pub` line for sshd's `HostCertificate`.
+    pub certificate: String,
+    /// The names it is valid for: the node's name and `NAME.CLUSTER`.
+    pub principals: Vec<String>,
+    /// Expiry, seconds since the Unix epoch.
+    pub expires_unix: u64,
 }
 
 /// An empty success.
@@ -203,6 +242,8 @@ pub enum ApiRequest {
     WhoAmI,
     /// The trusted leaf clusters the caller may reach.
     ListClusters,
+    /// The SSH host CAs of the trusted leaf clusters the caller may reach, for known_hosts.
+    SshHostCas,
 }
 
 /// One trusted leaf cluster as a user sees it.
@@ -248,6 +289,8 @@ pub enum ApiResponse {
     },
     /// The trusted leaf clusters.
     Clusters(Vec<ClusterView>),
+    /// Leaf cluster name and its SSH host CA public key line, for each leaf that sent one.
+    SshHostCas(Vec<(String, String)>),
 }
 
 /// A refusal, sent instead of a response.
@@ -425,6 +468,7 @@ mod tests {
             ssh_certificate: None,
             ssh_logins: Vec::new(),
             ssh_note: None,
+            ssh_host_ca: None,
         };
         let json = serde_json::to_value(&response).unwrap();
         let keys: Vec<&String> = json.as_object().unwrap().keys().collect();

@@ -309,12 +309,14 @@ pub fn cluster_with(echo: SocketAddr, agent_relay: bool) -> (Cluster, Option<Rel
                 .args(["--forward", &format!("echo={echo}")])
                 // `remoteler proxy ssh` asks for the service "ssh": the echo server stands in
                 // for sshd where a test checks the bytes, not ssh.
-                .args(["--forward", &format!("ssh={echo}")]);
+                .args(["--forward", &format!("ssh={echo}")])
+                // No sshd here: no host certificate (and never the machine's /etc/ssh).
+                .args(["--ssh-host-key", ""]);
         }
         Some(relay) => {
             let file = tmp.path().join("agent.toml");
             let config = format!(
-                "node_name = \"node-f\"\nproxy = \"{}\"\ndata_dir = \"{}\"\n\
+                "node_name = \"node-f\"\nproxy = \"{}\"\ndata_dir = \"{}\"\nssh_host_key = \"\"\n\
                  [join]\ntoken = \"{token}\"\nca_pin = \"{pin}\"\n\
                  [[forwards]]\nname = \"echo\"\ntarget = \"{echo}\"\n\
                  [[forwards]]\nname = \"ssh\"\ntarget = \"{echo}\"\n\

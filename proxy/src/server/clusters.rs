@@ -218,6 +218,11 @@ fn cluster_join(
 ) -> Result<(JoinResponse, String), tunnel::control::ErrorBody> {
     let leaf = request.cluster.as_str();
     let (leaf_ca, key) = check_cluster_join(cluster, request)?;
+    let ssh_host_ca = request
+        .ssh_host_ca
+        .as_deref()
+        .map(check_ssh_host_ca)
+        .transpose()?;
     let internal = |e: String| {
         tracing::error!(error = %e, "cannot complete a cluster join");
         error("internal", format!("cannot complete the join: {e}"))
@@ -227,7 +232,13 @@ fn cluster_join(
     let token_id = store
         .update(|state| -> Result<String, StateOrBody> {
             let used = state
-                .admit_leaf(&request.token, leaf, &ca_pem, util::unix_now())
+                .admit_leaf(
+                    &request.token,
+                    leaf,
+                    &ca_pem,
+                    ssh_host_ca.clone(),
+                    util::unix_now(),
+                )
                 .map_err(|e| {
                     let text = match &e {
                         JoinRefused::Token(_) => e
@@ -272,6 +283,26 @@ impl From<crate::error::ProxyError> for StateOrBody {
             "the proxy cannot read its state; the operator should check its log",
         ))
     }
+}
+
+/// A leaf's SSH host CA line, as it goes into users' known_hosts: one OpenSSH public key,
+/// re-encoded (so no second line or pattern can ride along).
+pub fn check_ssh_host_ca(line: &str) -> Result<String, tunnel::control::ErrorBody> {
+    // The comment is free text to the parser, newlines included.
+    if line.trim().chars().any(char::is_control) {
+        return Err(error(
+            "bad_request",
+            "ssh_host_ca must be a single line without control characters",
+        ));
+    }
+    ssh_key::PublicKey::from_openssh(line.trim())
+        .and_then(|key| key.to_openssh())
+        .map_err(|e| {
+            error(
+                "bad_request",
+                format!("ssh_host_ca is not an OpenSSH public key line: {e}"),
+            )
+        })
 }
 
 fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -685,6 +716,7 @@ async fn join_root(ctx: &Context, trusted: &TrustedCluster, dir: &Path) -> Resul
         ca_pem: ctx.ca.certificate_pem(),
         public_key: tunnel::control::to_hex(&key.public_key().to_spki_der()),
         ca_proof_pem: tunnel::identity::certificates_to_pem(&[proof]),
+        ssh_host_ca: ctx.ssh_host_ca.public_line().ok(),
     };
     let (mut reader, mut writer) = conn.split();
     let mut buf = BytesMut::new();
@@ -1315,5 +1347,28 @@ mod tests {
         other.cluster = "elsewhere".into();
         let (code, _) = root_user("leaf", &s.trust, &other, now).unwrap_err();
         assert_eq!(code, ErrorCode::CLUSTER_UNKNOWN);
+    }
+
+    /// A leaf's SSH host CA goes into users' known_hosts: one key, re-encoded, or refused; a
+    /// second line (a CA for every host) cannot ride along.
+    #[test]
+    fn a_leaf_host_ca_is_one_public_key() {
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ";
+        assert_eq!(
+            super::check_ssh_host_ca(&format!("{key} remoteler-host-ca@leaf\n")).unwrap(),
+            format!("{key} remoteler-host-ca@leaf")
+        );
+        for bad in [
+            format!("{key} c\n@cert-authority * {key}"),
+            format!("@cert-authority * {key}"),
+            "ssh-ed25519 !!!".to_owned(),
+        ] {
+            assert_eq!(
+                super::check_ssh_host_ca(&bad).unwrap_err().code,
+                "bad_request",
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -338,6 +338,7 @@ async fn login(ctx: &Context, request: LoginRequest) -> Result<LoginResponse, Er
         ));
     }
     ctx.stats.logins.fetch_add(1, Ordering::Relaxed);
+    let want_host_ca = request.ssh_host_ca;
     let password = request.password;
     let verified = crate::blocking::run(move || {
         Argon2::default()
@@ -411,6 +412,14 @@ async fn login(ctx: &Context, request: LoginRequest) -> Result<LoginResponse, Er
         },
         ssh_certificate,
         ssh_note,
+        ssh_host_ca: if want_host_ca {
+            Some(ctx.ssh_host_ca.public_line().map_err(|e| {
+                tracing::error!(error = %e, "cannot encode the SSH host CA public key");
+                error("internal", "cannot encode the SSH host CA public key")
+            })?)
+        } else {
+            None
+        },
     })
 }
 
@@ -607,6 +616,23 @@ pub(super) async fn serve_api(
                 })
                 .collect(),
         )),
+        ApiRequest::SshHostCas => {
+            let store = ctx.store.clone();
+            match crate::blocking::run(move || store.read()).await {
+                Some(Ok(state)) => Reply::Ok(ApiResponse::SshHostCas(
+                    state
+                        .trusted_leaves
+                        .into_iter()
+                        .filter(|l| ctx.policy.check_cluster(&user, &l.name).is_ok())
+                        .filter_map(|l| Some((l.name, l.ssh_host_ca?)))
+                        .collect(),
+                )),
+                _ => Reply::Error(error(
+                    "internal",
+                    "the proxy cannot read its state; the operator should check its log",
+                )),
+            }
+        }
         ApiRequest::WhoAmI => Reply::Ok(ApiResponse::WhoAmI {
             user: user.name.clone(),
             cluster: user.cluster.clone(),

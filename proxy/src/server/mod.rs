@@ -10,6 +10,7 @@
 
 mod clusters;
 mod control;
+mod hostcert;
 mod resume;
 mod sessions;
 mod tunnels;
@@ -18,7 +19,7 @@ mod tunnels;
 /// they need no runtime and no state; public for the `control_lines` fuzz target.
 #[doc(hidden)]
 pub mod checks {
-    pub use super::clusters::check_cluster_join;
+    pub use super::clusters::{check_cluster_join, check_ssh_host_ca};
     pub use super::control::{Registration, check_join, check_register, public_key};
 }
 
@@ -35,7 +36,8 @@ use config::ProxyConfig;
 use frame::{ErrorCode, Role, Session, SessionConfig};
 use monoio::net::{TcpListener, TcpStream};
 use tunnel::control::{
-    ALPN_API, ALPN_CLUSTER_JOIN, ALPN_JOIN, ALPN_LOGIN, ALPN_REGISTER, ALPN_SESSION, ALPN_TUNNEL,
+    ALPN_API, ALPN_CLUSTER_JOIN, ALPN_HOSTCERT, ALPN_JOIN, ALPN_LOGIN, ALPN_REGISTER, ALPN_SESSION,
+    ALPN_TUNNEL,
 };
 use tunnel::identity::{ClientAuth, ClusterCa, IdentityKind, PeerIdentity, TlsIdentity};
 use tunnel::mux::{Tunnel, drive};
@@ -49,7 +51,7 @@ use crate::directory::{CoreDirectory, NodeDirectory};
 use crate::error::ProxyError;
 use crate::roles::Policy;
 use crate::shutdown::Shutdown;
-use crate::sshca::SshUserCa;
+use crate::sshca::{SshHostCa, SshUserCa};
 use crate::state::StateStore;
 
 /// The addresses the proxy listens on, as bound (port 0 resolved).
@@ -392,6 +394,7 @@ struct Shared {
     state_writer: Arc<crate::state_writer::StateWriter>,
     policy: Arc<Policy>,
     ssh_ca: Arc<SshUserCa>,
+    ssh_host_ca: Arc<SshHostCa>,
     directory: Arc<NodeDirectory>,
     stats: Arc<Stats>,
     started: Instant,
@@ -435,6 +438,8 @@ pub struct Context {
     pub policy: Arc<Policy>,
     /// The SSH user CA, for the SSH certificates issued at login.
     pub ssh_ca: Arc<SshUserCa>,
+    /// The SSH host CA, for the nodes' host certificates.
+    pub ssh_host_ca: Arc<SshHostCa>,
     /// Nodes: the shared directory and this core's tunnels.
     pub directory: CoreDirectory,
     /// Counters of the whole process.
@@ -679,8 +684,8 @@ impl ListenerKind {
     fn alpn(self) -> Vec<Vec<u8>> {
         let list: &[&[u8]] = match self {
             ListenerKind::Users => &[ALPN_SESSION, ALPN_API, ALPN_LOGIN],
-            ListenerKind::Tunnels => &[ALPN_TUNNEL, ALPN_JOIN, ALPN_CLUSTER_JOIN],
-            ListenerKind::Auth => &[ALPN_REGISTER, ALPN_JOIN],
+            ListenerKind::Tunnels => &[ALPN_TUNNEL, ALPN_JOIN, ALPN_CLUSTER_JOIN, ALPN_HOSTCERT],
+            ListenerKind::Auth => &[ALPN_REGISTER, ALPN_JOIN, ALPN_HOSTCERT],
         };
         list.iter().map(|p| p.to_vec()).collect()
     }
@@ -752,6 +757,14 @@ pub fn run(
              `remoteler-proxy export ssh-user-ca` prints the line for sshd's TrustedUserCAKeys"
         );
     }
+    let (ssh_host_ca, created) = SshHostCa::load_or_create(data.root(), ca.cluster())?;
+    if created {
+        tracing::info!(
+            path = %SshHostCa::path(data.root()).display(),
+            "created the SSH host CA (this data directory predates host certificates); \
+             `remoteler-proxy export ssh-host-ca` prints the known_hosts line"
+        );
+    }
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..workers).map(|_| flume::unbounded()).unzip();
     let state_writer = Arc::new(crate::state_writer::StateWriter::start(store.clone())?);
     let shared = Shared {
@@ -766,6 +779,7 @@ pub fn run(
         )),
         policy: Arc::new(policy),
         ssh_ca: Arc::new(ssh_ca),
+        ssh_host_ca: Arc::new(ssh_host_ca),
         cluster: ca.cluster().to_owned(),
         ca_pin: ca.pin().to_string(),
         ca: Arc::new(ca),
@@ -986,6 +1000,7 @@ async fn serve_core(
         state_writer: shared.state_writer,
         policy: shared.policy,
         ssh_ca: shared.ssh_ca,
+        ssh_host_ca: shared.ssh_host_ca,
         stats: shared.stats,
         started: shared.started,
         addrs: shared.addrs,
@@ -1535,6 +1550,10 @@ async fn handle_connection(
                     .await
                 }
             }
+        }
+        (ListenerKind::Tunnels | ListenerKind::Auth, p) if p == ALPN_HOSTCERT => {
+            let id = check_identity(&ctx, identity, IdentityKind::Node);
+            Box::pin(hostcert::serve_host_cert(ctx, conn, peer, id)).await;
         }
         (ListenerKind::Auth, p) if p == ALPN_REGISTER => {
             match check_identity(&ctx, identity, IdentityKind::Node) {

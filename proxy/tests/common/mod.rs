@@ -399,6 +399,7 @@ pub async fn login_with(
         public_key: control::to_hex(&key.public_key().to_spki_der()),
         ttl_secs: Some(3600),
         ssh_public_key,
+        ssh_host_ca: false,
     };
     control::write_line(&mut writer, &request).await?;
     let mut buf = BytesMut::new();

@@ -265,6 +265,8 @@ pub enum FileRole {
     Directory,
     /// The cluster's SSH user CA key (`ssh_user_ca.key`, OpenSSH format).
     SshCaKey,
+    /// The cluster's SSH host CA key (`ssh_host_ca.key`, OpenSSH format).
+    SshHostCaKey,
 }
 
 impl fmt::Display for FileRole {
@@ -276,6 +278,7 @@ impl fmt::Display for FileRole {
             FileRole::PrivateKey => "private key",
             FileRole::Directory => "directory",
             FileRole::SshCaKey => "SSH user CA key",
+            FileRole::SshHostCaKey => "SSH host CA key",
         })
     }
 }
@@ -301,7 +304,7 @@ fn explain_io(err: &io::Error, what: FileRole, path: &Path) -> String {
                     .to_owned()
             }
             FileRole::Directory => "no such directory".to_owned(),
-            FileRole::SshCaKey => {
+            FileRole::SshCaKey | FileRole::SshHostCaKey => {
                 "no such file; the proxy creates it on its first start (or `remoteler-proxy init` \
                  for a new cluster)"
                     .to_owned()
