@@ -320,15 +320,43 @@ impl NodeDirectory {
         out.into_values().collect()
     }
 
-    /// Records a heartbeat of a directly dialled node.
+    /// Records a heartbeat of a directly dialled node, unless the name belongs to another
+    /// route: a static `[[nodes]]` entry, a live tunnel, or a tunnel lost within `grace` (it
+    /// may still resume). Returns why not.
     pub fn register_direct(
         &self,
         node: &str,
         address: HostPort,
         labels: Vec<(String, String)>,
         ttl: Duration,
-    ) {
-        self.lock().registered.insert(
+        grace: Duration,
+    ) -> Result<(), String> {
+        if self.static_nodes.iter().any(|n| n.name.as_str() == node) {
+            return Err(format!(
+                "node {node} is a static `[[nodes]]` entry of the proxy's configuration; a \
+                 registration cannot replace it (remove the entry, or give this agent another name)"
+            ));
+        }
+        let mut entries = self.lock();
+        if entries.tunnels.contains_key(node) {
+            return Err(format!(
+                "node {node} is connected through a tunnel; a registration cannot replace it"
+            ));
+        }
+        if let Some(off) = entries.offline.get(node) {
+            let lost = SystemTime::now()
+                .duration_since(off.since)
+                .unwrap_or_default();
+            if lost < grace {
+                return Err(format!(
+                    "node {node}'s tunnel was lost {}s ago and may still resume (`resume.grace` \
+                     {}s); a registration cannot replace it until then",
+                    lost.as_secs(),
+                    grace.as_secs()
+                ));
+            }
+        }
+        entries.registered.insert(
             node.to_owned(),
             Registered {
                 address,
@@ -337,6 +365,7 @@ impl NodeDirectory {
                 last_seen: SystemTime::now(),
             },
         );
+        Ok(())
     }
 
     /// Forgets `node`'s offline record and registration (a removed node). Its live tunnel, if
@@ -601,6 +630,19 @@ impl CoreDirectory {
                 }
             }
         }
+        // A static node is never shadowed by a registration (which is refused for its name
+        // anyway).
+        if let Some(node) = self
+            .shared
+            .static_nodes
+            .iter()
+            .find(|n| n.name.as_str() == node)
+        {
+            return Route::Direct {
+                address: node.address.clone(),
+                labels: labels_of(node),
+            };
+        }
         let now = Instant::now();
         let mut offline_since = None;
         let mut offline_labels = Vec::new();
@@ -613,17 +655,6 @@ impl CoreDirectory {
             }
             offline_since = Some(reg.last_seen);
             offline_labels = reg.labels.clone();
-        }
-        if let Some(node) = self
-            .shared
-            .static_nodes
-            .iter()
-            .find(|n| n.name.as_str() == node)
-        {
-            return Route::Direct {
-                address: node.address.clone(),
-                labels: labels_of(node),
-            };
         }
         if let Some(off) = entries.offline.get(node) {
             if offline_since.is_none_or(|s| off.since > s) {

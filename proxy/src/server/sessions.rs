@@ -324,7 +324,9 @@ pub(super) async fn handle_open(
         Target::Tunnel(agent) => ("tunnel", Ok(agent)),
         Target::Direct(tcp) => ("direct", Err(tcp)),
     };
-    let started = session_start(&ctx, &request, &user, &client_addr, via);
+    // The address actually connected to (a host name's resolved address), for the audit.
+    let dialled = node.as_ref().err().and_then(|tcp| tcp.peer_addr().ok());
+    let started = session_start(&ctx, &request, &user, &client_addr, via, dialled);
     let (outcome, settle) = match node {
         Ok(agent) => splice::splice_streams(user_stream, agent, ("user", "node")).await,
         Err(tcp) => splice::splice_tcp(user_stream, tcp, ("user", "node")).await,
@@ -539,18 +541,22 @@ fn session_start(
     user: &PeerIdentity,
     client_addr: &str,
     via: &str,
+    dialled: Option<SocketAddr>,
 ) -> Instant {
     let session_id = util::to_hex(&request.session_id);
+    let address = dialled.map(|a| a.to_string());
     tracing::info!(
         %session_id, user = %user.name, user_cluster = %user.cluster, node = %request.node,
-        login = %request.login, %via, %client_addr, "session start"
+        login = %request.login, %via, address = address.as_deref().unwrap_or("-"),
+        %client_addr, "session start"
     );
     ctx.audit.record(
         "session.start",
         serde_json::json!({
             "session_id": session_id, "user": user.name, "user_cluster": user.cluster,
             "roles": user.roles, "node": request.node, "login": request.login,
-            "service": request.service, "via": via, "client_addr": client_addr,
+            "service": request.service, "via": via, "address": address,
+            "client_addr": client_addr,
         }),
     );
     Instant::now()
