@@ -220,3 +220,88 @@ fn loopback_is_refused_unless_listed() {
         );
     });
 }
+
+#[test]
+fn an_ssh_session_must_name_its_login() {
+    let proxy = Proxy::start(None);
+    proxy.add_user("alice", "pw");
+    let node = node_credential(&proxy, "node-r1");
+    block_on(async {
+        let _agent = agent(&proxy, &node, "node-r1").await;
+        let user = login(&proxy, "alice", "pw").await.unwrap();
+        // The node is up and alice may reach it as root.
+        let deadline = std::time::Instant::now() + DEADLINE;
+        let stream = loop {
+            match open_as(&proxy, &user, "node-r1", "root").await {
+                Ok((_t, stream, _)) => break stream,
+                Err(e) => {
+                    assert!(std::time::Instant::now() < deadline, "{e}");
+                    monoio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        drop(stream);
+        // A crafted OPEN without a login is refused before any role or route.
+        match open_as(&proxy, &user, "node-r1", "").await {
+            Err(tunnel::mux::StreamError::Refused { code, reason }) => {
+                assert_eq!(code, frame::ErrorCode::ACCESS_DENIED);
+                assert!(reason.contains("ssh user@node-r1"), "{reason}");
+            }
+            Err(e) => panic!("expected ACCESS_DENIED, got {e}"),
+            Ok(_) => panic!("an OPEN without a login reached the node"),
+        }
+        // The same for a leaf cluster's node: the root refuses it before passing it on.
+        let conn = connect(
+            proxy.users,
+            user.config(&proxy.ca),
+            tunnel::control::ALPN_SESSION,
+        )
+        .await
+        .unwrap();
+        let (tunnel, _driver) = run_session(conn, frame::Role::Client);
+        let refused = tunnel
+            .open(frame::Open {
+                session_id: rand_id(),
+                cluster: "leaf.example".into(),
+                node: "node-a".into(),
+                service: "ssh".into(),
+                user: "alice".into(),
+                login: String::new(),
+                client_addr: String::new(),
+                credential: bytes::Bytes::new(),
+            })
+            .await;
+        match refused {
+            Err(tunnel::mux::StreamError::Refused { code, reason }) => {
+                assert_eq!(code, frame::ErrorCode::ACCESS_DENIED, "{reason}");
+                assert!(reason.contains("ssh user@node-a"), "{reason}");
+            }
+            Err(e) => panic!("expected ACCESS_DENIED, got {e}"),
+            Ok(_) => panic!("an OPEN without a login was passed to a leaf"),
+        }
+    });
+    let audit = proxy.audit_when(|records| {
+        records
+            .iter()
+            .filter(|r| r["event"] == "access.denied" && r["login"] == "")
+            .count()
+            >= 2
+    });
+    let denied = audit
+        .iter()
+        .find(|r| r["event"] == "access.denied" && r["node"] == "node-r1")
+        .unwrap();
+    assert!(
+        denied["reason"]
+            .as_str()
+            .unwrap()
+            .contains("ssh user@node-r1"),
+        "{denied}"
+    );
+    assert!(
+        !audit
+            .iter()
+            .any(|r| r["event"] == "session.start" && r["login"] == ""),
+        "a session without a login was started"
+    );
+}

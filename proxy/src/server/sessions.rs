@@ -444,6 +444,11 @@ async fn connect_target(
             "the proxy is shutting down; retry in a moment".into(),
         ));
     }
+    // Before any route: on the root for a leaf's node too (the leaf checks again, with the
+    // login against its roles).
+    ctx.policy
+        .check_open_names_login(user, node, &request.service, &request.login)
+        .map_err(|denied| (ErrorCode::ACCESS_DENIED, denied.0))?;
     if !request.cluster.is_empty() && request.cluster != ctx.cluster {
         if user.cluster != ctx.cluster {
             // A root's user on a leaf: trust is not transitive.
