@@ -305,3 +305,261 @@ fn an_ssh_session_must_name_its_login() {
         "a session without a login was started"
     );
 }
+
+/// The audit records once `done` holds, polled without blocking the test's runtime (its
+/// tunnels keep their keepalive going meanwhile).
+async fn audit_until(
+    proxy: &Proxy,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let records = proxy.audit();
+        if done(&records) {
+            return records;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the audit log never reached the expected state: {records:#?}"
+        );
+        monoio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A leaf cluster `leaf` joined with a trusted-cluster token: its cluster certificate.
+async fn join_leaf(proxy: &Proxy, leaf: &str) -> Credential {
+    let out = cli(&proxy.data, &["tokens", "add", "--kind", "trusted-cluster"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let token = stdout(&out)
+        .lines()
+        .find_map(|l| l.strip_prefix("token: ").map(str::to_owned))
+        .unwrap();
+    let leaf_ca = ClusterCa::generate(leaf).unwrap();
+    let key = PrivateKey::generate().unwrap();
+    let conn = connect(
+        proxy.tunnels,
+        pinned(proxy.pin),
+        tunnel::control::ALPN_CLUSTER_JOIN,
+    )
+    .await
+    .unwrap();
+    let (mut reader, mut writer) = conn.split();
+    let request = tunnel::control::ClusterJoinRequest {
+        token,
+        cluster: leaf.into(),
+        ca_pem: leaf_ca.certificate_pem(),
+        public_key: control::to_hex(&key.public_key().to_spki_der()),
+    };
+    control::write_line(&mut writer, &request).await.unwrap();
+    let mut buf = bytes::BytesMut::new();
+    let response: tunnel::control::JoinResponse =
+        control::read_reply(&mut reader, &mut buf).await.unwrap();
+    Credential {
+        chain: parse_chain(&response.certificate_pem),
+        key,
+    }
+}
+
+/// A leaf's cluster tunnel announcing `nodes` nodes named `PREFIX-N`.
+async fn leaf_tunnel(
+    proxy: &Proxy,
+    cred: &Credential,
+    leaf: &str,
+    prefix: &str,
+    nodes: usize,
+) -> (
+    tunnel::mux::Tunnel,
+    monoio::task::JoinHandle<tunnel::mux::DriveOutcome>,
+) {
+    let conn = connect(
+        proxy.tunnels,
+        cred.config(&proxy.ca),
+        tunnel::control::ALPN_TUNNEL,
+    )
+    .await
+    .unwrap();
+    let (tunnel, driver) = run_session(conn, frame::Role::Cluster);
+    if tunnel.connected().await {
+        let _ = tunnel.announce(&frame::Announce {
+            cluster: leaf.into(),
+            nodes: (0..nodes)
+                .map(|i| frame::NodeInfo {
+                    name: format!("{prefix}-{i}"),
+                    online: true,
+                    tunnel: true,
+                    labels: Vec::new(),
+                    services: vec!["ssh".into()],
+                })
+                .collect(),
+        });
+    }
+    (tunnel, driver)
+}
+
+/// Why a tunnel the proxy refuses ended.
+async fn ended_because(driver: monoio::task::JoinHandle<tunnel::mux::DriveOutcome>) -> String {
+    match monoio::time::timeout(DEADLINE, driver).await {
+        Ok(tunnel::mux::DriveOutcome::Ended(e)) => e.to_string(),
+        Ok(other) => panic!("expected the proxy to close the tunnel, got {other:?}"),
+        Err(_) => panic!("the proxy kept a tunnel it should have refused"),
+    }
+}
+
+#[test]
+fn a_leaf_cluster_holds_a_bounded_share_of_the_root() {
+    let proxy = Proxy::start(Some(
+        "[limits]\nmax_tunnels = 3\nmax_tunnels_per_cluster = 2\nmax_announced_nodes = 5\n",
+    ));
+    block_on(async {
+        let leaf = join_leaf(&proxy, "leaf.example").await;
+        let (_t1, _d1) = leaf_tunnel(&proxy, &leaf, "leaf.example", "a", 3).await;
+        audit_until(&proxy, |r| {
+            r.iter().any(|r| r["event"] == "cluster.connect")
+        })
+        .await;
+        // 3 + 3 nodes: more than the leaf may announce over all its tunnels.
+        let (_t2, d2) = leaf_tunnel(&proxy, &leaf, "leaf.example", "b", 3).await;
+        let why = ended_because(d2).await;
+        assert!(why.contains("max_announced_nodes"), "{why}");
+        // 3 + 2 fit.
+        let (t3, _d3) = leaf_tunnel(&proxy, &leaf, "leaf.example", "c", 2).await;
+        audit_until(&proxy, |r| {
+            r.iter().filter(|r| r["event"] == "cluster.connect").count() == 2
+        })
+        .await;
+        // A third tunnel of the leaf: more than `max_tunnels_per_cluster`.
+        let (_t4, d4) = leaf_tunnel(&proxy, &leaf, "leaf.example", "d", 0).await;
+        let why = ended_because(d4).await;
+        assert!(why.contains("max_tunnels_per_cluster"), "{why}");
+        // A later ANNOUNCE that grows the leaf past the cap closes that tunnel.
+        t3.announce(&frame::Announce {
+            cluster: "leaf.example".into(),
+            nodes: (0..3)
+                .map(|i| frame::NodeInfo {
+                    name: format!("c-{i}"),
+                    online: true,
+                    ..frame::NodeInfo::default()
+                })
+                .collect(),
+        })
+        .unwrap();
+        let deadline = std::time::Instant::now() + DEADLINE;
+        while !t3.is_ended() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the grown ANNOUNCE was kept"
+            );
+            monoio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (_t5, _d5) = leaf_tunnel(&proxy, &leaf, "leaf.example", "e", 1).await;
+        audit_until(&proxy, |r| {
+            r.iter().filter(|r| r["event"] == "cluster.connect").count() == 3
+        })
+        .await;
+
+        // Leaf tunnels count in `max_tunnels`: 2 leaf tunnels + 1 agent = 3, the fourth is
+        // refused.
+        let a1 = node_credential(&proxy, "node-1");
+        let _agent1 = agent(&proxy, &a1, "node-1").await;
+        audit_until(&proxy, |r| {
+            r.iter()
+                .any(|r| r["event"] == "tunnel.connect" && r["node"] == "node-1")
+        })
+        .await;
+        let a2 = node_credential(&proxy, "node-2");
+        let conn = connect(
+            proxy.tunnels,
+            a2.config(&proxy.ca),
+            tunnel::control::ALPN_TUNNEL,
+        )
+        .await
+        .unwrap();
+        let (_t, driver) = run_session(conn, frame::Role::Agent);
+        let why = ended_because(driver).await;
+        assert!(why.contains("limits.max_tunnels"), "{why}");
+    });
+    let audit = proxy.audit();
+    let refusals: Vec<&str> = audit
+        .iter()
+        .filter(|r| r["event"] == "cluster.refused")
+        .filter_map(|r| r["reason"].as_str())
+        .collect();
+    assert!(
+        refusals.iter().any(|r| r.contains("max_announced_nodes"))
+            && refusals
+                .iter()
+                .any(|r| r.contains("max_tunnels_per_cluster")),
+        "{refusals:#?}"
+    );
+}
+
+#[test]
+fn a_user_may_not_announce_and_holds_a_fair_share_of_a_node() {
+    let proxy = Proxy::start(Some("[limits]\nmax_streams_per_user_per_node = 2\n"));
+    proxy.add_user("alice", "pw");
+    proxy.add_user("bob", "pw");
+    let node = node_credential(&proxy, "node-r1");
+    block_on(async {
+        let _agent = agent(&proxy, &node, "node-r1").await;
+        let alice = login(&proxy, "alice", "pw").await.unwrap();
+        let bob = login(&proxy, "bob", "pw").await.unwrap();
+        let deadline = std::time::Instant::now() + DEADLINE;
+        let first = loop {
+            match open(&proxy, &alice, "node-r1").await {
+                Ok(v) => break v,
+                Err(e) => {
+                    assert!(std::time::Instant::now() < deadline, "{e}");
+                    monoio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        let second = open(&proxy, &alice, "node-r1").await.unwrap();
+        match open(&proxy, &alice, "node-r1").await {
+            Err(tunnel::mux::StreamError::Refused { code, reason }) => {
+                assert_eq!(code, frame::ErrorCode::LIMIT_EXCEEDED, "{reason}");
+                assert!(reason.contains("max_streams_per_user_per_node"), "{reason}");
+            }
+            Err(e) => panic!("expected LIMIT_EXCEEDED, got {e}"),
+            Ok(_) => panic!("alice got more than her share of node-r1's streams"),
+        }
+        // Bob still gets his.
+        let (_b, stream, _) = open(&proxy, &bob, "node-r1").await.unwrap();
+        let data = random_bytes(1000);
+        assert!(echo_roundtrip(stream, data.clone()).await == data[..]);
+        // A slot comes back when its session ends.
+        drop(first);
+        let deadline = std::time::Instant::now() + DEADLINE;
+        let _third = loop {
+            match open(&proxy, &alice, "node-r1").await {
+                Ok(v) => break v,
+                Err(e) => {
+                    assert!(std::time::Instant::now() < deadline, "{e}");
+                    monoio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        drop(second);
+
+        // A user's ANNOUNCE ends the user's connection with a protocol error.
+        let conn = connect(
+            proxy.users,
+            alice.config(&proxy.ca),
+            tunnel::control::ALPN_SESSION,
+        )
+        .await
+        .unwrap();
+        let (tunnel, driver) = run_session(conn, frame::Role::Client);
+        assert!(tunnel.connected().await);
+        tunnel
+            .announce(&frame::Announce {
+                cluster: String::new(),
+                nodes: vec![frame::NodeInfo {
+                    name: "node-r1".into(),
+                    ..frame::NodeInfo::default()
+                }],
+            })
+            .unwrap();
+        let why = ended_because(driver).await;
+        assert!(why.contains("may not announce"), "{why}");
+    });
+}

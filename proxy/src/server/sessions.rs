@@ -18,7 +18,7 @@ use tunnel::tls::TlsConnection;
 
 use super::resume;
 use super::{Context, Stats};
-use crate::directory::{ClusterRoute, Route};
+use crate::directory::{ClusterRoute, Route, StreamSlot};
 use crate::splice::{self, SpliceOutcome};
 use crate::util;
 
@@ -124,7 +124,7 @@ pub(super) async fn serve_session(
     if let Some(id) = client_id {
         ctx.session_homes.insert(id, ctx.core);
     }
-    let tunnel = tunnel::mux::Tunnel::new(ctx.new_resumable_session());
+    let tunnel = tunnel::mux::Tunnel::new(ctx.new_user_session());
     let registration = ctx.add_user_tunnel(&tunnel, &user);
     let driven = tunnel.clone();
     let mut driver = monoio::spawn(async move { drive(&driven, conn, input).await });
@@ -277,10 +277,12 @@ fn reject(
 
 /// Where an authorized session goes: the agent's stream, a TCP connection to the node, or a
 /// trusted leaf cluster's stream (which audits the session itself).
+/// A tunnel's stream holds one of the user's slots of that tunnel
+/// (`limits.max_streams_per_user_per_node`) until it ends.
 enum Target {
-    Tunnel(tunnel::mux::MuxStream),
+    Tunnel(tunnel::mux::MuxStream, StreamSlot),
     Direct(monoio::net::TcpStream),
-    Leaf(tunnel::mux::MuxStream),
+    Leaf(tunnel::mux::MuxStream, StreamSlot),
 }
 
 /// Serves one OPEN of `user` (a local user, or on a leaf a root user with mapped roles)
@@ -304,8 +306,8 @@ pub(super) async fn handle_open(
         return; // the user's connection ended meanwhile; dropping the target closes it
     };
     let active = ActiveSession::new(&ctx);
-    let (via, node) = match target {
-        Target::Leaf(leaf) => {
+    let (via, node, _slot) = match target {
+        Target::Leaf(leaf, _slot) => {
             // The session is the leaf's: it writes session.start and session.end to its own
             // audit log; this cluster's log has no record of it (only the program log does).
             let session_id = util::to_hex(&request.session_id);
@@ -321,8 +323,8 @@ pub(super) async fn handle_open(
             settle.wait().await;
             return;
         }
-        Target::Tunnel(agent) => ("tunnel", Ok(agent)),
-        Target::Direct(tcp) => ("direct", Err(tcp)),
+        Target::Tunnel(agent, slot) => ("tunnel", Ok(agent), Some(slot)),
+        Target::Direct(tcp) => ("direct", Err(tcp), None),
     };
     // The address actually connected to (a host name's resolved address), for the audit.
     let dialled = node.as_ref().err().and_then(|tcp| tcp.peer_addr().ok());
@@ -388,6 +390,12 @@ async fn connect_leaf(
             ));
         }
     };
+    let slot = stream_slot(
+        ctx,
+        user,
+        &format!("cluster:{leaf}"),
+        &format!("cluster {leaf}"),
+    )?;
     let open = Open {
         session_id: request.session_id,
         cluster: leaf.clone(),
@@ -400,7 +408,31 @@ async fn connect_leaf(
     };
     open_through(&tunnel, open, &format!("cluster {leaf}"))
         .await
-        .map(Target::Leaf)
+        .map(|stream| Target::Leaf(stream, slot))
+}
+
+/// One of `user`'s stream slots through the tunnel to `target` (see
+/// [`crate::directory::CoreDirectory::take_stream_slot`]), or the refusal naming the limit.
+fn stream_slot(
+    ctx: &Context,
+    user: &PeerIdentity,
+    target: &str,
+    what: &str,
+) -> Result<StreamSlot, (ErrorCode, String)> {
+    let max = ctx.config.limits.max_streams_per_user_per_node;
+    let owner = format!("{}@{}", user.name, user.cluster);
+    ctx.directory
+        .take_stream_slot(&owner, target, max)
+        .ok_or_else(|| {
+            (
+                ErrorCode::LIMIT_EXCEEDED,
+                format!(
+                    "user {} already holds {max} streams to {what}, its share of the tunnel \
+                     (`limits.max_streams_per_user_per_node`); close some sessions and retry",
+                    user.name
+                ),
+            )
+        })
 }
 
 /// Opens a stream through `tunnel` to `what` ("node X", "cluster X"), or says why not.
@@ -470,6 +502,7 @@ async fn connect_target(
     }
     match route {
         Route::Tunnel(entry) => {
+            let slot = stream_slot(ctx, user, node, &format!("node {node}"))?;
             let open = Open {
                 session_id: request.session_id,
                 cluster: String::new(),
@@ -482,7 +515,7 @@ async fn connect_target(
             };
             open_through(&entry.tunnel, open, &format!("node {node}"))
                 .await
-                .map(Target::Tunnel)
+                .map(|stream| Target::Tunnel(stream, slot))
         }
         Route::Direct { address, .. } => {
             if request.service != "ssh" {
