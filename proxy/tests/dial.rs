@@ -563,3 +563,91 @@ fn a_user_may_not_announce_and_holds_a_fair_share_of_a_node() {
         assert!(why.contains("may not announce"), "{why}");
     });
 }
+
+/// The proxy's resident memory, KiB.
+fn rss_kib(proxy: &Proxy) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.child.id())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Figure, not a test (docs/security.md): the root's RSS before and after a hostile leaf opens
+/// 10 cluster tunnels that each announce 1 MiB of nodes with 32 one-letter labels (the most
+/// memory per announced byte). Run with
+/// `cargo test -p proxy --release --test dial -- --ignored --nocapture leaf_announce_rss`.
+#[test]
+#[ignore = "a figure for docs/security.md, not a check"]
+fn leaf_announce_rss() {
+    let proxy = Proxy::start(Some(""));
+    block_on(async {
+        let leaf = join_leaf(&proxy, "leaf.example").await;
+        monoio::time::sleep(Duration::from_millis(500)).await;
+        let before = rss_kib(&proxy);
+        let mut tunnels = Vec::new();
+        for t in 0..10 {
+            let node = |i: usize| frame::NodeInfo {
+                name: format!("t{t}-{i}"),
+                online: true,
+                tunnel: true,
+                labels: (0..32).map(|j| (format!("k{j}"), "v".into())).collect(),
+                services: vec!["ssh".into()],
+            };
+            let mut announce = frame::Announce {
+                cluster: "leaf.example".into(),
+                nodes: Vec::new(),
+            };
+            let mut len = announce.encoded_len();
+            loop {
+                let one = frame::Announce {
+                    cluster: String::new(),
+                    nodes: vec![node(announce.nodes.len())],
+                };
+                let more = one.encoded_len() - frame::Announce::default().encoded_len();
+                if len + more > 1 << 20 {
+                    break;
+                }
+                len += more;
+                announce.nodes.push(one.nodes.into_iter().next().unwrap());
+            }
+            let conn = connect(
+                proxy.tunnels,
+                leaf.config(&proxy.ca),
+                tunnel::control::ALPN_TUNNEL,
+            )
+            .await
+            .unwrap();
+            let (tunnel, driver) = run_session(conn, frame::Role::Cluster);
+            if tunnel.connected().await {
+                let _ = tunnel.announce(&announce);
+            }
+            if t == 0 {
+                eprintln!(
+                    "each ANNOUNCE: {} nodes, {} bytes",
+                    announce.nodes.len(),
+                    announce.encoded_len()
+                );
+            }
+            tunnels.push((tunnel, driver));
+        }
+        audit_until(&proxy, |r| {
+            r.iter()
+                .filter(|r| r["event"] == "cluster.connect" || r["event"] == "cluster.refused")
+                .count()
+                >= 10
+        })
+        .await;
+        monoio::time::sleep(Duration::from_secs(2)).await;
+        let after = rss_kib(&proxy);
+        let up = tunnels.iter().filter(|(t, _)| !t.is_ended()).count();
+        eprintln!(
+            "root RSS: {} MiB before, {} MiB after 10 x 1 MiB ANNOUNCE ({} tunnels kept): +{} MiB",
+            before / 1024,
+            after / 1024,
+            up,
+            after.saturating_sub(before) / 1024
+        );
+    });
+}

@@ -259,10 +259,9 @@ fn leaf_caps(ctx: &Context) -> crate::directory::LeafCaps {
 }
 
 /// Checks a leaf's ANNOUNCE: its own cluster's nodes.
-fn check_cluster_announce(
-    leaf: &str,
-    announce: Option<&Announce>,
-) -> Result<Vec<NodeInfo>, String> {
+/// Takes the decoded copy: a leaf's inventory can be thousands of nodes, and a second copy of
+/// it would only be garbage.
+fn check_cluster_announce(leaf: &str, announce: Option<Announce>) -> Result<Vec<NodeInfo>, String> {
     let Some(announce) = announce else {
         return Err(
             "no ANNOUNCE in time; a leaf cluster announces its nodes right after HELLO".into(),
@@ -274,7 +273,7 @@ fn check_cluster_announce(
             announce.cluster
         ));
     }
-    Ok(announce.nodes.clone())
+    Ok(announce.nodes)
 }
 
 /// ALPN_TUNNEL with a cluster certificate: a leaf's reverse tunnel, served on the core it
@@ -393,7 +392,7 @@ pub(super) async fn serve_cluster_tunnel(
     let driver = monoio::spawn(async move { drive(&driven, conn, input).await });
     let _ = monoio::time::timeout(ctx.handshake_timeout(), tunnel.announce_changed(0)).await;
     let (version, announce) = tunnel.peer_announce();
-    let nodes = match check_cluster_announce(&leaf, announce.as_ref()) {
+    let nodes = match check_cluster_announce(&leaf, announce) {
         Ok(nodes) => nodes,
         Err(why) => {
             tracing::warn!(%peer, cluster = %leaf, reason = %why, "cluster tunnel refused");
@@ -477,7 +476,7 @@ pub(super) async fn serve_cluster_tunnel(
                     break;
                 }
                 let max_nodes = leaf_caps(&ctx).nodes;
-                let checked = check_cluster_announce(&leaf, tunnel.peer_announce().1.as_ref())
+                let checked = check_cluster_announce(&leaf, tunnel.peer_announce().1)
                     .map_err(|why| (ErrorCode::ACCESS_DENIED, why))
                     .and_then(|nodes| {
                         ctx.directory
@@ -549,8 +548,7 @@ pub(super) async fn serve_cluster_tunnel(
             break format!("{reason}; cannot resume: {e}");
         }
         peer = new_peer;
-        let nodes =
-            check_cluster_announce(&leaf, tunnel.peer_announce().1.as_ref()).unwrap_or_default();
+        let nodes = check_cluster_announce(&leaf, tunnel.peer_announce().1).unwrap_or_default();
         if let Err(why) =
             ctx.directory
                 .attach_cluster_tunnel(&leaf, id, peer, &tunnel, nodes, leaf_caps(&ctx))
