@@ -148,11 +148,17 @@ contains "$(cat "$WORK/ssh_config-alice")" "CertificateFile \"$CERT\""
 contains "$(cat "$WORK/ssh_config-alice")" "IdentitiesOnly yes"
 check "plain ssh node-a through the ssh_config of remoteler config" \
   test "$(ssh -F "$WORK/ssh_config-alice" "${SSHOPTS[@]}" -l root node-a 'echo $NODE_NAME')" = node-a
-# A ProxyCommand that does not tell the proxy the login (no %r): only sshd can refuse it.
+# A ProxyCommand that does not tell the proxy the login (no %r) is refused before any sshd.
 OUT=$(ssh "${SSHOPTS[@]}" -o IdentitiesOnly=yes -i "$WORK/home-alice/ssh_key" \
   -o CertificateFile="$CERT" -o HostKeyAlias=node-a.roles.test \
   -o UserKnownHostsFile="$WORK/home-alice/known_hosts" -o StrictHostKeyChecking=yes \
   -o ProxyCommand="env REMOTELER_HOME=$WORK/home-alice $C proxy ssh %h:%p" daemon@node-a true 2>&1 || true)
+contains "$OUT" "ssh user@node-a"
+echo "ok - a ProxyCommand without the login (%r) is refused, naming ssh user@node-a"
+# One that tells the proxy another login than ssh uses: sshd refuses the certificate itself.
+OUT=$(ssh "${SSHOPTS[@]}" -o IdentitiesOnly=yes -i "$WORK/home-alice/ssh_key" \
+  -o CertificateFile="$CERT" -o HostKeyAlias=node-a.roles.test \
+  -o ProxyCommand="env REMOTELER_HOME=$WORK/home-alice $C proxy ssh root@%h:%p" daemon@node-a true 2>&1 || true)
 contains "$OUT" "Permission denied"
 check "sshd itself says the login is not a principal of the certificate" \
   grep -q "name is not a listed principal" "$WORK/node-a/sshd.log"

@@ -33,6 +33,9 @@ users = "127.0.0.1:$USERS_PORT"
 tunnels = "10.78.0.1:$TUNNEL_PORT"
 auth = "127.0.0.1:$AUTH_PORT"
 metrics = "off"
+[auth]
+# node-a's agent registers its sshd on 127.0.0.1: loopback is refused unless listed.
+register_networks = ["127.0.0.0/8"]
 [keepalive]
 interval = "1s"
 count = 3

@@ -89,6 +89,14 @@ impl ForwardSpec {
         if service.is_empty() {
             return Err(ClientError::msg("the service name is empty"));
         }
+        if service == "ssh" && dest.login.is_none() {
+            return Err(ClientError::msg(format!(
+                "{destination:?}: forwarding the ssh service needs the login the ssh sessions \
+                 will use (the proxy checks it against your roles), e.g. `remoteler forward \
+                 --listen {listen} root@{} ssh`",
+                dest.node
+            )));
+        }
         Ok(ForwardSpec {
             listen,
             node: dest.node,

@@ -508,6 +508,15 @@ pub async fn proxy_ssh(
     let leaf = cluster.filter(|c| *c != profile.cluster);
     let dest = ssh::Destination::parse(destination, leaf.unwrap_or(&profile.cluster))
         .map_err(ClientError::msg)?;
+    // The proxy checks the login against the user's roles, and refuses a session without one.
+    let Some(login) = dest.login.clone() else {
+        return Err(ClientError::msg(format!(
+            "{destination:?}: no login; `remoteler proxy ssh` needs LOGIN@NODE, as ssh passes it \
+             with `%r@%h:%p` in the ProxyCommand (`remoteler config` writes that); run \
+             `ssh user@{}`",
+            dest.node
+        )));
+    };
     let proxy = net::parse_proxy(&profile.proxy)?;
     let tls = user_config(home, ALPN_SESSION)?;
     let conn = net::connect(&proxy, tls.clone(), ALPN_SESSION).await?;
@@ -526,7 +535,7 @@ pub async fn proxy_ssh(
         node: dest.node.clone(),
         service: "ssh".to_owned(),
         user: profile.user.clone(),
-        login: dest.login.clone().unwrap_or_default(),
+        login,
         client_addr: String::new(),
         credential: Bytes::new(),
     };

@@ -440,6 +440,27 @@ fn login_ls_config_bridge_logout() {
     assert_eq!(&out.stdout[..13], b"login=ubuntu;");
     assert!(out.stdout[13..] == big[..], "bridge bytes differ");
 
+    // Without a login (a ProxyCommand without %r) nothing is sent: the proxy would refuse it.
+    let out = remoteler(&home, &["proxy", "ssh", "node-r1:22"], b"");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("needs LOGIN@NODE")
+            && text(&out.stderr).contains("ssh user@node-r1"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = remoteler(
+        &home,
+        &["forward", "--listen", "127.0.0.1:0", "node-r1", "ssh"],
+        b"",
+    );
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("root@node-r1 ssh"),
+        "{}",
+        text(&out.stderr)
+    );
+
     let out = remoteler(&home, &["proxy", "ssh", "root@node-x:22"], b"");
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(

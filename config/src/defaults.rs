@@ -112,6 +112,30 @@ pub const DEFAULT_LOGIN_LOCKOUT: Duration = Duration::from_secs(15 * 60);
 pub const MIN_LOGIN_LOCKOUT: Duration = Duration::from_secs(1);
 /// Longest `limits.login_lockout`.
 pub const MAX_LOGIN_LOCKOUT: Duration = Duration::from_secs(24 * 3600);
+/// Most tunnels one leaf cluster holds at once. A leaf proxy opens one per worker of its own
+/// (one per core by default), so this is a leaf with up to 64 cores; a leaf needing more is
+/// refused its extra tunnels, and an operator raises it.
+pub const DEFAULT_MAX_TUNNELS_PER_CLUSTER: u32 = 64;
+/// Upper bound for `limits.max_tunnels_per_cluster`: the most workers a proxy runs.
+pub const MAX_MAX_TUNNELS_PER_CLUSTER: u32 = MAX_WORKERS as u32;
+/// Most nodes one leaf cluster announces over all its tunnels: what the root keeps of a leaf
+/// is bounded by this and `limits.max_announce_bytes`, not by how many tunnels it opens.
+pub const DEFAULT_MAX_ANNOUNCED_NODES: u32 = 10_000;
+/// Upper bound for `limits.max_announced_nodes`.
+pub const MAX_MAX_ANNOUNCED_NODES: u32 = 1_000_000;
+/// `limits.max_streams_per_user_per_node` is `max_streams_per_tunnel` divided by this unless
+/// set: one user gets a quarter of a node's stream slots, so at least four users can always
+/// open streams to a node one of them is flooding. A fixed share rather than a dynamic one:
+/// it is predictable, costs one counter per user and node, and an operator can reason about it.
+pub const DEFAULT_STREAMS_PER_USER_DIVISOR: u32 = 4;
+
+// ---- proxy: auth listener -------------------------------------------------------------------
+
+/// `auth.register_networks` when absent: none, so a directly dialled agent may register only
+/// its own source address.
+pub const DEFAULT_REGISTER_NETWORKS: &[&str] = &[];
+/// Most entries in `auth.register_networks`; each registration is checked against all of them.
+pub const MAX_REGISTER_NETWORKS: usize = 256;
 
 // ---- proxy: resumption and draining ---------------------------------------------------------
 

@@ -40,13 +40,13 @@ pub use common::{FlowConfig, KeepaliveConfig, LogConfig, LogFilter, LogFormat};
 pub use defaults::*;
 pub use error::{ConfigError, InvalidValue, Location};
 pub use proxy::{
-    AuditConfig, DrainConfig, LimitsConfig, ListenConfig, MetricsListen, ProxyConfig, ResumeConfig,
-    RoleConfig, RoleLogin, RoleRules, StaticNode, Workers,
+    AuditConfig, AuthConfig, DrainConfig, LimitsConfig, ListenConfig, MetricsListen, ProxyConfig,
+    ResumeConfig, RoleConfig, RoleLogin, RoleRules, StaticNode, Workers,
 };
 pub use trust::{
     MAX_ROLE_MAP_RULES, MAX_TRUSTED_CLUSTERS, RoleMap, RoleMapRule, RolePattern, TrustedCluster,
 };
 pub use value::{
-    CaPin, ClusterName, HostPort, Labels, MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN, MAX_LABELS,
-    NodeName, RoleName, Secret, ServiceName, parse_duration, parse_size,
+    CaPin, ClusterName, HostPort, IpNetwork, Labels, MAX_LABEL_KEY_LEN, MAX_LABEL_VALUE_LEN,
+    MAX_LABELS, NodeName, RoleName, Secret, ServiceName, parse_duration, parse_size,
 };

@@ -14,8 +14,8 @@ use crate::document::Document;
 use crate::error::{ConfigError, FieldError, ForKey, InvalidValue, WithinKey};
 use crate::trust::{RawTrustedCluster, TrustedCluster, trusted_clusters};
 use crate::value::{
-    ClusterName, HostPort, Labels, NodeName, RawDuration, RawSize, RoleName, duration_in,
-    integer_in, listen_address, parse_key, quoted, size_in,
+    ClusterName, HostPort, IpNetwork, Labels, NodeName, RawDuration, RawSize, RoleName,
+    duration_in, integer_in, listen_address, parse_key, quoted, size_in,
 };
 
 /// Everything `remoteler-proxy` reads from its file, every default filled in.
@@ -42,6 +42,8 @@ pub struct ProxyConfig {
     pub flow: FlowConfig,
     /// `[limits]`: caps on what peers can make the proxy hold.
     pub limits: LimitsConfig,
+    /// `[auth]`: what agents on the auth listener may register.
+    pub auth: AuthConfig,
     /// `[resume]`: how long streams of a dropped tunnel wait for it.
     pub resume: ResumeConfig,
     /// `[drain]`: graceful shutdown.
@@ -102,6 +104,7 @@ impl ProxyConfig {
             keepalive: KeepaliveConfig::default(),
             flow: FlowConfig::default(),
             limits: LimitsConfig::default(),
+            auth: AuthConfig::default(),
             resume: ResumeConfig::default(),
             drain: DrainConfig::default(),
             log: LogConfig::default(),
@@ -208,8 +211,8 @@ pub struct LimitsConfig {
     /// Largest ANNOUNCE, in bytes, [`MIN_MAX_ANNOUNCE_BYTES`] to [`MAX_MAX_ANNOUNCE_BYTES`];
     /// default [`DEFAULT_MAX_ANNOUNCE_BYTES`].
     pub max_announce_bytes: u32,
-    /// Tunnels held at once, 1 to [`MAX_MAX_TUNNELS`]; default [`DEFAULT_MAX_TUNNELS`]. The
-    /// process's open-file limit may bind first.
+    /// Tunnels held at once, agents' and leaf clusters', 1 to [`MAX_MAX_TUNNELS`]; default
+    /// [`DEFAULT_MAX_TUNNELS`]. The process's open-file limit may bind first.
     pub max_tunnels: u32,
     /// Failed password logins in a row that lock the account out, 1 to
     /// [`MAX_LOGIN_LOCKOUT_FAILURES`]; default [`DEFAULT_LOGIN_LOCKOUT_FAILURES`]. Guessing one
@@ -219,6 +222,16 @@ pub struct LimitsConfig {
     /// [`MIN_LOGIN_LOCKOUT`] to [`MAX_LOGIN_LOCKOUT`]; default [`DEFAULT_LOGIN_LOCKOUT`].
     /// `remoteler-proxy users unlock` lifts it sooner.
     pub login_lockout: Duration,
+    /// Tunnels one leaf cluster may hold at once, 1 to [`MAX_MAX_TUNNELS_PER_CLUSTER`];
+    /// default [`DEFAULT_MAX_TUNNELS_PER_CLUSTER`]. A leaf opens one per worker of its own.
+    pub max_tunnels_per_cluster: u32,
+    /// Nodes one leaf cluster may announce over all its tunnels, 1 to
+    /// [`MAX_MAX_ANNOUNCED_NODES`]; default [`DEFAULT_MAX_ANNOUNCED_NODES`].
+    pub max_announced_nodes: u32,
+    /// Streams one user may hold at once through one node's (or leaf cluster's) tunnel, 1 to
+    /// [`MAX_MAX_STREAMS_PER_TUNNEL`]; default a quarter of `max_streams_per_tunnel`
+    /// ([`DEFAULT_STREAMS_PER_USER_DIVISOR`]), so one user cannot take every slot.
+    pub max_streams_per_user_per_node: u32,
 }
 
 impl Default for LimitsConfig {
@@ -234,8 +247,23 @@ impl Default for LimitsConfig {
             max_tunnels: DEFAULT_MAX_TUNNELS,
             login_lockout_failures: DEFAULT_LOGIN_LOCKOUT_FAILURES,
             login_lockout: DEFAULT_LOGIN_LOCKOUT,
+            max_tunnels_per_cluster: DEFAULT_MAX_TUNNELS_PER_CLUSTER,
+            max_announced_nodes: DEFAULT_MAX_ANNOUNCED_NODES,
+            max_streams_per_user_per_node: default_streams_per_user(DEFAULT_MAX_STREAMS_PER_TUNNEL),
         }
     }
+}
+
+/// `[auth]`: what agents that register on the auth listener (direct mode) may make the proxy
+/// dial.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuthConfig {
+    /// `register_networks`: networks a registered `ssh_address` may lie in besides the agent's
+    /// own source address; default [`DEFAULT_REGISTER_NETWORKS`] (none: an agent registers
+    /// only its own address). Loopback addresses are refused unless a listed network lies
+    /// wholly inside loopback (`127.0.0.0/8`, `::1/128`); link-local, multicast and
+    /// unspecified addresses and the proxy's own listeners are refused whatever is listed.
+    pub register_networks: Vec<IpNetwork>,
 }
 
 /// `[resume]`: stream resumption after a tunnel drops (the proxy's and the agent's; both
@@ -358,6 +386,8 @@ pub(crate) struct RawProxyConfig {
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
     resume: RawResume,
     #[serde(default)]
     drain: RawDrain,
@@ -415,6 +445,50 @@ struct RawLimits {
     max_tunnels: Option<i64>,
     login_lockout_failures: Option<i64>,
     login_lockout: Option<RawDuration>,
+    max_tunnels_per_cluster: Option<i64>,
+    max_announced_nodes: Option<i64>,
+    max_streams_per_user_per_node: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    register_networks: Option<Vec<String>>,
+}
+
+impl TryFrom<RawAuth> for AuthConfig {
+    type Error = FieldError;
+    fn try_from(raw: RawAuth) -> Result<Self, FieldError> {
+        let texts = raw.register_networks.unwrap_or_else(|| {
+            DEFAULT_REGISTER_NETWORKS
+                .iter()
+                .map(|n| (*n).to_owned())
+                .collect()
+        });
+        if texts.len() > MAX_REGISTER_NETWORKS {
+            return Err(FieldError::new(
+                "register_networks",
+                InvalidValue::new(
+                    format!("at most {MAX_REGISTER_NETWORKS} networks"),
+                    format!("{} networks", texts.len()),
+                ),
+            ));
+        }
+        let mut register_networks = Vec::with_capacity(texts.len());
+        for (index, text) in texts.iter().enumerate() {
+            let network = text
+                .parse::<IpNetwork>()
+                .for_key("register_networks")
+                .map_err(|e| e.with_index(index))?;
+            register_networks.push(network);
+        }
+        Ok(AuthConfig { register_networks })
+    }
+}
+
+/// `limits.max_streams_per_user_per_node` when the file does not set it.
+fn default_streams_per_user(max_streams_per_tunnel: u32) -> u32 {
+    (max_streams_per_tunnel / DEFAULT_STREAMS_PER_USER_DIVISOR).max(1)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -492,6 +566,7 @@ impl TryFrom<RawProxyConfig> for ProxyConfig {
             keepalive: KeepaliveConfig::try_from(raw.keepalive).within("keepalive")?,
             flow: FlowConfig::try_from(raw.flow).within("flow")?,
             limits: LimitsConfig::try_from(raw.limits).within("limits")?,
+            auth: AuthConfig::try_from(raw.auth).within("auth")?,
             resume: ResumeConfig::try_from(raw.resume).within("resume")?,
             drain: DrainConfig {
                 timeout: duration_in(
@@ -586,14 +661,15 @@ impl TryFrom<RawLimits> for LimitsConfig {
     type Error = FieldError;
 
     fn try_from(raw: RawLimits) -> Result<Self, FieldError> {
+        let max_streams_per_tunnel = integer_in(
+            raw.max_streams_per_tunnel,
+            DEFAULT_MAX_STREAMS_PER_TUNNEL,
+            1,
+            MAX_MAX_STREAMS_PER_TUNNEL,
+        )
+        .for_key("max_streams_per_tunnel")?;
         Ok(Self {
-            max_streams_per_tunnel: integer_in(
-                raw.max_streams_per_tunnel,
-                DEFAULT_MAX_STREAMS_PER_TUNNEL,
-                1,
-                MAX_MAX_STREAMS_PER_TUNNEL,
-            )
-            .for_key("max_streams_per_tunnel")?,
+            max_streams_per_tunnel,
             max_buffered_per_connection: size_in(
                 raw.max_buffered_per_connection,
                 DEFAULT_MAX_BUFFERED_PER_CONNECTION,
@@ -652,6 +728,27 @@ impl TryFrom<RawLimits> for LimitsConfig {
                 MAX_LOGIN_LOCKOUT,
             )
             .for_key("login_lockout")?,
+            max_tunnels_per_cluster: integer_in(
+                raw.max_tunnels_per_cluster,
+                DEFAULT_MAX_TUNNELS_PER_CLUSTER,
+                1,
+                MAX_MAX_TUNNELS_PER_CLUSTER,
+            )
+            .for_key("max_tunnels_per_cluster")?,
+            max_announced_nodes: integer_in(
+                raw.max_announced_nodes,
+                DEFAULT_MAX_ANNOUNCED_NODES,
+                1,
+                MAX_MAX_ANNOUNCED_NODES,
+            )
+            .for_key("max_announced_nodes")?,
+            max_streams_per_user_per_node: integer_in(
+                raw.max_streams_per_user_per_node,
+                default_streams_per_user(max_streams_per_tunnel),
+                1,
+                MAX_MAX_STREAMS_PER_TUNNEL,
+            )
+            .for_key("max_streams_per_user_per_node")?,
         })
     }
 }

@@ -507,6 +507,94 @@ impl ToSocketAddrs for HostPort {
     }
 }
 
+/// A network in CIDR notation: `10.0.0.0/8`, `fd00::/64`, `127.0.0.1/32`. The address is
+/// kept as written and must have no bits set past the prefix (`10.0.0.1/8` is refused: it
+/// reads like one host but means a whole network).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IpNetwork {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+const IP_NETWORK_EXAMPLE: &str = "a network in CIDR notation such as \"10.0.0.0/8\", \"192.168.1.0/24\" or \"fd00::/64\" \
+     (no host bits set past the prefix)";
+
+impl IpNetwork {
+    /// The network's first address.
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// The prefix length: 0 to 32 for IPv4, 0 to 128 for IPv6.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// Whether `ip` lies in the network. An IPv4-mapped IPv6 address (`::ffff:10.0.0.1`) counts
+    /// as its IPv4 address.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether every address of the network is a loopback address (`127.0.0.0/8`, `::1`).
+    pub fn is_loopback(&self) -> bool {
+        match self.addr {
+            IpAddr::V4(net) => self.prefix >= 8 && net.is_loopback(),
+            IpAddr::V6(net) => self.prefix == 128 && net.is_loopback(),
+        }
+    }
+}
+
+impl FromStr for IpNetwork {
+    type Err = InvalidValue;
+
+    fn from_str(text: &str) -> Result<Self, InvalidValue> {
+        let invalid = || InvalidValue::new(IP_NETWORK_EXAMPLE, quoted(text));
+        let (addr, prefix) = text.trim().split_once('/').ok_or_else(invalid)?;
+        let addr: IpAddr = addr.parse().map_err(|_| invalid())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(invalid)?;
+        let network = Self { addr, prefix };
+        // The network's own first address must be the one written.
+        let host_bits = match addr {
+            IpAddr::V4(a) => {
+                u32::from(a) & !u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0) != 0
+            }
+            IpAddr::V6(a) => {
+                u128::from(a) & !u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0) != 0
+            }
+        };
+        if host_bits {
+            return Err(invalid());
+        }
+        Ok(network)
+    }
+}
+
+impl fmt::Display for IpNetwork {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
 /// A listening address: an IP address and a port (0 = any free port, for tests).
 pub(crate) fn listen_address(text: &str) -> Result<SocketAddr, InvalidValue> {
     text.trim().parse().map_err(|_| {
@@ -700,6 +788,38 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ip_networks_parse_and_match() {
+        let net: IpNetwork = "10.0.0.0/8".parse().unwrap();
+        assert!(net.contains("10.255.1.2".parse().unwrap()));
+        assert!(net.contains("::ffff:10.0.0.1".parse().unwrap()));
+        assert!(!net.contains("11.0.0.1".parse().unwrap()));
+        assert!(!net.contains("::1".parse().unwrap()));
+        assert!(!net.is_loopback());
+        let all: IpNetwork = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("192.0.2.1".parse().unwrap()) && !all.is_loopback());
+        let host: IpNetwork = "127.0.0.1/32".parse().unwrap();
+        assert!(host.contains("127.0.0.1".parse().unwrap()) && host.is_loopback());
+        assert!(!host.contains("127.0.0.2".parse().unwrap()));
+        let v6: IpNetwork = "fd00::/64".parse().unwrap();
+        assert!(v6.contains("fd00::5".parse().unwrap()));
+        assert!(!v6.contains("fd00:0:0:1::5".parse().unwrap()));
+        assert!("::1/128".parse::<IpNetwork>().unwrap().is_loopback());
+        assert_eq!(v6.to_string(), "fd00::/64");
+        for bad in [
+            "10.0.0.0",
+            "10.0.0.1/8",
+            "10.0.0.0/33",
+            "fd00::/129",
+            "x/8",
+            "10.0.0.0/-1",
+            "",
+        ] {
+            let err = bad.parse::<IpNetwork>().unwrap_err();
+            assert!(err.expected.contains("CIDR"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn secrets_never_print() {

@@ -892,3 +892,45 @@ fn login_lockout_keys() {
         );
     }
 }
+
+#[test]
+fn register_networks_and_leaf_limits_parse() {
+    let config = parse(
+        "cluster_name = \"example.com\"\n[auth]\nregister_networks = [\"10.0.0.0/8\", \"fd00::/64\", \"127.0.0.0/8\"]\n\
+         [limits]\nmax_streams_per_tunnel = 100\nmax_tunnels_per_cluster = 8\nmax_announced_nodes = 500\n",
+    )
+    .unwrap();
+    let networks: Vec<String> = config
+        .auth
+        .register_networks
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(networks, ["10.0.0.0/8", "fd00::/64", "127.0.0.0/8"]);
+    assert!(config.auth.register_networks[2].is_loopback());
+    assert_eq!(config.limits.max_tunnels_per_cluster, 8);
+    assert_eq!(config.limits.max_announced_nodes, 500);
+    // Unset, the per-user share follows the per-tunnel limit.
+    assert_eq!(config.limits.max_streams_per_user_per_node, 25);
+
+    let defaults = parse("cluster_name = \"example.com\"\n").unwrap();
+    assert!(defaults.auth.register_networks.is_empty());
+    assert_eq!(defaults.limits.max_tunnels_per_cluster, 64);
+    assert_eq!(defaults.limits.max_announced_nodes, 10_000);
+    assert_eq!(defaults.limits.max_streams_per_user_per_node, 256);
+
+    let set =
+        parse("cluster_name = \"example.com\"\n[limits]\nmax_streams_per_user_per_node = 3\n")
+            .unwrap();
+    assert_eq!(set.limits.max_streams_per_user_per_node, 3);
+
+    let err = error(
+        "cluster_name = \"example.com\"\n[auth]\nregister_networks = [\"10.0.0.0/8\", \"10.0.0.1/8\"]\n",
+    );
+    assert_eq!(err.key(), Some("auth.register_networks[1]"), "{err}");
+    assert!(err.to_string().contains("CIDR"), "{err}");
+    let err = error("cluster_name = \"example.com\"\n[auth]\nnetworks = []\n");
+    assert!(err.to_string().contains("networks"), "{err}");
+    let err = error("cluster_name = \"example.com\"\n[limits]\nmax_tunnels_per_cluster = 0\n");
+    assert_eq!(err.key(), Some("limits.max_tunnels_per_cluster"), "{err}");
+}

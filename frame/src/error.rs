@@ -322,6 +322,10 @@ pub enum ProtocolError {
         /// Limit.
         max: usize,
     },
+    /// ANNOUNCE from a peer that has no inventory to announce (a user's connection): refused
+    /// from its header, before its payload is read or decoded.
+    #[error("ANNOUNCE from a peer that may not announce nodes (only agents and leaf clusters do)")]
+    AnnounceNotAccepted,
     /// RESUME when no resumption was under way, or twice.
     #[error("unexpected RESUME: {0}")]
     UnexpectedResume(&'static str),

@@ -93,6 +93,10 @@ pub struct SessionConfig {
     pub max_pending_opens: u32,
     /// Largest ANNOUNCE we accept (and send).
     pub max_announce: u32,
+    /// Whether the peer may send ANNOUNCE at all. A proxy's side of a user's connection says
+    /// no: a user has no inventory, and decoding a large ANNOUNCE costs CPU and memory, so
+    /// one is a protocol error from its header alone.
+    pub peer_may_announce: bool,
     /// Time between PINGs.
     pub keepalive_interval: Duration,
     /// Intervals without a frame from the peer before the transport is dead.
@@ -115,6 +119,7 @@ impl SessionConfig {
             max_streams: DEFAULT_MAX_STREAMS,
             max_pending_opens: DEFAULT_MAX_PENDING_OPENS,
             max_announce: codec::Limits::default().max_announce as u32,
+            peer_may_announce: true,
             keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
             keepalive_count: DEFAULT_KEEPALIVE_COUNT,
             resume_grace: DEFAULT_RESUME_GRACE,
@@ -646,6 +651,12 @@ impl Session {
             return Ok(());
         }
         loop {
+            if !self.config.peer_may_announce
+                && buf.len() >= HEADER_LEN
+                && buf[3] == Kind::Announce as u8
+            {
+                return Err(self.fail(ProtocolError::AnnounceNotAccepted.into()));
+            }
             let frame = match codec::decode(buf, &self.limits) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => {
@@ -1947,6 +1958,30 @@ mod tests {
         }
         // The keepalive went out without a queue: the tick's PING was answered.
         assert!(agent.rtt().is_some() || proxy.rtt().is_some());
+    }
+
+    #[test]
+    fn a_peer_that_may_not_announce_is_refused_from_the_header() {
+        let now = Instant::now();
+        let mut client = Session::new(SessionConfig::new(Role::Client, true), [1; 16], now);
+        let mut config = SessionConfig::new(Role::Proxy, false);
+        config.peer_may_announce = false;
+        let mut proxy = Session::new(config, [2; 16], now);
+        settle(&mut client, &mut proxy, now);
+        // Only the header of a 1 MiB ANNOUNCE has arrived: that is enough to refuse it.
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&[0x10, 0x00, 0x00, Kind::Announce as u8, 0, 0, 0, 0, 0]);
+        let err = proxy.handle_input(&mut buf, now).unwrap_err();
+        assert_eq!(err, Error::Protocol(ProtocolError::AnnounceNotAccepted));
+        assert_eq!(err.code(), ErrorCode::PROTOCOL);
+        assert!(proxy.is_ended());
+        // The default still takes an agent's inventory.
+        let mut agent = Session::new(SessionConfig::new(Role::Agent, true), [3; 16], now);
+        let mut proxy = Session::new(SessionConfig::new(Role::Proxy, false), [4; 16], now);
+        settle(&mut agent, &mut proxy, now);
+        agent.announce(&Announce::default()).unwrap();
+        deliver(&mut agent, &mut proxy, now);
+        assert!(!proxy.is_ended());
     }
 
     /// The session is inline in the shared state of every tunnel (tens of thousands per

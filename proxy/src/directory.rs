@@ -20,6 +20,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
@@ -320,15 +321,43 @@ impl NodeDirectory {
         out.into_values().collect()
     }
 
-    /// Records a heartbeat of a directly dialled node.
+    /// Records a heartbeat of a directly dialled node, unless the name belongs to another
+    /// route: a static `[[nodes]]` entry, a live tunnel, or a tunnel lost within `grace` (it
+    /// may still resume). Returns why not.
     pub fn register_direct(
         &self,
         node: &str,
         address: HostPort,
         labels: Vec<(String, String)>,
         ttl: Duration,
-    ) {
-        self.lock().registered.insert(
+        grace: Duration,
+    ) -> Result<(), String> {
+        if self.static_nodes.iter().any(|n| n.name.as_str() == node) {
+            return Err(format!(
+                "node {node} is a static `[[nodes]]` entry of the proxy's configuration; a \
+                 registration cannot replace it (remove the entry, or give this agent another name)"
+            ));
+        }
+        let mut entries = self.lock();
+        if entries.tunnels.contains_key(node) {
+            return Err(format!(
+                "node {node} is connected through a tunnel; a registration cannot replace it"
+            ));
+        }
+        if let Some(off) = entries.offline.get(node) {
+            let lost = SystemTime::now()
+                .duration_since(off.since)
+                .unwrap_or_default();
+            if lost < grace {
+                return Err(format!(
+                    "node {node}'s tunnel was lost {}s ago and may still resume (`resume.grace` \
+                     {}s); a registration cannot replace it until then",
+                    lost.as_secs(),
+                    grace.as_secs()
+                ));
+            }
+        }
+        entries.registered.insert(
             node.to_owned(),
             Registered {
                 address,
@@ -337,6 +366,7 @@ impl NodeDirectory {
                 last_seen: SystemTime::now(),
             },
         );
+        Ok(())
     }
 
     /// Forgets `node`'s offline record and registration (a removed node). Its live tunnel, if
@@ -381,9 +411,29 @@ impl NodeDirectory {
         None
     }
 
-    /// How many tunnels are up, on every core.
+    /// How many agents' tunnels are up, on every core.
     pub fn tunnel_count(&self) -> usize {
         self.lock().tunnels.len()
+    }
+
+    /// How many tunnels the proxy holds, agents' and leaf clusters', on every core: what
+    /// `limits.max_tunnels` caps.
+    pub fn held_tunnel_count(&self) -> usize {
+        let entries = self.lock();
+        entries.tunnels.len()
+            + entries
+                .clusters
+                .values()
+                .map(|l| l.tunnels.len())
+                .sum::<usize>()
+    }
+
+    /// How many tunnels leaf cluster `leaf` holds, on every core.
+    pub fn cluster_tunnel_count(&self, leaf: &str) -> usize {
+        self.lock()
+            .clusters
+            .get(leaf)
+            .map_or(0, |l| l.tunnels.len())
     }
 
     /// Live tunnels per core.
@@ -490,6 +540,23 @@ impl NodeDirectory {
     }
 }
 
+/// What one leaf cluster may hold in the root's directory.
+#[derive(Debug, Clone, Copy)]
+pub struct LeafCaps {
+    /// `limits.max_tunnels_per_cluster`.
+    pub tunnels: usize,
+    /// `limits.max_announced_nodes`, over all the leaf's tunnels.
+    pub nodes: usize,
+}
+
+fn too_many_nodes(leaf: &str, announced: usize, more: usize, max: usize) -> String {
+    format!(
+        "leaf cluster {leaf} would announce {} nodes ({announced} on its other tunnels and {more} \
+         on this one), more than `limits.max_announced_nodes` ({max})",
+        announced + more
+    )
+}
+
 fn best_cluster_tunnel<'a>(
     leaf: &'a LeafEntry,
     node: &str,
@@ -510,6 +577,31 @@ pub struct CoreDirectory {
     local: RefCell<HashMap<u64, Tunnel>>,
     /// Leaf clusters' tunnels served by this core, by tunnel id.
     cluster_local: RefCell<HashMap<u64, Tunnel>>,
+    /// Streams each user holds through each tunnel of this core (every stream of a tunnel is
+    /// opened on the tunnel's core), for `limits.max_streams_per_user_per_node`.
+    stream_slots: Rc<RefCell<HashMap<SlotKey, u32>>>,
+}
+
+/// (user@cluster, node or `cluster:LEAF`): whose streams through which tunnel.
+type SlotKey = (String, String);
+
+/// One stream a user holds through a tunnel; gives its slot back when dropped.
+#[derive(Debug)]
+pub struct StreamSlot {
+    slots: Rc<RefCell<HashMap<SlotKey, u32>>>,
+    key: SlotKey,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut slots = self.slots.borrow_mut();
+        if let Some(held) = slots.get_mut(&self.key) {
+            *held -= 1;
+            if *held == 0 {
+                slots.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl std::ops::Deref for CoreDirectory {
@@ -527,7 +619,25 @@ impl CoreDirectory {
             core,
             local: RefCell::new(HashMap::new()),
             cluster_local: RefCell::new(HashMap::new()),
+            stream_slots: Rc::new(RefCell::new(HashMap::new())),
         }
+    }
+
+    /// A stream slot of `user` through the tunnel to `target` (a node, or `cluster:LEAF`), or
+    /// `None` when the user already holds `max` there: one user cannot take every stream of
+    /// a tunnel from the others.
+    pub fn take_stream_slot(&self, user: &str, target: &str, max: u32) -> Option<StreamSlot> {
+        let key = (user.to_owned(), target.to_owned());
+        let mut slots = self.stream_slots.borrow_mut();
+        let held = slots.entry(key.clone()).or_insert(0);
+        if *held >= max {
+            return None;
+        }
+        *held += 1;
+        Some(StreamSlot {
+            slots: self.stream_slots.clone(),
+            key,
+        })
     }
 
     /// How to reach `node` of leaf cluster `leaf` from this core (root side).
@@ -554,7 +664,9 @@ impl CoreDirectory {
         }
     }
 
-    /// Records cluster tunnel `id` of leaf `leaf`, served by this core, and what it announced.
+    /// Records cluster tunnel `id` of leaf `leaf`, served by this core, and what it announced,
+    /// unless the leaf would then hold more tunnels or announce more nodes than `caps` allow
+    /// (checked and recorded under one lock, so tunnels on several cores cannot all pass).
     pub fn attach_cluster_tunnel(
         &self,
         leaf: &str,
@@ -562,23 +674,35 @@ impl CoreDirectory {
         peer: SocketAddr,
         tunnel: &Tunnel,
         nodes: Vec<frame::NodeInfo>,
-    ) {
-        self.cluster_local.borrow_mut().insert(id, tunnel.clone());
+        caps: LeafCaps,
+    ) -> Result<(), String> {
         let mut entries = self.shared.lock();
-        entries
-            .clusters
-            .entry(leaf.to_owned())
-            .or_default()
-            .tunnels
-            .push(ClusterTunnelInfo {
-                core: self.core,
-                id,
-                peer,
-                since: SystemTime::now(),
-                nodes,
-                heartbeat: SystemTime::now(),
-                rtt: None,
-            });
+        let entry = entries.clusters.entry(leaf.to_owned()).or_default();
+        let others = entry.tunnels.iter().filter(|t| t.id != id);
+        if others.clone().count() >= caps.tunnels {
+            return Err(format!(
+                "leaf cluster {leaf} already holds {} tunnels (`limits.max_tunnels_per_cluster`; \
+                 a leaf opens one per worker of its own)",
+                caps.tunnels
+            ));
+        }
+        let announced: usize = others.map(|t| t.nodes.len()).sum();
+        if announced + nodes.len() > caps.nodes {
+            return Err(too_many_nodes(leaf, announced, nodes.len(), caps.nodes));
+        }
+        entry.tunnels.retain(|t| t.id != id);
+        entry.tunnels.push(ClusterTunnelInfo {
+            core: self.core,
+            id,
+            peer,
+            since: SystemTime::now(),
+            nodes,
+            heartbeat: SystemTime::now(),
+            rtt: None,
+        });
+        drop(entries);
+        self.cluster_local.borrow_mut().insert(id, tunnel.clone());
+        Ok(())
     }
 
     /// Records that cluster tunnel `id` of `leaf` is alive, with its round-trip time.
@@ -594,16 +718,32 @@ impl CoreDirectory {
         }
     }
 
-    /// Replaces what cluster tunnel `id` of `leaf` announced.
-    pub fn update_cluster_tunnel(&self, leaf: &str, id: u64, nodes: Vec<frame::NodeInfo>) {
+    /// Replaces what cluster tunnel `id` of `leaf` announced, unless the leaf would then
+    /// announce more than `max_nodes` nodes over all its tunnels.
+    pub fn update_cluster_tunnel(
+        &self,
+        leaf: &str,
+        id: u64,
+        nodes: Vec<frame::NodeInfo>,
+        max_nodes: usize,
+    ) -> Result<(), String> {
         let mut entries = self.shared.lock();
-        if let Some(t) = entries
-            .clusters
-            .get_mut(leaf)
-            .and_then(|l| l.tunnels.iter_mut().find(|t| t.id == id))
-        {
+        let Some(entry) = entries.clusters.get_mut(leaf) else {
+            return Ok(());
+        };
+        let announced: usize = entry
+            .tunnels
+            .iter()
+            .filter(|t| t.id != id)
+            .map(|t| t.nodes.len())
+            .sum();
+        if announced + nodes.len() > max_nodes {
+            return Err(too_many_nodes(leaf, announced, nodes.len(), max_nodes));
+        }
+        if let Some(t) = entry.tunnels.iter_mut().find(|t| t.id == id) {
             t.nodes = nodes;
         }
+        Ok(())
     }
 
     /// Forgets cluster tunnel `id` of `leaf`.
@@ -632,6 +772,19 @@ impl CoreDirectory {
                 }
             }
         }
+        // A static node is never shadowed by a registration (which is refused for its name
+        // anyway).
+        if let Some(node) = self
+            .shared
+            .static_nodes
+            .iter()
+            .find(|n| n.name.as_str() == node)
+        {
+            return Route::Direct {
+                address: node.address.clone(),
+                labels: labels_of(node),
+            };
+        }
         let now = Instant::now();
         let mut offline_since = None;
         let mut offline_labels = Vec::new();
@@ -644,17 +797,6 @@ impl CoreDirectory {
             }
             offline_since = Some(reg.last_seen);
             offline_labels = reg.labels.clone();
-        }
-        if let Some(node) = self
-            .shared
-            .static_nodes
-            .iter()
-            .find(|n| n.name.as_str() == node)
-        {
-            return Route::Direct {
-                address: node.address.clone(),
-                labels: labels_of(node),
-            };
         }
         if let Some(off) = entries.offline.get(node) {
             if offline_since.is_none_or(|s| off.since > s) {
@@ -864,6 +1006,22 @@ mod tests {
     }
 
     #[test]
+    fn a_user_holds_at_most_its_share_of_a_tunnels_streams() {
+        let dir = CoreDirectory::new(Arc::new(NodeDirectory::new(Vec::new(), 1)), 0);
+        let a: Vec<StreamSlot> = (0..3)
+            .map(|_| dir.take_stream_slot("alice@c", "node-a", 3).unwrap())
+            .collect();
+        assert!(dir.take_stream_slot("alice@c", "node-a", 3).is_none());
+        // Others, and alice elsewhere, are not affected.
+        let bob = dir.take_stream_slot("bob@c", "node-a", 3).unwrap();
+        let other = dir.take_stream_slot("alice@c", "node-b", 3).unwrap();
+        drop(a);
+        assert!(dir.take_stream_slot("alice@c", "node-a", 3).is_some());
+        drop((bob, other));
+        assert!(dir.stream_slots.borrow().is_empty(), "slots left behind");
+    }
+
+    #[test]
     fn leaf_nodes_route_to_the_core_of_the_tunnel_that_announced_them() {
         let shared = Arc::new(NodeDirectory::new(Vec::new(), 2));
         let (core0, core1) = (
@@ -876,14 +1034,42 @@ mod tests {
             ClusterRoute::ClusterOffline(None)
         ));
         let (t0, t1) = (tunnel(), tunnel());
-        core0.attach_cluster_tunnel("leaf", 1, peer, &t0, vec![leaf_node("node-a", true)]);
-        core1.attach_cluster_tunnel(
-            "leaf",
-            2,
-            peer,
-            &t1,
-            vec![leaf_node("node-b", true), leaf_node("node-c", false)],
-        );
+        let caps = LeafCaps {
+            tunnels: 2,
+            nodes: 3,
+        };
+        core0
+            .attach_cluster_tunnel("leaf", 1, peer, &t0, vec![leaf_node("node-a", true)], caps)
+            .unwrap();
+        core1
+            .attach_cluster_tunnel(
+                "leaf",
+                2,
+                peer,
+                &t1,
+                vec![leaf_node("node-b", true), leaf_node("node-c", false)],
+                caps,
+            )
+            .unwrap();
+        // A third tunnel of the leaf, or a fourth node, is one too many.
+        let t2 = tunnel();
+        let refused = core0
+            .attach_cluster_tunnel("leaf", 3, peer, &t2, Vec::new(), caps)
+            .unwrap_err();
+        assert!(refused.contains("max_tunnels_per_cluster"), "{refused}");
+        assert_eq!(shared.held_tunnel_count(), 2);
+        assert_eq!(shared.cluster_tunnel_count("leaf"), 2);
+        let refused = core0
+            .update_cluster_tunnel(
+                "leaf",
+                1,
+                vec![leaf_node("node-a", true), leaf_node("node-d", true)],
+                caps.nodes,
+            )
+            .unwrap_err();
+        assert!(refused.contains("max_announced_nodes"), "{refused}");
+        // The refused update changed nothing.
+        assert_eq!(shared.cluster_owner("leaf", "node-d"), None);
         assert_eq!(shared.cluster_owner("leaf", "node-a"), Some(0));
         assert_eq!(shared.cluster_owner("leaf", "node-b"), Some(1));
         assert_eq!(shared.cluster_owner("leaf", "node-z"), None);
@@ -920,7 +1106,9 @@ mod tests {
         let [record] = shared.clusters().try_into().unwrap();
         assert_eq!((record.online, record.tunnels, record.nodes), (true, 2, 3));
 
-        core1.update_cluster_tunnel("leaf", 2, vec![leaf_node("node-c", true)]);
+        core1
+            .update_cluster_tunnel("leaf", 2, vec![leaf_node("node-c", true)], caps.nodes)
+            .unwrap();
         assert!(matches!(
             core1.cluster_route("leaf", "node-c"),
             ClusterRoute::Tunnel(_)

@@ -91,8 +91,31 @@ impl Policy {
         roles.iter().filter_map(|r| self.roles.get(r))
     }
 
+    /// Whether a session OPEN names what its service needs before any role is consulted: an
+    /// ssh session (service `ssh`, or none) must name its login. The client could otherwise
+    /// skip the per-node login check by leaving it out, and the audit would record `""`.
+    pub fn check_open_names_login(
+        &self,
+        user: &PeerIdentity,
+        node: &str,
+        service: &str,
+        login: &str,
+    ) -> Result<(), Denied> {
+        if login.is_empty() && (service.is_empty() || service == "ssh") {
+            return Err(Denied(format!(
+                "access denied: user {} named no login for the ssh session to node {node}; an ssh \
+                 session must name the login it uses on the node: run `ssh user@{node}` (or \
+                 `remoteler ssh user@{node}`; the ProxyCommand of `remoteler config` passes it \
+                 as %r)",
+                user.name
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether `user` may reach `node` (with `labels`) as `login`; `login == ""` asks whether
-    /// the user may see and reach the node at all (listing, or a session that names no login).
+    /// the user may see and reach the node at all (listing, or a session of a service other
+    /// than ssh: [`Policy::check_open_names_login`] refuses an ssh session without a login).
     pub fn check(
         &self,
         user: &PeerIdentity,

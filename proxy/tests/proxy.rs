@@ -225,7 +225,8 @@ fn join_tunnel_login_session_audit_status() {
 
 #[test]
 fn tokens_logins_and_certificates_are_checked() {
-    let proxy = Proxy::start(None);
+    // node-b4 registers its sshd on 127.0.0.1: loopback is allowed only when listed.
+    let proxy = Proxy::start(Some("[auth]\nregister_networks = [\"127.0.0.0/8\"]\n"));
     proxy.add_user("bob", "s3cret");
     let single = proxy.token(&[]);
     let short = proxy.token(&["--ttl", "1s"]);

@@ -328,11 +328,18 @@ async fn is_trusted_leaf(ctx: &Context, leaf: &str) -> Result<bool, String> {
     Ok(state.trusted_leaves.iter().any(|l| l.name == leaf))
 }
 
+/// What one leaf may hold in this (root) proxy's directory.
+fn leaf_caps(ctx: &Context) -> crate::directory::LeafCaps {
+    crate::directory::LeafCaps {
+        tunnels: ctx.config.limits.max_tunnels_per_cluster as usize,
+        nodes: ctx.config.limits.max_announced_nodes as usize,
+    }
+}
+
 /// Checks a leaf's ANNOUNCE: its own cluster's nodes.
-fn check_cluster_announce(
-    leaf: &str,
-    announce: Option<&Announce>,
-) -> Result<Vec<NodeInfo>, String> {
+/// Takes the decoded copy: a leaf's inventory can be thousands of nodes, and a second copy of
+/// it would only be garbage.
+fn check_cluster_announce(leaf: &str, announce: Option<Announce>) -> Result<Vec<NodeInfo>, String> {
     let Some(announce) = announce else {
         return Err(
             "no ANNOUNCE in time; a leaf cluster announces its nodes right after HELLO".into(),
@@ -344,7 +351,7 @@ fn check_cluster_announce(
             announce.cluster
         ));
     }
-    Ok(announce.nodes.clone())
+    Ok(announce.nodes)
 }
 
 /// ALPN_TUNNEL with a cluster certificate: a leaf's reverse tunnel, served on the core it
@@ -411,11 +418,31 @@ pub(super) async fn serve_cluster_tunnel(
     let leaf_session = hello.as_ref().map(|h| h.session_id);
     let home_key = hello.map(|h| resume::SessionKey::new(&identity, h.session_id));
     let tunnel = Tunnel::new(ctx.new_resumable_session());
+    let limits = &ctx.config.limits;
     let refusal = if ctx.draining.get() {
         Stats::bump(&ctx.stats.dropped_draining);
         Some((
             ErrorCode::GOING_AWAY,
             "the proxy is shutting down".to_owned(),
+        ))
+    } else if ctx.directory.held_tunnel_count() >= limits.max_tunnels as usize {
+        Stats::bump(&ctx.stats.dropped_tunnel_limit);
+        Some((
+            ErrorCode::LIMIT_EXCEEDED,
+            format!(
+                "the proxy holds its maximum of {} tunnels (`limits.max_tunnels`)",
+                limits.max_tunnels
+            ),
+        ))
+    } else if ctx.directory.cluster_tunnel_count(&leaf) >= limits.max_tunnels_per_cluster as usize {
+        Stats::bump(&ctx.stats.dropped_tunnel_limit);
+        Some((
+            ErrorCode::LIMIT_EXCEEDED,
+            format!(
+                "leaf cluster {leaf} already holds {} tunnels (`limits.max_tunnels_per_cluster` \
+                 of the root; a leaf opens one per worker of its own)",
+                limits.max_tunnels_per_cluster
+            ),
         ))
     } else {
         match is_trusted_leaf(&ctx, &leaf).await {
@@ -447,7 +474,7 @@ pub(super) async fn serve_cluster_tunnel(
     let driver = monoio::spawn(async move { drive(&driven, conn, input).await });
     let _ = monoio::time::timeout(ctx.handshake_timeout(), tunnel.announce_changed(0)).await;
     let (version, announce) = tunnel.peer_announce();
-    let nodes = match check_cluster_announce(&leaf, announce.as_ref()) {
+    let nodes = match check_cluster_announce(&leaf, announce) {
         Ok(nodes) => nodes,
         Err(why) => {
             tracing::warn!(%peer, cluster = %leaf, reason = %why, "cluster tunnel refused");
@@ -463,8 +490,20 @@ pub(super) async fn serve_cluster_tunnel(
     let id = ctx.directory.next_tunnel_id();
     let started = Instant::now();
     let count = nodes.len();
-    ctx.directory
-        .attach_cluster_tunnel(&leaf, id, peer, &tunnel, nodes);
+    if let Err(why) =
+        ctx.directory
+            .attach_cluster_tunnel(&leaf, id, peer, &tunnel, nodes, leaf_caps(&ctx))
+    {
+        Stats::bump(&ctx.stats.dropped_tunnel_limit);
+        tracing::warn!(%peer, cluster = %leaf, reason = %why, "cluster tunnel refused");
+        ctx.audit.record(
+            "cluster.refused",
+            serde_json::json!({ "cluster": leaf, "peer": peer.to_string(), "reason": why }),
+        );
+        tunnel.close(ErrorCode::LIMIT_EXCEEDED, &why);
+        let _ = driver.await;
+        return;
+    }
     if let Some(key) = &home_key {
         ctx.session_homes.insert(key.clone(), ctx.core);
     }
@@ -520,13 +559,22 @@ pub(super) async fn serve_cluster_tunnel(
                 if tunnel.is_ended() {
                     break;
                 }
-                match check_cluster_announce(&leaf, tunnel.peer_announce().1.as_ref()) {
-                    Ok(nodes) => ctx.directory.update_cluster_tunnel(&leaf, id, nodes),
-                    Err(why) => {
-                        tracing::warn!(cluster = %leaf, reason = %why, "cluster tunnel closed: bad ANNOUNCE");
-                        tunnel.close(ErrorCode::ACCESS_DENIED, &why);
-                        break;
-                    }
+                let max_nodes = leaf_caps(&ctx).nodes;
+                let checked = check_cluster_announce(&leaf, tunnel.peer_announce().1)
+                    .map_err(|why| (ErrorCode::ACCESS_DENIED, why))
+                    .and_then(|nodes| {
+                        ctx.directory
+                            .update_cluster_tunnel(&leaf, id, nodes, max_nodes)
+                            .map_err(|why| (ErrorCode::LIMIT_EXCEEDED, why))
+                    });
+                if let Err((code, why)) = checked {
+                    tracing::warn!(cluster = %leaf, reason = %why, "cluster tunnel closed: bad ANNOUNCE");
+                    ctx.audit.record(
+                        "cluster.refused",
+                        serde_json::json!({ "cluster": leaf, "tunnel_id": id, "reason": why }),
+                    );
+                    tunnel.close(code, &why);
+                    break;
                 }
             }
         })
@@ -584,10 +632,13 @@ pub(super) async fn serve_cluster_tunnel(
             break format!("{reason}; cannot resume: {e}");
         }
         peer = new_peer;
-        let nodes =
-            check_cluster_announce(&leaf, tunnel.peer_announce().1.as_ref()).unwrap_or_default();
-        ctx.directory
-            .attach_cluster_tunnel(&leaf, id, peer, &tunnel, nodes);
+        let nodes = check_cluster_announce(&leaf, tunnel.peer_announce().1).unwrap_or_default();
+        if let Err(why) =
+            ctx.directory
+                .attach_cluster_tunnel(&leaf, id, peer, &tunnel, nodes, leaf_caps(&ctx))
+        {
+            break format!("{reason}; cannot resume: {why}");
+        }
         tracing::info!(cluster = %leaf, %peer, tunnel_id = id, "cluster tunnel resumed");
         Stats::bump(&ctx.stats.connections_resumed[1]);
         ctx.audit.record(

@@ -1,6 +1,6 @@
 //! The one-line JSON exchanges: join, login, register heartbeats, user API.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
@@ -483,7 +483,8 @@ pub(super) async fn serve_register(
     let (mut reader, mut writer) = conn.split();
     let mut buf = BytesMut::new();
     let mut wait = ctx.handshake_timeout();
-    let mut first = true;
+    // The address of the last accepted heartbeat: a change is audited.
+    let mut registered: Option<config::HostPort> = None;
     loop {
         let request = match monoio::time::timeout(
             wait,
@@ -506,29 +507,53 @@ pub(super) async fn serve_register(
         };
         // A node removed while registered stops here, at its next heartbeat.
         let checked = match ctx.revocations.check(&node) {
-            Ok(()) => check_register(&request),
+            Ok(()) => check_register(&request).and_then(|(address, labels, ttl)| {
+                let allowed = RegisterPolicy {
+                    networks: &ctx.config.auth.register_networks,
+                    listeners: &listener_ports(&ctx.addrs),
+                }
+                .check(&address, peer.ip(), is_local_address)?;
+                let address = config::HostPort::new(&allowed.ip().to_string(), allowed.port())
+                    .map_err(|e| error("internal", e.to_string()))?;
+                ctx.directory
+                    .register_direct(
+                        &node.name,
+                        address.clone(),
+                        labels,
+                        ttl,
+                        ctx.config.resume.grace,
+                    )
+                    .map_err(|why| error("name_taken", why))?;
+                Ok((address, ttl))
+            }),
             Err(why) => Err(error("not_allowed", why)),
         };
-        let (address, labels, ttl) = match checked {
+        let (address, ttl) = match checked {
             Ok(v) => v,
             Err(body) => {
-                tracing::info!(%peer, node = %node.name, code = %body.code, reason = %body.message, "registration refused");
+                tracing::warn!(%peer, node = %node.name, address = %request.ssh_address, code = %body.code, reason = %body.message, "registration refused");
+                ctx.audit.record(
+                    "node.register",
+                    serde_json::json!({
+                        "success": false, "node": node.name, "peer": peer.to_string(),
+                        "address": request.ssh_address, "code": body.code, "reason": body.message,
+                    }),
+                );
                 reply(&mut writer, &Reply::<Ack>::Error(body)).await;
                 break;
             }
         };
-        if first {
+        if registered.as_ref() != Some(&address) {
             tracing::info!(%peer, node = %node.name, address = %address, "node registered for direct dialling");
             ctx.audit.record(
                 "node.register",
                 serde_json::json!({
-                    "node": node.name, "peer": peer.to_string(), "address": address.to_string(),
+                    "success": true, "node": node.name, "peer": peer.to_string(),
+                    "address": address.to_string(),
                 }),
             );
-            first = false;
+            registered = Some(address);
         }
-        ctx.directory
-            .register_direct(&node.name, address, labels, ttl);
         wait = ttl + ctx.handshake_timeout();
         let written = monoio::time::timeout(
             Duration::from_secs(10),
@@ -568,6 +593,136 @@ pub fn check_register(request: &RegisterRequest) -> Result<Registration, ErrorBo
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
     Ok((address, labels, Duration::from_secs(request.ttl_secs)))
+}
+
+/// The ports this proxy listens on, and what each is, for [`RegisterPolicy::listeners`].
+fn listener_ports(addrs: &super::ListenAddrs) -> Vec<(&'static str, u16)> {
+    let mut ports = vec![
+        ("listen.users", addrs.users.port()),
+        ("listen.tunnels", addrs.tunnels.port()),
+        ("listen.auth", addrs.auth.port()),
+    ];
+    if let Some(metrics) = addrs.metrics {
+        ports.push(("listen.metrics", metrics.port()));
+    }
+    ports
+}
+
+/// Whether `ip` is an address of this host: binding a UDP socket to it succeeds only then
+/// (no packet is sent). Loopback addresses always are.
+fn is_local_address(ip: IpAddr) -> bool {
+    ip.is_loopback() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
+/// What a registering agent may make the proxy dial (`docs/security.md`, "What a node may
+/// make the proxy dial"). A node's certificate lets it serve its own name, and nothing else:
+/// not another node's sshd, not the proxy's own ports, not a cloud metadata service.
+#[derive(Debug, Clone, Copy)]
+pub struct RegisterPolicy<'a> {
+    /// `auth.register_networks`: where an address may lie besides the agent's own.
+    pub networks: &'a [config::IpNetwork],
+    /// The ports the proxy listens on, with the key that sets each.
+    pub listeners: &'a [(&'static str, u16)],
+}
+
+impl RegisterPolicy<'_> {
+    /// The address to dial for `address`, registered by an agent connected from `source`, or
+    /// why not. `is_local` says whether an IP address is one of this host's.
+    pub fn check(
+        &self,
+        address: &config::HostPort,
+        source: IpAddr,
+        is_local: impl Fn(IpAddr) -> bool,
+    ) -> Result<SocketAddr, ErrorBody> {
+        let refuse = |why: String| {
+            Err(error(
+                "address_not_allowed",
+                format!("ssh_address {address}: {why}"),
+            ))
+        };
+        // A host name could resolve elsewhere at each dial; only an address can be checked.
+        let Some(ip) = address.ip().map(|ip| ip.to_canonical()) else {
+            return refuse(
+                "a registration names an IP address, not a host name (the proxy checks it \
+                 against the address the agent connects from); set `ssh_address` to the \
+                 node's IP address"
+                    .into(),
+            );
+        };
+        let source = source.to_canonical();
+        if let Some(kind) = never_dialled(ip) {
+            return refuse(format!(
+                "{kind} addresses are never dialled for a registered node, whatever \
+                 `auth.register_networks` lists"
+            ));
+        }
+        if let Some((key, port)) = self
+            .listeners
+            .iter()
+            .find(|(_, port)| *port == address.port())
+        {
+            if is_local(ip) {
+                return refuse(format!(
+                    "port {port} of this proxy's host is the proxy's own `{key}` listener; a \
+                     registered node is dialled at its sshd"
+                ));
+            }
+        }
+        let listed = |loopback_only: bool| {
+            self.networks
+                .iter()
+                .any(|n| n.contains(ip) && (!loopback_only || n.is_loopback()))
+        };
+        if ip.is_loopback() {
+            if listed(true) {
+                return Ok(SocketAddr::new(ip, address.port()));
+            }
+            return refuse(
+                "loopback addresses reach the proxy's own host; one is registered only when \
+                 `auth.register_networks` lists a loopback network such as \"127.0.0.0/8\" \
+                 (an agent on the proxy's host)"
+                    .into(),
+            );
+        }
+        if ip == source || listed(false) {
+            return Ok(SocketAddr::new(ip, address.port()));
+        }
+        refuse(format!(
+            "not the agent's own address ({source}, where it connects from) and in no network \
+             of `auth.register_networks`; register the address the agent connects from, or \
+             have the operator list the node's network"
+        ))
+    }
+}
+
+/// Why `ip` is never dialled for a registration, whatever the configuration says.
+fn never_dialled(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) => {
+            if v4.octets()[0] == 0 {
+                Some("unspecified (0.0.0.0/8)")
+            } else if v4.is_link_local() {
+                Some("link-local (169.254.0.0/16, cloud metadata)")
+            } else if v4.is_multicast() {
+                Some("multicast")
+            } else if v4.is_broadcast() {
+                Some("broadcast")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(v6) => {
+            if v6.is_unspecified() {
+                Some("unspecified")
+            } else if v6.segments()[0] & 0xffc0 == 0xfe80 {
+                Some("link-local (fe80::/10)")
+            } else if v6.is_multicast() {
+                Some("multicast")
+            } else {
+                None
+            }
+        }
+    }
 }
 
 /// ALPN_API: a user's queries.
@@ -640,4 +795,71 @@ pub(super) async fn serve_api(
         }),
     };
     reply(&mut writer, &response).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(networks: &[&str], address: &str, source: &str) -> Result<SocketAddr, String> {
+        let networks: Vec<config::IpNetwork> =
+            networks.iter().map(|n| n.parse().unwrap()).collect();
+        let policy = RegisterPolicy {
+            networks: &networks,
+            listeners: &[("listen.users", 3023), ("listen.metrics", 3026)],
+        };
+        // This "host" has 10.0.0.1 and loopback.
+        let local = |ip: IpAddr| ip.is_loopback() || ip == IpAddr::from([10, 0, 0, 1]);
+        policy
+            .check(&address.parse().unwrap(), source.parse().unwrap(), local)
+            .map_err(|body| {
+                assert_eq!(body.code, "address_not_allowed");
+                body.message
+            })
+    }
+
+    #[test]
+    fn an_agent_registers_its_own_address_or_a_listed_network() {
+        let own = check(&[], "10.0.0.5:22", "10.0.0.5").unwrap();
+        assert_eq!(own, "10.0.0.5:22".parse().unwrap());
+        // An IPv4 agent seen through an IPv6 socket is the same address.
+        assert!(check(&[], "10.0.0.5:22", "::ffff:10.0.0.5").is_ok());
+        let other = check(&[], "10.0.0.6:22", "10.0.0.5").unwrap_err();
+        assert!(
+            other.contains("not the agent's own address (10.0.0.5"),
+            "{other}"
+        );
+        assert!(check(&["10.0.0.0/24"], "10.0.0.6:22", "10.0.0.5").is_ok());
+        assert!(check(&["10.0.0.0/24"], "10.0.1.6:22", "10.0.0.5").is_err());
+        assert!(check(&[], "[fd00::5]:22", "fd00::5").is_ok());
+        assert!(check(&[], "node-a.internal:22", "10.0.0.5").is_err());
+    }
+
+    #[test]
+    fn some_addresses_are_never_dialled() {
+        let all = ["0.0.0.0/0", "::/0"];
+        for (address, says) in [
+            ("169.254.169.254:80", "link-local"),
+            ("[fe80::1]:22", "link-local"),
+            ("0.0.0.0:22", "unspecified"),
+            ("[::]:22", "unspecified"),
+            ("224.0.0.1:22", "multicast"),
+            ("255.255.255.255:22", "broadcast"),
+            // The proxy's own ports on any of its addresses.
+            ("10.0.0.1:3026", "listen.metrics"),
+            ("10.0.0.1:3023", "listen.users"),
+            // Loopback needs a loopback network listed, not "everything".
+            ("127.0.0.1:22", "loopback"),
+            ("[::1]:22", "loopback"),
+        ] {
+            let source = address.rsplit_once(':').unwrap().0.trim_matches(['[', ']']);
+            let why = check(&all, address, source).unwrap_err();
+            assert!(why.contains(says), "{address}: {why}");
+        }
+        // Another host's port 3026 is not the proxy's.
+        assert!(check(&all, "10.0.0.9:3026", "10.0.0.5").is_ok());
+        assert!(check(&["127.0.0.0/8"], "127.0.0.1:22", "127.0.0.1").is_ok());
+        assert!(check(&["127.0.0.0/8"], "127.0.0.1:3026", "127.0.0.1").is_err());
+        assert!(check(&["::1/128"], "[::1]:22", "::1").is_ok());
+    }
 }

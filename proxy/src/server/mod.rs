@@ -537,6 +537,14 @@ impl Context {
         )
     }
 
+    /// A resumable session for a user's connection: as [`Context::new_resumable_session`],
+    /// but an ANNOUNCE from the user ends it (a user has no nodes to announce).
+    pub fn new_user_session(&self) -> Session {
+        let mut config = self.resumable_session_config();
+        config.peer_may_announce = false;
+        Session::new(config, self.session_id(), Instant::now())
+    }
+
     fn session_id(&self) -> [u8; 16] {
         crate::util::random_bytes::<16>().unwrap_or_else(|_| {
             // The id tells sessions apart in logs and names a tunnel's session when its agent

@@ -18,7 +18,7 @@ use tunnel::tls::TlsConnection;
 
 use super::resume;
 use super::{Context, Stats};
-use crate::directory::{ClusterRoute, Route};
+use crate::directory::{ClusterRoute, Route, StreamSlot};
 use crate::splice::{self, SpliceOutcome};
 use crate::util;
 
@@ -121,7 +121,7 @@ pub(super) async fn serve_session(
     if let Some(key) = &client_key {
         ctx.session_homes.insert(key.clone(), ctx.core);
     }
-    let tunnel = tunnel::mux::Tunnel::new(ctx.new_resumable_session());
+    let tunnel = tunnel::mux::Tunnel::new(ctx.new_user_session());
     let registration = ctx.add_user_tunnel(&tunnel, &user);
     let driven = tunnel.clone();
     let mut driver = monoio::spawn(async move { drive(&driven, conn, input).await });
@@ -321,10 +321,12 @@ fn reject(
 
 /// Where an authorized session goes: the agent's stream, a TCP connection to the node, or a
 /// trusted leaf cluster's stream (which audits the session itself).
+/// A tunnel's stream holds one of the user's slots of that tunnel
+/// (`limits.max_streams_per_user_per_node`) until it ends.
 enum Target {
-    Tunnel(tunnel::mux::MuxStream),
+    Tunnel(tunnel::mux::MuxStream, StreamSlot),
     Direct(monoio::net::TcpStream),
-    Leaf(tunnel::mux::MuxStream),
+    Leaf(tunnel::mux::MuxStream, StreamSlot),
 }
 
 /// Serves one OPEN of `user` (a local user, or on a leaf a root user with mapped roles)
@@ -361,8 +363,8 @@ pub(super) async fn handle_open(
         return; // the user's connection ended meanwhile; dropping the target closes it
     };
     let active = ActiveSession::new(&ctx);
-    let (via, node) = match target {
-        Target::Leaf(leaf) => {
+    let (via, node, _slot) = match target {
+        Target::Leaf(leaf, _slot) => {
             // The session is the leaf's: it writes session.start and session.end to its own
             // audit log; this cluster's log has no record of it (only the program log does).
             let session_id = util::to_hex(&request.session_id);
@@ -378,10 +380,12 @@ pub(super) async fn handle_open(
             settle.wait().await;
             return;
         }
-        Target::Tunnel(agent) => ("tunnel", Ok(agent)),
-        Target::Direct(tcp) => ("direct", Err(tcp)),
+        Target::Tunnel(agent, slot) => ("tunnel", Ok(agent), Some(slot)),
+        Target::Direct(tcp) => ("direct", Err(tcp), None),
     };
-    let started = session_start(&ctx, &request, &user, &client_addr, via);
+    // The address actually connected to (a host name's resolved address), for the audit.
+    let dialled = node.as_ref().err().and_then(|tcp| tcp.peer_addr().ok());
+    let started = session_start(&ctx, &request, &user, &client_addr, via, dialled);
     let (outcome, settle) = match node {
         Ok(agent) => splice::splice_streams(user_stream, agent, ("user", "node")).await,
         Err(tcp) => splice::splice_tcp(user_stream, tcp, ("user", "node")).await,
@@ -443,6 +447,12 @@ async fn connect_leaf(
             ));
         }
     };
+    let slot = stream_slot(
+        ctx,
+        user,
+        &format!("cluster:{leaf}"),
+        &format!("cluster {leaf}"),
+    )?;
     let open = Open {
         session_id: request.session_id,
         cluster: leaf.clone(),
@@ -455,7 +465,31 @@ async fn connect_leaf(
     };
     open_through(&tunnel, open, &format!("cluster {leaf}"))
         .await
-        .map(Target::Leaf)
+        .map(|stream| Target::Leaf(stream, slot))
+}
+
+/// One of `user`'s stream slots through the tunnel to `target` (see
+/// [`crate::directory::CoreDirectory::take_stream_slot`]), or the refusal naming the limit.
+fn stream_slot(
+    ctx: &Context,
+    user: &PeerIdentity,
+    target: &str,
+    what: &str,
+) -> Result<StreamSlot, (ErrorCode, String)> {
+    let max = ctx.config.limits.max_streams_per_user_per_node;
+    let owner = format!("{}@{}", user.name, user.cluster);
+    ctx.directory
+        .take_stream_slot(&owner, target, max)
+        .ok_or_else(|| {
+            (
+                ErrorCode::LIMIT_EXCEEDED,
+                format!(
+                    "user {} already holds {max} streams to {what}, its share of the tunnel \
+                     (`limits.max_streams_per_user_per_node`); close some sessions and retry",
+                    user.name
+                ),
+            )
+        })
 }
 
 /// Opens a stream through `tunnel` to `what` ("node X", "cluster X"), or says why not.
@@ -499,6 +533,11 @@ async fn connect_target(
             "the proxy is shutting down; retry in a moment".into(),
         ));
     }
+    // Before any route: on the root for a leaf's node too (the leaf checks again, with the
+    // login against its roles).
+    ctx.policy
+        .check_open_names_login(user, node, &request.service, &request.login)
+        .map_err(|denied| (ErrorCode::ACCESS_DENIED, denied.0))?;
     if !request.cluster.is_empty() && request.cluster != ctx.cluster {
         if user.cluster != ctx.cluster {
             // A root's user on a leaf: trust is not transitive.
@@ -520,6 +559,7 @@ async fn connect_target(
     }
     match route {
         Route::Tunnel(entry) => {
+            let slot = stream_slot(ctx, user, node, &format!("node {node}"))?;
             let open = Open {
                 session_id: request.session_id,
                 cluster: String::new(),
@@ -532,7 +572,7 @@ async fn connect_target(
             };
             open_through(&entry.tunnel, open, &format!("node {node}"))
                 .await
-                .map(Target::Tunnel)
+                .map(|stream| Target::Tunnel(stream, slot))
         }
         Route::Direct { address, .. } => {
             if request.service != "ssh" {
@@ -596,18 +636,22 @@ fn session_start(
     user: &PeerIdentity,
     client_addr: &str,
     via: &str,
+    dialled: Option<SocketAddr>,
 ) -> Instant {
     let session_id = util::to_hex(&request.session_id);
+    let address = dialled.map(|a| a.to_string());
     tracing::info!(
         %session_id, user = %user.name, user_cluster = %user.cluster, node = %request.node,
-        login = %request.login, %via, %client_addr, "session start"
+        login = %request.login, %via, address = address.as_deref().unwrap_or("-"),
+        %client_addr, "session start"
     );
     ctx.audit.record(
         "session.start",
         serde_json::json!({
             "session_id": session_id, "user": user.name, "user_cluster": user.cluster,
             "roles": user.roles, "node": request.node, "login": request.login,
-            "service": request.service, "via": via, "client_addr": client_addr,
+            "service": request.service, "via": via, "address": address,
+            "client_addr": client_addr,
         }),
     );
     Instant::now()

@@ -178,7 +178,8 @@ pub(super) async fn serve_tunnel(
         return;
     }
     let max = ctx.config.limits.max_tunnels as usize;
-    if ctx.directory.tunnel_count() >= max {
+    // Leaf clusters' tunnels count too: they are tunnels the proxy holds.
+    if ctx.directory.held_tunnel_count() >= max {
         Stats::bump(&ctx.stats.dropped_tunnel_limit);
         let t = refuse(
             format!("the proxy holds its maximum of {max} tunnels (`limits.max_tunnels`)"),
