@@ -158,6 +158,7 @@ echo "ok - a ProxyCommand without the login (%r) is refused, naming ssh user@nod
 # One that tells the proxy another login than ssh uses: sshd refuses the certificate itself.
 OUT=$(ssh "${SSHOPTS[@]}" -o IdentitiesOnly=yes -i "$WORK/home-alice/ssh_key" \
   -o CertificateFile="$CERT" -o HostKeyAlias=node-a.roles.test \
+  -o UserKnownHostsFile="$WORK/home-alice/known_hosts" -o StrictHostKeyChecking=yes \
   -o ProxyCommand="env REMOTELER_HOME=$WORK/home-alice $C proxy ssh root@%h:%p" daemon@node-a true 2>&1 || true)
 contains "$OUT" "Permission denied"
 check "sshd itself says the login is not a principal of the certificate" \
