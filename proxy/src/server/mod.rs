@@ -539,6 +539,15 @@ impl Context {
         self.config.limits.handshake_timeout
     }
 
+    /// The deadline for a new connection's whole ClientHello (`limits.hello_timeout`, at most
+    /// the handshake deadline).
+    pub fn hello_timeout(&self) -> Duration {
+        self.config
+            .limits
+            .hello_timeout
+            .min(self.config.limits.handshake_timeout)
+    }
+
     fn add_user_tunnel(&self, tunnel: &Tunnel, user: &PeerIdentity) -> u64 {
         let id = self.user_tunnel_ids.get() + 1;
         self.user_tunnel_ids.set(id);
@@ -709,6 +718,7 @@ pub fn run(
         state_writer: state_writer.clone(),
         revocations: Arc::new(revocations),
         guard: Arc::new(crate::guard::SourceGuard::new(
+            config.limits.max_handshakes_in_progress,
             config.limits.max_handshakes_per_source,
         )),
         policy: Arc::new(policy),
@@ -1210,29 +1220,29 @@ async fn accept_loop(
         };
         match accepted {
             Ok((tcp, peer)) => {
-                let limit = ctx.config.limits.max_handshakes_in_progress;
-                if ctx.stats.handshakes.load(Ordering::Relaxed) >= limit {
-                    Stats::bump(&ctx.stats.dropped_handshake_limit);
-                    tracing::warn!(
-                        %peer,
-                        listener = kind.name(),
-                        limit,
-                        "too many handshakes in progress (`limits.max_handshakes_in_progress`); dropping the connection"
-                    );
-                    continue;
-                }
-                let Some(source) = ctx.guard.enter(peer.ip()) else {
-                    // Debug only: a flood from one address must not become a flood of log lines;
-                    // the metric counts them.
+                // Debug only below: a flood must not become a flood of log lines; the
+                // metrics count what was dropped.
+                let Some(admission) = ctx.guard.enter(peer.ip()) else {
                     Stats::bump(&ctx.stats.dropped_source_handshake_limit);
                     tracing::debug!(
                         %peer,
                         listener = kind.name(),
-                        "too many handshakes in progress from this address (`limits.max_handshakes_per_source`); dropping the connection"
+                        "too many handshakes in progress from this source group (`limits.max_handshakes_per_source`); dropping the connection"
                     );
                     continue;
                 };
-                let slot = HandshakeSlot::take(ctx.stats.clone(), source);
+                if let Some(evicted) = admission.evicted {
+                    // The table was full: the oldest connection of the group holding the most
+                    // makes room (its task sees the eviction and closes it).
+                    Stats::bump(&ctx.stats.dropped_handshake_limit);
+                    tracing::debug!(
+                        %peer,
+                        listener = kind.name(),
+                        %evicted,
+                        "handshake table full (`limits.max_handshakes_in_progress`); evicted the oldest connection of the source group holding the most"
+                    );
+                }
+                let slot = HandshakeSlot::take(ctx.stats.clone(), admission.slot);
                 monoio::spawn(handle_connection(
                     ctx.clone(),
                     tcp,
@@ -1253,19 +1263,29 @@ async fn accept_loop(
     tracing::debug!(listener = kind.name(), "stopped accepting");
 }
 
-/// Holds one of `limits.max_handshakes_in_progress`, and one of its address's
-/// `limits.max_handshakes_per_source`, while alive.
-struct HandshakeSlot {
+/// Holds one of `limits.max_handshakes_in_progress`, and one of its source group's
+/// `limits.max_handshakes_per_source`, while alive: from accept through TLS to the first
+/// request (a join or login line, a user's first OPEN), or to the check of a client
+/// certificate. A newer connection may evict it when the table is full.
+pub(super) struct HandshakeSlot {
     stats: Arc<Stats>,
-    _source: crate::guard::SourceSlot,
+    source: crate::guard::SourceSlot,
 }
 
 impl HandshakeSlot {
     fn take(stats: Arc<Stats>, source: crate::guard::SourceSlot) -> Self {
         stats.handshakes.fetch_add(1, Ordering::Relaxed);
-        HandshakeSlot {
-            stats,
-            _source: source,
+        HandshakeSlot { stats, source }
+    }
+
+    /// Runs `work` unless this connection is evicted from the handshake table first (`None`).
+    pub(super) async fn unless_evicted<F: std::future::Future>(
+        &self,
+        work: F,
+    ) -> Option<F::Output> {
+        monoio::select! {
+            out = work => Some(out),
+            () = self.source.evicted() => None,
         }
     }
 }
@@ -1286,12 +1306,18 @@ async fn handle_connection(
 ) {
     // This task lives as long as its connection (a tunnel: days): everything but the tunnel's
     // own service is boxed so that the task is not sized for the largest of them.
-    let conn = match Box::pin(tls::accept(tcp, tls, ctx.handshake_timeout())).await {
-        Ok(conn) => {
+    let accept = tls::accept_within(tcp, tls, ctx.hello_timeout(), ctx.handshake_timeout());
+    let conn = match Box::pin(slot.unless_evicted(accept)).await {
+        None => {
+            Stats::bump(&ctx.stats.handshakes_failed);
+            tracing::debug!(%peer, listener = kind.name(), "evicted from the full handshake table during tls");
+            return;
+        }
+        Some(Ok(conn)) => {
             Stats::bump(&ctx.stats.handshakes_ok);
             conn
         }
-        Err(e) => {
+        Some(Err(e)) => {
             if e.is_certificate_error() {
                 Stats::bump(&ctx.stats.handshakes_bad_certificate);
                 tracing::warn!(%peer, listener = kind.name(), error = %e, "tls handshake refused: bad client certificate");
@@ -1302,7 +1328,6 @@ async fn handle_connection(
             return;
         }
     };
-    drop(slot);
     let alpn = conn.alpn_protocol().unwrap_or_default();
     let identity = conn
         .peer_certificates()
@@ -1311,10 +1336,10 @@ async fn handle_connection(
     let protocol = String::from_utf8_lossy(&alpn).into_owned();
     match (kind, alpn.as_slice()) {
         (ListenerKind::Tunnels | ListenerKind::Auth, p) if p == ALPN_JOIN => {
-            Box::pin(control::serve_join(ctx, conn, peer)).await;
+            Box::pin(control::serve_join(ctx, conn, peer, slot)).await;
         }
         (ListenerKind::Tunnels, p) if p == ALPN_CLUSTER_JOIN => {
-            Box::pin(clusters::serve_cluster_join(ctx, conn, peer)).await;
+            Box::pin(clusters::serve_cluster_join(ctx, conn, peer, slot)).await;
         }
         (ListenerKind::Tunnels, p)
             if p == ALPN_TUNNEL
@@ -1330,7 +1355,7 @@ async fn handle_connection(
             }
         }
         (ListenerKind::Users, p) if p == ALPN_LOGIN => {
-            Box::pin(control::serve_login(ctx, conn, peer)).await;
+            Box::pin(control::serve_login(ctx, conn, peer, slot)).await;
         }
         (ListenerKind::Tunnels, p) if p == ALPN_TUNNEL => {
             match check_identity(&ctx, identity, IdentityKind::Node) {
@@ -1358,13 +1383,17 @@ async fn handle_connection(
                 Ok(id) => {
                     let mut conn = conn;
                     let mut input = BytesMut::new();
-                    let first = Box::pin(monoio::time::timeout(
+                    let first = Box::pin(slot.unless_evicted(monoio::time::timeout(
                         ctx.handshake_timeout(),
                         sessions::peek_first_request(&mut conn, &mut input),
-                    ))
-                    .await
-                    .ok()
-                    .flatten();
+                    )))
+                    .await;
+                    let Some(first) = first else {
+                        tracing::debug!(%peer, "evicted from the full handshake table before the first request");
+                        return;
+                    };
+                    drop(slot);
+                    let first = first.ok().flatten();
                     let owner = match first {
                         Some(FirstRequest::Open(cluster, node)) => {
                             if cluster.is_empty() || cluster == ctx.cluster {
@@ -1395,7 +1424,7 @@ async fn handle_connection(
         }
         (ListenerKind::Users, p) if p == ALPN_API => {
             match check_identity(&ctx, identity, IdentityKind::User) {
-                Ok(id) => Box::pin(control::serve_api(ctx, conn, peer, id)).await,
+                Ok(id) => Box::pin(control::serve_api(ctx, conn, peer, id, slot)).await,
                 Err(why) => {
                     Box::pin(control::refuse_line(
                         &ctx,
@@ -1411,7 +1440,7 @@ async fn handle_connection(
         }
         (ListenerKind::Auth, p) if p == ALPN_REGISTER => {
             match check_identity(&ctx, identity, IdentityKind::Node) {
-                Ok(id) => Box::pin(control::serve_register(ctx, conn, peer, id)).await,
+                Ok(id) => Box::pin(control::serve_register(ctx, conn, peer, id, slot)).await,
                 Err(why) => {
                     Box::pin(control::refuse_line(
                         &ctx,
