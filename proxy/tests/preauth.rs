@@ -196,3 +196,132 @@ fn full_handshake_table_evicts_for_an_honest_login() {
         "{body}"
     );
 }
+
+/// A peer that completes TLS and then says nothing still holds its handshake slot until its
+/// request line is in (so it counts against its group and the table), and no longer after.
+#[test]
+fn the_request_line_is_read_inside_the_handshake_slot() {
+    let proxy = Proxy::start(Some(
+        "[limits]\nhandshake_timeout = \"5m\"\nhello_timeout = \"5m\"\n",
+    ));
+    block_on(async {
+        let conn = connect(proxy.users, pinned(proxy.pin), ALPN_LOGIN)
+            .await
+            .unwrap();
+        wait_handshakes(&proxy, 1);
+        let (mut reader, mut writer) = conn.split();
+        // An unknown user: the answer comes once the line is read.
+        let request = LoginRequest {
+            user: "nobody".into(),
+            password: "x".into(),
+            public_key: "00".into(),
+            ttl_secs: None,
+            ssh_public_key: None,
+        };
+        control::write_line(&mut writer, &request).await.unwrap();
+        let mut buf = BytesMut::new();
+        let refused = control::read_reply::<LoginResponse>(&mut reader, &mut buf).await;
+        assert!(
+            matches!(refused, Err(ControlError::Refused(_))),
+            "{refused:?}"
+        );
+        wait_handshakes(&proxy, 0);
+    });
+}
+
+/// A burst of 100 wrong passwords from one address, all at once: at most
+/// `AUTH_FAILURE_LIMIT` (10) are checked, the rest are refused unchecked; every one is
+/// audited.
+#[test]
+fn a_burst_of_wrong_passwords_gets_at_most_ten_checked() {
+    let proxy = Proxy::start(None);
+    proxy.add_user("alice", "correct horse");
+    let answers = block_on(async {
+        let proxy = std::rc::Rc::new(proxy);
+        let tasks: Vec<_> = (0..100)
+            .map(|i| {
+                let proxy = proxy.clone();
+                monoio::spawn(async move {
+                    login_from(
+                        &proxy,
+                        [127, 0, 5, 1].into(),
+                        "alice",
+                        &format!("guess {i}"),
+                    )
+                    .await
+                })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for task in tasks {
+            answers.push(task.await);
+        }
+        (answers, proxy)
+    });
+    let (answers, proxy) = answers;
+    assert!(answers.iter().all(Result::is_err), "no guess may succeed");
+    let audit =
+        proxy.audit_when(|records| records.iter().filter(|r| r["event"] == "login").count() >= 100);
+    let logins: Vec<_> = audit.iter().filter(|r| r["event"] == "login").collect();
+    let checked = logins
+        .iter()
+        .filter(|r| r["code"] == "bad_password")
+        .count();
+    let unchecked = logins
+        .iter()
+        .filter(|r| r["code"] == "rate_limited")
+        .count();
+    assert!(
+        (1..=10).contains(&checked),
+        "{checked} of 100 guesses were checked (at most 10 allowed)"
+    );
+    assert_eq!(
+        checked + unchecked + logins.iter().filter(|r| r["code"] == "busy").count(),
+        100,
+        "{logins:#?}"
+    );
+}
+
+/// User names with a newline or a terminal escape sequence reach the program log escaped:
+/// no forged line, no raw ESC; the audit log (JSON) keeps them exactly.
+#[test]
+fn hostile_user_names_cannot_forge_log_lines() {
+    let proxy = Proxy::start(None);
+    let forged = "x\nFAKE LINE 2026-01-01T00:00:00Z ERROR user alice logged in";
+    let coloured = "\u{1b}[31mred\u{1b}[0m";
+    block_on(async {
+        for name in [forged, coloured] {
+            let refused = login_from(&proxy, [127, 0, 6, 1].into(), name, "wrong").await;
+            assert_eq!(refused, Err("bad_password".to_owned()));
+        }
+    });
+    let audit =
+        proxy.audit_when(|records| records.iter().filter(|r| r["event"] == "login").count() >= 2);
+    let users: Vec<&str> = audit
+        .iter()
+        .filter(|r| r["event"] == "login")
+        .filter_map(|r| r["user"].as_str())
+        .collect();
+    assert_eq!(
+        users,
+        vec![forged, coloured],
+        "the audit log keeps names exactly"
+    );
+    let log = proxy.log();
+    assert!(
+        !log.lines().any(|l| l.starts_with("FAKE LINE")),
+        "a user name forged a log line:\n{log}"
+    );
+    assert!(
+        !log.contains('\u{1b}'),
+        "an escape sequence reached the log:\n{log:?}"
+    );
+    assert!(
+        log.contains("x\\nFAKE LINE"),
+        "the name is logged, escaped:\n{log}"
+    );
+    assert!(
+        log.contains("\\u{1b}[31mred"),
+        "the name is logged, escaped:\n{log}"
+    );
+}
