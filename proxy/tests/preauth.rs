@@ -325,3 +325,30 @@ fn hostile_user_names_cannot_forge_log_lines() {
         "the name is logged, escaped:\n{log}"
     );
 }
+
+/// The same names with `log.format = "json"`: every line of the program log is one JSON
+/// object, and the name comes back exactly.
+#[test]
+fn hostile_user_names_stay_inside_json_log_lines() {
+    let proxy = Proxy::start(Some("[log]\nformat = \"json\"\n"));
+    let forged = "x\nFAKE LINE\u{1b}[31m";
+    block_on(async {
+        let refused = login_from(&proxy, [127, 0, 6, 2].into(), forged, "wrong").await;
+        assert_eq!(refused, Err("bad_password".to_owned()));
+    });
+    proxy.audit_when(|records| records.iter().any(|r| r["event"] == "login"));
+    let log = proxy.log();
+    let mut users = Vec::new();
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let Ok(record) = serde_json::from_str::<serde_json::Value>(line) else {
+            // The harness's own lines (the ready line on stdout) are not the proxy's log.
+            assert!(!line.contains("FAKE LINE"), "a forged line: {line:?}");
+            continue;
+        };
+        if let Some(user) = record["fields"]["user"].as_str() {
+            users.push(user.to_owned());
+        }
+    }
+    assert_eq!(users, vec![forged.to_owned()], "{log}");
+    assert!(!log.contains('\u{1b}'));
+}
