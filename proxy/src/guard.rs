@@ -249,6 +249,19 @@ pub struct Admission {
     pub evicted: Option<SourceGroup>,
 }
 
+/// Why [`SourceGuard::begin_attempt`] refused an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptRefused {
+    /// The group failed [`AUTH_FAILURE_LIMIT`] times in the window; it ends in this long.
+    Blocked(Duration),
+    /// The group's failures and the attempts being checked now reach the limit: try again
+    /// once those are answered.
+    Checking {
+        /// Attempts being checked now.
+        checking: u32,
+    },
+}
+
 /// A join or login attempt counted against its source group before it is checked. Dropped
 /// without [`AuthAttempt::failed`] (it succeeded, or was not a guess), it is given back.
 #[derive(Debug)]
@@ -406,7 +419,7 @@ impl SourceGuard {
         self: &Arc<Self>,
         source: IpAddr,
         now: Instant,
-    ) -> Result<AuthAttempt, Duration> {
+    ) -> Result<AuthAttempt, AttemptRefused> {
         let group = SourceGroup::of(source);
         let mut tables = self.lock();
         if !tables.failures.contains_key(&group) && tables.failures.len() >= MAX_TRACKED_SOURCES {
@@ -431,8 +444,13 @@ impl SourceGuard {
         if f.since + AUTH_FAILURE_WINDOW <= now {
             *f = Failures::new(now);
         }
+        if f.failed >= AUTH_FAILURE_LIMIT {
+            return Err(AttemptRefused::Blocked(f.since + AUTH_FAILURE_WINDOW - now));
+        }
         if f.failed + f.pending >= AUTH_FAILURE_LIMIT {
-            return Err(f.since + AUTH_FAILURE_WINDOW - now);
+            return Err(AttemptRefused::Checking {
+                checking: f.pending,
+            });
         }
         f.pending += 1;
         Ok(AuthAttempt {
@@ -569,8 +587,9 @@ mod tests {
                     .unwrap_or_else(|_| panic!("attempt {i}"))
             })
             .collect();
-        assert!(
-            guard.begin_attempt(v4(10, 0, 0, 99), t0).is_err(),
+        assert_eq!(
+            guard.begin_attempt(v4(10, 0, 0, 99), t0).err(),
+            Some(AttemptRefused::Checking { checking: 10 }),
             "same /24"
         );
         assert!(
@@ -611,7 +630,7 @@ mod tests {
         assert_eq!(left, Some(AUTH_FAILURE_WINDOW - Duration::from_secs(1)));
         assert_eq!(
             guard.begin_attempt(a, t0 + Duration::from_secs(1)).err(),
-            left
+            left.map(AttemptRefused::Blocked)
         );
         assert!(guard.auth_blocked(v4(10, 0, 1, 2), t0).is_none());
         assert!(guard.auth_blocked(a, t0 + AUTH_FAILURE_WINDOW).is_none());

@@ -86,21 +86,28 @@ pub(super) fn begin_attempt(
     peer: SocketAddr,
     what: &str,
 ) -> Result<crate::guard::AuthAttempt, ErrorBody> {
+    use crate::guard::{AUTH_FAILURE_LIMIT, AUTH_FAILURE_WINDOW, AttemptRefused, SourceGroup};
+    let group = SourceGroup::of(peer.ip());
     ctx.guard
         .begin_attempt(peer.ip(), std::time::Instant::now())
-        .map_err(|left| {
-            error(
-                "rate_limited",
-                format!(
-                    "too many failed joins and logins from {} ({}; {} within {}s); {what} from \
-                     there are refused for another {}s without being checked",
+        .map_err(|refused| {
+            let message = match refused {
+                AttemptRefused::Blocked(left) => format!(
+                    "too many failed joins and logins from {} ({group}; {AUTH_FAILURE_LIMIT} \
+                     within {}s); {what} from there are refused for another {}s without being \
+                     checked",
                     peer.ip(),
-                    crate::guard::SourceGroup::of(peer.ip()),
-                    crate::guard::AUTH_FAILURE_LIMIT,
-                    crate::guard::AUTH_FAILURE_WINDOW.as_secs(),
+                    AUTH_FAILURE_WINDOW.as_secs(),
                     left.as_secs().max(1)
                 ),
-            )
+                AttemptRefused::Checking { checking } => format!(
+                    "{checking} joins and logins from {group} are being checked now, which with \
+                     the failures of the last {}s makes the limit of {AUTH_FAILURE_LIMIT}; \
+                     try again once they are answered",
+                    AUTH_FAILURE_WINDOW.as_secs()
+                ),
+            };
+            error("rate_limited", message)
         })
 }
 
