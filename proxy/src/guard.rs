@@ -240,15 +240,6 @@ impl Drop for SourceSlot {
     }
 }
 
-/// Why a connection was not let into the handshake table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// Its source group holds `limits.max_handshakes_per_source`.
-    GroupFull,
-    /// The table is full and its source group holds the most.
-    TableFull,
-}
-
 /// A connection let into the handshake table.
 #[derive(Debug)]
 pub struct Admission {
@@ -370,24 +361,18 @@ impl SourceGuard {
         self.tables.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A place in the handshake table for a connection from `source`. Refused when its group
-    /// holds `limits.max_handshakes_per_source`. When the table is full
-    /// (`limits.max_handshakes_in_progress`), the oldest connection of the group holding the
-    /// most is evicted to make room, unless the newcomer's own group is that group: then the
-    /// newcomer is refused (a flood cannot churn the table, and refusing at accept is the
-    /// cheapest answer).
-    pub fn enter(self: &Arc<Self>, source: IpAddr) -> Result<Admission, Refusal> {
+    /// A place in the handshake table for a connection from `source`, or `None` when its
+    /// group holds `limits.max_handshakes_per_source`. When the table is full
+    /// (`limits.max_handshakes_in_progress`) the oldest connection of the group holding the
+    /// most is evicted to make room.
+    pub fn enter(self: &Arc<Self>, source: IpAddr) -> Option<Admission> {
         let group = SourceGroup::of(source);
         let mut tables = self.lock();
         let held = tables.groups.get(&group).map_or(0, BTreeSet::len);
         if held >= self.per_group_handshakes {
-            return Err(Refusal::GroupFull);
+            return None;
         }
         let evicted = if tables.handshakes.len() >= self.max_handshakes {
-            let largest = tables.groups.values().map(BTreeSet::len).max().unwrap_or(0);
-            if held > 0 && held >= largest {
-                return Err(Refusal::TableFull);
-            }
             tables.evict_one()
         } else {
             None
@@ -402,7 +387,7 @@ impl SourceGuard {
             },
         );
         tables.groups.entry(group).or_default().insert(id);
-        Ok(Admission {
+        Some(Admission {
             slot: SourceSlot {
                 guard: self.clone(),
                 id,
@@ -555,19 +540,18 @@ mod tests {
         let guard = Arc::new(SourceGuard::new(100, 2));
         let first = guard.enter(v4(127, 0, 1, 2));
         let second = guard.enter(v4(127, 0, 1, 3));
-        assert!(first.is_ok() && second.is_ok());
-        assert_eq!(
-            guard.enter(v4(127, 0, 1, 4)).err(),
-            Some(Refusal::GroupFull),
+        assert!(first.is_some() && second.is_some());
+        assert!(
+            guard.enter(v4(127, 0, 1, 4)).is_none(),
             "a third slot for the same /24"
         );
         assert!(
-            guard.enter(v4(127, 0, 2, 2)).is_ok(),
+            guard.enter(v4(127, 0, 2, 2)).is_some(),
             "another /24 is not limited by the first"
         );
         drop(first);
         assert!(
-            guard.enter(v4(127, 0, 1, 2)).is_ok(),
+            guard.enter(v4(127, 0, 1, 2)).is_some(),
             "a released slot is usable again"
         );
     }
@@ -586,8 +570,6 @@ mod tests {
         assert!(flood[0].slot.is_evicted(), "the flood's oldest goes first");
         assert!(!flood[1].slot.is_evicted() && !honest.slot.is_evicted());
         assert_eq!(guard.handshakes(), 4);
-        // A newcomer of the group holding the most is refused rather than evict its own.
-        assert_eq!(guard.enter(v4(10, 0, 0, 9)).err(), Some(Refusal::TableFull));
         // Dropping an evicted slot releases nothing twice.
         drop(flood);
         assert_eq!(guard.handshakes(), 2);

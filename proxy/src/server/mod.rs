@@ -1222,26 +1222,14 @@ async fn accept_loop(
             Ok((tcp, peer)) => {
                 // Debug only below: a flood must not become a flood of log lines; the
                 // metrics count what was dropped.
-                let admission = match ctx.guard.enter(peer.ip()) {
-                    Ok(admission) => admission,
-                    Err(crate::guard::Refusal::GroupFull) => {
-                        Stats::bump(&ctx.stats.dropped_source_handshake_limit);
-                        tracing::debug!(
-                            %peer,
-                            listener = kind.name(),
-                            "too many handshakes in progress from this source group (`limits.max_handshakes_per_source`); dropping the connection"
-                        );
-                        continue;
-                    }
-                    Err(crate::guard::Refusal::TableFull) => {
-                        Stats::bump(&ctx.stats.dropped_handshake_limit);
-                        tracing::debug!(
-                            %peer,
-                            listener = kind.name(),
-                            "handshake table full (`limits.max_handshakes_in_progress`) and this source group holds the most; dropping the connection"
-                        );
-                        continue;
-                    }
+                let Some(admission) = ctx.guard.enter(peer.ip()) else {
+                    Stats::bump(&ctx.stats.dropped_source_handshake_limit);
+                    tracing::debug!(
+                        %peer,
+                        listener = kind.name(),
+                        "too many handshakes in progress from this source group (`limits.max_handshakes_per_source`); dropping the connection"
+                    );
+                    continue;
                 };
                 if let Some(evicted) = admission.evicted {
                     // The table was full: the oldest connection of the group holding the most
