@@ -54,6 +54,15 @@ async fn login_from(
     }
 }
 
+/// A connection from `source` that sends the first byte of a TLS record and then nothing: the
+/// kernel hands it to the proxy (`TCP_DEFER_ACCEPT` waits for data), and it holds a handshake
+/// slot until `limits.hello_timeout`.
+fn stalled_from(source: IpAddr, addr: std::net::SocketAddr) -> std::net::TcpStream {
+    let mut conn = tcp_from(source, addr);
+    conn.write_all(&[0x16]).unwrap();
+    conn
+}
+
 /// Whether the proxy has closed `conn` (a read returns end of stream or a reset), waiting up
 /// to `within`.
 fn closed_within(conn: &std::net::TcpStream, within: Duration) -> bool {
@@ -97,7 +106,7 @@ fn silent_connections_of_one_24_share_a_quota() {
     proxy.add_user("alice", "correct horse");
     // Twenty addresses, one connection each, all in 127.0.1.0/24.
     let silent: Vec<std::net::TcpStream> = (1..=20)
-        .map(|i| tcp_from([127, 0, 1, i].into(), proxy.users))
+        .map(|i| stalled_from([127, 0, 1, i].into(), proxy.users))
         .collect();
     let deadline = Instant::now() + Duration::from_secs(20);
     let closed = loop {
@@ -175,7 +184,7 @@ fn full_handshake_table_evicts_for_an_honest_login() {
     proxy.add_user("alice", "correct horse");
     // Two groups of 8: the table is full.
     let silent: Vec<std::net::TcpStream> = (0..16u8)
-        .map(|i| tcp_from([127, 0, 10 + i / 8, 1 + i % 8].into(), proxy.users))
+        .map(|i| stalled_from([127, 0, 10 + i / 8, 1 + i % 8].into(), proxy.users))
         .collect();
     wait_handshakes(&proxy, 16);
     block_on(async {

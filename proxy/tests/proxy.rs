@@ -778,8 +778,15 @@ fn hostile_sources_are_limited_per_address() {
     let honest: std::net::IpAddr = [127, 0, 4, 1].into();
 
     // 40 silent connections from one address: 8 get a slot, the rest are closed at once.
-    let silent: Vec<std::net::TcpStream> =
-        (0..40).map(|_| tcp_from(flooder, proxy.tunnels)).collect();
+    let silent: Vec<std::net::TcpStream> = (0..40)
+        .map(|_| {
+            // One byte of a TLS record: the kernel hands the connection over (the
+            // listeners defer accept until data arrives), and it never completes a hello.
+            let mut c = tcp_from(flooder, proxy.tunnels);
+            c.write_all(&[0x16]).unwrap();
+            c
+        })
+        .collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let closed = loop {
         let closed = silent

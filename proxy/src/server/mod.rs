@@ -135,6 +135,29 @@ fn listen_shared(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net
     Ok(out)
 }
 
+/// `TCP_DEFER_ACCEPT` for about `hello`: the kernel hands a connection to `accept` only once
+/// its first bytes (the ClientHello) have arrived, or that time has passed. A connection that
+/// sends nothing waits in the kernel, not in the accept queue ahead of clients that speak,
+/// and takes no handshake slot meanwhile. Best effort: without it, the hello deadline alone
+/// applies.
+fn defer_accept(listener: &std::net::TcpListener, hello: Duration) {
+    use std::os::fd::AsRawFd;
+    let secs = libc::c_int::try_from(hello.as_secs().max(1)).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt on a listening socket we own, with a live c_int of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&secs as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "TCP_DEFER_ACCEPT not set");
+    }
+}
+
 impl Listeners {
     /// Binds the three TCP listeners of `config.listen` (one of each per worker, see
     /// `workers`) and the admin socket in the data directory. Refuses to start when another
@@ -142,12 +165,16 @@ impl Listeners {
     pub fn bind(config: &ProxyConfig) -> Result<Listeners, ProxyError> {
         let workers = config.workers.resolve().get();
         let bind = |addr: SocketAddr, key: &str| {
-            listen_shared(addr, workers).map_err(|e| {
+            let listeners = listen_shared(addr, workers).map_err(|e| {
                 ProxyError::Other(format!(
                     "cannot listen on {addr} (`listen.{key}`): {e}; is another proxy running, \
                      or is the port taken? Pick another address with --{key} or in the config file"
                 ))
-            })
+            })?;
+            for l in &listeners {
+                defer_accept(l, config.limits.hello_timeout);
+            }
+            Ok::<_, ProxyError>(listeners)
         };
         let users = bind(config.listen.users, "users")?;
         let tunnels = bind(config.listen.tunnels, "tunnels")?;
