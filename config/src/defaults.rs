@@ -82,6 +82,9 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MIN_HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(100);
 /// Longest handshake timeout: a slow-loris peer holds a handshake slot this long.
 pub const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Time a new connection has to send its whole TLS ClientHello: an honest client sends it
+/// at once, so a silent connection is let go long before `limits.handshake_timeout`.
+pub const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most connections in TLS/HELLO at once, per proxy.
 pub const DEFAULT_MAX_HANDSHAKES_IN_PROGRESS: u32 = 1024;
 /// Upper bound for `limits.max_handshakes_in_progress`.

@@ -208,6 +208,10 @@ pub struct LimitsConfig {
     /// Time to finish TLS and HELLO, [`MIN_HANDSHAKE_TIMEOUT`] to [`MAX_HANDSHAKE_TIMEOUT`];
     /// default [`DEFAULT_HANDSHAKE_TIMEOUT`].
     pub handshake_timeout: Duration,
+    /// Time to send the whole TLS ClientHello, [`MIN_HANDSHAKE_TIMEOUT`] to
+    /// [`MAX_HANDSHAKE_TIMEOUT`]; default [`DEFAULT_HELLO_TIMEOUT`]. The proxy applies at most
+    /// `handshake_timeout`.
+    pub hello_timeout: Duration,
     /// Largest ANNOUNCE, in bytes, [`MIN_MAX_ANNOUNCE_BYTES`] to [`MAX_MAX_ANNOUNCE_BYTES`];
     /// default [`DEFAULT_MAX_ANNOUNCE_BYTES`].
     pub max_announce_bytes: u32,
@@ -243,6 +247,7 @@ impl Default for LimitsConfig {
             max_handshakes_in_progress: DEFAULT_MAX_HANDSHAKES_IN_PROGRESS,
             max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            hello_timeout: DEFAULT_HELLO_TIMEOUT,
             max_announce_bytes: DEFAULT_MAX_ANNOUNCE_BYTES,
             max_tunnels: DEFAULT_MAX_TUNNELS,
             login_lockout_failures: DEFAULT_LOGIN_LOCKOUT_FAILURES,
@@ -441,6 +446,7 @@ struct RawLimits {
     max_handshakes_in_progress: Option<i64>,
     max_handshakes_per_source: Option<i64>,
     handshake_timeout: Option<RawDuration>,
+    hello_timeout: Option<RawDuration>,
     max_announce_bytes: Option<RawSize>,
     max_tunnels: Option<i64>,
     login_lockout_failures: Option<i64>,
@@ -705,6 +711,13 @@ impl TryFrom<RawLimits> for LimitsConfig {
                 MAX_HANDSHAKE_TIMEOUT,
             )
             .for_key("handshake_timeout")?,
+            hello_timeout: duration_in(
+                raw.hello_timeout,
+                DEFAULT_HELLO_TIMEOUT,
+                MIN_HANDSHAKE_TIMEOUT,
+                MAX_HANDSHAKE_TIMEOUT,
+            )
+            .for_key("hello_timeout")?,
             max_announce_bytes: size_in(
                 raw.max_announce_bytes,
                 DEFAULT_MAX_ANNOUNCE_BYTES,

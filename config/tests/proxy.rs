@@ -57,6 +57,7 @@ fn defaults_are_applied() {
     assert_eq!(config.limits.max_pending_opens, 64);
     assert_eq!(config.limits.max_handshakes_in_progress, 1024);
     assert_eq!(config.limits.handshake_timeout, Duration::from_secs(10));
+    assert_eq!(config.limits.hello_timeout, Duration::from_secs(2));
     assert_eq!(config.limits.max_announce_bytes, 1 << 20);
     assert_eq!(config.limits.max_tunnels, config::DEFAULT_MAX_TUNNELS);
     assert_eq!(config.resume.grace, Duration::from_secs(30));
@@ -89,6 +90,7 @@ max_buffered_per_connection = "96MiB"
 max_pending_opens = 2
 max_handshakes_in_progress = 3
 handshake_timeout = "2m"
+hello_timeout = "750ms"
 max_announce_bytes = "64KiB"
 max_tunnels = 20000
 [resume]
@@ -124,6 +126,7 @@ address = "[fd00::6]:2222"
     assert_eq!(config.limits.max_pending_opens, 2);
     assert_eq!(config.limits.max_handshakes_in_progress, 3);
     assert_eq!(config.limits.handshake_timeout, Duration::from_secs(120));
+    assert_eq!(config.limits.hello_timeout, Duration::from_millis(750));
     assert_eq!(config.limits.max_announce_bytes, 64 << 10);
     assert_eq!(config.limits.max_tunnels, 20_000);
     assert_eq!(config.resume.grace, Duration::ZERO);
@@ -411,6 +414,12 @@ const RULES: &[(&str, &str, &str, &str)] = &[
         "limits.handshake_timeout",
         "a duration from 100ms to 5m",
         "\"0s\"",
+    ),
+    (
+        "[limits]\nhello_timeout = \"10m\"",
+        "limits.hello_timeout",
+        "a duration from 100ms to 5m",
+        "\"10m\"",
     ),
     (
         "[limits]\nmax_announce_bytes = \"512B\"",

@@ -34,6 +34,7 @@
 mod agents;
 mod baseline;
 mod env;
+mod flood;
 mod hostile;
 mod identity;
 mod modes;
@@ -76,6 +77,8 @@ enum Mode {
     Baseline(BaselineArgs),
     HostileWindow(HostileCli),
     Rtt(RttCli),
+    Flood(FloodCli),
+    FloodAttacker(FloodAttackerCli),
     Worker(WorkerArgs),
     Relay(RelayArgs),
     EchoServer(EchoServerArgs),
@@ -300,6 +303,55 @@ struct RttCli {
     json: Option<PathBuf>,
 }
 
+/// Honest logins while attackers hold silent connections from many /24s (the handshake
+/// table under a flood); prints the success rate; fails below 99 %.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "flood")]
+struct FloodCli {
+    /// the proxy binary (default target/release/remoteler-proxy)
+    #[argh(option, default = "PathBuf::from(\"target/release/remoteler-proxy\")")]
+    proxy_bin: PathBuf,
+    /// attacking source groups, one address per /24 (default 64)
+    #[argh(option, default = "64")]
+    groups: u16,
+    /// silent connections per group (default 256)
+    #[argh(option, default = "256")]
+    per_group: u16,
+    /// attacker processes (default 2: 16,384 sockets do not fit beside the proxy's own)
+    #[argh(option, default = "2")]
+    attackers: u16,
+    /// honest logins to run (default 200)
+    #[argh(option, default = "200")]
+    logins: usize,
+    /// honest logins at once (default 4)
+    #[argh(option, default = "4")]
+    concurrency: usize,
+    /// time the attack runs before the logins start (default 10s)
+    #[argh(option, default = "String::from(\"10s\")")]
+    warmup: String,
+    /// the proxy's worker threads (default 0: one per core)
+    #[argh(option, default = "0")]
+    proxy_workers: u16,
+}
+
+/// (internal) an attacker process of `flood`.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "flood-attacker")]
+struct FloodAttackerCli {
+    /// the users' listener
+    #[argh(option)]
+    target: SocketAddr,
+    /// first group index
+    #[argh(option)]
+    first_group: u16,
+    /// groups
+    #[argh(option)]
+    groups: u16,
+    /// silent connections per group
+    #[argh(option)]
+    per_group: u16,
+}
+
 /// (internal) a worker process of simulated agents or users.
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "worker")]
@@ -424,6 +476,19 @@ fn run(args: Args) -> anyhow::Result<bool> {
                 concurrency: a.concurrency.max(1),
             };
             rtt::run(args, a.json.as_deref())
+        }
+        Mode::Flood(a) => flood::run(flood::FloodArgs {
+            proxy_bin: a.proxy_bin,
+            groups: a.groups.max(1),
+            per_group: a.per_group.max(1),
+            attackers: a.attackers.max(1),
+            logins: a.logins.max(1),
+            concurrency: a.concurrency.max(1),
+            warmup: duration(&a.warmup, "--warmup")?,
+            proxy_workers: a.proxy_workers,
+        }),
+        Mode::FloodAttacker(a) => {
+            flood::attack(a.target, a.first_group, a.groups, a.per_group).map(|()| true)
         }
         Mode::Worker(a) => worker::main(&a.spec).map(|()| true),
         Mode::Relay(a) => {

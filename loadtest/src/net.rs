@@ -16,7 +16,9 @@ use tunnel::tls::{self, TlsConnection};
 /// Time allowed for TCP connect and for the TLS handshake (each), as the agent does.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Source addresses a worker rotates through: 127.0.`worker+1`.1 ..= .`count`.
+/// Source addresses a worker rotates through: 127.`worker+1`.1.1 ..= 127.`worker+1`.`count`.1,
+/// each in a /24 of its own (the proxy limits handshakes per /24, and a worker stands for
+/// many sites, not one).
 #[derive(Debug)]
 pub struct SourcePool {
     addrs: Vec<IpAddr>,
@@ -28,7 +30,7 @@ impl SourcePool {
     pub fn for_worker(worker: usize, count: usize) -> Self {
         let third = u8::try_from((worker % 250) + 1).unwrap_or(1);
         let addrs = (1..=count.clamp(1, 250))
-            .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, third, u8::try_from(i).unwrap_or(1))))
+            .map(|i| IpAddr::V4(Ipv4Addr::new(127, third, u8::try_from(i).unwrap_or(1), 1)))
             .collect();
         SourcePool {
             addrs,

@@ -770,16 +770,24 @@ async fn open_retrying(
 #[test]
 fn hostile_sources_are_limited_per_address() {
     let proxy = Proxy::start(Some(
-        "[limits]\nmax_handshakes_per_source = 8\nhandshake_timeout = \"30s\"\n",
+        "[limits]\nmax_handshakes_per_source = 8\nhandshake_timeout = \"30s\"\nhello_timeout = \"30s\"\n",
     ));
     let token = proxy.token(&["--ttl", "15m", "--uses", "4"]);
-    let flooder: std::net::IpAddr = [127, 0, 0, 2].into();
-    let guesser: std::net::IpAddr = [127, 0, 0, 3].into();
-    let honest: std::net::IpAddr = [127, 0, 0, 4].into();
+    // Three /24s: sources are limited by group.
+    let flooder: std::net::IpAddr = [127, 0, 2, 1].into();
+    let guesser: std::net::IpAddr = [127, 0, 3, 1].into();
+    let honest: std::net::IpAddr = [127, 0, 4, 1].into();
 
     // 40 silent connections from one address: 8 get a slot, the rest are closed at once.
-    let silent: Vec<std::net::TcpStream> =
-        (0..40).map(|_| tcp_from(flooder, proxy.tunnels)).collect();
+    let silent: Vec<std::net::TcpStream> = (0..40)
+        .map(|_| {
+            // One byte of a TLS record: the kernel hands the connection over (the
+            // listeners defer accept until data arrives), and it never completes a hello.
+            let mut c = tcp_from(flooder, proxy.tunnels);
+            c.write_all(&[0x16]).unwrap();
+            c
+        })
+        .collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let closed = loop {
         let closed = silent
@@ -814,7 +822,8 @@ fn hostile_sources_are_limited_per_address() {
         match refused {
             Err(ControlError::Refused(body)) => {
                 assert_eq!(body.code, "rate_limited");
-                assert!(body.message.contains("127.0.0.3"), "{}", body.message);
+                assert!(body.message.contains("127.0.3.1"), "{}", body.message);
+                assert!(body.message.contains("127.0.3.0/24"), "{}", body.message);
                 assert!(
                     body.message.contains("refused for another"),
                     "{}",

@@ -211,6 +211,37 @@ pub async fn accept(
     TlsConnection::new(tcp, session)?.establish(deadline).await
 }
 
+/// Like [`accept`], but the peer must also have sent its whole ClientHello within `hello`
+/// (the server has answered it), or the handshake fails with [`TlsError::HelloTimeout`]: a
+/// peer that connects and stays silent, or trickles its first message, is let go after
+/// `hello` instead of `deadline`. A `hello` at or beyond `deadline` is `accept`.
+pub async fn accept_within(
+    tcp: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+    hello: Duration,
+    deadline: Duration,
+) -> Result<TlsConnection, TlsError> {
+    let session = Session::server(config).map_err(TlsError::Config)?;
+    let conn = TlsConnection::new(tcp, session)?;
+    if hello >= deadline {
+        return conn.establish(deadline).await;
+    }
+    let shared = Rc::clone(&conn.reader.shared);
+    let peer = shared.peer;
+    // The server's first bytes are its answer to the ClientHello (or an alert, which ends
+    // the handshake anyway).
+    let silent = async {
+        monoio::time::sleep(hello).await;
+        if shared.state.borrow().sent_any {
+            std::future::pending::<()>().await;
+        }
+    };
+    monoio::select! {
+        done = conn.establish(deadline) => done,
+        () = silent => Err(TlsError::HelloTimeout { peer, deadline: hello }),
+    }
+}
+
 /// An established TLS connection. Use it whole for sequential work, or [`split`] it to read
 /// and write concurrently.
 ///
@@ -266,6 +297,8 @@ struct State {
     /// as it is all sent.
     out: Vec<u8>,
     out_sent: usize,
+    /// Some bytes were sent: for a server, its answer to the ClientHello has begun.
+    sent_any: bool,
     /// The peer's close_notify has been processed.
     peer_closed: bool,
     /// We queued our close_notify.
@@ -313,6 +346,7 @@ impl TlsConnection {
             plain: Vec::new(),
             out: Vec::new(),
             out_sent: 0,
+            sent_any: false,
             peer_closed: false,
             close_notify_sent: false,
             read_fault: None,
@@ -944,7 +978,10 @@ impl State {
         while self.out_sent < self.out.len() {
             let unsent = self.out.get(self.out_sent..).unwrap_or_default();
             match sys::send(fd, unsent) {
-                Ok(n) => self.out_sent += n,
+                Ok(n) => {
+                    self.out_sent += n;
+                    self.sent_any |= n > 0;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => return Err(Fault::io(&e)),
             }

@@ -553,6 +553,53 @@ fn handshake_deadline() {
     });
 }
 
+/// `accept_within`: a silent or trickling client is let go at the hello deadline, well before
+/// the handshake deadline; an honest client completes under the same short hello deadline.
+#[test]
+fn hello_deadline() {
+    run(Driver::Fusion, || async {
+        let pki = Pki::new();
+        let hello = Duration::from_millis(300);
+        let deadline = Duration::from_secs(60);
+
+        let (listener, addr) = listen().await;
+        let _silent = TcpStream::connect_addr(addr).await.unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        let err = tls::accept_within(tcp, pki.server_config(), hello, deadline)
+            .await
+            .expect_err("a silent client completed a handshake");
+        assert!(matches!(err, TlsError::HelloTimeout { .. }), "{err}");
+        assert!(err.to_string().contains("limits.hello_timeout"), "{err}");
+
+        // Half a ClientHello record, then nothing.
+        let (listener, addr) = listen().await;
+        let mut partial = TcpStream::connect_addr(addr).await.unwrap();
+        let (r, _) = partial
+            .write_all(vec![0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00])
+            .await;
+        r.unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        let err = tls::accept_within(tcp, pki.server_config(), hello, deadline)
+            .await
+            .expect_err("a partial ClientHello completed a handshake");
+        assert!(matches!(err, TlsError::HelloTimeout { .. }), "{err}");
+
+        // An honest client.
+        let (listener, addr) = listen().await;
+        let client = monoio::spawn({
+            let config = pki.client_config();
+            async move {
+                let tcp = TcpStream::connect_addr(addr).await.unwrap();
+                tls::connect(tcp, config, localhost(), deadline).await
+            }
+        });
+        let (tcp, _) = listener.accept().await.unwrap();
+        let server = tls::accept_within(tcp, pki.server_config(), hello, deadline).await;
+        assert!(server.is_ok(), "{:?}", server.err());
+        assert!(client.await.is_ok());
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // 7. Peer closes mid-transfer
 

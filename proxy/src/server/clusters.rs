@@ -62,10 +62,15 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 // ---- root: join -------------------------------------------------------------------------------
 
 /// ALPN_CLUSTER_JOIN: a `trusted-cluster` token for a cluster certificate.
-pub(super) async fn serve_cluster_join(ctx: Rc<Context>, conn: TlsConnection, peer: SocketAddr) {
+pub(super) async fn serve_cluster_join(
+    ctx: Rc<Context>,
+    conn: TlsConnection,
+    peer: SocketAddr,
+    slot: super::HandshakeSlot,
+) {
     let (mut reader, mut writer) = conn.split();
     let mut buf = BytesMut::new();
-    let request: ClusterJoinRequest = match read_request(&ctx, &mut reader, &mut buf).await {
+    let request: ClusterJoinRequest = match read_request(&ctx, &mut reader, &mut buf, slot).await {
         Ok(r) => r,
         Err(body) => {
             reply(&mut writer, &Reply::<JoinResponse>::Error(body)).await;
@@ -73,8 +78,9 @@ pub(super) async fn serve_cluster_join(ctx: Rc<Context>, conn: TlsConnection, pe
         }
     };
     let leaf = request.cluster.clone();
-    let joined = if let Some(body) = super::control::rate_limited(&ctx, peer, "joins") {
-        Err(body)
+    let attempt = super::control::begin_attempt(&ctx, peer, "joins");
+    let joined = if let Err(body) = &attempt {
+        Err(body.clone())
     } else {
         let (store, ca, cluster) = (ctx.store.clone(), ctx.ca.clone(), ctx.cluster.clone());
         crate::blocking::run(move || cluster_join(&store, &ca, &cluster, &request))
@@ -98,7 +104,7 @@ pub(super) async fn serve_cluster_join(ctx: Rc<Context>, conn: TlsConnection, pe
             reply(&mut writer, &Reply::Ok(response)).await;
         }
         Err(body) => {
-            let blocked = super::control::count_failure(&ctx, peer, &body);
+            let blocked = super::control::count_failure(&ctx, peer, attempt, &body);
             tracing::info!(%peer, cluster = %leaf, code = %body.code, "trusted cluster join refused");
             ctx.audit.record(
                 "cluster.join",

@@ -16,7 +16,7 @@ use tunnel::control::{
 use tunnel::identity::{PeerIdentity, PublicKey, Validity};
 use tunnel::tls::{TlsConnection, TlsReader, TlsWriter};
 
-use super::{Context, Stats};
+use super::{Context, HandshakeSlot, Stats};
 use crate::error::ProxyError;
 use crate::sshca::SshCertError;
 use crate::state::JoinRefused;
@@ -26,9 +26,6 @@ use crate::util;
 pub const NODE_CERT_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
 /// A refused join or login waits this long before the answer, to slow down guessing.
 pub(super) const FAILURE_DELAY: Duration = Duration::from_millis(500);
-/// Password checks running at once (each is a thread and 19 MiB of argon2 memory); more
-/// logins are told to retry.
-const MAX_CONCURRENT_LOGINS: u32 = 8;
 /// Shortest user certificate: scripts (and tests) may ask for seconds; there is no floor beyond one.
 const MIN_USER_TTL: Duration = Duration::from_secs(1);
 /// Longest heartbeat lifetime accepted from a registering node.
@@ -46,12 +43,25 @@ pub(super) async fn reply<T: Serialize>(writer: &mut TlsWriter, reply: &Reply<T>
     let _ = monoio::time::timeout(Duration::from_secs(5), writer.close()).await;
 }
 
+/// Reads the connection's one request line within the handshake deadline. The connection
+/// holds its handshake `slot` until the line is in (so a peer that completes TLS and then
+/// says nothing still counts against its source group and the table), and gives it up then.
 pub(super) async fn read_request<T: DeserializeOwned>(
     ctx: &Context,
     reader: &mut TlsReader,
     buf: &mut BytesMut,
+    slot: HandshakeSlot,
 ) -> Result<T, ErrorBody> {
-    match monoio::time::timeout(ctx.handshake_timeout(), read_line::<T>(reader, buf)).await {
+    let read = monoio::time::timeout(ctx.handshake_timeout(), read_line::<T>(reader, buf));
+    let Some(read) = slot.unless_evicted(read).await else {
+        return Err(error(
+            "busy",
+            "the proxy has too many connections in their handshake and closed this one to \
+             make room; try again",
+        ));
+    };
+    drop(slot);
+    match read {
         Ok(Ok(request)) => Ok(request),
         Ok(Err(ControlError::Malformed(detail))) => {
             Err(error("bad_request", format!("malformed request: {detail}")))
@@ -67,43 +77,69 @@ pub(super) async fn read_request<T: DeserializeOwned>(
     }
 }
 
-/// The refusal for an address that used up its failed joins and logins
-/// ([`crate::guard::AUTH_FAILURE_LIMIT`] per [`crate::guard::AUTH_FAILURE_WINDOW`]); `what`
-/// is "joins" or "logins".
-pub(super) fn rate_limited(ctx: &Context, peer: SocketAddr, what: &str) -> Option<ErrorBody> {
-    let left = ctx
-        .guard
-        .auth_blocked(peer.ip(), std::time::Instant::now())?;
-    Some(error(
-        "rate_limited",
-        format!(
-            "too many failed joins and logins from {} ({} within {}s); {what} from this \
-             address are refused for another {}s without being checked",
-            peer.ip(),
-            crate::guard::AUTH_FAILURE_LIMIT,
-            crate::guard::AUTH_FAILURE_WINDOW.as_secs(),
-            left.as_secs().max(1)
-        ),
-    ))
+/// Counts a join or login from `peer` against its source group before it is checked, or
+/// the refusal for a group that used up its failed joins and logins
+/// ([`crate::guard::AUTH_FAILURE_LIMIT`] per [`crate::guard::AUTH_FAILURE_WINDOW`], attempts
+/// in progress included); `what` is "joins" or "logins".
+pub(super) fn begin_attempt(
+    ctx: &Context,
+    peer: SocketAddr,
+    what: &str,
+) -> Result<crate::guard::AuthAttempt, ErrorBody> {
+    use crate::guard::{AUTH_FAILURE_LIMIT, AUTH_FAILURE_WINDOW, AttemptRefused, SourceGroup};
+    let group = SourceGroup::of(peer.ip());
+    ctx.guard
+        .begin_attempt(peer.ip(), std::time::Instant::now())
+        .map_err(|refused| {
+            let message = match refused {
+                AttemptRefused::Blocked(left) => format!(
+                    "too many failed joins and logins from {} ({group}; {AUTH_FAILURE_LIMIT} \
+                     within {}s); {what} from there are refused for another {}s without being \
+                     checked",
+                    peer.ip(),
+                    AUTH_FAILURE_WINDOW.as_secs(),
+                    left.as_secs().max(1)
+                ),
+                AttemptRefused::Checking { checking } => format!(
+                    "{checking} joins and logins from {group} are being checked now, which with \
+                     the failures of the last {}s makes the limit of {AUTH_FAILURE_LIMIT}; \
+                     try again once they are answered",
+                    AUTH_FAILURE_WINDOW.as_secs()
+                ),
+            };
+            error("rate_limited", message)
+        })
 }
 
-/// Counts a failed join or login against its address (not an answer that was itself a
-/// rate-limit refusal, nor "busy"); returns whether the address is blocked now.
-pub(super) fn count_failure(ctx: &Context, peer: SocketAddr, body: &ErrorBody) -> bool {
+/// Settles a join or login `attempt` that ended with `body`: a failure stays counted against
+/// its source group; an answer that checked nothing ("rate_limited", "busy", "internal") is
+/// given back. Returns whether the group is blocked now.
+pub(super) fn count_failure(
+    ctx: &Context,
+    peer: SocketAddr,
+    attempt: Result<crate::guard::AuthAttempt, ErrorBody>,
+    body: &ErrorBody,
+) -> bool {
+    let attempt = match attempt {
+        Err(_) => return true, // refused: blocked
+        Ok(attempt) => attempt,
+    };
     if matches!(body.code.as_str(), "rate_limited" | "busy" | "internal") {
+        drop(attempt);
         return ctx
             .guard
             .auth_blocked(peer.ip(), std::time::Instant::now())
             .is_some();
     }
-    let blocked = ctx.guard.auth_failed(peer.ip(), std::time::Instant::now());
+    let blocked = attempt.failed();
     if blocked {
         Stats::bump(&ctx.stats.auth_sources_blocked);
         tracing::warn!(
             source = %peer.ip(),
+            group = %crate::guard::SourceGroup::of(peer.ip()),
             limit = crate::guard::AUTH_FAILURE_LIMIT,
             window_secs = crate::guard::AUTH_FAILURE_WINDOW.as_secs(),
-            "too many failed joins and logins from one address; refusing it for the rest of the window"
+            "too many failed joins and logins from one source group; refusing it for the rest of the window"
         );
     }
     blocked
@@ -155,10 +191,15 @@ impl From<ProxyError> for JoinFailure {
 }
 
 /// ALPN_JOIN: a join token for a node certificate.
-pub(super) async fn serve_join(ctx: Rc<Context>, conn: TlsConnection, peer: SocketAddr) {
+pub(super) async fn serve_join(
+    ctx: Rc<Context>,
+    conn: TlsConnection,
+    peer: SocketAddr,
+    slot: HandshakeSlot,
+) {
     let (mut reader, mut writer) = conn.split();
     let mut buf = BytesMut::new();
-    let request: JoinRequest = match read_request(&ctx, &mut reader, &mut buf).await {
+    let request: JoinRequest = match read_request(&ctx, &mut reader, &mut buf, slot).await {
         Ok(r) => r,
         Err(body) => {
             tracing::info!(%peer, code = %body.code, "join request unreadable");
@@ -166,9 +207,10 @@ pub(super) async fn serve_join(ctx: Rc<Context>, conn: TlsConnection, peer: Sock
             return;
         }
     };
-    let joined = match rate_limited(&ctx, peer, "joins") {
-        Some(body) => Err(JoinFailure::Refused(body)),
-        None => join(&ctx, &request).await,
+    let attempt = begin_attempt(&ctx, peer, "joins");
+    let joined = match &attempt {
+        Err(body) => Err(JoinFailure::Refused(body.clone())),
+        Ok(_) => join(&ctx, &request).await,
     };
     match joined {
         Ok((response, token_id)) => {
@@ -187,7 +229,7 @@ pub(super) async fn serve_join(ctx: Rc<Context>, conn: TlsConnection, peer: Sock
                 JoinFailure::Token(e) => error(e.code(), e.to_string()),
                 JoinFailure::Refused(body) => body,
             };
-            let blocked = count_failure(&ctx, peer, &body);
+            let blocked = count_failure(&ctx, peer, attempt, &body);
             tracing::info!(%peer, node = %request.node, code = %body.code, "join refused");
             ctx.audit.record(
                 "join",
@@ -268,10 +310,15 @@ async fn join(ctx: &Context, request: &JoinRequest) -> Result<(JoinResponse, Str
 }
 
 /// ALPN_LOGIN: a password for a user certificate.
-pub(super) async fn serve_login(ctx: Rc<Context>, conn: TlsConnection, peer: SocketAddr) {
+pub(super) async fn serve_login(
+    ctx: Rc<Context>,
+    conn: TlsConnection,
+    peer: SocketAddr,
+    slot: HandshakeSlot,
+) {
     let (mut reader, mut writer) = conn.split();
     let mut buf = BytesMut::new();
-    let request: LoginRequest = match read_request(&ctx, &mut reader, &mut buf).await {
+    let request: LoginRequest = match read_request(&ctx, &mut reader, &mut buf, slot).await {
         Ok(r) => r,
         Err(body) => {
             tracing::info!(%peer, code = %body.code, "login request unreadable");
@@ -280,9 +327,10 @@ pub(super) async fn serve_login(ctx: Rc<Context>, conn: TlsConnection, peer: Soc
         }
     };
     let user = request.user.clone();
-    let outcome = match rate_limited(&ctx, peer, "logins") {
-        Some(body) => Err(body),
-        None => login(&ctx, request).await,
+    let attempt = begin_attempt(&ctx, peer, "logins");
+    let outcome = match &attempt {
+        Err(body) => Err(body.clone()),
+        Ok(_) => login(&ctx, peer, request).await,
     };
     match outcome {
         Ok(response) => {
@@ -299,7 +347,7 @@ pub(super) async fn serve_login(ctx: Rc<Context>, conn: TlsConnection, peer: Soc
             reply(&mut writer, &Reply::Ok(response)).await;
         }
         Err(body) => {
-            let blocked = count_failure(&ctx, peer, &body);
+            let blocked = count_failure(&ctx, peer, attempt, &body);
             tracing::info!(%peer, %user, code = %body.code, "login refused");
             ctx.audit.record(
                 "login",
@@ -314,7 +362,11 @@ pub(super) async fn serve_login(ctx: Rc<Context>, conn: TlsConnection, peer: Soc
     }
 }
 
-async fn login(ctx: &Context, request: LoginRequest) -> Result<LoginResponse, ErrorBody> {
+async fn login(
+    ctx: &Context,
+    peer: SocketAddr,
+    request: LoginRequest,
+) -> Result<LoginResponse, ErrorBody> {
     let key = public_key(&request.public_key)?;
     let state = ctx.store.read().map_err(|e| {
         tracing::error!(error = %e, "cannot read the state file during a login");
@@ -331,12 +383,18 @@ async fn login(ctx: &Context, request: LoginRequest) -> Result<LoginResponse, Er
     let hash = user
         .as_ref()
         .map_or_else(|| ctx.dummy_hash.clone(), |u| u.password_hash.clone());
-    if ctx.stats.logins.load(Ordering::Relaxed) >= MAX_CONCURRENT_LOGINS {
+    // A fair queue: a source group runs at most two checks at once, so one group's flood
+    // waits behind itself, not in front of everyone else.
+    let Some(turn) = ctx
+        .guard
+        .check_turn(peer.ip(), crate::guard::CHECK_QUEUE_WAIT)
+        .await
+    else {
         return Err(error(
             "busy",
             "too many logins at once; try again in a moment",
         ));
-    }
+    };
     ctx.stats.logins.fetch_add(1, Ordering::Relaxed);
     let want_host_ca = request.ssh_host_ca;
     let password = request.password;
@@ -348,6 +406,7 @@ async fn login(ctx: &Context, request: LoginRequest) -> Result<LoginResponse, Er
     .await
     .unwrap_or(false);
     ctx.stats.logins.fetch_sub(1, Ordering::Relaxed);
+    drop(turn);
     let user = match user {
         Some(user) if verified => {
             ctx.login_lockout.succeeded(&user.name);
@@ -479,19 +538,26 @@ pub(super) async fn serve_register(
     conn: TlsConnection,
     peer: SocketAddr,
     node: PeerIdentity,
+    slot: HandshakeSlot,
 ) {
     let (mut reader, mut writer) = conn.split();
     let mut buf = BytesMut::new();
     let mut wait = ctx.handshake_timeout();
     // The address of the last accepted heartbeat: a change is audited.
     let mut registered: Option<config::HostPort> = None;
+    // Held until the first heartbeat is in.
+    let mut slot = Some(slot);
     loop {
-        let request = match monoio::time::timeout(
-            wait,
-            read_line::<RegisterRequest>(&mut reader, &mut buf),
-        )
-        .await
-        {
+        let read = monoio::time::timeout(wait, read_line::<RegisterRequest>(&mut reader, &mut buf));
+        let read = match slot.take() {
+            Some(slot) => slot.unless_evicted(read).await,
+            None => Some(read.await),
+        };
+        let Some(read) = read else {
+            tracing::debug!(%peer, node = %node.name, "evicted from the full handshake table before the first heartbeat");
+            break;
+        };
+        let request = match read {
             Ok(Ok(r)) => r,
             Ok(Err(ControlError::Closed)) => break,
             Ok(Err(e)) => {
@@ -731,10 +797,11 @@ pub(super) async fn serve_api(
     conn: TlsConnection,
     peer: SocketAddr,
     user: PeerIdentity,
+    slot: HandshakeSlot,
 ) {
     let (mut reader, mut writer) = conn.split();
     let mut buf = BytesMut::new();
-    let request: ApiRequest = match read_request(&ctx, &mut reader, &mut buf).await {
+    let request: ApiRequest = match read_request(&ctx, &mut reader, &mut buf, slot).await {
         Ok(r) => r,
         Err(body) => {
             reply(&mut writer, &Reply::<ApiResponse>::Error(body)).await;

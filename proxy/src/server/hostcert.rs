@@ -14,8 +14,8 @@ use tunnel::control::{ErrorBody, HostCertRequest, HostCertResponse, Reply};
 use tunnel::identity::PeerIdentity;
 use tunnel::tls::TlsConnection;
 
-use super::Context;
 use super::control::{error, read_request, refuse_line, reply};
+use super::{Context, HandshakeSlot};
 use crate::sshca::{HOST_CERT_TTL, SshCertError, SshHostCa};
 use crate::util;
 
@@ -25,6 +25,7 @@ pub(super) async fn serve_host_cert(
     conn: TlsConnection,
     peer: SocketAddr,
     node: Result<PeerIdentity, String>,
+    slot: HandshakeSlot,
 ) {
     let node = match node {
         Ok(node) => node,
@@ -36,7 +37,7 @@ pub(super) async fn serve_host_cert(
     };
     let (mut reader, mut writer) = conn.split();
     let mut buf = BytesMut::new();
-    let answer = match read_request::<HostCertRequest>(&ctx, &mut reader, &mut buf).await {
+    let answer = match read_request::<HostCertRequest>(&ctx, &mut reader, &mut buf, slot).await {
         Ok(request) => issue(&ctx.ssh_host_ca, &node, &request, SystemTime::now()),
         Err(body) => Err(body),
     };

@@ -137,6 +137,29 @@ fn listen_shared(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net
     Ok(out)
 }
 
+/// `TCP_DEFER_ACCEPT` for about `hello`: the kernel hands a connection to `accept` only once
+/// its first bytes (the ClientHello) have arrived, or that time has passed. A connection that
+/// sends nothing waits in the kernel, not in the accept queue ahead of clients that speak,
+/// and takes no handshake slot meanwhile. Best effort: without it, the hello deadline alone
+/// applies.
+fn defer_accept(listener: &std::net::TcpListener, hello: Duration) {
+    use std::os::fd::AsRawFd;
+    let secs = libc::c_int::try_from(hello.as_secs().max(1)).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt on a listening socket we own, with a live c_int of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&secs as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "TCP_DEFER_ACCEPT not set");
+    }
+}
+
 impl Listeners {
     /// Binds the three TCP listeners of `config.listen` (one of each per worker, see
     /// `workers`) and the admin socket in the data directory. Refuses to start when another
@@ -144,12 +167,16 @@ impl Listeners {
     pub fn bind(config: &ProxyConfig) -> Result<Listeners, ProxyError> {
         let workers = config.workers.resolve().get();
         let bind = |addr: SocketAddr, key: &str| {
-            listen_shared(addr, workers).map_err(|e| {
+            let listeners = listen_shared(addr, workers).map_err(|e| {
                 ProxyError::Other(format!(
                     "cannot listen on {addr} (`listen.{key}`): {e}; is another proxy running, \
                      or is the port taken? Pick another address with --{key} or in the config file"
                 ))
-            })
+            })?;
+            for l in &listeners {
+                defer_accept(l, config.limits.hello_timeout);
+            }
+            Ok::<_, ProxyError>(listeners)
         };
         let users = bind(config.listen.users, "users")?;
         let tunnels = bind(config.listen.tunnels, "tunnels")?;
@@ -562,6 +589,15 @@ impl Context {
         self.config.limits.handshake_timeout
     }
 
+    /// The deadline for a new connection's whole ClientHello (`limits.hello_timeout`, at most
+    /// the handshake deadline).
+    pub fn hello_timeout(&self) -> Duration {
+        self.config
+            .limits
+            .hello_timeout
+            .min(self.config.limits.handshake_timeout)
+    }
+
     fn add_user_tunnel(&self, tunnel: &Tunnel, user: &PeerIdentity) -> u64 {
         let id = self.user_tunnel_ids.get() + 1;
         self.user_tunnel_ids.set(id);
@@ -783,6 +819,7 @@ pub fn run(
             config.limits.login_lockout,
         )),
         guard: Arc::new(crate::guard::SourceGuard::new(
+            config.limits.max_handshakes_in_progress,
             config.limits.max_handshakes_per_source,
         )),
         policy: Arc::new(policy),
@@ -1358,29 +1395,29 @@ async fn accept_loop(
         };
         match accepted {
             Ok((tcp, peer)) => {
-                let limit = ctx.config.limits.max_handshakes_in_progress;
-                if ctx.stats.handshakes.load(Ordering::Relaxed) >= limit {
-                    Stats::bump(&ctx.stats.dropped_handshake_limit);
-                    tracing::warn!(
-                        %peer,
-                        listener = kind.name(),
-                        limit,
-                        "too many handshakes in progress (`limits.max_handshakes_in_progress`); dropping the connection"
-                    );
-                    continue;
-                }
-                let Some(source) = ctx.guard.enter(peer.ip()) else {
-                    // Debug only: a flood from one address must not become a flood of log lines;
-                    // the metric counts them.
+                // Debug only below: a flood must not become a flood of log lines; the
+                // metrics count what was dropped.
+                let Some(admission) = ctx.guard.enter(peer.ip()) else {
                     Stats::bump(&ctx.stats.dropped_source_handshake_limit);
                     tracing::debug!(
                         %peer,
                         listener = kind.name(),
-                        "too many handshakes in progress from this address (`limits.max_handshakes_per_source`); dropping the connection"
+                        "too many handshakes in progress from this source group (`limits.max_handshakes_per_source`); dropping the connection"
                     );
                     continue;
                 };
-                let slot = HandshakeSlot::take(ctx.stats.clone(), source);
+                if let Some(evicted) = admission.evicted {
+                    // The table was full: the oldest connection of the group holding the most
+                    // makes room (its task sees the eviction and closes it).
+                    Stats::bump(&ctx.stats.dropped_handshake_limit);
+                    tracing::debug!(
+                        %peer,
+                        listener = kind.name(),
+                        %evicted,
+                        "handshake table full (`limits.max_handshakes_in_progress`); evicted the oldest connection of the source group holding the most"
+                    );
+                }
+                let slot = HandshakeSlot::take(ctx.stats.clone(), admission.slot);
                 monoio::spawn(handle_connection(
                     ctx.clone(),
                     tcp,
@@ -1401,19 +1438,29 @@ async fn accept_loop(
     tracing::debug!(listener = kind.name(), "stopped accepting");
 }
 
-/// Holds one of `limits.max_handshakes_in_progress`, and one of its address's
-/// `limits.max_handshakes_per_source`, while alive.
-struct HandshakeSlot {
+/// Holds one of `limits.max_handshakes_in_progress`, and one of its source group's
+/// `limits.max_handshakes_per_source`, while alive: from accept through TLS to the first
+/// request (a join or login line, a user's first OPEN), or to the check of a client
+/// certificate. A newer connection may evict it when the table is full.
+pub(super) struct HandshakeSlot {
     stats: Arc<Stats>,
-    _source: crate::guard::SourceSlot,
+    source: crate::guard::SourceSlot,
 }
 
 impl HandshakeSlot {
     fn take(stats: Arc<Stats>, source: crate::guard::SourceSlot) -> Self {
         stats.handshakes.fetch_add(1, Ordering::Relaxed);
-        HandshakeSlot {
-            stats,
-            _source: source,
+        HandshakeSlot { stats, source }
+    }
+
+    /// Runs `work` unless this connection is evicted from the handshake table first (`None`).
+    pub(super) async fn unless_evicted<F: std::future::Future>(
+        &self,
+        work: F,
+    ) -> Option<F::Output> {
+        monoio::select! {
+            out = work => Some(out),
+            () = self.source.evicted() => None,
         }
     }
 }
@@ -1434,12 +1481,18 @@ async fn handle_connection(
 ) {
     // This task lives as long as its connection (a tunnel: days): everything but the tunnel's
     // own service is boxed so that the task is not sized for the largest of them.
-    let conn = match Box::pin(tls::accept(tcp, tls, ctx.handshake_timeout())).await {
-        Ok(conn) => {
+    let accept = tls::accept_within(tcp, tls, ctx.hello_timeout(), ctx.handshake_timeout());
+    let conn = match Box::pin(slot.unless_evicted(accept)).await {
+        None => {
+            Stats::bump(&ctx.stats.handshakes_failed);
+            tracing::debug!(%peer, listener = kind.name(), "evicted from the full handshake table during tls");
+            return;
+        }
+        Some(Ok(conn)) => {
             Stats::bump(&ctx.stats.handshakes_ok);
             conn
         }
-        Err(e) => {
+        Some(Err(e)) => {
             if e.is_certificate_error() {
                 Stats::bump(&ctx.stats.handshakes_bad_certificate);
                 tracing::warn!(%peer, listener = kind.name(), error = %e, "tls handshake refused: bad client certificate");
@@ -1450,7 +1503,6 @@ async fn handle_connection(
             return;
         }
     };
-    drop(slot);
     let alpn = conn.alpn_protocol().unwrap_or_default();
     let identity = conn
         .peer_certificates()
@@ -1459,10 +1511,10 @@ async fn handle_connection(
     let protocol = String::from_utf8_lossy(&alpn).into_owned();
     match (kind, alpn.as_slice()) {
         (ListenerKind::Tunnels | ListenerKind::Auth, p) if p == ALPN_JOIN => {
-            Box::pin(control::serve_join(ctx, conn, peer)).await;
+            Box::pin(control::serve_join(ctx, conn, peer, slot)).await;
         }
         (ListenerKind::Tunnels, p) if p == ALPN_CLUSTER_JOIN => {
-            Box::pin(clusters::serve_cluster_join(ctx, conn, peer)).await;
+            Box::pin(clusters::serve_cluster_join(ctx, conn, peer, slot)).await;
         }
         (ListenerKind::Tunnels, p)
             if p == ALPN_TUNNEL
@@ -1478,7 +1530,7 @@ async fn handle_connection(
             }
         }
         (ListenerKind::Users, p) if p == ALPN_LOGIN => {
-            Box::pin(control::serve_login(ctx, conn, peer)).await;
+            Box::pin(control::serve_login(ctx, conn, peer, slot)).await;
         }
         (ListenerKind::Tunnels, p) if p == ALPN_TUNNEL => {
             match check_identity(&ctx, identity, IdentityKind::Node) {
@@ -1506,13 +1558,17 @@ async fn handle_connection(
                 Ok(id) => {
                     let mut conn = conn;
                     let mut input = BytesMut::new();
-                    let first = Box::pin(monoio::time::timeout(
+                    let first = Box::pin(slot.unless_evicted(monoio::time::timeout(
                         ctx.handshake_timeout(),
                         sessions::peek_first_request(&mut conn, &mut input),
-                    ))
-                    .await
-                    .ok()
-                    .flatten();
+                    )))
+                    .await;
+                    let Some(first) = first else {
+                        tracing::debug!(%peer, "evicted from the full handshake table before the first request");
+                        return;
+                    };
+                    drop(slot);
+                    let first = first.ok().flatten();
                     let owner = match first {
                         Some(FirstRequest::Open(cluster, node)) => {
                             if cluster.is_empty() || cluster == ctx.cluster {
@@ -1545,7 +1601,7 @@ async fn handle_connection(
         }
         (ListenerKind::Users, p) if p == ALPN_API => {
             match check_identity(&ctx, identity, IdentityKind::User) {
-                Ok(id) => Box::pin(control::serve_api(ctx, conn, peer, id)).await,
+                Ok(id) => Box::pin(control::serve_api(ctx, conn, peer, id, slot)).await,
                 Err(why) => {
                     Box::pin(control::refuse_line(
                         &ctx,
@@ -1561,11 +1617,11 @@ async fn handle_connection(
         }
         (ListenerKind::Tunnels | ListenerKind::Auth, p) if p == ALPN_HOSTCERT => {
             let id = check_identity(&ctx, identity, IdentityKind::Node);
-            Box::pin(hostcert::serve_host_cert(ctx, conn, peer, id)).await;
+            Box::pin(hostcert::serve_host_cert(ctx, conn, peer, id, slot)).await;
         }
         (ListenerKind::Auth, p) if p == ALPN_REGISTER => {
             match check_identity(&ctx, identity, IdentityKind::Node) {
-                Ok(id) => Box::pin(control::serve_register(ctx, conn, peer, id)).await,
+                Ok(id) => Box::pin(control::serve_register(ctx, conn, peer, id, slot)).await,
                 Err(why) => {
                     Box::pin(control::refuse_line(
                         &ctx,

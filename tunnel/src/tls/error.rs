@@ -35,6 +35,19 @@ pub enum TlsError {
         deadline: Duration,
     },
 
+    /// A server's peer did not send its whole ClientHello in time: a silent or trickling
+    /// connection, closed early so it cannot hold a handshake slot for the full deadline.
+    #[error(
+        "no complete tls ClientHello from {peer} within {}s (limits.hello_timeout)",
+        deadline.as_secs_f64()
+    )]
+    HelloTimeout {
+        /// Who we were talking to.
+        peer: Peer,
+        /// The deadline that passed.
+        deadline: Duration,
+    },
+
     /// The TLS protocol failed: a certificate was refused, the peer sent an alert, or bytes
     /// arrived that are not valid TLS. The connection is unusable afterwards.
     #[error("tls with {peer} failed: {}", describe(.source))]
@@ -110,6 +123,7 @@ impl TlsError {
     pub fn peer(&self) -> Option<SocketAddr> {
         match self {
             Self::HandshakeTimeout { peer, .. }
+            | Self::HelloTimeout { peer, .. }
             | Self::Tls { peer, .. }
             | Self::ClosedDuringHandshake { peer }
             | Self::TruncatedByPeer { peer }

@@ -224,6 +224,7 @@ impl TransferableTls {
             plain,
             out,
             out_sent: 0,
+            sent_any: true,
             peer_closed,
             close_notify_sent,
             read_fault: None,
