@@ -53,31 +53,6 @@ fn refused(result: Result<Ack, ControlError>, code: &str, says: &str) {
     }
 }
 
-/// A plain TCP echo server on 127.0.0.1 (a stand-in for a node's sshd).
-fn tcp_echo_server() -> std::net::SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 65536];
-                loop {
-                    match stream.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            if stream.write_all(&buf[..n]).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 #[test]
 fn a_registration_names_only_the_agents_own_address() {
     let static_sshd = tcp_echo_server();
@@ -304,26 +279,6 @@ fn an_ssh_session_must_name_its_login() {
             .any(|r| r["event"] == "session.start" && r["login"] == ""),
         "a session without a login was started"
     );
-}
-
-/// The audit records once `done` holds, polled without blocking the test's runtime (its
-/// tunnels keep their keepalive going meanwhile).
-async fn audit_until(
-    proxy: &Proxy,
-    done: impl Fn(&[serde_json::Value]) -> bool,
-) -> Vec<serde_json::Value> {
-    let deadline = std::time::Instant::now() + DEADLINE;
-    loop {
-        let records = proxy.audit();
-        if done(&records) {
-            return records;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the audit log never reached the expected state: {records:#?}"
-        );
-        monoio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// A leaf cluster `leaf` joined with a trusted-cluster token: its cluster certificate.

@@ -25,34 +25,6 @@ fn refusal_code(result: Result<Credential, ControlError>) -> String {
     }
 }
 
-/// A plain TCP echo server on 127.0.0.1 (a stand-in for a node's sshd).
-fn tcp_echo_server() -> std::net::SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 65536];
-                loop {
-                    match stream.read(&mut buf) {
-                        Ok(0) | Err(_) => {
-                            let _ = stream.shutdown(std::net::Shutdown::Write);
-                            return;
-                        }
-                        Ok(n) => {
-                            if stream.write_all(&buf[..n]).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 #[test]
 fn join_tunnel_login_session_audit_status() {
     let echo = tcp_echo_server();

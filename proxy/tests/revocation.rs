@@ -17,31 +17,6 @@ use tunnel::control::{self, ALPN_LOGIN, ALPN_SESSION, ControlError, LoginRequest
 use tunnel::identity::{PeerIdentity, PrivateKey};
 use tunnel::mux::{DriveOutcome, MuxStream, Tunnel, drive};
 
-/// A login asking for a certificate of `ttl_secs`.
-async fn login_ttl(
-    proxy: &Proxy,
-    user: &str,
-    password: &str,
-    ttl_secs: u64,
-) -> Result<(Credential, LoginResponse), ControlError> {
-    let key = PrivateKey::generate().unwrap();
-    let conn = connect(proxy.users, pinned(proxy.pin), ALPN_LOGIN).await?;
-    let (mut reader, mut writer) = conn.split();
-    let request = LoginRequest {
-        user: user.into(),
-        password: password.into(),
-        public_key: control::to_hex(&key.public_key().to_spki_der()),
-        ttl_secs: Some(ttl_secs),
-        ssh_public_key: None,
-        ssh_host_ca: false,
-    };
-    control::write_line(&mut writer, &request).await?;
-    let mut buf = BytesMut::new();
-    let response: LoginResponse = control::read_reply(&mut reader, &mut buf).await?;
-    let chain = parse_chain(&response.certificate_pem);
-    Ok((Credential { chain, key }, response))
-}
-
 fn login_refusal(result: Result<(Credential, LoginResponse), ControlError>) -> (String, String) {
     match result {
         Err(ControlError::Refused(body)) => (body.code, body.message),
@@ -167,7 +142,7 @@ fn an_expired_certificate_is_refused_even_when_the_tls_session_resumes() {
     block_on(async {
         let node = join(&proxy, &token, "node-x").await.unwrap();
         let _agent = agent(&proxy, &node, "node-x").await;
-        let (cred, response) = login_ttl(&proxy, "alice", "correct horse", 2)
+        let (cred, response) = login_for(&proxy, "alice", "correct horse", 2, None)
             .await
             .unwrap();
         let not_after = certificate_of(&cred).not_after;
@@ -282,7 +257,7 @@ fn removed_and_locked_users_lose_access_at_once_and_for_good() {
         echo(&bob_stream, b"bob is fine").await.unwrap();
         let why = refusal(&proxy, alice.config(&proxy.ca), &nodes[0]).await;
         assert!(why.as_deref().unwrap_or("").contains("locked"), "{why:?}");
-        let (code, _) = login_refusal(login_ttl(&proxy, "alice", "correct horse", 60).await);
+        let (code, _) = login_refusal(login_for(&proxy, "alice", "correct horse", 60, None).await);
         assert_eq!(code, "user_locked");
         let listed = stdout(&cli(&proxy.data, &["users", "ls"]));
         assert!(listed.contains("locked since"), "{listed}");
@@ -378,10 +353,10 @@ fn an_account_is_locked_out_after_failed_logins() {
     proxy.add_user("bob", "battery staple");
     block_on(async {
         for guess in ["a", "b", "c"] {
-            let (code, _) = login_refusal(login_ttl(&proxy, "alice", guess, 60).await);
+            let (code, _) = login_refusal(login_for(&proxy, "alice", guess, 60, None).await);
             assert_eq!(code, "bad_password");
         }
-        let (code, message) = login_refusal(login_ttl(&proxy, "alice", "correct horse", 60).await);
+        let (code, message) = login_refusal(login_for(&proxy, "alice", "correct horse", 60, None).await);
         assert_eq!(code, "locked_out", "{message}");
         assert!(
             message.contains("users unlock alice") && message.contains("not checked"),

@@ -390,6 +390,17 @@ pub async fn login_with(
     password: &str,
     ssh_public_key: Option<String>,
 ) -> Result<(Credential, LoginResponse), ControlError> {
+    login_for(proxy, user, password, 3600, ssh_public_key).await
+}
+
+/// A login asking for a certificate of `ttl_secs`; returns the whole answer too.
+pub async fn login_for(
+    proxy: &Proxy,
+    user: &str,
+    password: &str,
+    ttl_secs: u64,
+    ssh_public_key: Option<String>,
+) -> Result<(Credential, LoginResponse), ControlError> {
     let key = PrivateKey::generate().unwrap();
     let conn = connect(proxy.users, pinned(proxy.pin), ALPN_LOGIN).await?;
     let (mut reader, mut writer) = conn.split();
@@ -397,7 +408,7 @@ pub async fn login_with(
         user: user.into(),
         password: password.into(),
         public_key: control::to_hex(&key.public_key().to_spki_der()),
-        ttl_secs: Some(3600),
+        ttl_secs: Some(ttl_secs),
         ssh_public_key,
         ssh_host_ca: false,
     };
@@ -690,4 +701,52 @@ pub fn uses_left(proxy: &Proxy, id: &str) -> u64 {
         .unwrap_or_else(|| panic!("no token {id} in the state file"))["uses_left"]
         .as_u64()
         .unwrap()
+}
+
+/// A plain TCP echo server on 127.0.0.1 (a stand-in for a node's sshd).
+pub fn tcp_echo_server() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => {
+                            let _ = stream.shutdown(std::net::Shutdown::Write);
+                            return;
+                        }
+                        Ok(n) => {
+                            if stream.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The audit records once `done` holds, polled without blocking the test's runtime (its
+/// tunnels keep their keepalive going meanwhile).
+pub async fn audit_until(
+    proxy: &Proxy,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let records = proxy.audit();
+        if done(&records) {
+            return records;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the audit log never reached the expected state: {records:#?}"
+        );
+        monoio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
