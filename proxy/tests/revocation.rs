@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::{Bytes, BytesMut};
 use common::*;
 use frame::{ErrorCode, Open, Role, Session, SessionConfig};
-use tunnel::control::{self, ALPN_LOGIN, ALPN_SESSION, ControlError, LoginRequest, LoginResponse};
+use tunnel::control::{ALPN_SESSION, ControlError, LoginResponse};
 use tunnel::identity::{PeerIdentity, PrivateKey};
 use tunnel::mux::{DriveOutcome, MuxStream, Tunnel, drive};
 
@@ -356,7 +356,8 @@ fn an_account_is_locked_out_after_failed_logins() {
             let (code, _) = login_refusal(login_for(&proxy, "alice", guess, 60, None).await);
             assert_eq!(code, "bad_password");
         }
-        let (code, message) = login_refusal(login_for(&proxy, "alice", "correct horse", 60, None).await);
+        let (code, message) =
+            login_refusal(login_for(&proxy, "alice", "correct horse", 60, None).await);
         assert_eq!(code, "locked_out", "{message}");
         assert!(
             message.contains("users unlock alice") && message.contains("not checked"),

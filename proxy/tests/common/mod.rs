@@ -705,6 +705,7 @@ pub fn uses_left(proxy: &Proxy, id: &str) -> u64 {
 
 /// A plain TCP echo server on 127.0.0.1 (a stand-in for a node's sshd).
 pub fn tcp_echo_server() -> std::net::SocketAddr {
+    use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
