@@ -131,10 +131,14 @@ fn a_registration_names_only_the_agents_own_address() {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect::<String>();
+        // Both sessions' records: the audit writer appends each a moment after its event.
         let audit = proxy.audit_when(|records| {
-            records
-                .iter()
-                .any(|r| r["event"] == "session.start" && r["session_id"] == id.as_str())
+            let started = |f: &dyn Fn(&serde_json::Value) -> bool| {
+                records
+                    .iter()
+                    .any(|r| r["event"] == "session.start" && f(r))
+            };
+            started(&|r| r["session_id"] == id.as_str()) && started(&|r| r["node"] == "node-s")
         });
         let start = audit
             .iter()
@@ -339,14 +343,7 @@ async fn leaf_tunnel(
     tunnel::mux::Tunnel,
     monoio::task::JoinHandle<tunnel::mux::DriveOutcome>,
 ) {
-    let conn = connect(
-        proxy.tunnels,
-        cred.config(&proxy.ca),
-        tunnel::control::ALPN_TUNNEL,
-    )
-    .await
-    .unwrap();
-    let (tunnel, driver) = run_session(conn, frame::Role::Cluster);
+    let (tunnel, driver) = tunnel_session(proxy, cred, frame::Role::Cluster).await;
     if tunnel.connected().await {
         let _ = tunnel.announce(&frame::Announce {
             cluster: leaf.into(),
@@ -435,14 +432,7 @@ fn a_leaf_cluster_holds_a_bounded_share_of_the_root() {
         })
         .await;
         let a2 = node_credential(&proxy, "node-2");
-        let conn = connect(
-            proxy.tunnels,
-            a2.config(&proxy.ca),
-            tunnel::control::ALPN_TUNNEL,
-        )
-        .await
-        .unwrap();
-        let (_t, driver) = run_session(conn, frame::Role::Agent);
+        let (_t, driver) = tunnel_session(&proxy, &a2, frame::Role::Agent).await;
         let why = ended_because(driver).await;
         assert!(why.contains("limits.max_tunnels"), "{why}");
     });
@@ -580,14 +570,7 @@ fn leaf_announce_rss() {
                 len += more;
                 announce.nodes.push(one.nodes.into_iter().next().unwrap());
             }
-            let conn = connect(
-                proxy.tunnels,
-                leaf.config(&proxy.ca),
-                tunnel::control::ALPN_TUNNEL,
-            )
-            .await
-            .unwrap();
-            let (tunnel, driver) = run_session(conn, frame::Role::Cluster);
+            let (tunnel, driver) = tunnel_session(&proxy, &leaf, frame::Role::Cluster).await;
             if tunnel.connected().await {
                 let _ = tunnel.announce(&announce);
             }

@@ -460,18 +460,7 @@ fn a_node_tunnel_ends_when_its_certificate_expires() {
         key,
     };
     block_on(async {
-        let conn = connect(
-            proxy.tunnels,
-            cred.config(&proxy.ca),
-            tunnel::control::ALPN_TUNNEL,
-        )
-        .await
-        .unwrap();
-        let mut session = SessionConfig::new(Role::Agent, true);
-        session.resume_grace = Duration::ZERO;
-        let tunnel = Tunnel::new(Session::new(session, rand_id(), Instant::now()));
-        let driven = tunnel.clone();
-        let driver = monoio::spawn(async move { drive(&driven, conn, BytesMut::new()).await });
+        let (tunnel, driver) = tunnel_session(&proxy, &cred, Role::Agent).await;
         assert!(tunnel.connected().await);
         tunnel
             .announce(&frame::Announce {

@@ -441,6 +441,32 @@ pub fn dialer_config(role: Role) -> SessionConfig {
     config
 }
 
+/// A tunnel (ALPN `remoteler-tunnel/1`) to `proxy` with `cred`, its session running as `role`
+/// (an agent's or a leaf cluster's) with `dialer_config`: the tunnel and the driver's task.
+pub async fn tunnel_session(
+    proxy: &Proxy,
+    cred: &Credential,
+    role: Role,
+) -> (Tunnel, monoio::task::JoinHandle<DriveOutcome>) {
+    tunnel_session_with(proxy, cred, dialer_config(role)).await
+}
+
+/// `tunnel_session` with the session's settings given.
+pub async fn tunnel_session_with(
+    proxy: &Proxy,
+    cred: &Credential,
+    config: SessionConfig,
+) -> (Tunnel, monoio::task::JoinHandle<DriveOutcome>) {
+    let conn = connect(
+        proxy.tunnels,
+        cred.config(&proxy.ca),
+        tunnel::control::ALPN_TUNNEL,
+    )
+    .await
+    .unwrap();
+    run_session_with(conn, config)
+}
+
 /// `run_session` with the session's settings given.
 pub fn run_session_with(
     conn: TlsConnection,
@@ -480,14 +506,7 @@ pub async fn agent_with(
     node: &str,
     config: SessionConfig,
 ) -> Tunnel {
-    let conn = connect(
-        proxy.tunnels,
-        cred.config(&proxy.ca),
-        tunnel::control::ALPN_TUNNEL,
-    )
-    .await
-    .unwrap();
-    let (tunnel, _driver) = run_session_with(conn, config);
+    let (tunnel, _driver) = tunnel_session_with(proxy, cred, config).await;
     assert!(tunnel.connected().await, "agent tunnel did not connect");
     tunnel
         .announce(&Announce {
